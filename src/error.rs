@@ -1,0 +1,93 @@
+//! Typed errors raised anywhere in the pipeline, and the one place that maps them to a gRPC status.
+
+use std::time::Duration;
+
+use tonic::Code;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("unknown method {0}: this proxy forwards only Temporal's WorkflowService, OperatorService and grpc.health.v1.Health")]
+    UnknownMethod(String),
+    #[error("streaming method {0} is not proxied")]
+    StreamingNotSupported(String),
+    #[error("request is not gRPC (content-type {0:?})")]
+    NotGrpc(String),
+    #[error("malformed gRPC framing: {0}")]
+    MalformedFrame(&'static str),
+    #[error("malformed protobuf in {message}: {reason}")]
+    MalformedMessage { message: String, reason: String },
+    #[error("unsupported grpc-encoding {0:?} (supported: identity, gzip)")]
+    UnsupportedEncoding(String),
+    #[error("{what} message of {size} exceeds the limit of {limit} bytes")]
+    MessageTooLarge {
+        what: &'static str,
+        /// "5000000 bytes", or "more than 4194304 bytes" when reading stopped at the limit.
+        size: String,
+        limit: usize,
+    },
+    #[error("invalid grpc-timeout header {0:?}")]
+    InvalidTimeout(String),
+    #[error("namespace is required for {0}")]
+    MissingNamespace(String),
+    #[error(
+        "temporal-namespace header {header:?} does not match the request's namespace {body:?}"
+    )]
+    NamespaceMismatch { header: String, body: String },
+    #[error("namespace {0:?} is not served by this proxy")]
+    UnknownNamespace(String),
+    #[error("no system upstream is configured for cluster-scoped method {0}")]
+    NoSystemUpstream(String),
+    #[error("upstream {upstream} ({address}) is unavailable: {reason}")]
+    UpstreamUnavailable {
+        upstream: String,
+        address: String,
+        reason: String,
+    },
+    #[error("upstream {upstream} answered with HTTP status {status}")]
+    UpstreamHttpStatus { upstream: String, status: u16 },
+    #[error("upstream {upstream} sent a malformed response: {reason}")]
+    UpstreamProtocol { upstream: String, reason: String },
+    #[error("deadline of {0:?} exceeded in the proxy")]
+    DeadlineExceeded(Duration),
+    #[error("reading the request body failed: {0}")]
+    RequestBody(String),
+}
+
+impl ProxyError {
+    pub fn code(&self) -> Code {
+        use ProxyError::*;
+        match self {
+            UnknownMethod(_) | StreamingNotSupported(_) | UnsupportedEncoding(_) => {
+                Code::Unimplemented
+            }
+            NotGrpc(_) | MalformedFrame(_) | MalformedMessage { .. } | InvalidTimeout(_) => {
+                Code::InvalidArgument
+            }
+            MissingNamespace(_) | NamespaceMismatch { .. } => Code::InvalidArgument,
+            MessageTooLarge { .. } => Code::ResourceExhausted,
+            UnknownNamespace(_) => Code::NotFound,
+            NoSystemUpstream(_) => Code::Unimplemented,
+            UpstreamUnavailable { .. } => Code::Unavailable,
+            UpstreamHttpStatus { status, .. } => http_status_to_code(*status),
+            UpstreamProtocol { .. } => Code::Internal,
+            DeadlineExceeded(_) => Code::DeadlineExceeded,
+            RequestBody(_) => Code::Cancelled,
+        }
+    }
+
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::new(self.code(), format!("portcullis: {self}"))
+    }
+}
+
+/// gRPC's mapping of HTTP statuses from a non-gRPC answer (grpc/doc/http-grpc-status-mapping.md).
+fn http_status_to_code(status: u16) -> Code {
+    match status {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}

@@ -1,0 +1,180 @@
+//! Which headers cross the proxy, and the `grpc-timeout` format.
+
+use std::time::Duration;
+
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+
+use crate::error::ProxyError;
+
+pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+pub const GRPC_ENCODING: &str = "grpc-encoding";
+pub const GRPC_ACCEPT_ENCODING: &str = "grpc-accept-encoding";
+pub const TEMPORAL_NAMESPACE: &str = "temporal-namespace";
+
+/// Headers that describe one hop, or that the proxy recomputes for the next hop.
+fn is_hop_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "te"
+            | GRPC_ENCODING
+            | GRPC_ACCEPT_ENCODING
+            | GRPC_TIMEOUT
+    )
+}
+
+/// The caller's headers that go upstream. Identity headers the server might trust
+/// (`temporal-principal-*`) are never accepted from a caller.
+pub fn request_headers_for_upstream(incoming: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(incoming.len() + 4);
+    for (name, value) in incoming {
+        if is_hop_header(name) || name.as_str().starts_with("temporal-principal-") {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// The upstream's response headers that go back to the caller.
+pub fn response_headers_for_caller(upstream: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(upstream.len() + 2);
+    for (name, value) in upstream {
+        if is_hop_header(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Whether the caller accepts gzip-compressed responses.
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(GRPC_ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| e.trim() == "gzip")
+}
+
+pub fn is_grpc_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v == "application/grpc"
+                || v.starts_with("application/grpc+")
+                || v.starts_with("application/grpc;")
+        })
+}
+
+/// Parses `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_timeout(value: &HeaderValue) -> Result<Duration, ProxyError> {
+    let invalid =
+        || ProxyError::InvalidTimeout(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let text = value.to_str().map_err(|_| invalid())?;
+    if text.len() < 2 || text.len() > 9 {
+        return Err(invalid());
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    let amount: u64 = digits.parse().map_err(|_| invalid())?;
+    Ok(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return Err(invalid()),
+    })
+}
+
+/// Formats a remaining time for the next hop, in the finest unit that fits 8 digits.
+pub fn format_timeout(remaining: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = remaining.as_nanos();
+    let text = if nanos <= MAX {
+        format!("{nanos}n")
+    } else if remaining.as_micros() <= MAX {
+        format!("{}u", remaining.as_micros())
+    } else if remaining.as_millis() <= MAX {
+        format!("{}m", remaining.as_millis())
+    } else if u128::from(remaining.as_secs()) <= MAX {
+        format!("{}S", remaining.as_secs())
+    } else {
+        format!("{}H", (remaining.as_secs() / 3600).min(MAX as u64))
+    };
+    // Digits and an ASCII unit are always a valid header value.
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("99999999H"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse_and_format() {
+        let parse = |s: &str| parse_timeout(&HeaderValue::from_str(s).unwrap());
+        assert_eq!(parse("70S").unwrap(), Duration::from_secs(70));
+        assert_eq!(parse("1500m").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse("2H").unwrap(), Duration::from_secs(7200));
+        assert_eq!(
+            parse("99999999n").unwrap(),
+            Duration::from_nanos(99_999_999)
+        );
+        for bad in ["", "S", "10", "10x", "-1S", "123456789S", "1.5S"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        for d in [
+            Duration::from_millis(3),
+            Duration::from_secs(70),
+            Duration::from_secs(10_000_000),
+        ] {
+            let back = parse_timeout(&format_timeout(d)).unwrap();
+            assert!(
+                back <= d && d - back < Duration::from_secs(1),
+                "{d:?} -> {back:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn principal_and_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("client-name", HeaderValue::from_static("temporal-python"));
+        h.insert("temporal-principal-id", HeaderValue::from_static("admin"));
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("grpc-timeout", HeaderValue::from_static("1S"));
+        h.insert("authorization", HeaderValue::from_static("Bearer x"));
+        let out = request_headers_for_upstream(&h);
+        assert!(out.contains_key("client-name"));
+        assert!(out.contains_key("authorization"));
+        assert!(!out.contains_key("temporal-principal-id"));
+        assert!(!out.contains_key("connection"));
+        assert!(!out.contains_key("grpc-timeout"));
+    }
+
+    #[test]
+    fn gzip_acceptance() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            GRPC_ACCEPT_ENCODING,
+            HeaderValue::from_static("identity, deflate,gzip"),
+        );
+        assert!(accepts_gzip(&h));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,13 @@
+//! portcullis: an authenticating, encrypting gRPC proxy for Temporal.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod grpc;
+pub mod payload;
+pub mod proxy;
+pub mod schema;
+pub mod server;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,133 @@
+#![forbid(unsafe_code)]
+//! The `portcullis` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use portcullis::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "An authenticating, encrypting gRPC proxy for Temporal"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PORTCULLIS_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file.
+    Serve {
+        #[arg(long, short, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a complete development setup: dev CA and certificates, a Temporal dev server, the proxy.
+    Dev {
+        /// Where certificates, config, database and endpoints.json live (created once, reused).
+        #[arg(long, default_value = ".portcullis-dev")]
+        dir: PathBuf,
+        /// Use this Temporal frontend instead of starting a dev server.
+        #[arg(long, value_name = "HOST:PORT")]
+        upstream: Option<String>,
+        /// Where the proxy listens.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7443")]
+        listen: String,
+        /// Namespaces to serve (and create on the dev server). Default: `default`.
+        #[arg(long = "namespace", short = 'n')]
+        namespaces: Vec<String>,
+    },
+    /// Validate a config file and everything it points to (certificates, keys, upstream settings).
+    Check {
+        #[arg(long, short, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            portcullis::server::start(config)
+                .await?
+                .run_until_signal()
+                .await;
+            Ok(())
+        }
+        Command::Dev {
+            dir,
+            upstream,
+            listen,
+            namespaces,
+        } => {
+            portcullis::dev::run(portcullis::dev::DevOptions {
+                dir,
+                upstream,
+                listen,
+                namespaces,
+            })
+            .await
+        }
+        Command::Check { config } => {
+            let path = config;
+            let config = Config::load(&path)?;
+            if let Some(tls) = &config.listener.tls {
+                portcullis::tls::server_config(tls)?;
+            }
+            portcullis::server::build_pipeline(&config)?;
+            println!(
+                "{}: OK ({} upstreams, {} namespaces)",
+                path.display(),
+                config.upstreams.len(),
+                config.namespaces.len()
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Wire-level protobuf access: reading fields without decoding whole messages.
+
+pub mod wire;

@@ -1,0 +1,277 @@
+//! A minimal protobuf wire-format reader. It never allocates and never trusts lengths: every
+//! read is bounds-checked, so malformed input yields an error, not a panic.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireType {
+    Varint,
+    Fixed64,
+    Len,
+    StartGroup,
+    EndGroup,
+    Fixed32,
+}
+
+impl WireType {
+    fn from_bits(bits: u64) -> Option<WireType> {
+        Some(match bits {
+            0 => WireType::Varint,
+            1 => WireType::Fixed64,
+            2 => WireType::Len,
+            3 => WireType::StartGroup,
+            4 => WireType::EndGroup,
+            5 => WireType::Fixed32,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireError {
+    Truncated,
+    VarintTooLong,
+    InvalidWireType(u64),
+    InvalidFieldNumber,
+    UnbalancedGroup,
+    TooDeep,
+    InvalidUtf8(u32),
+    UnexpectedWireType { field: u32 },
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WireError::Truncated => write!(f, "truncated field"),
+            WireError::VarintTooLong => write!(f, "varint longer than 10 bytes"),
+            WireError::InvalidWireType(t) => write!(f, "invalid wire type {t}"),
+            WireError::InvalidFieldNumber => write!(f, "invalid field number 0"),
+            WireError::UnbalancedGroup => write!(f, "unbalanced group"),
+            WireError::TooDeep => write!(f, "groups nested too deeply"),
+            WireError::InvalidUtf8(n) => write!(f, "field {n} is not valid UTF-8"),
+            WireError::UnexpectedWireType { field } => {
+                write!(f, "field {field} has the wrong wire type")
+            }
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+const MAX_GROUP_DEPTH: usize = 64;
+
+/// One top-level field of a message.
+#[derive(Debug, Clone, Copy)]
+pub struct Field<'a> {
+    pub number: u32,
+    pub wire_type: WireType,
+    /// For `Len` fields, the content; for the others, the encoded value bytes.
+    pub value: &'a [u8],
+    /// The whole field as it appears on the wire, tag included.
+    pub raw: &'a [u8],
+}
+
+pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
+    let mut value: u64 = 0;
+    for i in 0..10 {
+        let byte = *buf.get(*pos).ok_or(WireError::Truncated)?;
+        *pos += 1;
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(WireError::VarintTooLong)
+}
+
+fn take<'a>(buf: &'a [u8], pos: &mut usize, len: usize) -> Result<&'a [u8], WireError> {
+    let end = pos.checked_add(len).ok_or(WireError::Truncated)?;
+    let slice = buf.get(*pos..end).ok_or(WireError::Truncated)?;
+    *pos = end;
+    Ok(slice)
+}
+
+fn read_tag(buf: &[u8], pos: &mut usize) -> Result<(u32, WireType), WireError> {
+    let tag = read_varint(buf, pos)?;
+    let wire_type = WireType::from_bits(tag & 7).ok_or(WireError::InvalidWireType(tag & 7))?;
+    let number = u32::try_from(tag >> 3).map_err(|_| WireError::InvalidFieldNumber)?;
+    if number == 0 || number > 536_870_911 {
+        return Err(WireError::InvalidFieldNumber);
+    }
+    Ok((number, wire_type))
+}
+
+/// Skips a field's value (after its tag), including a whole group.
+fn skip_value(
+    buf: &[u8],
+    pos: &mut usize,
+    number: u32,
+    wire_type: WireType,
+    depth: usize,
+) -> Result<(), WireError> {
+    match wire_type {
+        WireType::Varint => read_varint(buf, pos).map(|_| ()),
+        WireType::Fixed64 => take(buf, pos, 8).map(|_| ()),
+        WireType::Fixed32 => take(buf, pos, 4).map(|_| ()),
+        WireType::Len => {
+            let len = usize::try_from(read_varint(buf, pos)?).map_err(|_| WireError::Truncated)?;
+            take(buf, pos, len).map(|_| ())
+        }
+        WireType::StartGroup => {
+            if depth >= MAX_GROUP_DEPTH {
+                return Err(WireError::TooDeep);
+            }
+            loop {
+                let (inner, inner_type) = read_tag(buf, pos)?;
+                if inner_type == WireType::EndGroup {
+                    return if inner == number {
+                        Ok(())
+                    } else {
+                        Err(WireError::UnbalancedGroup)
+                    };
+                }
+                skip_value(buf, pos, inner, inner_type, depth + 1)?;
+            }
+        }
+        WireType::EndGroup => Err(WireError::UnbalancedGroup),
+    }
+}
+
+/// Iterates over a message's top-level fields.
+pub struct Fields<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    failed: bool,
+}
+
+pub fn fields(buf: &[u8]) -> Fields<'_> {
+    Fields {
+        buf,
+        pos: 0,
+        failed: false,
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<Field<'a>, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.buf.len() {
+            return None;
+        }
+        let result = self.read_field();
+        self.failed = result.is_err();
+        Some(result)
+    }
+}
+
+impl<'a> Fields<'a> {
+    fn read_field(&mut self) -> Result<Field<'a>, WireError> {
+        let buf = self.buf;
+        let start = self.pos;
+        let (number, wire_type) = read_tag(buf, &mut self.pos)?;
+        let value_start = self.pos;
+        let value = if wire_type == WireType::Len {
+            let len = usize::try_from(read_varint(buf, &mut self.pos)?)
+                .map_err(|_| WireError::Truncated)?;
+            take(buf, &mut self.pos, len)?
+        } else {
+            skip_value(buf, &mut self.pos, number, wire_type, 0)?;
+            &buf[value_start..self.pos]
+        };
+        Ok(Field {
+            number,
+            wire_type,
+            value,
+            raw: &buf[start..self.pos],
+        })
+    }
+}
+
+/// Checks that `buf` is a well-formed sequence of fields, and returns the last value of the
+/// string field `number` (protobuf's rule for a repeated scalar on the wire), if present.
+pub fn validate_and_find_string(
+    buf: &[u8],
+    number: Option<u32>,
+) -> Result<Option<&str>, WireError> {
+    let mut found = None;
+    for field in fields(buf) {
+        let field = field?;
+        if Some(field.number) == number {
+            if field.wire_type != WireType::Len {
+                return Err(WireError::UnexpectedWireType {
+                    field: field.number,
+                });
+            }
+            found = Some(
+                std::str::from_utf8(field.value)
+                    .map_err(|_| WireError::InvalidUtf8(field.number))?,
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// Appends a length-delimited field.
+pub fn put_len_field(out: &mut Vec<u8>, number: u32, value: &[u8]) {
+    put_varint(out, (u64::from(number) << 3) | 2);
+    put_varint(out, value.len() as u64);
+    out.extend_from_slice(value);
+}
+
+pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_fields_and_last_string_wins() {
+        let mut msg = Vec::new();
+        put_len_field(&mut msg, 1, b"first");
+        put_varint(&mut msg, (3 << 3) | 0);
+        put_varint(&mut msg, 300);
+        put_len_field(&mut msg, 1, b"second");
+        assert_eq!(
+            validate_and_find_string(&msg, Some(1)).unwrap(),
+            Some("second")
+        );
+        assert_eq!(validate_and_find_string(&msg, Some(9)).unwrap(), None);
+        let numbers: Vec<u32> = fields(&msg).map(|f| f.unwrap().number).collect();
+        assert_eq!(numbers, vec![1, 3, 1]);
+    }
+
+    #[test]
+    fn groups_are_skipped() {
+        // field 5 group containing varint field 1, then end group 5, then string field 1
+        let mut msg = vec![(5 << 3) | 3, (1 << 3), 42, (5 << 3) | 4];
+        put_len_field(&mut msg, 1, b"ns");
+        assert_eq!(validate_and_find_string(&msg, Some(1)).unwrap(), Some("ns"));
+        let unbalanced = vec![(5 << 3) | 3, (6 << 3) | 4];
+        assert!(validate_and_find_string(&unbalanced, None).is_err());
+    }
+
+    #[test]
+    fn malformed_input_is_an_error() {
+        let cases: &[&[u8]] = &[
+            &[0x0a, 0x05, b'a'],
+            &[0x0a],
+            &[0x07],
+            &[0x00, 0x01],
+            &[
+                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+            &[0x0a, 0x02, 0xff, 0xfe],
+            &[0x08, 0x01, 0x0d, 1, 2],
+        ];
+        for case in cases {
+            assert!(validate_and_find_string(case, Some(1)).is_err(), "{case:?}");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The HTTP/2 edge: routes by path, reads and unframes the unary request, and writes the answer.
+//! Every [`ProxyError`] becomes a gRPC status here, and only here.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tower::{Service, ServiceExt};
+
+use super::{CallFuture, GrpcRequest, GrpcResponse};
+use crate::error::ProxyError;
+use crate::grpc::frame::{self, Direction, Encoding, HEADER_LEN};
+use crate::grpc::headers::{self, GRPC_ENCODING, GRPC_TIMEOUT};
+use crate::grpc::GrpcBody;
+use crate::schema::Schema;
+use crate::tls::PeerInfo;
+
+/// Per-connection hyper service in front of the call pipeline `S`.
+#[derive(Clone)]
+pub struct GrpcEdge<S> {
+    pipeline: S,
+    peer: Arc<PeerInfo>,
+    max_request_bytes: usize,
+}
+
+impl<S> GrpcEdge<S> {
+    pub fn new(pipeline: S, peer: Arc<PeerInfo>, max_request_bytes: usize) -> Self {
+        GrpcEdge {
+            pipeline,
+            peer,
+            max_request_bytes,
+        }
+    }
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for GrpcEdge<S>
+where
+    S: Service<GrpcRequest, Response = GrpcResponse, Error = ProxyError, Future = CallFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response<GrpcBody>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Response<GrpcBody>, std::convert::Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let edge = self.clone();
+        Box::pin(async move { Ok(edge.handle(request).await) })
+    }
+}
+
+impl<S> GrpcEdge<S>
+where
+    S: Service<GrpcRequest, Response = GrpcResponse, Error = ProxyError, Future = CallFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    async fn handle(self, request: Request<Incoming>) -> Response<GrpcBody> {
+        let started = std::time::Instant::now();
+        let path = request.uri().path().to_string();
+        let respond_gzip =
+            request_is_gzip(request.headers()) && headers::accepts_gzip(request.headers());
+        let result = match read_call(request, self.peer.clone(), self.max_request_bytes).await {
+            Ok(call) => self.pipeline.oneshot(call).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(response) => {
+                tracing::debug!(method = %path, elapsed_us = started.elapsed().as_micros() as u64, "forwarded");
+                success_response(response, respond_gzip)
+            }
+            Err(error) => {
+                tracing::info!(method = %path, code = ?error.code(), error = %error, peer = %self.peer.remote, "call failed in proxy");
+                error_response(&error)
+            }
+        }
+    }
+}
+
+async fn read_call(
+    request: Request<Incoming>,
+    peer: Arc<PeerInfo>,
+    limit: usize,
+) -> Result<GrpcRequest, ProxyError> {
+    {
+        let (parts, body) = request.into_parts();
+        let method = Schema::global()
+            .method(parts.uri.path())
+            .ok_or_else(|| ProxyError::UnknownMethod(parts.uri.path().to_string()))?;
+        if method.streaming {
+            return Err(ProxyError::StreamingNotSupported(method.path.clone()));
+        }
+        if !headers::is_grpc_content_type(&parts.headers) {
+            let content_type = parts
+                .headers
+                .get(CONTENT_TYPE)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(ProxyError::NotGrpc(content_type));
+        }
+        let encoding = Encoding::from_header(parts.headers.get(GRPC_ENCODING))?;
+        let deadline = match parts.headers.get(GRPC_TIMEOUT) {
+            Some(value) => {
+                let timeout = headers::parse_timeout(value)?;
+                Some((tokio::time::Instant::now() + timeout, timeout))
+            }
+            None => None,
+        };
+        let body = read_body(body, limit).await?;
+        let message = frame::decode_unary(&body, encoding, limit, Direction::Request)
+            .map_err(|e| e.into_request_error())?
+            .ok_or(ProxyError::MalformedFrame("no request message"))?;
+        Ok(GrpcRequest {
+            method,
+            headers: headers::request_headers_for_upstream(&parts.headers),
+            message,
+            deadline,
+            namespace: None,
+            peer,
+        })
+    }
+}
+
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
+    match Limited::new(body, limit + HEADER_LEN).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::MessageTooLarge {
+            what: "request",
+            size: format!("more than {limit} bytes"),
+            limit,
+        }),
+        Err(e) => Err(ProxyError::RequestBody(e.to_string())),
+    }
+}
+
+fn request_is_gzip(headers: &HeaderMap) -> bool {
+    headers.get(GRPC_ENCODING).is_some_and(|v| v == "gzip")
+}
+
+fn success_response(response: GrpcResponse, gzip: bool) -> Response<GrpcBody> {
+    let GrpcResponse {
+        mut headers,
+        message,
+        trailers,
+    } = response;
+    let data = message.map(|m| {
+        let encoding = if gzip {
+            Encoding::Gzip
+        } else {
+            Encoding::Identity
+        };
+        if gzip {
+            headers.insert(GRPC_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        frame::encode(&m, encoding)
+    });
+    headers
+        .entry(CONTENT_TYPE)
+        .or_insert(HeaderValue::from_static("application/grpc"));
+    let mut out = Response::new(GrpcBody::new(data, Some(trailers)));
+    *out.headers_mut() = headers;
+    out
+}
+
+/// A trailers-only gRPC answer carrying the error's status.
+pub fn error_response(error: &ProxyError) -> Response<GrpcBody> {
+    let mut out = Response::new(GrpcBody::empty());
+    let headers = out.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    if error.to_status().add_header(headers).is_err() {
+        headers.insert("grpc-status", HeaderValue::from_static("13"));
+    }
+    out
+}

@@ -1,0 +1,148 @@
+//! The innermost stage: sends the call to its upstream and reads the whole answer.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use tower::Service;
+
+use super::{CallFuture, GrpcRequest, GrpcResponse};
+use crate::error::ProxyError;
+use crate::grpc::frame::{self, Direction, Encoding, FrameError, HEADER_LEN};
+use crate::grpc::headers::{self, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_TIMEOUT};
+use crate::schema::Scope;
+use crate::upstream::{Router, Upstream};
+
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    router: Arc<Router>,
+    max_response_bytes: usize,
+}
+
+impl Forwarder {
+    pub fn new(router: Arc<Router>, max_response_bytes: usize) -> Forwarder {
+        Forwarder {
+            router,
+            max_response_bytes,
+        }
+    }
+}
+
+impl Service<GrpcRequest> for Forwarder {
+    type Response = GrpcResponse;
+    type Error = ProxyError;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: GrpcRequest) -> CallFuture {
+        let router = self.router.clone();
+        let max_response_bytes = self.max_response_bytes;
+        Box::pin(async move {
+            let upstream = match (request.method.scope, request.namespace.as_deref()) {
+                (Scope::Namespace, Some(namespace)) => router.for_namespace(namespace)?.clone(),
+                (Scope::Namespace, None) => {
+                    return Err(ProxyError::MissingNamespace(request.method.path.clone()))
+                }
+                (Scope::Cluster, _) => router.system().clone(),
+            };
+            match request.deadline {
+                // The upstream gets the same deadline; the local timer is the backstop that also
+                // covers connecting and a stalled upstream.
+                Some((deadline, timeout)) => tokio::time::timeout_at(
+                    deadline,
+                    forward(&upstream, request, max_response_bytes),
+                )
+                .await
+                .unwrap_or(Err(ProxyError::DeadlineExceeded(timeout))),
+                None => forward(&upstream, request, max_response_bytes).await,
+            }
+        })
+    }
+}
+
+async fn forward(
+    upstream: &Upstream,
+    request: GrpcRequest,
+    max_response_bytes: usize,
+) -> Result<GrpcResponse, ProxyError> {
+    let protocol_error = |reason: String| ProxyError::UpstreamProtocol {
+        upstream: upstream.name.clone(),
+        reason,
+    };
+    let uri = upstream
+        .uri_for(&request.method.path)
+        .map_err(|e| protocol_error(format!("cannot build request URI: {e}")))?;
+    let mut http_request = Request::post(uri)
+        .body(Full::new(frame::encode(
+            &request.message,
+            Encoding::Identity,
+        )))
+        .map_err(|e| protocol_error(e.to_string()))?;
+    let headers = http_request.headers_mut();
+    *headers = request.headers;
+    if !headers.contains_key(CONTENT_TYPE) {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    }
+    headers.insert("te", HeaderValue::from_static("trailers"));
+    headers.insert(
+        GRPC_ACCEPT_ENCODING,
+        HeaderValue::from_static("gzip,identity"),
+    );
+    if let Some((deadline, _)) = request.deadline {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        headers.insert(GRPC_TIMEOUT, headers::format_timeout(remaining));
+    }
+
+    let response = upstream.send(http_request).await?;
+    let (parts, body) = response.into_parts();
+    if parts.status != http::StatusCode::OK {
+        return Err(ProxyError::UpstreamHttpStatus {
+            upstream: upstream.name.clone(),
+            status: parts.status.as_u16(),
+        });
+    }
+    if !headers::is_grpc_content_type(&parts.headers) {
+        return Err(protocol_error("response is not gRPC".into()));
+    }
+    let encoding = Encoding::from_header(parts.headers.get(GRPC_ENCODING))
+        .map_err(|e| protocol_error(e.to_string()))?;
+    let collected = Limited::new(body, max_response_bytes + HEADER_LEN)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ProxyError::MessageTooLarge {
+                    what: "response",
+                    size: format!("more than {max_response_bytes} bytes"),
+                    limit: max_response_bytes,
+                }
+            } else {
+                ProxyError::UpstreamUnavailable {
+                    upstream: upstream.name.clone(),
+                    address: upstream.address.clone(),
+                    reason: format!("response interrupted: {e}"),
+                }
+            }
+        })?;
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let body = collected.to_bytes();
+    let message = frame::decode_unary(&body, encoding, max_response_bytes, Direction::Response)
+        .map_err(|e| match e {
+            FrameError::Malformed(reason) => protocol_error(reason.to_string()),
+            FrameError::TooLarge { size, limit } => ProxyError::MessageTooLarge {
+                what: "response",
+                size: format!("{size} bytes"),
+                limit,
+            },
+        })?;
+    Ok(GrpcResponse {
+        headers: headers::response_headers_for_caller(&parts.headers),
+        message,
+        trailers,
+    })
+}

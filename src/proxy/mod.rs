@@ -1,0 +1,54 @@
+//! The call pipeline. The edge turns an HTTP/2 request into a [`GrpcRequest`] (one decoded
+//! unary message), the stages below are tower services over that type, and the edge turns the
+//! [`GrpcResponse`] or [`ProxyError`] back into HTTP/2.
+//!
+//! ```text
+//! GrpcEdge → NamespaceService → Forwarder
+//! ```
+
+mod edge;
+mod forward;
+mod namespace;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::HeaderMap;
+use tokio::time::Instant;
+
+pub use edge::GrpcEdge;
+pub use forward::Forwarder;
+pub use namespace::{NamespaceLayer, NamespaceService};
+
+use crate::error::ProxyError;
+use crate::schema::MethodInfo;
+use crate::tls::PeerInfo;
+
+/// One unary call on its way upstream.
+#[derive(Debug, Clone)]
+pub struct GrpcRequest {
+    pub method: &'static MethodInfo,
+    /// The caller's headers that may go upstream (hop-by-hop and principal headers removed).
+    pub headers: HeaderMap,
+    /// The request message, uncompressed.
+    pub message: Bytes,
+    /// When the caller stops waiting, and the timeout it sent.
+    pub deadline: Option<(Instant, Duration)>,
+    /// The request's namespace, once read from its body (namespace-scoped methods only).
+    pub namespace: Option<String>,
+    pub peer: Arc<PeerInfo>,
+}
+
+/// The upstream's answer to a unary call.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcResponse {
+    /// Response headers (for a trailers-only answer they carry `grpc-status`).
+    pub headers: HeaderMap,
+    /// The response message, uncompressed, if there is one.
+    pub message: Option<Bytes>,
+    pub trailers: HeaderMap,
+}
+
+pub type CallFuture = BoxFuture<'static, Result<GrpcResponse, ProxyError>>;

@@ -1,0 +1,190 @@
+//! Temporal's API schema, embedded at build time from `temporalio-protos`, and the per-method
+//! table derived from it once at start-up.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use prost_reflect::{DescriptorPool, Kind, MessageDescriptor, MethodDescriptor};
+
+/// The compiled FileDescriptorSet of Temporal's API (see build.rs).
+pub static DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/temporal_descriptors.bin"));
+
+/// The services the proxy forwards. Anything else is UNIMPLEMENTED.
+pub const FORWARDED_SERVICES: &[&str] = &[
+    "temporal.api.workflowservice.v1.WorkflowService",
+    "temporal.api.operatorservice.v1.OperatorService",
+    "grpc.health.v1.Health",
+];
+
+/// Whether a method acts on one namespace (routed by it) or on the cluster (system upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Namespace,
+    Cluster,
+}
+
+#[derive(Debug, Clone)]
+pub struct MethodInfo {
+    /// `/package.Service/Method`
+    pub path: String,
+    pub service: String,
+    pub name: String,
+    pub input: MessageDescriptor,
+    pub output: MessageDescriptor,
+    pub scope: Scope,
+    /// Field number of the request's top-level `namespace` string, when the method has one.
+    pub namespace_field: Option<u32>,
+    /// Streaming methods (only `grpc.health.v1.Health/Watch`) are not proxied.
+    pub streaming: bool,
+}
+
+/// All forwarded methods, by HTTP/2 path.
+pub struct Schema {
+    pub pool: DescriptorPool,
+    methods: HashMap<String, MethodInfo>,
+}
+
+static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+    // The descriptor set is produced by our own build; failing here is a build defect, not input.
+    Schema::from_descriptor_set(DESCRIPTOR_SET).expect("embedded Temporal descriptor set is valid")
+});
+
+impl Schema {
+    /// The schema built from the embedded descriptor set.
+    pub fn global() -> &'static Schema {
+        &SCHEMA
+    }
+
+    pub fn from_descriptor_set(bytes: &[u8]) -> Result<Schema, prost_reflect::DescriptorError> {
+        let pool = DescriptorPool::decode(bytes)?;
+        let mut methods = HashMap::new();
+        for service_name in FORWARDED_SERVICES {
+            let Some(service) = pool.get_service_by_name(service_name) else {
+                continue;
+            };
+            for method in service.methods() {
+                let info = method_info(service_name, &method);
+                methods.insert(info.path.clone(), info);
+            }
+        }
+        Ok(Schema { pool, methods })
+    }
+
+    pub fn method(&self, path: &str) -> Option<&MethodInfo> {
+        self.methods.get(path)
+    }
+
+    pub fn methods(&self) -> impl Iterator<Item = &MethodInfo> {
+        self.methods.values()
+    }
+
+    pub fn message(&self, full_name: &str) -> Option<MessageDescriptor> {
+        self.pool.get_message_by_name(full_name)
+    }
+}
+
+fn method_info(service: &str, method: &MethodDescriptor) -> MethodInfo {
+    let input = method.input();
+    let namespace_field = input
+        .get_field_by_name("namespace")
+        .filter(|f| matches!(f.kind(), Kind::String) && !f.is_list() && !f.is_map())
+        .map(|f| f.number());
+    let scope = if namespace_field.is_some() {
+        Scope::Namespace
+    } else {
+        Scope::Cluster
+    };
+    MethodInfo {
+        path: format!("/{service}/{}", method.name()),
+        service: service.to_string(),
+        name: method.name().to_string(),
+        input,
+        output: method.output(),
+        scope,
+        namespace_field,
+        streaming: method.is_client_streaming() || method.is_server_streaming(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Methods without a top-level `namespace` field. If Temporal adds a method that has none,
+    /// this list must be reviewed, so a new method is never routed by accident.
+    const CLUSTER_METHODS: &[&str] = &[
+        "/temporal.api.workflowservice.v1.WorkflowService/GetClusterInfo",
+        "/temporal.api.workflowservice.v1.WorkflowService/GetSystemInfo",
+        "/temporal.api.workflowservice.v1.WorkflowService/GetSearchAttributes",
+        "/temporal.api.workflowservice.v1.WorkflowService/ListNamespaces",
+        "/temporal.api.operatorservice.v1.OperatorService/AddOrUpdateRemoteCluster",
+        "/temporal.api.operatorservice.v1.OperatorService/RemoveRemoteCluster",
+        "/temporal.api.operatorservice.v1.OperatorService/ListClusters",
+        "/temporal.api.operatorservice.v1.OperatorService/GetNexusEndpoint",
+        "/temporal.api.operatorservice.v1.OperatorService/CreateNexusEndpoint",
+        "/temporal.api.operatorservice.v1.OperatorService/UpdateNexusEndpoint",
+        "/temporal.api.operatorservice.v1.OperatorService/DeleteNexusEndpoint",
+        "/temporal.api.operatorservice.v1.OperatorService/ListNexusEndpoints",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+    ];
+
+    #[test]
+    fn every_service_is_present_and_large() {
+        let schema = Schema::global();
+        let workflow = schema
+            .methods()
+            .filter(|m| m.service == "temporal.api.workflowservice.v1.WorkflowService")
+            .count();
+        assert!(workflow >= 100, "only {workflow} WorkflowService methods");
+        assert!(schema
+            .method("/temporal.api.operatorservice.v1.OperatorService/ListClusters")
+            .is_some());
+        assert!(schema.method("/grpc.health.v1.Health/Check").is_some());
+    }
+
+    #[test]
+    fn cluster_methods_are_exactly_the_reviewed_list() {
+        let schema = Schema::global();
+        let mut cluster: Vec<&str> = schema
+            .methods()
+            .filter(|m| m.scope == Scope::Cluster)
+            .map(|m| m.path.as_str())
+            .collect();
+        cluster.sort_unstable();
+        let mut expected = CLUSTER_METHODS.to_vec();
+        expected.sort_unstable();
+        assert_eq!(cluster, expected);
+    }
+
+    #[test]
+    fn task_token_methods_find_their_namespace_field() {
+        let schema = Schema::global();
+        let ns = |m: &str| {
+            schema
+                .method(&format!(
+                    "/temporal.api.workflowservice.v1.WorkflowService/{m}"
+                ))
+                .and_then(|m| m.namespace_field)
+        };
+        assert_eq!(ns("StartWorkflowExecution"), Some(1));
+        assert_eq!(ns("RecordActivityTaskHeartbeat"), Some(4));
+        assert_eq!(ns("RespondActivityTaskCompleted"), Some(4));
+        assert_eq!(ns("RespondActivityTaskFailed"), Some(4));
+        assert_eq!(ns("RespondActivityTaskCanceled"), Some(4));
+        assert_eq!(ns("RespondWorkflowTaskFailed"), Some(6));
+        assert_eq!(ns("RespondQueryTaskCompleted"), Some(6));
+        assert_eq!(ns("RespondWorkflowTaskCompleted"), Some(9));
+    }
+
+    #[test]
+    fn only_health_watch_streams() {
+        let streaming: Vec<_> = Schema::global()
+            .methods()
+            .filter(|m| m.streaming)
+            .map(|m| m.path.clone())
+            .collect();
+        assert_eq!(streaming, vec!["/grpc.health.v1.Health/Watch".to_string()]);
+    }
+}

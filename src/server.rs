@@ -1,0 +1,272 @@
+//! Listeners, TLS accept, HTTP/2 serving and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
+
+use crate::config::{Config, ListenAddress};
+use crate::error::ProxyError;
+use crate::proxy::{Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer};
+use crate::tls::{self, PeerInfo};
+use crate::upstream::Router;
+
+/// The call pipeline behind the edge, type-erased so stages can be added without touching the
+/// server.
+pub type Pipeline = BoxCloneSyncService<GrpcRequest, GrpcResponse, ProxyError>;
+
+/// Builds the pipeline for a config.
+pub fn build_pipeline(config: &Config) -> anyhow::Result<Pipeline> {
+    let router = Arc::new(Router::from_config(config)?);
+    let service = ServiceBuilder::new()
+        .layer(NamespaceLayer)
+        .service(Forwarder::new(router, config.limits.max_response_bytes));
+    Ok(BoxCloneSyncService::new(service))
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A running proxy. Dropping it does not stop it; call [`RunningProxy::shutdown`].
+pub struct RunningProxy {
+    local_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningProxy {
+    /// The bound TCP address (None for a Unix socket).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets in-flight calls finish up to the configured grace period, then
+    /// closes what remains.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Runs until the process receives SIGTERM or Ctrl-C, then shuts down gracefully.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received: draining in-flight calls");
+        self.shutdown().await;
+        tracing::info!("shut down");
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Binds the listener and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
+    let pipeline = build_pipeline(&config)?;
+    let acceptor = match &config.listener.tls {
+        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config(server_tls)?)),
+        None => None,
+    };
+    let address = config.listen_address()?;
+    let listener = match &address {
+        ListenAddress::Tcp(addr) => Listener::Tcp(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        ListenAddress::Unix(path) => {
+            // A socket file left by an earlier run would make bind fail.
+            if path.exists() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            }
+            let listener = UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+            Listener::Unix(listener, path.clone())
+        }
+    };
+    let local_addr = match &listener {
+        Listener::Tcp(l) => Some(l.local_addr()?),
+        Listener::Unix(..) => None,
+    };
+    let shown = local_addr.map_or_else(|| config.listener.address.clone(), |a| a.to_string());
+    match &config.listener.tls {
+        Some(t) if t.require_client_cert => {
+            tracing::info!(address = %shown, "portcullis listening (TLS, client certificate required)")
+        }
+        Some(_) => {
+            tracing::warn!(address = %shown, "portcullis listening (TLS, client certificate OPTIONAL)")
+        }
+        None => {
+            tracing::warn!(address = %shown, "portcullis listening WITHOUT TLS (plaintext, loopback/unix only)")
+        }
+    }
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let settings = ServeSettings {
+        pipeline,
+        acceptor,
+        max_request_bytes: config.limits.max_request_bytes,
+        handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
+        grace: Duration::from_secs(config.limits.shutdown_grace_seconds),
+    };
+    let task = tokio::spawn(accept_loop(listener, settings, shutdown_rx));
+    Ok(RunningProxy {
+        local_addr,
+        shutdown,
+        task,
+    })
+}
+
+struct ServeSettings {
+    pipeline: Pipeline,
+    acceptor: Option<TlsAcceptor>,
+    max_request_bytes: usize,
+    handshake_timeout: Duration,
+    grace: Duration,
+}
+
+async fn accept_loop(
+    listener: Listener,
+    settings: ServeSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let settings = Arc::new(settings);
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok((io, remote)) => {
+                let settings = settings.clone();
+                let watcher = graceful.watcher();
+                connections.spawn(async move {
+                    serve_connection(io, remote, settings, watcher).await;
+                });
+            }
+            Err(e) => {
+                // Usually fd exhaustion: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+    drop(listener);
+    if tokio::time::timeout(settings.grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?settings.grace, "in-flight calls still running after the grace period: closing them");
+    }
+    connections.shutdown().await;
+}
+
+type BoxedIo = Box<dyn AsyncIo>;
+trait AsyncIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncIo for T {}
+
+async fn accept(listener: &Listener) -> std::io::Result<(BoxedIo, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (stream, addr) = l.accept().await?;
+            let _ = stream.set_nodelay(true);
+            Ok((Box::new(stream), addr.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (stream, _) = l.accept().await?;
+            Ok((Box::new(stream), format!("unix:{}", path.display())))
+        }
+    }
+}
+
+async fn serve_connection(
+    io: BoxedIo,
+    remote: String,
+    settings: Arc<ServeSettings>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let (io, peer): (BoxedIo, PeerInfo) = match &settings.acceptor {
+        Some(acceptor) => {
+            match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(io)).await {
+                Ok(Ok(stream)) => {
+                    let peer =
+                        PeerInfo::from_certificates(remote, stream.get_ref().1.peer_certificates());
+                    (Box::new(stream), peer)
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(peer = %remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(peer = %remote, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+        None => (
+            io,
+            PeerInfo {
+                remote,
+                client_common_name: None,
+            },
+        ),
+    };
+    tracing::debug!(peer = %peer.remote, client = ?peer.client_common_name, "connection accepted");
+    let edge = GrpcEdge::new(
+        settings.pipeline.clone(),
+        Arc::new(peer),
+        settings.max_request_bytes,
+    );
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        // Detect dead peers; never an idle timeout (long polls sit quietly for ~70 s).
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .adaptive_window(true)
+        .max_frame_size(1 << 20)
+        .max_concurrent_streams(1000)
+        .max_header_list_size(64 * 1024);
+    let connection = builder.serve_connection(TokioIo::new(io), edge);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, "connection closed with error");
+    }
+}

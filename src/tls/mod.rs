@@ -1,0 +1,144 @@
+//! rustls configurations: the client-facing server (mTLS) and the upstream clients.
+
+pub mod pki;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::config::{ServerTls, UpstreamTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {reason}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{what} {path} holds no PEM certificate")]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("invalid TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid client CA bundle {path}: {reason}")]
+    ClientVerifier { path: PathBuf, reason: String },
+    #[error("invalid TLS server name {0:?}")]
+    ServerName(String),
+}
+
+/// The crypto provider used everywhere (ring: small build, fast AES-GCM).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn root_store(path: &Path, what: &'static str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path, what)? {
+        roots.add(cert).map_err(TlsError::Rustls)?;
+    }
+    Ok(roots)
+}
+
+/// Client-facing TLS: TLS 1.2+, HTTP/2 via ALPN, client certificates verified against the CA
+/// bundle (required unless configured otherwise).
+pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let roots = Arc::new(root_store(&tls.client_ca, "client CA bundle")?);
+    let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    let builder = if tls.require_client_cert {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder.build().map_err(|e| TlsError::ClientVerifier {
+        path: tls.client_ca.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            load_certs(&tls.cert, "server certificate")?,
+            load_key(&tls.key, "server key")?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// TLS towards one upstream: its CA, an optional client certificate, ALPN h2.
+pub fn upstream_client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsError> {
+    let roots = root_store(&tls.ca, "upstream CA bundle")?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => builder.with_client_auth_cert(
+            load_certs(cert, "upstream client certificate")?,
+            load_key(key, "upstream client key")?,
+        )?,
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// What is known about a caller's connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub remote: String,
+    /// Subject common name of the verified client certificate, if any.
+    pub client_common_name: Option<String>,
+}
+
+impl PeerInfo {
+    pub fn from_certificates(remote: String, certs: Option<&[CertificateDer<'_>]>) -> PeerInfo {
+        let client_common_name = certs.and_then(|c| c.first()).and_then(|leaf| {
+            let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .next()?
+                .as_str()
+                .ok()?
+                .to_string();
+            Some(cn)
+        });
+        PeerInfo {
+            remote,
+            client_common_name,
+        }
+    }
+}
