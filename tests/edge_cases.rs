@@ -95,7 +95,16 @@ async fn malformed_input_gets_a_clear_status_and_the_proxy_keeps_serving() {
     let address = proxy.local_addr().expect("tcp");
     let raw = RawClient::new(address, &pki, &pki.client);
 
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, Code, &str)> = vec![
+    // (what, path, headers, body, expected code, text the message must contain)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        Vec<u8>,
+        Code,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "truncated frame header",
             DESCRIBE,

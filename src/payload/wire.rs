@@ -235,7 +235,7 @@ mod tests {
     fn reads_fields_and_last_string_wins() {
         let mut msg = Vec::new();
         put_len_field(&mut msg, 1, b"first");
-        put_varint(&mut msg, (3 << 3) | 0);
+        put_varint(&mut msg, 3 << 3);
         put_varint(&mut msg, 300);
         put_len_field(&mut msg, 1, b"second");
         assert_eq!(
@@ -250,7 +250,7 @@ mod tests {
     #[test]
     fn groups_are_skipped() {
         // field 5 group containing varint field 1, then end group 5, then string field 1
-        let mut msg = vec![(5 << 3) | 3, (1 << 3), 42, (5 << 3) | 4];
+        let mut msg = vec![(5 << 3) | 3, 1 << 3, 42, (5 << 3) | 4];
         put_len_field(&mut msg, 1, b"ns");
         assert_eq!(validate_and_find_string(&msg, Some(1)).unwrap(), Some("ns"));
         let unbalanced = vec![(5 << 3) | 3, (6 << 3) | 4];
