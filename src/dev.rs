@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
+use crate::authz::{AuthorizationConfig, Grants, NamespacePolicy};
 use crate::config::{Config, ListenerConfig, NamespaceConfig, Routing, ServerTls, UpstreamConfig};
 use crate::tls::pki::{CertAuthority, LeafSpec, Usage};
 
@@ -35,7 +36,18 @@ pub struct DevPki {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// A client that may only read (namespace reader role).
+    pub reader_cert: PathBuf,
+    pub reader_key: PathBuf,
+    /// A client from the right CA that holds no role at all.
+    pub stranger_cert: PathBuf,
+    pub stranger_key: PathBuf,
 }
+
+/// SPIFFE IDs of the development identities.
+pub const DEV_ADMIN_ID: &str = "spiffe://portcullis.dev/client/dev-client";
+pub const DEV_READER_ID: &str = "spiffe://portcullis.dev/client/dev-reader";
+pub const DEV_STRANGER_ID: &str = "spiffe://portcullis.dev/client/stranger";
 
 impl DevPki {
     /// Creates whatever is missing under `dir/certs`, keeping what exists.
@@ -50,6 +62,10 @@ impl DevPki {
             server_key: certs.join("server-key.pem"),
             client_cert: certs.join("client.pem"),
             client_key: certs.join("client-key.pem"),
+            reader_cert: certs.join("reader.pem"),
+            reader_key: certs.join("reader-key.pem"),
+            stranger_cert: certs.join("stranger.pem"),
+            stranger_key: certs.join("stranger-key.pem"),
         };
         let ca = if pki.ca_cert.exists() && pki.ca_key.exists() {
             CertAuthority::from_pem(
@@ -62,7 +78,12 @@ impl DevPki {
             write_private(&pki.ca_key, &ca.key_pem)?;
             std::fs::write(&pki.ca_cert, &ca.cert_pem)?;
             // A new CA invalidates every leaf signed by an old one.
-            for leaf in [&pki.server_cert, &pki.client_cert] {
+            for leaf in [
+                &pki.server_cert,
+                &pki.client_cert,
+                &pki.reader_cert,
+                &pki.stranger_cert,
+            ] {
                 let _ = std::fs::remove_file(leaf);
             }
             ca
@@ -78,13 +99,33 @@ impl DevPki {
             write_private(&pki.server_key, &leaf.key_pem)?;
             std::fs::write(&pki.server_cert, &leaf.cert_pem)?;
         }
-        if !pki.client_cert.exists() || !pki.client_key.exists() {
-            let mut spec = LeafSpec::new("dev-client", Usage::Client, ONE_YEAR);
-            spec.uris
-                .push("spiffe://portcullis.dev/client/dev-client".into());
-            let leaf = ca.issue(&spec)?;
-            write_private(&pki.client_key, &leaf.key_pem)?;
-            std::fs::write(&pki.client_cert, &leaf.cert_pem)?;
+        for (name, id, cert, key) in [
+            (
+                "dev-client",
+                DEV_ADMIN_ID,
+                &pki.client_cert,
+                &pki.client_key,
+            ),
+            (
+                "dev-reader",
+                DEV_READER_ID,
+                &pki.reader_cert,
+                &pki.reader_key,
+            ),
+            (
+                "stranger",
+                DEV_STRANGER_ID,
+                &pki.stranger_cert,
+                &pki.stranger_key,
+            ),
+        ] {
+            if !cert.exists() || !key.exists() {
+                let mut spec = LeafSpec::new(name, Usage::Client, ONE_YEAR);
+                spec.uris.push(id.into());
+                let leaf = ca.issue(&spec)?;
+                write_private(key, &leaf.key_pem)?;
+                std::fs::write(cert, &leaf.cert_pem)?;
+            }
         }
         Ok(pki)
     }
@@ -211,7 +252,13 @@ impl TemporalDevServer {
     }
 }
 
-fn dev_config(listen: &str, upstream: &str, pki: &DevPki, namespaces: &[String]) -> Config {
+fn dev_config(
+    listen: &str,
+    upstream: &str,
+    pki: &DevPki,
+    namespaces: &[String],
+    dir: &Path,
+) -> Config {
     let mut upstreams = std::collections::BTreeMap::new();
     upstreams.insert(
         "dev".to_string(),
@@ -244,6 +291,34 @@ fn dev_config(listen: &str, upstream: &str, pki: &DevPki, namespaces: &[String])
                 upstream: "dev".into(),
             })
             .collect(),
+        authorization: AuthorizationConfig {
+            disabled: false,
+            identity: crate::authz::default_identity_sources(),
+            audit_log: dir.join("audit.jsonl").display().to_string(),
+            policy_file: None,
+            policy_dir: None,
+            groups: Default::default(),
+            // The dev client administers everything; the reader only reads; the stranger has
+            // no role anywhere.
+            system: Grants {
+                readers: vec![],
+                writers: vec![],
+                admins: vec![DEV_ADMIN_ID.into()],
+            },
+            namespaces: namespaces
+                .iter()
+                .map(|name| NamespacePolicy {
+                    name: name.clone(),
+                    owner: Some("portcullis dev".into()),
+                    grants: Grants {
+                        readers: vec![DEV_READER_ID.into()],
+                        writers: vec![],
+                        admins: vec![],
+                    },
+                })
+                .collect(),
+        },
+        source: None,
     }
 }
 
@@ -298,7 +373,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         }
     };
 
-    let config = dev_config(&options.listen, &upstream_address, &pki, &namespaces);
+    let config = dev_config(&options.listen, &upstream_address, &pki, &namespaces, &dir);
     let text = format!(
         "# Written by `portcullis dev`; edit freely, it is rewritten only when the upstream or listener changes.\n{}",
         config.to_toml()
@@ -307,6 +382,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         c.listener.address == config.listener.address
             && c.upstreams.get("dev").map(|u| &u.address) == Some(&upstream_address)
             && c.namespaces.len() == config.namespaces.len()
+            && c.authorization.namespaces.len() == config.authorization.namespaces.len()
     });
     if !unchanged {
         std::fs::write(&config_path, text)?;
@@ -339,6 +415,11 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         "ca_cert": pki.ca_cert,
         "client_cert": pki.client_cert,
         "client_key": pki.client_key,
+        "reader_cert": pki.reader_cert,
+        "reader_key": pki.reader_key,
+        "stranger_cert": pki.stranger_cert,
+        "stranger_key": pki.stranger_key,
+        "audit_log": dir.join("audit.jsonl"),
         "upstream_address": upstream_address,
         "cli_profile": cli_profile,
         "cli_profile_name": "portcullis",

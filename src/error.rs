@@ -51,6 +51,13 @@ pub enum ProxyError {
     DeadlineExceeded(Duration),
     #[error("reading the request body failed: {0}")]
     RequestBody(String),
+    #[error("{identity} may not call {method}{}: it needs the {required} role", namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_else(|| " on the cluster".into()))]
+    PermissionDenied {
+        identity: String,
+        method: String,
+        namespace: Option<String>,
+        required: &'static str,
+    },
 }
 
 impl ProxyError {
@@ -72,6 +79,7 @@ impl ProxyError {
             UpstreamProtocol { .. } => Code::Internal,
             DeadlineExceeded(_) => Code::DeadlineExceeded,
             RequestBody(_) => Code::Cancelled,
+            PermissionDenied { .. } => Code::PermissionDenied,
         }
     }
 

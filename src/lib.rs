@@ -1,6 +1,7 @@
 //! portcullis: an authenticating, encrypting gRPC proxy for Temporal.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod config;
 pub mod dev;
 pub mod error;

@@ -121,6 +121,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 portcullis::tls::server_config(tls)?;
             }
             portcullis::server::build_pipeline(&config)?;
+            if !config.authorization.disabled {
+                config.authorization.compile()?;
+            }
             println!(
                 "{}: OK ({} upstreams, {} namespaces)",
                 path.display(),

@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
+use crate::authz::{AuditLog, AuthzLayer, PolicyStore};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::{Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer};
@@ -26,13 +27,45 @@ use crate::upstream::Router;
 /// server.
 pub type Pipeline = BoxCloneSyncService<GrpcRequest, GrpcResponse, ProxyError>;
 
-/// Builds the pipeline for a config.
-pub fn build_pipeline(config: &Config) -> anyhow::Result<Pipeline> {
+/// Everything the pipeline is built from, kept so that reloaders can be started.
+pub struct PipelineParts {
+    pub pipeline: Pipeline,
+    pub policies: Option<Arc<PolicyStore>>,
+}
+
+/// Builds the pipeline for a config: namespace → authorization → forwarding.
+pub fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let router = Arc::new(Router::from_config(config)?);
+    let forwarder = Forwarder::new(router, config.limits.max_response_bytes);
+    if config.authorization.disabled {
+        tracing::warn!(
+            "authorization is DISABLED: every authenticated caller may call every method"
+        );
+        let service = ServiceBuilder::new()
+            .layer(NamespaceLayer)
+            .service(forwarder);
+        return Ok(PipelineParts {
+            pipeline: BoxCloneSyncService::new(service),
+            policies: None,
+        });
+    }
+    let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
+    let audit = Arc::new(
+        AuditLog::open(&config.authorization.audit_log).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open audit log {}: {e}",
+                config.authorization.audit_log
+            )
+        })?,
+    );
     let service = ServiceBuilder::new()
         .layer(NamespaceLayer)
-        .service(Forwarder::new(router, config.limits.max_response_bytes));
-    Ok(BoxCloneSyncService::new(service))
+        .layer(AuthzLayer::new(policies.clone(), audit))
+        .service(forwarder);
+    Ok(PipelineParts {
+        pipeline: BoxCloneSyncService::new(service),
+        policies: Some(policies),
+    })
 }
 
 enum Listener {
@@ -93,7 +126,10 @@ async fn wait_for_signal() {
 
 /// Binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
-    let pipeline = build_pipeline(&config)?;
+    let PipelineParts { pipeline, policies } = build_pipeline(&config)?;
+    if let Some(policies) = &policies {
+        policies.spawn_reloader();
+    }
     let acceptor = match &config.listener.tls {
         Some(server_tls) => Some(TlsAcceptor::from(tls::server_config(server_tls)?)),
         None => None,
@@ -245,11 +281,11 @@ async fn serve_connection(
             io,
             PeerInfo {
                 remote,
-                client_common_name: None,
+                names: Default::default(),
             },
         ),
     };
-    tracing::debug!(peer = %peer.remote, client = ?peer.client_common_name, "connection accepted");
+    tracing::debug!(peer = %peer.remote, names = ?peer.names, "connection accepted");
     let edge = GrpcEdge::new(
         settings.pipeline.clone(),
         Arc::new(peer),

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::authz::AuthorizationConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -33,6 +35,11 @@ pub struct Config {
     pub routing: Routing,
     #[serde(default, rename = "namespaces")]
     pub namespaces: Vec<NamespaceConfig>,
+    /// Who may call what. Required: a proxy never allows by default.
+    pub authorization: AuthorizationConfig,
+    /// The file this config was loaded from (for reloads).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +199,7 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
@@ -275,6 +283,9 @@ impl Config {
             }
             known(&ns.upstream, &format!("namespace {:?}", ns.name))?;
         }
+        if self.authorization.identity.is_empty() {
+            return invalid("authorization.identity must name at least one source".into());
+        }
         if self.limits.max_request_bytes == 0 || self.limits.max_response_bytes == 0 {
             return invalid("limits must be positive".into());
         }
@@ -298,6 +309,7 @@ impl Config {
                 self.listener.address = format!("unix:{}", base.join(path).display());
             }
         }
+        self.authorization.resolve_paths(base);
         for upstream in self.upstreams.values_mut() {
             if let Some(tls) = &mut upstream.tls {
                 fix(&mut tls.ca);
@@ -341,6 +353,8 @@ mod tests {
         [[namespaces]]
         name = "default"
         upstream = "local"
+        [authorization]
+        system.admins = ["ops"]
     "#;
 
     #[test]
@@ -394,6 +408,13 @@ mod tests {
         let c = Config::load(&path).unwrap();
         assert_eq!(c.listener.tls.unwrap().cert, dir.join("server.pem"));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn authorization_section_is_required() {
+        let without = MINIMAL.replace("[authorization]\n        system.admins = [\"ops\"]", "");
+        let err = Config::from_toml(&without).unwrap_err().to_string();
+        assert!(err.contains("authorization"), "{err}");
     }
 
     #[test]

@@ -119,26 +119,55 @@ pub fn upstream_client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsErro
 #[derive(Debug, Clone, Default)]
 pub struct PeerInfo {
     pub remote: String,
-    /// Subject common name of the verified client certificate, if any.
-    pub client_common_name: Option<String>,
+    /// Names from the verified client certificate (empty without one).
+    pub names: CertificateNames,
+}
+
+/// The names a verified client certificate carries, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertificateNames {
+    /// URI SANs that are SPIFFE IDs.
+    pub spiffe: Vec<String>,
+    pub dns: Vec<String>,
+    pub email: Vec<String>,
+    pub common_name: Option<String>,
+}
+
+impl CertificateNames {
+    pub fn from_der(der: &[u8]) -> CertificateNames {
+        use x509_parser::extensions::GeneralName;
+        let mut names = CertificateNames::default();
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return names;
+        };
+        names.common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                        names.spiffe.push(uri.to_string())
+                    }
+                    GeneralName::DNSName(dns) => names.dns.push(dns.to_string()),
+                    GeneralName::RFC822Name(email) => names.email.push(email.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        names
+    }
 }
 
 impl PeerInfo {
     pub fn from_certificates(remote: String, certs: Option<&[CertificateDer<'_>]>) -> PeerInfo {
-        let client_common_name = certs.and_then(|c| c.first()).and_then(|leaf| {
-            let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-            let cn = cert
-                .subject()
-                .iter_common_name()
-                .next()?
-                .as_str()
-                .ok()?
-                .to_string();
-            Some(cn)
-        });
-        PeerInfo {
-            remote,
-            client_common_name,
-        }
+        let names = certs
+            .and_then(|c| c.first())
+            .map(|leaf| CertificateNames::from_der(leaf.as_ref()))
+            .unwrap_or_default();
+        PeerInfo { remote, names }
     }
 }

@@ -202,7 +202,23 @@ system_upstream = "temporal"
             "\n[[namespaces]]\nname = \"{ns}\"\nupstream = \"temporal\"\n"
         ));
     }
+    // The default test client administers everything; authorization tests bring their own.
+    text.push_str("\n[authorization]\naudit_log = \"off\"\nsystem.admins = [\"test-client\"]\n");
     Config::from_toml(&text).expect("test config")
+}
+
+/// Like [`proxy_config`], with the given `[authorization]` section instead.
+pub fn proxy_config_with_authz(
+    pki: &Pki,
+    upstream: &str,
+    namespaces: &[&str],
+    authorization: &str,
+) -> Config {
+    let config = proxy_config(pki, upstream, namespaces);
+    let section: toml::Table = toml::from_str(authorization).expect("authorization toml");
+    let mut doc: toml::Table = toml::from_str(&config.to_toml()).expect("config toml");
+    doc.insert("authorization".into(), toml::Value::Table(section));
+    Config::from_toml(&toml::to_string(&doc).expect("toml")).expect("config with authorization")
 }
 
 pub async fn start_proxy(config: Config) -> RunningProxy {

@@ -1,0 +1,366 @@
+//! Identity-based authorization: every call is attributed to the caller's certificate identity
+//! and allowed only when that identity holds the role the method needs in the request's
+//! namespace (or on the cluster). Default deny.
+
+pub mod access;
+pub mod audit;
+pub mod policy;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tower::{Layer, Service};
+
+pub use access::{required_access, AccessLevel};
+pub use audit::{AuditEvent, AuditLog};
+pub use policy::{
+    default_identity_sources, identity_of, Decision, Grants, IdentitySource, NamespacePolicy,
+    PolicyDocument, PolicyError, PolicySet, Role,
+};
+
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::payload::wire;
+use crate::proxy::{CallFuture, GrpcRequest, GrpcResponse};
+use crate::schema::Scope;
+
+/// The `[authorization]` section of the config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// Turn authorization off: every authenticated caller may do everything. Logged loudly.
+    #[serde(default)]
+    pub disabled: bool,
+    /// Which certificate names identify a caller, in order of preference.
+    #[serde(default = "default_identity_sources")]
+    pub identity: Vec<IdentitySource>,
+    /// Where decisions are written as JSON lines: "stdout", "stderr", "off", or a file path.
+    #[serde(default = "default_audit")]
+    pub audit_log: String,
+    /// A TOML file with more `groups`, `system` and `namespaces` (reloaded on change).
+    #[serde(default)]
+    pub policy_file: Option<PathBuf>,
+    /// A directory of namespace resources, one TOML file each (reloaded on change).
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub system: Grants,
+    #[serde(default)]
+    pub namespaces: Vec<NamespacePolicy>,
+}
+
+fn default_audit() -> String {
+    "stdout".into()
+}
+
+impl AuthorizationConfig {
+    /// Inline policies plus the policy file and directory, compiled.
+    pub fn compile(&self) -> Result<PolicySet, PolicyError> {
+        let mut document = PolicyDocument {
+            groups: self.groups.clone(),
+            system: self.system.clone(),
+            namespaces: self.namespaces.clone(),
+        };
+        if let Some(path) = &self.policy_file {
+            let file = policy::read_policy_file(path)?;
+            for (name, members) in file.groups {
+                if document.groups.insert(name.clone(), members).is_some() {
+                    return Err(PolicyError::Invalid(format!(
+                        "group {name:?} is defined twice"
+                    )));
+                }
+            }
+            document.system.readers.extend(file.system.readers);
+            document.system.writers.extend(file.system.writers);
+            document.system.admins.extend(file.system.admins);
+            document.namespaces.extend(file.namespaces);
+        }
+        if let Some(dir) = &self.policy_dir {
+            document.namespaces.extend(policy::read_policy_dir(dir)?);
+        }
+        PolicySet::compile(&document)
+    }
+
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for path in [&mut self.policy_file, &mut self.policy_dir]
+            .into_iter()
+            .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+        if !matches!(self.audit_log.as_str(), "stdout" | "stderr" | "off")
+            && Path::new(&self.audit_log).is_relative()
+        {
+            self.audit_log = base.join(&self.audit_log).display().to_string();
+        }
+    }
+}
+
+/// The policies in force, swapped atomically on reload. A failed reload keeps the old ones.
+pub struct PolicyStore {
+    current: RwLock<Arc<PolicySet>>,
+    settings: RwLock<AuthorizationConfig>,
+    /// The config file the section came from, re-read on reload.
+    config_path: Option<PathBuf>,
+}
+
+impl PolicyStore {
+    pub fn new(
+        config: &AuthorizationConfig,
+        config_path: Option<&Path>,
+    ) -> Result<Arc<PolicyStore>, PolicyError> {
+        let set = config.compile()?;
+        Ok(Arc::new(PolicyStore {
+            current: RwLock::new(Arc::new(set)),
+            settings: RwLock::new(config.clone()),
+            config_path: config_path.map(Path::to_path_buf),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<PolicySet> {
+        match self.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn identity_sources(&self) -> Vec<IdentitySource> {
+        match self.settings.read() {
+            Ok(guard) => guard.identity.clone(),
+            Err(poisoned) => poisoned.into_inner().identity.clone(),
+        }
+    }
+
+    /// Re-reads the config's `[authorization]` section and the policy files; installs them only
+    /// if everything is valid.
+    pub fn reload(&self) -> Result<(), String> {
+        let config = match &self.config_path {
+            Some(path) => Config::load(path).map_err(|e| e.to_string())?.authorization,
+            None => match self.settings.read() {
+                Ok(guard) => guard.clone(),
+                Err(poisoned) => poisoned.into_inner().clone(),
+            },
+        };
+        let set = config.compile().map_err(|e| e.to_string())?;
+        if let Ok(mut guard) = self.current.write() {
+            *guard = Arc::new(set);
+        }
+        if let Ok(mut guard) = self.settings.write() {
+            *guard = config;
+        }
+        Ok(())
+    }
+
+    /// Files whose change triggers a reload.
+    fn watched_paths(&self) -> Vec<PathBuf> {
+        let settings = match self.settings.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        self.config_path
+            .iter()
+            .cloned()
+            .chain(settings.policy_file)
+            .chain(settings.policy_dir)
+            .collect()
+    }
+
+    /// Reloads on SIGHUP and when a watched file changes, until the process ends.
+    pub fn spawn_reloader(self: &Arc<Self>) {
+        let store = self.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+        let paths = store.watched_paths();
+        let watcher_tx = tx.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+                let _ = watcher_tx.try_send(());
+            }
+        });
+        let watcher = match watcher {
+            Ok(mut watcher) => {
+                use notify::Watcher as _;
+                for path in &paths {
+                    // Watch the directory: editors and config managers replace files by rename.
+                    let target = if path.is_dir() {
+                        path.as_path()
+                    } else {
+                        path.parent().unwrap_or(path)
+                    };
+                    if let Err(e) = watcher.watch(target, notify::RecursiveMode::NonRecursive) {
+                        tracing::warn!(path = %target.display(), error = %e, "cannot watch policy path; SIGHUP still reloads");
+                    }
+                }
+                Some(watcher)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "file watching unavailable; SIGHUP still reloads policies");
+                None
+            }
+        };
+        #[cfg(unix)]
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let _ = tx.send(()).await;
+                }
+            });
+        }
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            while rx.recv().await.is_some() {
+                // Let a burst of file events settle, then reload once.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while rx.try_recv().is_ok() {}
+                match store.reload() {
+                    Ok(()) => tracing::info!("policies reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy reload rejected; the previous policies stay in force")
+                    }
+                }
+            }
+        });
+    }
+}
+
+const LIST_NAMESPACES: &str = "/temporal.api.workflowservice.v1.WorkflowService/ListNamespaces";
+
+#[derive(Clone)]
+pub struct AuthzLayer {
+    store: Arc<PolicyStore>,
+    audit: Arc<AuditLog>,
+}
+
+impl AuthzLayer {
+    pub fn new(store: Arc<PolicyStore>, audit: Arc<AuditLog>) -> Self {
+        AuthzLayer { store, audit }
+    }
+}
+
+impl<S> Layer<S> for AuthzLayer {
+    type Service = AuthzService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthzService {
+            inner,
+            store: self.store.clone(),
+            audit: self.audit.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthzService<S> {
+    inner: S,
+    store: Arc<PolicyStore>,
+    audit: Arc<AuditLog>,
+}
+
+impl<S> Service<GrpcRequest> for AuthzService<S>
+where
+    S: Service<GrpcRequest, Response = GrpcResponse, Error = ProxyError, Future = CallFuture>,
+{
+    type Response = GrpcResponse;
+    type Error = ProxyError;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: GrpcRequest) -> CallFuture {
+        let identity = identity_of(&request.peer.names, &self.store.identity_sources());
+        let policies = self.store.current();
+        let method = request.method;
+        let listing_namespaces = method.path == LIST_NAMESPACES;
+        let (scope, level) = if listing_namespaces {
+            // Everyone may list; the answer is cut down to what the caller may read.
+            (Scope::Cluster, AccessLevel::Open)
+        } else {
+            required_access(method)
+        };
+        let decision = policies.decide(&identity, scope, request.namespace.as_deref(), level);
+        self.audit.record(&AuditEvent::new(
+            &identity,
+            request.namespace.as_deref(),
+            &method.path,
+            level,
+            &decision,
+            &request.peer.remote,
+        ));
+        if !decision.allowed {
+            let error = ProxyError::PermissionDenied {
+                identity,
+                method: method.name.clone(),
+                namespace: request.namespace.clone(),
+                required: decision.required.map_or("", Role::as_str),
+            };
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let call = self.inner.call(request);
+        if !listing_namespaces {
+            return call;
+        }
+        Box::pin(async move {
+            let mut response = call.await?;
+            if let Some(message) = &response.message {
+                response.message = Some(filter_namespaces(message, &policies, &identity)?);
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Keeps only the namespaces the identity may read in a ListNamespacesResponse, at the wire
+/// level (field 1: DescribeNamespaceResponse → field 1: NamespaceInfo → field 1: name).
+fn filter_namespaces(
+    message: &[u8],
+    policies: &PolicySet,
+    identity: &str,
+) -> Result<bytes::Bytes, ProxyError> {
+    let malformed = |e: wire::WireError| ProxyError::UpstreamProtocol {
+        upstream: "system".into(),
+        reason: format!("malformed ListNamespacesResponse: {e}"),
+    };
+    let nested_string = |buf: &[u8], path: &[u32]| -> Result<Option<String>, wire::WireError> {
+        let mut current = buf;
+        for (depth, number) in path.iter().enumerate() {
+            let mut found = None;
+            for field in wire::fields(current) {
+                let field = field?;
+                if field.number == *number && field.wire_type == wire::WireType::Len {
+                    found = Some(field.value);
+                }
+            }
+            match found {
+                Some(value) if depth + 1 == path.len() => {
+                    return Ok(Some(String::from_utf8_lossy(value).into_owned()))
+                }
+                Some(value) => current = value,
+                None => return Ok(None),
+            }
+        }
+        Ok(None)
+    };
+    let mut out = Vec::with_capacity(message.len());
+    for field in wire::fields(message) {
+        let field = field.map_err(malformed)?;
+        if field.number == 1 && field.wire_type == wire::WireType::Len {
+            let name = nested_string(field.value, &[1, 1]).map_err(malformed)?;
+            let readable =
+                name.is_some_and(|ns| policies.role_in_namespace(identity, &ns).is_some());
+            if !readable {
+                continue;
+            }
+        }
+        out.extend_from_slice(field.raw);
+    }
+    Ok(bytes::Bytes::from(out))
+}
