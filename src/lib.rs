@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod crypto;
 pub mod dev;
 pub mod error;
 pub mod grpc;
