@@ -28,7 +28,10 @@ pub const TAG_LEN: usize = 16;
 const WIRE_VARINT: u64 = 0;
 const WIRE_FIXED64: u64 = 1;
 const WIRE_LEN: u64 = 2;
+const WIRE_START_GROUP: u64 = 3;
+const WIRE_END_GROUP: u64 = 4;
 const WIRE_FIXED32: u64 = 5;
+const MAX_GROUP_DEPTH: usize = 32;
 
 /// What is needed to fetch the data key of a sealed payload.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -405,10 +408,42 @@ impl<'a> Fields<'a> {
                 self.take(4)?;
                 Value::Fixed
             }
-            // Groups are deprecated and appear in neither message.
+            // Deprecated groups appear in neither message, but are valid protobuf: a plaintext
+            // payload carrying one as an unknown field is still plaintext, not an error.
+            WIRE_START_GROUP => {
+                self.skip_group(number, 0)?;
+                Value::Fixed
+            }
             _ => return Err(WireFailure),
         };
         Ok((number, value))
+    }
+
+    fn skip_group(&mut self, number: u64, depth: usize) -> Result<(), WireFailure> {
+        if depth >= MAX_GROUP_DEPTH {
+            return Err(WireFailure);
+        }
+        loop {
+            let key = self.varint()?;
+            match key & 7 {
+                WIRE_VARINT => {
+                    self.varint()?;
+                }
+                WIRE_FIXED64 => {
+                    self.take(8)?;
+                }
+                WIRE_LEN => {
+                    let len = self.varint()?;
+                    self.take(len)?;
+                }
+                WIRE_FIXED32 => {
+                    self.take(4)?;
+                }
+                WIRE_START_GROUP => self.skip_group(key >> 3, depth + 1)?,
+                WIRE_END_GROUP if key >> 3 == number => return Ok(()),
+                _ => return Err(WireFailure),
+            }
+        }
     }
 }
 
@@ -537,6 +572,32 @@ mod tests {
             .insert("encryption-key-id".into(), b"someone-else".to_vec());
         foreign.data = vec![1, 2, 3];
         assert_eq!(inspect(&foreign.encode_to_vec()).unwrap(), None);
+    }
+
+    #[test]
+    fn unknown_fields_and_groups_in_plaintext_are_fine() {
+        let mut bytes = plain_payload(b"x");
+        // Field 9 as a group holding a nested group and a varint; then field 10, fixed32.
+        bytes.extend_from_slice(&[9 << 3 | 3, 10 << 3 | 3, 1 << 3, 5, 10 << 3 | 4, 9 << 3 | 4]);
+        bytes.extend_from_slice(&[10 << 3 | 5, 1, 2, 3, 4]);
+        assert_eq!(inspect(&bytes).unwrap(), None);
+        // An unbalanced group is not protobuf.
+        assert!(inspect(&[9 << 3 | 3, 8 << 3 | 4]).is_err());
+        assert!(inspect(&[9 << 3 | 4]).is_err());
+    }
+
+    #[test]
+    fn envelope_overhead_is_small_and_exact() {
+        let wrapped = [0u8; 60]; // the local provider's wrapped key size
+        let sealer = Sealer::new(cipher(), "ns", "k1", &wrapped);
+        for size in [0, 64, 1024, 2 << 20] {
+            let overhead = sealer.sealed_len(size) - size;
+            assert!(overhead < 256, "{size}: {overhead}");
+        }
+        assert_eq!(
+            sealer.seal(&[0; 1000]).unwrap().len(),
+            sealer.sealed_len(1000)
+        );
     }
 
     #[test]

@@ -414,6 +414,12 @@ mod tests {
         assert_eq!(keyring.primary_id(), "k1");
         assert_eq!(mode(&path), 0o600);
         let before = fs::read(&path).unwrap();
+        let text = String::from_utf8(before.clone()).unwrap();
+        assert!(text.starts_with("primary = \"k1\"\n"), "{text}");
+        assert!(
+            text.contains("[[keys]]\nid = \"k1\"\ncreated = \"20"),
+            "{text}"
+        );
         assert!(matches!(Keyring::init(&path), Err(KeyringError::Exists(_))));
         assert_eq!(fs::read(&path).unwrap(), before);
 
