@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod config;
+pub mod crypto;
 pub mod dev;
 pub mod error;
 pub mod grpc;
