@@ -12,7 +12,10 @@
 //! - every field whose type is `temporal.api.common.v1.SearchAttributes`, and that message's own
 //!   `indexed_fields`: the visibility store indexes and filters on these values;
 //! - `group_values` of every `*.AggregationGroup` (the `Count*Response`s of WorkflowService):
-//!   the server computes them from search-attribute values for `GROUP BY` queries.
+//!   the server computes them from search-attribute values for `GROUP BY` queries;
+//! - `details` of `temporal.api.compute.v1.ComputeProvider` and `ComputeScaler` (worker
+//!   deployment compute config): the proto says server-implemented providers and scalers read
+//!   them, encoded with the SDK's default converter.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -156,6 +159,20 @@ const SEARCH_ATTRIBUTES_REASON: &str =
     "search attributes are indexed and filtered by the server's visibility store";
 const AGGREGATION_REASON: &str =
     "visibility aggregation values are search-attribute values grouped by the server";
+const COMPUTE_REASON: &str =
+    "worker compute provider and scaler configuration is read by the server's worker controller";
+
+/// Payload fields, by full name, that the server interprets.
+const SERVER_READ_FIELDS: &[(&str, &str)] = &[
+    (
+        "temporal.api.compute.v1.ComputeProvider.details",
+        COMPUTE_REASON,
+    ),
+    (
+        "temporal.api.compute.v1.ComputeScaler.details",
+        COMPUTE_REASON,
+    ),
+];
 
 /// Whether the server must read this field in plaintext (see the module comment).
 fn exclusion(message: &MessageDescriptor, field: &FieldDescriptor) -> Option<&'static str> {
@@ -170,7 +187,10 @@ fn exclusion(message: &MessageDescriptor, field: &FieldDescriptor) -> Option<&'s
     if message.name() == "AggregationGroup" && field.name() == "group_values" {
         return Some(AGGREGATION_REASON);
     }
-    None
+    SERVER_READ_FIELDS
+        .iter()
+        .find(|(name, _)| *name == field.full_name())
+        .map(|(_, reason)| *reason)
 }
 
 impl PayloadIndex {
@@ -462,6 +482,25 @@ mod tests {
                 "temporal.api.workflowservice.v1.CountSchedulesResponse.AggregationGroup.group_values",
                 "temporal.api.workflowservice.v1.CountWorkflowExecutionsResponse.AggregationGroup.group_values",
             ]
+        );
+        let compute: Vec<&str> = index
+            .exclusions()
+            .iter()
+            .filter(|e| e.reason == COMPUTE_REASON)
+            .map(|e| e.field.as_str())
+            .collect();
+        assert_eq!(
+            compute,
+            vec![
+                "temporal.api.compute.v1.ComputeProvider.details",
+                "temporal.api.compute.v1.ComputeScaler.details",
+            ]
+        );
+        assert_eq!(
+            index
+                .payload_fields("temporal.api.compute.v1.ComputeProvider")
+                .map(|f| f.len()),
+            Some(0)
         );
         let search: Vec<&str> = index
             .exclusions()
