@@ -1,3 +1,10 @@
-//! Wire-level protobuf access: reading fields without decoding whole messages.
+//! Wire-level protobuf access: reading fields without decoding whole messages, and the walker
+//! that finds and rewrites every Payload.
 
+pub mod walker;
 pub mod wire;
+
+pub use walker::{
+    rewrite, rewrite_status_details, rewrite_with, visit_payloads, FailureMode, PayloadContext,
+    PayloadIndex, PayloadVisitor, WalkError, WalkOptions,
+};

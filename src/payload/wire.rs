@@ -69,6 +69,11 @@ pub struct Field<'a> {
     pub value: &'a [u8],
     /// The whole field as it appears on the wire, tag included.
     pub raw: &'a [u8],
+    /// Where `raw` starts, relative to the buffer the field was read from.
+    pub offset: usize,
+    /// Length of the tag varint at the start of `raw`. For `Len` fields the length varint
+    /// follows it, and `value` ends where `raw` ends.
+    pub tag_len: usize,
 }
 
 pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
@@ -171,6 +176,7 @@ impl<'a> Fields<'a> {
         let start = self.pos;
         let (number, wire_type) = read_tag(buf, &mut self.pos)?;
         let value_start = self.pos;
+        let tag_len = value_start - start;
         let value = if wire_type == WireType::Len {
             let len = usize::try_from(read_varint(buf, &mut self.pos)?)
                 .map_err(|_| WireError::Truncated)?;
@@ -184,6 +190,8 @@ impl<'a> Fields<'a> {
             wire_type,
             value,
             raw: &buf[start..self.pos],
+            offset: start,
+            tag_len,
         })
     }
 }
@@ -219,6 +227,26 @@ pub fn put_len_field(out: &mut Vec<u8>, number: u32, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
+/// The number of bytes `put_varint` writes for `value`.
+pub fn varint_len(value: u64) -> usize {
+    // 1 byte per started group of 7 significant bits; 0 still takes one byte.
+    let bits = 64 - (value | 1).leading_zeros() as usize;
+    bits.div_ceil(7)
+}
+
+/// Appends a field tag.
+pub fn put_tag(out: &mut Vec<u8>, number: u32, wire_type: WireType) {
+    let bits = match wire_type {
+        WireType::Varint => 0,
+        WireType::Fixed64 => 1,
+        WireType::Len => 2,
+        WireType::StartGroup => 3,
+        WireType::EndGroup => 4,
+        WireType::Fixed32 => 5,
+    };
+    put_varint(out, (u64::from(number) << 3) | bits);
+}
+
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
@@ -245,6 +273,36 @@ mod tests {
         assert_eq!(validate_and_find_string(&msg, Some(9)).unwrap(), None);
         let numbers: Vec<u32> = fields(&msg).map(|f| f.unwrap().number).collect();
         assert_eq!(numbers, vec![1, 3, 1]);
+    }
+
+    #[test]
+    fn varint_len_matches_put_varint() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(varint_len(v), out.len(), "{v}");
+        }
+    }
+
+    #[test]
+    fn fields_report_their_offsets() {
+        let mut msg = Vec::new();
+        put_varint(&mut msg, 8);
+        put_varint(&mut msg, 300);
+        put_len_field(&mut msg, 2000, b"abc");
+        let all: Vec<Field<'_>> = fields(&msg).map(|f| f.unwrap()).collect();
+        assert_eq!((all[0].offset, all[0].tag_len), (0, 1));
+        assert_eq!((all[1].offset, all[1].tag_len), (3, 2));
+        assert_eq!(&msg[all[1].offset..], all[1].raw);
     }
 
     #[test]

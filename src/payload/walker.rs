@@ -1,0 +1,809 @@
+//! A wire-level walker that finds every `temporal.api.common.v1.Payload` in a message and lets a
+//! [`PayloadVisitor`] replace it, guided by a [`PayloadIndex`] computed from the descriptors.
+//!
+//! The walker never decodes a message into typed structs. It reads the wire bytes, descends only
+//! into fields that can reach a Payload, and records *edits* (byte ranges of the input to
+//! replace). When the walk is over, the output is the input with the edits applied: every other
+//! byte (unknown fields, field order, non-minimal encodings of untouched fields) is copied
+//! verbatim, exactly once. The length prefix of every ancestor of a changed payload is rewritten.
+//! When no visitor call changes anything, nothing is allocated and the caller gets `None`, so it
+//! can forward the original bytes.
+//!
+//! Special places (each chosen from the schema; see the tests for the reviewed lists):
+//! - `google.protobuf.Any` (`protocol.v1.Message.body`, `google.rpc.Status.details`,
+//!   `MultiOperationExecutionFailure.OperationStatus.details`): `value` is walked as the message
+//!   named by `type_url` (`type.googleapis.com/NAME`) when that message is in the pool and can
+//!   reach a payload; unknown types are left as they are.
+//! - `temporal.api.common.v1.DataBlob`: the only DataBlob field in the schema is
+//!   `GetWorkflowExecutionHistoryResponse.raw_history`, whose `data` is a serialized `History`
+//!   when `encoding_type` is `ENCODING_TYPE_PROTO3`; it is walked as such. A raw-history blob in
+//!   another encoding, or a DataBlob with data anywhere else, is refused
+//!   ([`WalkError::Unsupported`]) rather than passed on unexamined.
+//! - The system Nexus endpoint `__temporal_system`: the server itself runs the operation, so it
+//!   must read the `input` Payload, which wraps a whole `SignalWithStartWorkflowExecutionRequest`
+//!   (usually as `json/protobuf`) whose own payloads would then reach the server in plaintext.
+//!   Sealing the wrapper breaks the operation and passing it leaks, so a
+//!   `ScheduleNexusOperationCommandAttributes` or `StartNexusOperationExecutionRequest` that
+//!   targets it is refused ([`WalkError::Unsupported`]).
+//! - Failures: see [`FailureMode`].
+//!
+//! Not walked: `temporal.api.nexus.v1.Failure.details` (deprecated Nexus `HandlerError` /
+//! `UnsuccessfulOperationError`) is JSON bytes; SDKs that still use it may put a serialized
+//! Failure, with its payloads, there.
+
+mod failure;
+mod index;
+
+use std::fmt;
+
+use prost_reflect::MessageDescriptor;
+
+use super::wire::{self, put_varint, varint_len, Field, WireError, WireType};
+pub use failure::{ENCODED_FAILURE_MESSAGE, FAILURE_MARKER_KEY, FAILURE_MARKER_VALUE};
+pub use index::{BlobRule, Exclusion, PayloadField, PayloadIndex};
+use index::{FieldTarget, MessageId, MessageKind, MessagePlan};
+
+/// Default limit on message nesting (each message-typed field descended into is one level).
+pub const DEFAULT_MAX_DEPTH: usize = 100;
+
+/// The reserved name of the system Nexus endpoint, served by the Temporal server itself.
+pub const SYSTEM_NEXUS_ENDPOINT: &str = "__temporal_system";
+
+/// What to do with `temporal.api.failure.v1.Failure` `message` and `stack_trace`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// Leave them as they are (only the Failure's payloads are visited).
+    #[default]
+    Keep,
+    /// For requests: a Failure without `encoded_attributes` whose message or stack trace is
+    /// non-empty gets `encoded_attributes` = Payload{metadata {encoding: json/plain,
+    /// portcullis-failure: 1}, data: {"message":…,"stack_trace":…}}, message "Encoded failure"
+    /// and no stack trace (Temporal's own convention). The new Payload goes to the visitor like
+    /// any other, flagged by [`PayloadContext::is_encoded_failure_attributes`].
+    Encode,
+    /// For responses: after the visitor replaced (opened) `encoded_attributes`, a result that
+    /// carries the portcullis marker is moved back into message and stack trace and removed.
+    /// Encoded attributes without the marker (the client's own), or that the visitor left
+    /// unchanged (never sealed by a proxy), stay exactly as they are.
+    Decode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkOptions {
+    pub failures: FailureMode,
+    pub max_depth: usize,
+}
+
+impl Default for WalkOptions {
+    fn default() -> Self {
+        WalkOptions {
+            failures: FailureMode::Keep,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
+    }
+}
+
+impl WalkOptions {
+    pub fn with_failures(failures: FailureMode) -> Self {
+        WalkOptions {
+            failures,
+            ..WalkOptions::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    #[error("malformed protobuf at {path}: {source}")]
+    Malformed {
+        path: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("messages nested deeper than {limit} levels at {path}")]
+    TooDeep { path: String, limit: usize },
+    #[error("cannot rewrite payloads at {path}: {reason}")]
+    Unsupported { path: String, reason: String },
+    #[error("message type {0} is not in the payload index")]
+    UnknownMessage(String),
+    #[error("portcullis failure attributes at {path} are malformed: {reason}")]
+    FailureAttributes { path: String, reason: String },
+    #[error("payload visitor failed: {0}")]
+    Visitor(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("walker invariant violated: {0}")]
+    Internal(&'static str),
+}
+
+impl WalkError {
+    /// Wraps an error raised by a visitor (e.g. a sealing failure).
+    pub fn visitor(error: impl std::error::Error + Send + Sync + 'static) -> WalkError {
+        WalkError::Visitor(Box::new(error))
+    }
+}
+
+/// Receives every Payload found by the walker.
+pub trait PayloadVisitor {
+    /// `payload` is the serialized `temporal.api.common.v1.Payload`. Return the serialized
+    /// replacement, or `None` to leave it unchanged.
+    fn payload(
+        &mut self,
+        ctx: &PayloadContext<'_>,
+        payload: &[u8],
+    ) -> Result<Option<Vec<u8>>, WalkError>;
+}
+
+impl<F> PayloadVisitor for F
+where
+    F: FnMut(&PayloadContext<'_>, &[u8]) -> Result<Option<Vec<u8>>, WalkError>,
+{
+    fn payload(
+        &mut self,
+        ctx: &PayloadContext<'_>,
+        payload: &[u8],
+    ) -> Result<Option<Vec<u8>>, WalkError> {
+        self(ctx, payload)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Segment<'a> {
+    Field(&'a str),
+    /// The `value` of an Any, with the type it was resolved to.
+    AnyValue(&'a str),
+    /// The `data` of a raw-history DataBlob.
+    BlobData,
+}
+
+/// One step of the path from the root message to the current position, kept on the stack
+/// (a linked list through the walker's frames), so paths cost no allocation.
+#[derive(Debug, Clone, Copy)]
+struct PathNode<'a> {
+    parent: Option<&'a PathNode<'a>>,
+    segment: Segment<'a>,
+}
+
+struct Path<'a> {
+    root: &'a str,
+    node: Option<&'a PathNode<'a>>,
+}
+
+impl fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn write_node(f: &mut fmt::Formatter<'_>, node: &PathNode<'_>) -> fmt::Result {
+            if let Some(parent) = node.parent {
+                write_node(f, parent)?;
+            }
+            match node.segment {
+                Segment::Field(name) => write!(f, ".{name}"),
+                Segment::AnyValue(name) => write!(f, "<{name}>"),
+                Segment::BlobData => write!(f, ".data<History>"),
+            }
+        }
+        f.write_str(self.root)?;
+        match self.node {
+            Some(node) => write_node(f, node),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a payload was found.
+pub struct PayloadContext<'a> {
+    path: Path<'a>,
+    encoded_failure_attributes: bool,
+}
+
+impl PayloadContext<'_> {
+    /// Full name of the message the walk started from.
+    pub fn root_message(&self) -> &str {
+        self.path.root
+    }
+
+    /// The name of the field holding the payload (`None` when the root itself is a Payload).
+    pub fn field_name(&self) -> Option<&str> {
+        let mut node = self.path.node;
+        while let Some(n) = node {
+            if let Segment::Field(name) = n.segment {
+                return Some(name);
+            }
+            node = n.parent;
+        }
+        None
+    }
+
+    /// True for the Payload that [`FailureMode::Encode`] just built from a Failure's message
+    /// and stack trace (plaintext that must be sealed).
+    pub fn is_encoded_failure_attributes(&self) -> bool {
+        self.encoded_failure_attributes
+    }
+}
+
+impl fmt::Display for PayloadContext<'_> {
+    /// `temporal.api.workflowservice.v1.StartWorkflowExecutionRequest.input.payloads`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.path.fmt(f)
+    }
+}
+
+impl fmt::Debug for PayloadContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PayloadContext({})", self.path)
+    }
+}
+
+/// Rewrites every Payload of `input` (a serialized `message`) through `visitor`.
+/// Returns `None` when nothing changed.
+pub fn rewrite(
+    index: &PayloadIndex,
+    message: &MessageDescriptor,
+    input: &[u8],
+    visitor: &mut dyn PayloadVisitor,
+) -> Result<Option<Vec<u8>>, WalkError> {
+    rewrite_with(index, message, input, visitor, &WalkOptions::default())
+}
+
+/// [`rewrite`] with options (failure attributes, depth limit).
+pub fn rewrite_with(
+    index: &PayloadIndex,
+    message: &MessageDescriptor,
+    input: &[u8],
+    visitor: &mut dyn PayloadVisitor,
+    options: &WalkOptions,
+) -> Result<Option<Vec<u8>>, WalkError> {
+    rewrite_named(index, message.full_name(), input, visitor, options)
+}
+
+/// [`rewrite_with`] for a message named by its full name.
+pub fn rewrite_named(
+    index: &PayloadIndex,
+    full_name: &str,
+    input: &[u8],
+    visitor: &mut dyn PayloadVisitor,
+    options: &WalkOptions,
+) -> Result<Option<Vec<u8>>, WalkError> {
+    let id = index
+        .id(full_name)
+        .ok_or_else(|| WalkError::UnknownMessage(full_name.to_string()))?;
+    let plan = index
+        .plan(id)
+        .ok_or_else(|| WalkError::UnknownMessage(full_name.to_string()))?;
+    if !plan.reaches {
+        return Ok(None);
+    }
+    let mut walk = Walk {
+        index,
+        visitor,
+        options: *options,
+        root: &plan.name,
+        edits: Vec::new(),
+    };
+    let delta = walk.walk_message(id, 0, input, 0, None)?;
+    if walk.edits.is_empty() {
+        return Ok(None);
+    }
+    apply(input, &walk.edits, delta).map(Some)
+}
+
+/// Calls `f` for every Payload of `input` without changing anything (a "collect" pass, e.g.
+/// to gather the key references of sealed payloads before opening them). Allocates nothing.
+pub fn visit_payloads(
+    index: &PayloadIndex,
+    message: &MessageDescriptor,
+    input: &[u8],
+    mut f: impl FnMut(&PayloadContext<'_>, &[u8]) -> Result<(), WalkError>,
+) -> Result<(), WalkError> {
+    let mut visitor = |ctx: &PayloadContext<'_>, payload: &[u8]| {
+        f(ctx, payload)?;
+        Ok(None)
+    };
+    rewrite_with(index, message, input, &mut visitor, &WalkOptions::default()).map(|_| ())
+}
+
+const GRPC_STATUS: &str = "google.rpc.Status";
+
+/// Rewrites the payloads inside the `grpc-status-details-bin` trailer: `bytes` is the
+/// serialized `google.rpc.Status` (already base64-decoded), whose `details` are Anys such as
+/// `temporal.api.errordetails.v1.QueryFailedFailure` or `MultiOperationExecutionFailure`.
+pub fn rewrite_status_details(
+    index: &PayloadIndex,
+    grpc_status_details_bin: &[u8],
+    visitor: &mut dyn PayloadVisitor,
+) -> Result<Option<Vec<u8>>, WalkError> {
+    rewrite_status_details_with(
+        index,
+        grpc_status_details_bin,
+        visitor,
+        &WalkOptions::default(),
+    )
+}
+
+/// [`rewrite_status_details`] with options (use [`FailureMode::Decode`] for responses).
+pub fn rewrite_status_details_with(
+    index: &PayloadIndex,
+    grpc_status_details_bin: &[u8],
+    visitor: &mut dyn PayloadVisitor,
+    options: &WalkOptions,
+) -> Result<Option<Vec<u8>>, WalkError> {
+    rewrite_named(
+        index,
+        GRPC_STATUS,
+        grpc_status_details_bin,
+        visitor,
+        options,
+    )
+}
+
+/// What to put in place of a byte range of the input.
+#[derive(Debug)]
+enum Replacement {
+    Bytes(Vec<u8>),
+    /// A length prefix.
+    Varint(u64),
+}
+
+/// Replace `input[start..end]` (an empty range inserts). Edits are kept sorted by position and
+/// never overlap.
+#[derive(Debug)]
+struct Edit {
+    start: usize,
+    end: usize,
+    with: Replacement,
+}
+
+fn apply(input: &[u8], edits: &[Edit], delta: isize) -> Result<Vec<u8>, WalkError> {
+    let capacity = input.len().saturating_add_signed(delta);
+    let mut out = Vec::with_capacity(capacity);
+    let mut cursor = 0;
+    for edit in edits {
+        let kept = input
+            .get(cursor..edit.start)
+            .ok_or(WalkError::Internal("edits out of order"))?;
+        out.extend_from_slice(kept);
+        match &edit.with {
+            Replacement::Bytes(bytes) => out.extend_from_slice(bytes),
+            Replacement::Varint(value) => put_varint(&mut out, *value),
+        }
+        cursor = edit.end;
+    }
+    let rest = input
+        .get(cursor..)
+        .ok_or(WalkError::Internal("edit past the end"))?;
+    out.extend_from_slice(rest);
+    Ok(out)
+}
+
+/// A field a Failure walk treats specially (see `failure.rs`).
+#[derive(Debug)]
+pub(crate) struct Override {
+    number: u32,
+    action: OverrideAction,
+}
+
+#[derive(Debug)]
+pub(crate) enum OverrideAction {
+    /// Remove every occurrence; insert this value (the content of a length-delimited field)
+    /// before the first field numbered higher, or at the end.
+    Set(Option<Vec<u8>>),
+    /// The single occurrence was already visited: replace its content with this, if any.
+    Visited(Option<Vec<u8>>),
+}
+
+struct Walk<'a> {
+    index: &'a PayloadIndex,
+    visitor: &'a mut dyn PayloadVisitor,
+    options: WalkOptions,
+    root: &'a str,
+    edits: Vec<Edit>,
+}
+
+fn delta_of(new: usize, old: usize) -> isize {
+    // Both are lengths of live buffers, so they fit in isize.
+    new as isize - old as isize
+}
+
+/// Offset of a length-delimited field's content within the buffer it was read from.
+fn value_offset(field: &Field<'_>) -> usize {
+    field.offset + field.raw.len() - field.value.len()
+}
+
+impl<'a> Walk<'a> {
+    fn path(&self, node: Option<&PathNode<'_>>) -> String {
+        Path {
+            root: self.root,
+            node,
+        }
+        .to_string()
+    }
+
+    fn malformed(&self, node: Option<&PathNode<'_>>, source: WireError) -> WalkError {
+        WalkError::Malformed {
+            path: self.path(node),
+            source,
+        }
+    }
+
+    fn unsupported(&self, node: Option<&PathNode<'_>>, reason: String) -> WalkError {
+        WalkError::Unsupported {
+            path: self.path(node),
+            reason,
+        }
+    }
+
+    fn visit(
+        &mut self,
+        node: Option<&PathNode<'_>>,
+        payload: &[u8],
+        encoded_failure_attributes: bool,
+    ) -> Result<Option<Vec<u8>>, WalkError> {
+        let ctx = PayloadContext {
+            path: Path {
+                root: self.root,
+                node,
+            },
+            encoded_failure_attributes,
+        };
+        self.visitor.payload(&ctx, payload)
+    }
+
+    /// Walks one value of message type `id` found at `input[base..base + buf.len()]`, and
+    /// returns by how many bytes its encoding grew (negative: shrank).
+    fn walk_message(
+        &mut self,
+        id: MessageId,
+        base: usize,
+        buf: &[u8],
+        depth: usize,
+        node: Option<&PathNode<'_>>,
+    ) -> Result<isize, WalkError> {
+        if depth > self.options.max_depth {
+            return Err(WalkError::TooDeep {
+                path: self.path(node),
+                limit: self.options.max_depth,
+            });
+        }
+        let index = self.index;
+        let plan = index
+            .plan(id)
+            .ok_or(WalkError::Internal("message id out of range"))?;
+        match plan.kind {
+            MessageKind::Payload => {
+                let Some(new) = self.visit(node, buf, false)? else {
+                    return Ok(0);
+                };
+                let delta = delta_of(new.len(), buf.len());
+                self.edits.push(Edit {
+                    start: base,
+                    end: base + buf.len(),
+                    with: Replacement::Bytes(new),
+                });
+                Ok(delta)
+            }
+            MessageKind::Any => self.walk_any(base, buf, depth, node),
+            MessageKind::DataBlob => self.walk_blob(BlobRule::Refuse, base, buf, depth, node),
+            MessageKind::Failure if self.options.failures != FailureMode::Keep => {
+                self.walk_failure(plan, base, buf, depth, node)
+            }
+            MessageKind::Failure | MessageKind::Plain => {
+                self.check_system_nexus(plan, buf, node)?;
+                self.walk_fields(plan, base, buf, depth, node, &mut [])
+            }
+        }
+    }
+
+    fn walk_target(
+        &mut self,
+        target: FieldTarget,
+        base: usize,
+        buf: &[u8],
+        depth: usize,
+        node: Option<&PathNode<'_>>,
+    ) -> Result<isize, WalkError> {
+        match target {
+            FieldTarget::Message(id) => self.walk_message(id, base, buf, depth, node),
+            FieldTarget::Blob(rule) => {
+                if depth > self.options.max_depth {
+                    return Err(WalkError::TooDeep {
+                        path: self.path(node),
+                        limit: self.options.max_depth,
+                    });
+                }
+                self.walk_blob(rule, base, buf, depth, node)
+            }
+        }
+    }
+
+    /// Walks the content of a length-delimited `field` (read from `input[base..]`) as `target`,
+    /// and rewrites its length prefix if the content changed size. Returns the field's growth.
+    fn descend(
+        &mut self,
+        target: FieldTarget,
+        base: usize,
+        field: &Field<'_>,
+        depth: usize,
+        node: &PathNode<'_>,
+    ) -> Result<isize, WalkError> {
+        let value_at = base + value_offset(field);
+        let mark = self.edits.len();
+        let delta = self.walk_target(target, value_at, field.value, depth + 1, Some(node))?;
+        if delta == 0 {
+            return Ok(0);
+        }
+        let new_len = field
+            .value
+            .len()
+            .checked_add_signed(delta)
+            .ok_or(WalkError::Internal("negative length"))?;
+        let len_at = base + field.offset + field.tag_len;
+        let old_prefix = value_at - len_at;
+        let new_prefix = varint_len(new_len as u64);
+        self.edits.insert(
+            mark,
+            Edit {
+                start: len_at,
+                end: value_at,
+                with: Replacement::Varint(new_len as u64),
+            },
+        );
+        Ok(delta + delta_of(new_prefix, old_prefix))
+    }
+
+    /// Replaces the content of a length-delimited `field` with `new`.
+    fn replace_value(&mut self, base: usize, field: &Field<'_>, new: Vec<u8>) -> isize {
+        let value_at = base + value_offset(field);
+        let len_at = base + field.offset + field.tag_len;
+        let delta = delta_of(new.len(), field.value.len());
+        let prefix_delta = delta_of(varint_len(new.len() as u64), value_at - len_at);
+        self.edits.push(Edit {
+            start: len_at,
+            end: value_at,
+            with: Replacement::Varint(new.len() as u64),
+        });
+        self.edits.push(Edit {
+            start: value_at,
+            end: value_at + field.value.len(),
+            with: Replacement::Bytes(new),
+        });
+        delta + prefix_delta
+    }
+
+    /// Inserts a length-delimited field at `at`.
+    fn insert_field(&mut self, at: usize, number: u32, value: &[u8]) -> isize {
+        let mut bytes = Vec::with_capacity(value.len() + 10);
+        wire::put_len_field(&mut bytes, number, value);
+        let delta = delta_of(bytes.len(), 0);
+        self.edits.push(Edit {
+            start: at,
+            end: at,
+            with: Replacement::Bytes(bytes),
+        });
+        delta
+    }
+
+    fn walk_fields(
+        &mut self,
+        plan: &'a MessagePlan,
+        base: usize,
+        buf: &[u8],
+        depth: usize,
+        node: Option<&PathNode<'_>>,
+        overrides: &mut [Override],
+    ) -> Result<isize, WalkError> {
+        let mut delta = 0isize;
+        for field in wire::fields(buf) {
+            let field = field.map_err(|e| self.malformed(node, e))?;
+            if !overrides.is_empty() {
+                delta += self.insert_pending(base + field.offset, field.number, overrides);
+                if let Some(o) = overrides.iter_mut().find(|o| o.number == field.number) {
+                    match &mut o.action {
+                        OverrideAction::Set(_) => {
+                            let start = base + field.offset;
+                            self.edits.push(Edit {
+                                start,
+                                end: start + field.raw.len(),
+                                with: Replacement::Bytes(Vec::new()),
+                            });
+                            delta -= delta_of(field.raw.len(), 0);
+                        }
+                        OverrideAction::Visited(new) => {
+                            if let Some(new) = new.take() {
+                                delta += self.replace_value(base, &field, new);
+                            }
+                        }
+                    }
+                    continue;
+                }
+            }
+            let Some(fp) = plan.field(field.number) else {
+                continue;
+            };
+            let child = PathNode {
+                parent: node,
+                segment: Segment::Field(&fp.name),
+            };
+            if field.wire_type != WireType::Len {
+                return Err(self.malformed(
+                    Some(&child),
+                    WireError::UnexpectedWireType {
+                        field: field.number,
+                    },
+                ));
+            }
+            delta += self.descend(fp.target, base, &field, depth, &child)?;
+        }
+        if !overrides.is_empty() {
+            delta += self.insert_pending(base + buf.len(), u32::MAX, overrides);
+        }
+        Ok(delta)
+    }
+
+    /// Inserts at `at` the `Set` values of overrides numbered below `before`.
+    fn insert_pending(&mut self, at: usize, before: u32, overrides: &mut [Override]) -> isize {
+        let mut delta = 0;
+        for o in overrides.iter_mut().filter(|o| o.number < before) {
+            if let OverrideAction::Set(value) = &mut o.action {
+                if let Some(value) = value.take() {
+                    delta += self.insert_field(at, o.number, &value);
+                }
+            }
+        }
+        delta
+    }
+
+    /// `google.protobuf.Any`: `value` is walked as the message `type_url` names, when that
+    /// message is in the pool and can reach a payload. Anything else is left as it is.
+    fn walk_any(
+        &mut self,
+        base: usize,
+        buf: &[u8],
+        depth: usize,
+        node: Option<&PathNode<'_>>,
+    ) -> Result<isize, WalkError> {
+        // The well-known type fixes the numbers: type_url = 1, value = 2.
+        const TYPE_URL: u32 = 1;
+        const VALUE: u32 = 2;
+        let mut type_url = None;
+        for field in wire::fields(buf) {
+            let field = field.map_err(|e| self.malformed(node, e))?;
+            if field.number == TYPE_URL || field.number == VALUE {
+                if field.wire_type != WireType::Len {
+                    return Err(self.malformed(
+                        node,
+                        WireError::UnexpectedWireType {
+                            field: field.number,
+                        },
+                    ));
+                }
+                if field.number == TYPE_URL {
+                    type_url = Some(field.value);
+                }
+            }
+        }
+        // `type.googleapis.com/temporal.api.update.v1.Request`: the name follows the last '/'.
+        let Some(name) = type_url
+            .and_then(|url| std::str::from_utf8(url).ok())
+            .and_then(|url| url.rsplit('/').next())
+        else {
+            return Ok(0);
+        };
+        let index = self.index;
+        let Some(id) = index.id(name) else {
+            return Ok(0);
+        };
+        let Some(plan) = index.plan(id).filter(|p| p.reaches) else {
+            return Ok(0);
+        };
+        let child = PathNode {
+            parent: node,
+            segment: Segment::AnyValue(&plan.name),
+        };
+        let mut delta = 0;
+        for field in wire::fields(buf) {
+            let field = field.map_err(|e| self.malformed(node, e))?;
+            if field.number == VALUE {
+                delta += self.descend(FieldTarget::Message(id), base, &field, depth, &child)?;
+            }
+        }
+        Ok(delta)
+    }
+
+    /// `temporal.api.common.v1.DataBlob`: see the module comment.
+    fn walk_blob(
+        &mut self,
+        rule: BlobRule,
+        base: usize,
+        buf: &[u8],
+        depth: usize,
+        node: Option<&PathNode<'_>>,
+    ) -> Result<isize, WalkError> {
+        // DataBlob: encoding_type = 1 (enum), data = 2 (bytes).
+        const ENCODING_TYPE: u32 = 1;
+        const DATA: u32 = 2;
+        let mut encoding = 0u64;
+        let mut has_data = false;
+        for field in wire::fields(buf) {
+            let field = field.map_err(|e| self.malformed(node, e))?;
+            let expected = match field.number {
+                ENCODING_TYPE => WireType::Varint,
+                DATA => WireType::Len,
+                _ => continue,
+            };
+            if field.wire_type != expected {
+                return Err(self.malformed(
+                    node,
+                    WireError::UnexpectedWireType {
+                        field: field.number,
+                    },
+                ));
+            }
+            if field.number == ENCODING_TYPE {
+                encoding =
+                    wire::read_varint(field.value, &mut 0).map_err(|e| self.malformed(node, e))?;
+            } else {
+                has_data |= !field.value.is_empty();
+            }
+        }
+        if !has_data {
+            return Ok(0);
+        }
+        let index = self.index;
+        let history = match (rule, index.history, index.proto3_encoding) {
+            (BlobRule::History, Some(history), Some(proto3))
+                if encoding as i64 == i64::from(proto3) =>
+            {
+                history
+            }
+            (BlobRule::History, _, _) => {
+                return Err(self.unsupported(
+                    node,
+                    format!(
+                        "raw history in encoding {} cannot be walked (only ENCODING_TYPE_PROTO3)",
+                        encoding as i64
+                    ),
+                ))
+            }
+            (BlobRule::Refuse, _, _) => {
+                return Err(self.unsupported(
+                    node,
+                    "a DataBlob outside raw_history has unknown contents".to_string(),
+                ))
+            }
+        };
+        let child = PathNode {
+            parent: node,
+            segment: Segment::BlobData,
+        };
+        let mut delta = 0;
+        for field in wire::fields(buf) {
+            let field = field.map_err(|e| self.malformed(node, e))?;
+            if field.number == DATA {
+                delta +=
+                    self.descend(FieldTarget::Message(history), base, &field, depth, &child)?;
+            }
+        }
+        Ok(delta)
+    }
+
+    /// Refuses a Nexus operation addressed to the system endpoint (see the module comment).
+    fn check_system_nexus(
+        &self,
+        plan: &MessagePlan,
+        buf: &[u8],
+        node: Option<&PathNode<'_>>,
+    ) -> Result<(), WalkError> {
+        let Some(number) = plan.endpoint_field else {
+            return Ok(());
+        };
+        let endpoint = wire::validate_and_find_string(buf, Some(number))
+            .map_err(|e| self.malformed(node, e))?;
+        if endpoint == Some(SYSTEM_NEXUS_ENDPOINT) {
+            return Err(self.unsupported(
+                node,
+                format!(
+                    "the system Nexus endpoint {SYSTEM_NEXUS_ENDPOINT} must read its input, \
+                     which would expose the payloads it wraps"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

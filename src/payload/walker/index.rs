@@ -1,0 +1,540 @@
+//! Which fields of which messages can reach a `temporal.api.common.v1.Payload`, computed once
+//! from the descriptor pool.
+//!
+//! A field is listed when its message type transitively contains a Payload through any chain of
+//! message fields (singular, repeated, map values, oneof members), a `google.protobuf.Any`
+//! (resolved at walk time from its `type_url`), or a `temporal.api.common.v1.DataBlob`
+//! (serialized history; see [`BlobRule`]). Cycles (`Failure.cause`, nested history) are handled
+//! by computing reachability as a fixpoint over the whole pool.
+//!
+//! Exclusions: fields the Temporal server must read in plaintext are never listed, so the walker
+//! neither seals nor opens them (see [`Exclusion`] and [`PayloadIndex::exclusions`]):
+//! - every field whose type is `temporal.api.common.v1.SearchAttributes`, and that message's own
+//!   `indexed_fields`: the visibility store indexes and filters on these values;
+//! - `group_values` of every `*.AggregationGroup` (the `Count*Response`s of WorkflowService):
+//!   the server computes them from search-attribute values for `GROUP BY` queries;
+//! - `details` of `temporal.api.compute.v1.ComputeProvider` and `ComputeScaler` (worker
+//!   deployment compute config): the proto says server-implemented providers and scalers read
+//!   them, encoded with the SDK's default converter.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
+
+use crate::schema::Schema;
+
+pub(crate) const PAYLOAD: &str = "temporal.api.common.v1.Payload";
+pub(crate) const ANY: &str = "google.protobuf.Any";
+pub(crate) const FAILURE: &str = "temporal.api.failure.v1.Failure";
+const DATA_BLOB: &str = "temporal.api.common.v1.DataBlob";
+const HISTORY: &str = "temporal.api.history.v1.History";
+const SEARCH_ATTRIBUTES: &str = "temporal.api.common.v1.SearchAttributes";
+const ENCODING_TYPE: &str = "temporal.api.enums.v1.EncodingType";
+const ENCODING_TYPE_PROTO3: &str = "ENCODING_TYPE_PROTO3";
+
+/// DataBlob fields that hold serialized `temporal.api.history.v1.History` (the proto comment of
+/// `GetWorkflowExecutionHistoryResponse.raw_history` says so). Every other DataBlob field is
+/// refused when it carries data: the walker cannot know what is inside.
+/// Messages that name a Nexus endpoint next to a Payload input, and that field: when it is the
+/// system endpoint, the walker refuses (see `SYSTEM_NEXUS_ENDPOINT` in the walker).
+const NEXUS_ENDPOINT_FIELDS: &[(&str, &str)] = &[
+    (
+        "temporal.api.command.v1.ScheduleNexusOperationCommandAttributes",
+        "endpoint",
+    ),
+    (
+        "temporal.api.workflowservice.v1.StartNexusOperationExecutionRequest",
+        "endpoint",
+    ),
+];
+
+const RAW_HISTORY_FIELDS: &[&str] =
+    &["temporal.api.workflowservice.v1.GetWorkflowExecutionHistoryResponse.raw_history"];
+
+/// Dense identifier of a message type inside one [`PayloadIndex`].
+pub(crate) type MessageId = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MessageKind {
+    /// An ordinary message: walk the listed fields.
+    Plain,
+    /// `temporal.api.common.v1.Payload`: handed to the visitor whole.
+    Payload,
+    /// `google.protobuf.Any`: `value` is walked as the message its `type_url` names.
+    Any,
+    /// `temporal.api.failure.v1.Failure`: walked like `Plain`, plus the failure-attribute modes.
+    Failure,
+    /// `temporal.api.common.v1.DataBlob`: only walkable where the field says what it holds.
+    DataBlob,
+}
+
+/// What a DataBlob-typed field holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobRule {
+    /// `data` is a serialized `History` when `encoding_type` is PROTO3; other encodings are refused.
+    History,
+    /// Unknown contents: a blob with data is refused (`WalkError::Unsupported`), fail closed.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FieldTarget {
+    Message(MessageId),
+    Blob(BlobRule),
+}
+
+#[derive(Debug)]
+pub(crate) struct FieldPlan {
+    pub(crate) number: u32,
+    /// Short field name, for paths.
+    pub(crate) name: Box<str>,
+    pub(crate) target: FieldTarget,
+    /// Full name of the field's message type.
+    pub(crate) type_name: Box<str>,
+}
+
+#[derive(Debug)]
+pub(crate) struct MessagePlan {
+    pub(crate) name: Box<str>,
+    pub(crate) kind: MessageKind,
+    pub(crate) reaches: bool,
+    /// Fields that can reach a payload, sorted by number.
+    pub(crate) fields: Box<[FieldPlan]>,
+    /// The string field naming a Nexus endpoint, for messages that start a Nexus operation.
+    pub(crate) endpoint_field: Option<u32>,
+}
+
+impl MessagePlan {
+    pub(crate) fn field(&self, number: u32) -> Option<&FieldPlan> {
+        self.fields
+            .binary_search_by_key(&number, |f| f.number)
+            .ok()
+            .and_then(|i| self.fields.get(i))
+    }
+}
+
+/// Field numbers of `temporal.api.failure.v1.Failure` used by the failure-attribute modes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FailureFields {
+    pub(crate) message: u32,
+    pub(crate) stack_trace: u32,
+    pub(crate) encoded_attributes: u32,
+}
+
+/// A field deliberately left out of the index, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exclusion {
+    /// Full name of the field, e.g. `temporal.api.workflow.v1.WorkflowExecutionInfo.search_attributes`.
+    pub field: String,
+    pub reason: &'static str,
+}
+
+/// One field that can reach a payload, as reported by [`PayloadIndex::payload_fields`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayloadField<'a> {
+    pub number: u32,
+    pub name: &'a str,
+    /// Full name of the field's message type.
+    pub type_name: &'a str,
+    /// Set for `DataBlob` fields.
+    pub blob: Option<BlobRule>,
+}
+
+/// For every message type of a descriptor pool, the fields that can reach a Payload.
+#[derive(Debug)]
+pub struct PayloadIndex {
+    pub(crate) plans: Vec<MessagePlan>,
+    by_name: HashMap<Box<str>, MessageId>,
+    pub(crate) failure: Option<FailureFields>,
+    pub(crate) history: Option<MessageId>,
+    /// Numeric value of `ENCODING_TYPE_PROTO3`.
+    pub(crate) proto3_encoding: Option<i32>,
+    exclusions: Vec<Exclusion>,
+}
+
+static GLOBAL: LazyLock<PayloadIndex> = LazyLock::new(|| PayloadIndex::new(&Schema::global().pool));
+
+const SEARCH_ATTRIBUTES_REASON: &str =
+    "search attributes are indexed and filtered by the server's visibility store";
+const AGGREGATION_REASON: &str =
+    "visibility aggregation values are search-attribute values grouped by the server";
+const COMPUTE_REASON: &str =
+    "worker compute provider and scaler configuration is read by the server's worker controller";
+
+/// Payload fields, by full name, that the server interprets.
+const SERVER_READ_FIELDS: &[(&str, &str)] = &[
+    (
+        "temporal.api.compute.v1.ComputeProvider.details",
+        COMPUTE_REASON,
+    ),
+    (
+        "temporal.api.compute.v1.ComputeScaler.details",
+        COMPUTE_REASON,
+    ),
+];
+
+/// Whether the server must read this field in plaintext (see the module comment).
+fn exclusion(message: &MessageDescriptor, field: &FieldDescriptor) -> Option<&'static str> {
+    if message.full_name() == SEARCH_ATTRIBUTES && field.name() == "indexed_fields" {
+        return Some(SEARCH_ATTRIBUTES_REASON);
+    }
+    if let Kind::Message(target) = field.kind() {
+        if target.full_name() == SEARCH_ATTRIBUTES {
+            return Some(SEARCH_ATTRIBUTES_REASON);
+        }
+    }
+    if message.name() == "AggregationGroup" && field.name() == "group_values" {
+        return Some(AGGREGATION_REASON);
+    }
+    SERVER_READ_FIELDS
+        .iter()
+        .find(|(name, _)| *name == field.full_name())
+        .map(|(_, reason)| *reason)
+}
+
+impl PayloadIndex {
+    /// The index of the embedded Temporal schema, computed on first use.
+    pub fn global() -> &'static PayloadIndex {
+        &GLOBAL
+    }
+
+    pub fn new(pool: &DescriptorPool) -> PayloadIndex {
+        let messages: Vec<MessageDescriptor> = pool.all_messages().collect();
+        let by_name: HashMap<Box<str>, MessageId> = messages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| Some((m.full_name().into(), MessageId::try_from(i).ok()?)))
+            .collect();
+        let id_of = |m: &MessageDescriptor| by_name.get(m.full_name()).copied();
+
+        let kinds: Vec<MessageKind> = messages
+            .iter()
+            .map(|m| match m.full_name() {
+                PAYLOAD => MessageKind::Payload,
+                ANY => MessageKind::Any,
+                FAILURE => MessageKind::Failure,
+                DATA_BLOB => MessageKind::DataBlob,
+                _ => MessageKind::Plain,
+            })
+            .collect();
+
+        // Edges: (message, field, target) for every message-typed field not excluded.
+        let mut exclusions = Vec::new();
+        let mut edges: Vec<Vec<(FieldDescriptor, MessageId)>> = Vec::with_capacity(messages.len());
+        for message in &messages {
+            let mut out = Vec::new();
+            for field in message.fields() {
+                let Kind::Message(target) = field.kind() else {
+                    continue;
+                };
+                if let Some(reason) = exclusion(message, &field) {
+                    exclusions.push(Exclusion {
+                        field: field.full_name().to_string(),
+                        reason,
+                    });
+                    continue;
+                }
+                if let Some(id) = id_of(&target) {
+                    out.push((field, id));
+                }
+            }
+            edges.push(out);
+        }
+
+        // Reachability: a fixpoint, so cycles need no special care.
+        let mut reaches: Vec<bool> = kinds
+            .iter()
+            .map(|k| {
+                matches!(
+                    k,
+                    MessageKind::Payload | MessageKind::Any | MessageKind::DataBlob
+                )
+            })
+            .collect();
+        loop {
+            let mut changed = false;
+            for (i, fields) in edges.iter().enumerate() {
+                if reaches.get(i).copied().unwrap_or(true) {
+                    continue;
+                }
+                let hit = fields
+                    .iter()
+                    .any(|(_, t)| reaches.get(*t as usize).copied().unwrap_or(false));
+                if hit {
+                    if let Some(r) = reaches.get_mut(i) {
+                        *r = true;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+
+        let plans = messages
+            .iter()
+            .zip(kinds)
+            .zip(edges)
+            .enumerate()
+            .map(|(i, ((message, kind), edges))| {
+                let reach = reaches.get(i).copied().unwrap_or(false);
+                let mut fields: Vec<FieldPlan> = if reach && kind != MessageKind::Payload {
+                    edges
+                        .into_iter()
+                        .filter(|(_, t)| reaches.get(*t as usize).copied().unwrap_or(false))
+                        .map(|(field, target)| {
+                            let type_name = match field.kind() {
+                                Kind::Message(m) => m.full_name().into(),
+                                _ => Box::from(""),
+                            };
+                            let is_blob = &*type_name == DATA_BLOB;
+                            FieldPlan {
+                                number: field.number(),
+                                name: field.name().into(),
+                                target: if !is_blob {
+                                    FieldTarget::Message(target)
+                                } else if RAW_HISTORY_FIELDS.contains(&field.full_name()) {
+                                    FieldTarget::Blob(BlobRule::History)
+                                } else {
+                                    FieldTarget::Blob(BlobRule::Refuse)
+                                },
+                                type_name,
+                            }
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                fields.sort_by_key(|f| f.number);
+                let endpoint_field = NEXUS_ENDPOINT_FIELDS
+                    .iter()
+                    .find(|(m, _)| *m == message.full_name())
+                    .and_then(|(_, f)| message.get_field_by_name(f))
+                    .map(|f| f.number());
+                MessagePlan {
+                    endpoint_field,
+                    name: message.full_name().into(),
+                    kind,
+                    reaches: reach,
+                    fields: fields.into_boxed_slice(),
+                }
+            })
+            .collect();
+
+        let failure = pool.get_message_by_name(FAILURE).and_then(|m| {
+            Some(FailureFields {
+                message: m.get_field_by_name("message")?.number(),
+                stack_trace: m.get_field_by_name("stack_trace")?.number(),
+                encoded_attributes: m.get_field_by_name("encoded_attributes")?.number(),
+            })
+        });
+        let history = pool
+            .get_message_by_name(HISTORY)
+            .and_then(|m| id_of(&m))
+            .filter(|id| reaches.get(*id as usize).copied().unwrap_or(false));
+        let proto3_encoding = pool
+            .get_enum_by_name(ENCODING_TYPE)
+            .and_then(|e| e.get_value_by_name(ENCODING_TYPE_PROTO3))
+            .map(|v| v.number());
+        exclusions.sort_by(|a, b| a.field.cmp(&b.field));
+
+        PayloadIndex {
+            plans,
+            by_name,
+            failure,
+            history,
+            proto3_encoding,
+            exclusions,
+        }
+    }
+
+    pub(crate) fn id(&self, full_name: &str) -> Option<MessageId> {
+        self.by_name.get(full_name).copied()
+    }
+
+    pub(crate) fn plan(&self, id: MessageId) -> Option<&MessagePlan> {
+        self.plans.get(id as usize)
+    }
+
+    /// Whether the named message can contain a Payload (`None`: not in the pool).
+    pub fn reaches(&self, full_name: &str) -> Option<bool> {
+        self.id(full_name)
+            .and_then(|id| self.plan(id))
+            .map(|p| p.reaches)
+    }
+
+    /// The fields of the named message that can reach a Payload, by field number.
+    /// `None` when the message is not in the pool.
+    pub fn payload_fields(&self, full_name: &str) -> Option<Vec<PayloadField<'_>>> {
+        let plan = self.plan(self.id(full_name)?)?;
+        Some(
+            plan.fields
+                .iter()
+                .map(|f| PayloadField {
+                    number: f.number,
+                    name: &f.name,
+                    type_name: &f.type_name,
+                    blob: match f.target {
+                        FieldTarget::Blob(rule) => Some(rule),
+                        FieldTarget::Message(_) => None,
+                    },
+                })
+                .collect(),
+        )
+    }
+
+    /// Every field left out because the server must read it, sorted by name.
+    pub fn exclusions(&self) -> &[Exclusion] {
+        &self.exclusions
+    }
+
+    /// Names of every message type that can reach a Payload.
+    pub fn reaching_messages(&self) -> impl Iterator<Item = &str> {
+        self.plans.iter().filter(|p| p.reaches).map(|p| &*p.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(fields: &[PayloadField<'_>]) -> Vec<(u32, String)> {
+        fields
+            .iter()
+            .map(|f| (f.number, f.name.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn basic_reachability() {
+        let index = PayloadIndex::global();
+        assert_eq!(index.reaches(PAYLOAD), Some(true));
+        assert_eq!(index.reaches("temporal.api.common.v1.Payloads"), Some(true));
+        assert_eq!(index.reaches(SEARCH_ATTRIBUTES), Some(false));
+        assert_eq!(
+            index.reaches("temporal.api.common.v1.WorkflowType"),
+            Some(false)
+        );
+        assert_eq!(index.reaches("no.such.Message"), None);
+        // Failure reaches payloads through encoded_attributes and details, and is recursive.
+        let failure = index.payload_fields(FAILURE).unwrap_or_default();
+        assert!(failure.iter().any(|f| f.name == "cause"));
+        assert!(failure.iter().any(|f| f.name == "encoded_attributes"));
+        assert!(index.failure.is_some());
+        assert_eq!(index.proto3_encoding, Some(1));
+        assert!(index.history.is_some());
+    }
+
+    #[test]
+    fn start_workflow_fields_skip_search_attributes() {
+        let fields = PayloadIndex::global()
+            .payload_fields("temporal.api.workflowservice.v1.StartWorkflowExecutionRequest")
+            .unwrap_or_default();
+        let names = names(&fields);
+        for expected in ["input", "memo", "header", "user_metadata"] {
+            assert!(
+                names.iter().any(|(_, n)| n == expected),
+                "{expected} in {names:?}"
+            );
+        }
+        assert!(!names.iter().any(|(_, n)| n == "search_attributes"));
+    }
+
+    #[test]
+    fn maps_and_any_are_followed() {
+        let index = PayloadIndex::global();
+        // map<string, Payload> fields: Memo.fields and Header.fields go through map entries.
+        let memo = index
+            .payload_fields("temporal.api.common.v1.Memo")
+            .unwrap_or_default();
+        assert_eq!(memo.len(), 1);
+        assert!(memo[0].type_name.ends_with("FieldsEntry"));
+        let entry = index.payload_fields(memo[0].type_name).unwrap_or_default();
+        assert_eq!(names(&entry), vec![(2, "value".to_string())]);
+        let message = index
+            .payload_fields("temporal.api.protocol.v1.Message")
+            .unwrap_or_default();
+        assert_eq!(names(&message), vec![(5, "body".to_string())]);
+        let status = index
+            .payload_fields("google.rpc.Status")
+            .unwrap_or_default();
+        assert_eq!(names(&status), vec![(3, "details".to_string())]);
+    }
+
+    /// Every exclusion, reviewed. A new field that the server reads in plaintext must be added
+    /// on purpose; a new search-attribute field shows up here and fails until reviewed.
+    #[test]
+    fn exclusions_are_the_reviewed_list() {
+        let index = PayloadIndex::global();
+        let aggregation: Vec<&str> = index
+            .exclusions()
+            .iter()
+            .filter(|e| e.reason == AGGREGATION_REASON)
+            .map(|e| e.field.as_str())
+            .collect();
+        assert_eq!(
+            aggregation,
+            vec![
+                "temporal.api.workflowservice.v1.CountActivityExecutionsResponse.AggregationGroup.group_values",
+                "temporal.api.workflowservice.v1.CountNexusOperationExecutionsResponse.AggregationGroup.group_values",
+                "temporal.api.workflowservice.v1.CountSchedulesResponse.AggregationGroup.group_values",
+                "temporal.api.workflowservice.v1.CountWorkflowExecutionsResponse.AggregationGroup.group_values",
+            ]
+        );
+        let compute: Vec<&str> = index
+            .exclusions()
+            .iter()
+            .filter(|e| e.reason == COMPUTE_REASON)
+            .map(|e| e.field.as_str())
+            .collect();
+        assert_eq!(
+            compute,
+            vec![
+                "temporal.api.compute.v1.ComputeProvider.details",
+                "temporal.api.compute.v1.ComputeScaler.details",
+            ]
+        );
+        assert_eq!(
+            index
+                .payload_fields("temporal.api.compute.v1.ComputeProvider")
+                .map(|f| f.len()),
+            Some(0)
+        );
+        let search: Vec<&str> = index
+            .exclusions()
+            .iter()
+            .filter(|e| e.reason == SEARCH_ATTRIBUTES_REASON)
+            .map(|e| e.field.as_str())
+            .collect();
+        assert!(search.contains(&"temporal.api.common.v1.SearchAttributes.indexed_fields"));
+        assert!(search.contains(
+            &"temporal.api.workflowservice.v1.StartWorkflowExecutionRequest.search_attributes"
+        ));
+        assert!(
+            search.iter().all(|f| f.ends_with("search_attributes")
+                || f.ends_with("indexed_fields")
+                || f.ends_with("search_attribute")),
+            "{search:?}"
+        );
+    }
+
+    /// DataBlob fields in the whole pool, and what the walker does with each.
+    #[test]
+    fn data_blob_fields_are_reviewed() {
+        let index = PayloadIndex::global();
+        let mut blobs = Vec::new();
+        for plan in &index.plans {
+            for f in plan.fields.iter() {
+                if let FieldTarget::Blob(rule) = f.target {
+                    blobs.push((format!("{}.{}", plan.name, f.name), rule));
+                }
+            }
+        }
+        assert_eq!(
+            blobs,
+            vec![(RAW_HISTORY_FIELDS[0].to_string(), BlobRule::History)]
+        );
+    }
+}
