@@ -13,6 +13,8 @@ use tokio::process::{Child, Command};
 
 use crate::authz::{AuthorizationConfig, Grants, NamespacePolicy};
 use crate::config::{Config, ListenerConfig, NamespaceConfig, Routing, ServerTls, UpstreamConfig};
+use crate::crypto::config::{EncryptionConfig, KeyConfig};
+use crate::crypto::Keyring;
 use crate::tls::pki::{CertAuthority, LeafSpec, Usage};
 
 const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -289,6 +291,7 @@ fn dev_config(
             .map(|name| NamespaceConfig {
                 name: name.clone(),
                 upstream: "dev".into(),
+                encryption_key: None,
             })
             .collect(),
         authorization: AuthorizationConfig {
@@ -318,6 +321,17 @@ fn dev_config(
                 })
                 .collect(),
         },
+        encryption: EncryptionConfig {
+            default_key: Some("local".into()),
+            keys: [(
+                "local".to_string(),
+                KeyConfig::Local {
+                    keyring: dir.join("keys").join("keyring.toml"),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        },
         source: None,
     }
 }
@@ -331,6 +345,11 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
     let dir = absolute(&options.dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let pki = DevPki::ensure(&dir)?;
+    let keyring = dir.join("keys").join("keyring.toml");
+    if !keyring.exists() {
+        std::fs::create_dir_all(dir.join("keys"))?;
+        Keyring::init(&keyring).with_context(|| format!("cannot create {}", keyring.display()))?;
+    }
     let config_path = dir.join("portcullis.toml");
     let existing = Config::load(&config_path).ok();
     let mut namespaces = options.namespaces.clone();
@@ -420,6 +439,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         "stranger_cert": pki.stranger_cert,
         "stranger_key": pki.stranger_key,
         "audit_log": dir.join("audit.jsonl"),
+        "keyring": keyring,
         "upstream_address": upstream_address,
         "cli_profile": cli_profile,
         "cli_profile_name": "portcullis",

@@ -51,6 +51,10 @@ pub enum ProxyError {
     DeadlineExceeded(Duration),
     #[error("reading the request body failed: {0}")]
     RequestBody(String),
+    #[error("{0}")]
+    Crypto(#[from] crate::crypto::CryptoError),
+    #[error("cannot encrypt this call, refusing to forward it: {0}")]
+    Encryption(String),
     #[error("{identity} may not call {method}{}: it needs the {required} role", namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_else(|| " on the cluster".into()))]
     PermissionDenied {
         identity: String,
@@ -80,6 +84,17 @@ impl ProxyError {
             DeadlineExceeded(_) => Code::DeadlineExceeded,
             RequestBody(_) => Code::Cancelled,
             PermissionDenied { .. } => Code::PermissionDenied,
+            Crypto(e) => {
+                use crate::crypto::CryptoError as C;
+                match e {
+                    C::ProviderUnavailable { .. } => Code::Unavailable,
+                    C::CannotOpen { .. } | C::MalformedEnvelope(_) => Code::DataLoss,
+                    C::ProviderRejected { .. } | C::SealFailed(_) | C::InvalidPolicy(_) => {
+                        Code::Internal
+                    }
+                }
+            }
+            Encryption(_) => Code::FailedPrecondition,
         }
     }
 

@@ -49,10 +49,29 @@ enum Command {
         #[arg(long = "namespace", short = 'n')]
         namespaces: Vec<String>,
     },
+    /// Manage a local keyring of key-encryption keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Validate a config file and everything it points to (certificates, keys, upstream settings).
     Check {
         #[arg(long, short, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a new keyring with one key (refuses to overwrite an existing file).
+    Init {
+        #[arg(long)]
+        keyring: PathBuf,
+    },
+    /// Add a new key and make it primary: new data keys are wrapped with it, older keys still open.
+    Rotate {
+        #[arg(long)]
+        keyring: PathBuf,
     },
 }
 
@@ -113,6 +132,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 namespaces,
             })
             .await
+        }
+        Command::Keys { action } => {
+            let (verb, keyring) = match action {
+                KeysAction::Init { keyring } => (
+                    "created",
+                    portcullis::crypto::Keyring::init(&keyring).map(|k| (k, keyring))?,
+                ),
+                KeysAction::Rotate { keyring } => (
+                    "rotated",
+                    portcullis::crypto::Keyring::rotate(&keyring).map(|k| (k, keyring))?,
+                ),
+            };
+            let (ring, path) = keyring;
+            println!(
+                "{}: {verb}; primary key {} ({} keys)",
+                path.display(),
+                ring.primary_id(),
+                ring.key_ids().count()
+            );
+            Ok(())
         }
         Command::Check { config } => {
             let path = config;

@@ -14,12 +14,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::util::BoxCloneSyncService;
-use tower::ServiceBuilder;
+use tower::Layer;
 
 use crate::authz::{AuditLog, AuthzLayer, PolicyStore};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
-use crate::proxy::{Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer};
+use crate::proxy::{
+    EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
+};
 use crate::tls::{self, PeerInfo};
 use crate::upstream::Router;
 
@@ -31,40 +33,61 @@ pub type Pipeline = BoxCloneSyncService<GrpcRequest, GrpcResponse, ProxyError>;
 pub struct PipelineParts {
     pub pipeline: Pipeline,
     pub policies: Option<Arc<PolicyStore>>,
+    pub encryption: Option<Arc<Encryption>>,
 }
 
-/// Builds the pipeline for a config: namespace → authorization → forwarding.
+/// Builds the pipeline for a config: namespace → authorization → encryption → forwarding.
+/// Each stage is boxed, so stages that a config turns off are simply left out.
 pub fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let router = Arc::new(Router::from_config(config)?);
-    let forwarder = Forwarder::new(router, config.limits.max_response_bytes);
-    if config.authorization.disabled {
+    let mut pipeline: Pipeline =
+        BoxCloneSyncService::new(Forwarder::new(router, config.limits.max_response_bytes));
+
+    let encryption = if config.encryption.disabled {
+        tracing::warn!(
+            "encryption is DISABLED: payloads are forwarded to the upstream as they are"
+        );
+        None
+    } else {
+        let namespace_keys: Vec<(String, Option<String>)> = config
+            .namespaces
+            .iter()
+            .map(|ns| (ns.name.clone(), ns.encryption_key.clone()))
+            .collect();
+        let encryption = Arc::new(Encryption::new(
+            &config.encryption,
+            &namespace_keys,
+            config.routing.default_upstream.is_some(),
+        )?);
+        pipeline = BoxCloneSyncService::new(EncryptLayer::new(encryption.clone()).layer(pipeline));
+        Some(encryption)
+    };
+
+    let policies = if config.authorization.disabled {
         tracing::warn!(
             "authorization is DISABLED: every authenticated caller may call every method"
         );
-        let service = ServiceBuilder::new()
-            .layer(NamespaceLayer)
-            .service(forwarder);
-        return Ok(PipelineParts {
-            pipeline: BoxCloneSyncService::new(service),
-            policies: None,
-        });
-    }
-    let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
-    let audit = Arc::new(
-        AuditLog::open(&config.authorization.audit_log).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open audit log {}: {e}",
-                config.authorization.audit_log
-            )
-        })?,
-    );
-    let service = ServiceBuilder::new()
-        .layer(NamespaceLayer)
-        .layer(AuthzLayer::new(policies.clone(), audit))
-        .service(forwarder);
+        None
+    } else {
+        let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
+        let audit = Arc::new(
+            AuditLog::open(&config.authorization.audit_log).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open audit log {}: {e}",
+                    config.authorization.audit_log
+                )
+            })?,
+        );
+        pipeline =
+            BoxCloneSyncService::new(AuthzLayer::new(policies.clone(), audit).layer(pipeline));
+        Some(policies)
+    };
+
+    pipeline = BoxCloneSyncService::new(NamespaceLayer.layer(pipeline));
     Ok(PipelineParts {
-        pipeline: BoxCloneSyncService::new(service),
-        policies: Some(policies),
+        pipeline,
+        policies,
+        encryption,
     })
 }
 
@@ -126,7 +149,9 @@ async fn wait_for_signal() {
 
 /// Binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
-    let PipelineParts { pipeline, policies } = build_pipeline(&config)?;
+    let PipelineParts {
+        pipeline, policies, ..
+    } = build_pipeline(&config)?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
     }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::authz::AuthorizationConfig;
+use crate::crypto::config::EncryptionConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -37,6 +38,8 @@ pub struct Config {
     pub namespaces: Vec<NamespaceConfig>,
     /// Who may call what. Required: a proxy never allows by default.
     pub authorization: AuthorizationConfig,
+    /// How payloads are sealed. Required: a proxy never forwards plaintext by default.
+    pub encryption: EncryptionConfig,
     /// The file this config was loaded from (for reloads).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -142,6 +145,10 @@ pub struct Routing {
 pub struct NamespaceConfig {
     pub name: String,
     pub upstream: String,
+    /// The key (from `[encryption.keys]`) sealing this namespace's payloads; default:
+    /// `encryption.default_key`.
+    #[serde(default)]
+    pub encryption_key: Option<String>,
 }
 
 fn yes() -> bool {
@@ -283,6 +290,42 @@ impl Config {
             }
             known(&ns.upstream, &format!("namespace {:?}", ns.name))?;
         }
+        if !self.encryption.disabled {
+            let keys = &self.encryption.keys;
+            if keys.is_empty() {
+                return invalid("encryption: at least one [encryption.keys.NAME] is required (or disabled = true)".into());
+            }
+            if let Some(key) = &self.encryption.default_key {
+                if !keys.contains_key(key) {
+                    return invalid(format!(
+                        "encryption.default_key refers to unknown key {key:?}"
+                    ));
+                }
+            }
+            for ns in &self.namespaces {
+                match &ns.encryption_key {
+                    Some(key) if !keys.contains_key(key) => {
+                        return invalid(format!("namespace {:?} refers to unknown encryption key {key:?}", ns.name))
+                    }
+                    None if self.encryption.default_key.is_none() => {
+                        return invalid(format!(
+                            "namespace {:?} names no encryption_key and encryption.default_key is not set",
+                            ns.name
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            if self.routing.default_upstream.is_some() && self.encryption.default_key.is_none() {
+                return invalid(
+                    "routing.default_upstream serves any namespace: set encryption.default_key"
+                        .into(),
+                );
+            }
+            if let Err(e) = self.encryption.policy().validate() {
+                return invalid(format!("encryption: {e}"));
+            }
+        }
         if self.authorization.identity.is_empty() {
             return invalid("authorization.identity must name at least one source".into());
         }
@@ -310,6 +353,7 @@ impl Config {
             }
         }
         self.authorization.resolve_paths(base);
+        self.encryption.resolve_paths(base);
         for upstream in self.upstreams.values_mut() {
             if let Some(tls) = &mut upstream.tls {
                 fix(&mut tls.ca);
@@ -355,6 +399,9 @@ mod tests {
         upstream = "local"
         [authorization]
         system.admins = ["ops"]
+        [encryption]
+        default_key = "main"
+        keys.main = { provider = "local", keyring = "keyring.toml" }
     "#;
 
     #[test]

@@ -9,6 +9,7 @@
 //!
 //! Fail closed: every failure is an error; there is no path that returns plaintext instead.
 
+pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod keyring;

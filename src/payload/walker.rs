@@ -299,7 +299,8 @@ pub fn visit_payloads(
     rewrite_with(index, message, input, &mut visitor, &WalkOptions::default()).map(|_| ())
 }
 
-const GRPC_STATUS: &str = "google.rpc.Status";
+/// The message inside `grpc-status-details-bin`.
+pub const GRPC_STATUS: &str = "google.rpc.Status";
 
 /// Rewrites the payloads inside the `grpc-status-details-bin` trailer: `bytes` is the
 /// serialized `google.rpc.Status` (already base64-decoded), whose `details` are Anys such as

@@ -7,6 +7,7 @@
 //! ```
 
 mod edge;
+pub mod encrypt;
 mod forward;
 mod namespace;
 
@@ -19,6 +20,7 @@ use http::HeaderMap;
 use tokio::time::Instant;
 
 pub use edge::GrpcEdge;
+pub use encrypt::{EncryptLayer, Encryption};
 pub use forward::Forwarder;
 pub use namespace::{NamespaceLayer, NamespaceService};
 

@@ -204,6 +204,14 @@ system_upstream = "temporal"
     }
     // The default test client administers everything; authorization tests bring their own.
     text.push_str("\n[authorization]\naudit_log = \"off\"\nsystem.admins = [\"test-client\"]\n");
+    let keyring = pki.dir.path().join("keyring.toml");
+    if !keyring.exists() {
+        portcullis::crypto::Keyring::init(&keyring).expect("keyring");
+    }
+    text.push_str(&format!(
+        "\n[encryption]\ndefault_key = \"local\"\nkeys.local = {{ provider = \"local\", keyring = \"{}\" }}\n",
+        keyring.display()
+    ));
     Config::from_toml(&text).expect("test config")
 }
 

@@ -1,0 +1,347 @@
+//! Seals every payload of a request before it goes upstream, and opens the payloads this proxy
+//! sealed in the response and in its error details. Fails closed: if a payload cannot be sealed,
+//! nothing is forwarded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD_NO_PAD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use tower::{Layer, Service, ServiceExt};
+
+use super::{CallFuture, GrpcRequest, GrpcResponse};
+use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
+use crate::crypto::{envelope_info, CryptoError, DataKeyManager, KeyProvider, LocalKeyProvider};
+use crate::error::ProxyError;
+use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError, WalkOptions};
+
+const STATUS_DETAILS: &str = "grpc-status-details-bin";
+
+/// Data key managers per namespace, and how to seal.
+pub struct Encryption {
+    index: &'static PayloadIndex,
+    managers: HashMap<String, Arc<DataKeyManager>>,
+    default_manager: Option<Arc<DataKeyManager>>,
+    encode_failures: bool,
+    on_open_failure: OpenFailurePolicy,
+    upstream_max_request_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncryptionSetupError {
+    #[error("encryption key {name:?}: {reason}")]
+    Key { name: String, reason: String },
+    #[error("encryption: {0}")]
+    Invalid(String),
+}
+
+impl Encryption {
+    /// Builds one data key manager per configured key; `namespace_keys` maps each served
+    /// namespace to its key name (None: the default key).
+    pub fn new(
+        config: &EncryptionConfig,
+        namespace_keys: &[(String, Option<String>)],
+        needs_default: bool,
+    ) -> Result<Encryption, EncryptionSetupError> {
+        let mut by_key: HashMap<String, Arc<DataKeyManager>> = HashMap::new();
+        for (name, key) in &config.keys {
+            let provider: Arc<dyn KeyProvider> = match key {
+                KeyConfig::Local { keyring } => {
+                    Arc::new(LocalKeyProvider::load(keyring).map_err(|e| {
+                        EncryptionSetupError::Key {
+                            name: name.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?)
+                }
+            };
+            let manager = DataKeyManager::new(provider, config.policy()).map_err(|e| {
+                EncryptionSetupError::Key {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            by_key.insert(name.clone(), Arc::new(manager));
+        }
+        let lookup = |key: &str| {
+            by_key
+                .get(key)
+                .cloned()
+                .ok_or_else(|| EncryptionSetupError::Invalid(format!("unknown key {key:?}")))
+        };
+        let default_manager = config.default_key.as_deref().map(lookup).transpose()?;
+        let mut managers = HashMap::new();
+        for (namespace, key) in namespace_keys {
+            let manager = match key.as_deref() {
+                Some(key) => lookup(key)?,
+                None => default_manager.clone().ok_or_else(|| {
+                    EncryptionSetupError::Invalid(format!(
+                        "namespace {namespace:?} names no encryption_key and there is no default_key"
+                    ))
+                })?,
+            };
+            managers.insert(namespace.clone(), manager);
+        }
+        if needs_default && default_manager.is_none() {
+            return Err(EncryptionSetupError::Invalid(
+                "routing.default_upstream serves any namespace: set encryption.default_key".into(),
+            ));
+        }
+        Ok(Encryption {
+            index: PayloadIndex::global(),
+            managers,
+            default_manager,
+            encode_failures: config.encode_failure_attributes,
+            on_open_failure: config.on_open_failure,
+            upstream_max_request_bytes: config.upstream_max_request_bytes,
+        })
+    }
+
+    fn manager(&self, namespace: &str) -> Result<&Arc<DataKeyManager>, ProxyError> {
+        self.managers
+            .get(namespace)
+            .or(self.default_manager.as_ref())
+            .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))
+    }
+
+    /// All data key managers (for metrics).
+    pub fn managers(&self) -> impl Iterator<Item = &Arc<DataKeyManager>> {
+        self.managers.values().chain(self.default_manager.iter())
+    }
+
+    /// Seals every payload in `message` (of type `message_type`).
+    pub async fn seal(
+        &self,
+        namespace: &str,
+        message_type: &str,
+        message: &Bytes,
+    ) -> Result<Option<Bytes>, ProxyError> {
+        if self.index.reaches(message_type) == Some(false) {
+            return Ok(None);
+        }
+        let key = self
+            .manager(namespace)?
+            .sealing_key(namespace)
+            .await
+            .map_err(crypto_error)?;
+        let mut visitor = |_: &walker::PayloadContext<'_>, payload: &[u8]| {
+            key.seal(payload).map(Some).map_err(WalkError::visitor)
+        };
+        let options = WalkOptions::with_failures(if self.encode_failures {
+            FailureMode::Encode
+        } else {
+            FailureMode::Keep
+        });
+        let sealed =
+            walker::rewrite_named(self.index, message_type, message, &mut visitor, &options)
+                .map_err(|e| walk_error(e, message_type, true))?;
+        match sealed {
+            Some(sealed) if sealed.len() > self.upstream_max_request_bytes => {
+                Err(ProxyError::MessageTooLarge {
+                    what: "sealed request",
+                    size: format!(
+                        "{} bytes ({} before encryption)",
+                        sealed.len(),
+                        message.len()
+                    ),
+                    limit: self.upstream_max_request_bytes,
+                })
+            }
+            other => Ok(other.map(Bytes::from)),
+        }
+    }
+
+    /// Opens every payload this proxy sealed in `message`; others are left exactly as they are.
+    pub async fn open(
+        &self,
+        namespace: &str,
+        message_type: &str,
+        message: &[u8],
+    ) -> Result<Option<Vec<u8>>, ProxyError> {
+        if self.index.reaches(message_type) == Some(false) {
+            return Ok(None);
+        }
+        let mut refs = Vec::new();
+        let mut collect = |_: &walker::PayloadContext<'_>, payload: &[u8]| {
+            if let Some(reference) = envelope_info(payload) {
+                refs.push(reference);
+            }
+            Ok(None)
+        };
+        walker::rewrite_named(
+            self.index,
+            message_type,
+            message,
+            &mut collect,
+            &WalkOptions::default(),
+        )
+        .map_err(|e| walk_error(e, message_type, false))?;
+        if refs.is_empty() {
+            return Ok(None);
+        }
+        let keys = match self.manager(namespace)?.opening_keys(namespace, refs).await {
+            Ok(keys) => keys,
+            Err(e)
+                if !e.is_transient() && self.on_open_failure == OpenFailurePolicy::PassThrough =>
+            {
+                tracing::warn!(namespace, error = %e, "passing sealed payloads through unopened");
+                return Ok(None);
+            }
+            Err(e) => return Err(crypto_error(e)),
+        };
+        let pass_through = self.on_open_failure == OpenFailurePolicy::PassThrough;
+        let mut visitor =
+            |_: &walker::PayloadContext<'_>, payload: &[u8]| match keys.open_if_sealed(payload) {
+                Ok(opened) => Ok(opened),
+                Err(CryptoError::CannotOpen { .. } | CryptoError::MalformedEnvelope(_))
+                    if pass_through =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(WalkError::visitor(e)),
+            };
+        let options = WalkOptions::with_failures(if self.encode_failures {
+            FailureMode::Decode
+        } else {
+            FailureMode::Keep
+        });
+        walker::rewrite_named(self.index, message_type, message, &mut visitor, &options)
+            .map_err(|e| walk_error(e, message_type, false))
+    }
+
+    /// Opens payloads inside `grpc-status-details-bin` (QueryFailedFailure, …), in place.
+    async fn open_details(
+        &self,
+        namespace: &str,
+        headers: &mut HeaderMap,
+    ) -> Result<(), ProxyError> {
+        let Some(value) = headers.get(STATUS_DETAILS) else {
+            return Ok(());
+        };
+        let Ok(raw) = LENIENT_BASE64.decode(value.as_bytes()) else {
+            // Not ours to judge: pass details we cannot parse through untouched.
+            return Ok(());
+        };
+        if let Some(opened) = self.open(namespace, walker::GRPC_STATUS, &raw).await? {
+            if let Ok(value) = HeaderValue::from_str(&STANDARD_NO_PAD.encode(opened)) {
+                headers.insert(STATUS_DETAILS, value);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// gRPC peers send `-bin` headers with or without padding.
+const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+fn crypto_error(error: CryptoError) -> ProxyError {
+    ProxyError::Crypto(error)
+}
+
+fn walk_error(error: WalkError, message_type: &str, request: bool) -> ProxyError {
+    match error {
+        WalkError::Visitor(inner) => match inner.downcast::<CryptoError>() {
+            Ok(crypto) => ProxyError::Crypto(*crypto),
+            Err(other) => ProxyError::Encryption(format!("{message_type}: {other}")),
+        },
+        WalkError::Malformed { .. }
+        | WalkError::TooDeep { .. }
+        | WalkError::FailureAttributes { .. }
+            if request =>
+        {
+            ProxyError::MalformedMessage {
+                message: message_type.to_string(),
+                reason: error.to_string(),
+            }
+        }
+        other => ProxyError::Encryption(format!("{message_type}: {other}")),
+    }
+}
+
+#[derive(Clone)]
+pub struct EncryptLayer {
+    encryption: Arc<Encryption>,
+}
+
+impl EncryptLayer {
+    pub fn new(encryption: Arc<Encryption>) -> Self {
+        EncryptLayer { encryption }
+    }
+}
+
+impl<S> Layer<S> for EncryptLayer {
+    type Service = EncryptService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        EncryptService {
+            inner,
+            encryption: self.encryption.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EncryptService<S> {
+    inner: S,
+    encryption: Arc<Encryption>,
+}
+
+impl<S> Service<GrpcRequest> for EncryptService<S>
+where
+    S: Service<GrpcRequest, Response = GrpcResponse, Error = ProxyError, Future = CallFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = GrpcResponse;
+    type Error = ProxyError;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: GrpcRequest) -> CallFuture {
+        let encryption = self.encryption.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let method = request.method;
+            let input = method.input.full_name();
+            let output = method.output.full_name();
+            let Some(namespace) = request.namespace.clone() else {
+                // Cluster-scoped calls carry no namespace to seal under: refuse any that could
+                // carry payloads rather than forward them in plaintext.
+                let index = encryption.index;
+                if index.reaches(input) != Some(false) || index.reaches(output) != Some(false) {
+                    return Err(ProxyError::Encryption(format!(
+                        "{} is cluster-scoped but can carry payloads",
+                        method.path
+                    )));
+                }
+                return inner.oneshot(request).await;
+            };
+            if let Some(sealed) = encryption.seal(&namespace, input, &request.message).await? {
+                request.message = sealed;
+            }
+            let mut response = inner.oneshot(request).await?;
+            if let Some(message) = &response.message {
+                if let Some(opened) = encryption.open(&namespace, output, message).await? {
+                    response.message = Some(Bytes::from(opened));
+                }
+            }
+            encryption
+                .open_details(&namespace, &mut response.headers)
+                .await?;
+            encryption
+                .open_details(&namespace, &mut response.trailers)
+                .await?;
+            Ok(response)
+        })
+    }
+}
