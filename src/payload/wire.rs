@@ -263,7 +263,7 @@ mod tests {
     fn reads_fields_and_last_string_wins() {
         let mut msg = Vec::new();
         put_len_field(&mut msg, 1, b"first");
-        put_varint(&mut msg, (3 << 3) | 0);
+        put_varint(&mut msg, 3 << 3);
         put_varint(&mut msg, 300);
         put_len_field(&mut msg, 1, b"second");
         assert_eq!(
