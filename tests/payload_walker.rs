@@ -112,7 +112,7 @@ fn payload_strategy() -> impl Strategy<Value = Payload> {
         prop::collection::vec(any::<u8>(), 1..48),
     )
         .prop_map(|(metadata, data)| Payload {
-            metadata: metadata.into_iter().map(|(k, v)| (k, v)).collect(),
+            metadata,
             data,
             ..Default::default()
         })

@@ -234,19 +234,6 @@ pub fn varint_len(value: u64) -> usize {
     bits.div_ceil(7)
 }
 
-/// Appends a field tag.
-pub fn put_tag(out: &mut Vec<u8>, number: u32, wire_type: WireType) {
-    let bits = match wire_type {
-        WireType::Varint => 0,
-        WireType::Fixed64 => 1,
-        WireType::Len => 2,
-        WireType::StartGroup => 3,
-        WireType::EndGroup => 4,
-        WireType::Fixed32 => 5,
-    };
-    put_varint(out, (u64::from(number) << 3) | bits);
-}
-
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);

@@ -1,0 +1,228 @@
+//! The wire-level payload walker against a typed prost decode + encode, on a realistic history
+//! page: `cargo bench --bench walker -- --warm-up-time 1 --measurement-time 3`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use portcullis::payload::walker::{rewrite, PayloadContext, PayloadIndex, WalkError};
+use portcullis::schema::Schema;
+use prost::Message as _;
+use temporalio_protos::protos::temporal::api::{
+    common::v1::{ActivityType, Header, Payload, Payloads},
+    history::v1::{self as history, history_event::Attributes, History, HistoryEvent},
+    workflowservice::v1::GetWorkflowExecutionHistoryResponse,
+};
+
+const ROUNDS: i64 = 1000;
+const PAYLOAD_SIZE: usize = 1024;
+
+fn payload(seed: i64) -> Payload {
+    Payload {
+        metadata: [("encoding".to_string(), b"json/plain".to_vec())].into(),
+        data: (0..PAYLOAD_SIZE).map(|i| (i as i64 + seed) as u8).collect(),
+        ..Default::default()
+    }
+}
+
+fn payloads(seed: i64) -> Option<Payloads> {
+    Some(Payloads {
+        payloads: vec![payload(seed)],
+    })
+}
+
+/// Activities (scheduled, started, completed), signals, markers and timers.
+fn history_page() -> GetWorkflowExecutionHistoryResponse {
+    let mut events = Vec::new();
+    let mut push = |attributes: Attributes| {
+        let id = events.len() as i64 + 1;
+        events.push(HistoryEvent {
+            event_id: id,
+            event_type: 1,
+            task_id: id * 7,
+            event_time: Some(prost_wkt_types::Timestamp {
+                seconds: 1_700_000_000 + id,
+                nanos: 0,
+            }),
+            attributes: Some(attributes),
+            ..Default::default()
+        });
+    };
+    for round in 0..ROUNDS {
+        push(Attributes::ActivityTaskScheduledEventAttributes(
+            history::ActivityTaskScheduledEventAttributes {
+                activity_id: round.to_string(),
+                activity_type: Some(ActivityType {
+                    name: "charge_card".into(),
+                }),
+                input: payloads(round),
+                header: Some(Header {
+                    fields: [("tracing".to_string(), payload(round + 1))].into(),
+                }),
+                workflow_task_completed_event_id: round,
+                ..Default::default()
+            },
+        ));
+        push(Attributes::ActivityTaskStartedEventAttributes(
+            history::ActivityTaskStartedEventAttributes {
+                scheduled_event_id: round,
+                identity: "worker-1@host".into(),
+                request_id: "5c1b6c9e-7d3f-4a0e-9b1e-1f2d3c4b5a69".into(),
+                attempt: 1,
+                ..Default::default()
+            },
+        ));
+        push(Attributes::ActivityTaskCompletedEventAttributes(
+            history::ActivityTaskCompletedEventAttributes {
+                result: payloads(round + 2),
+                scheduled_event_id: round,
+                started_event_id: round + 1,
+                identity: "worker-1@host".into(),
+                ..Default::default()
+            },
+        ));
+        if round % 4 == 0 {
+            push(Attributes::WorkflowExecutionSignaledEventAttributes(
+                history::WorkflowExecutionSignaledEventAttributes {
+                    signal_name: "approve".into(),
+                    input: payloads(round + 3),
+                    identity: "cli".into(),
+                    ..Default::default()
+                },
+            ));
+        }
+        if round % 5 == 0 {
+            push(Attributes::MarkerRecordedEventAttributes(
+                history::MarkerRecordedEventAttributes {
+                    marker_name: "SideEffect".into(),
+                    details: [("data".to_string(), payloads(round + 4).unwrap_or_default())].into(),
+                    workflow_task_completed_event_id: round,
+                    ..Default::default()
+                },
+            ));
+        }
+        if round % 3 == 0 {
+            push(Attributes::TimerStartedEventAttributes(
+                history::TimerStartedEventAttributes {
+                    timer_id: round.to_string(),
+                    start_to_fire_timeout: Some(prost_wkt_types::Duration {
+                        seconds: 30,
+                        nanos: 0,
+                    }),
+                    workflow_task_completed_event_id: round,
+                },
+            ));
+            push(Attributes::TimerFiredEventAttributes(
+                history::TimerFiredEventAttributes {
+                    timer_id: round.to_string(),
+                    started_event_id: round,
+                },
+            ));
+        }
+    }
+    GetWorkflowExecutionHistoryResponse {
+        history: Some(History { events }),
+        next_page_token: b"page-2".to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Same size, different bytes: what sealing with a fixed overhead looks like to the walker.
+fn replace_same_size(_: &PayloadContext<'_>, p: &[u8]) -> Result<Option<Vec<u8>>, WalkError> {
+    let mut out = p.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last ^= 0x5a;
+    }
+    Ok(Some(out))
+}
+
+fn replace_typed(p: &mut Payload) {
+    if let Some(last) = p.data.last_mut() {
+        *last ^= 0x5a;
+    }
+}
+
+fn replace_all_typed(p: &mut Option<Payloads>) {
+    for p in p.iter_mut().flat_map(|p| p.payloads.iter_mut()) {
+        replace_typed(p);
+    }
+}
+
+/// The typed path: decode, replace every payload in the structs, encode.
+fn typed_rewrite(bytes: &[u8]) -> Vec<u8> {
+    let Ok(mut response) = GetWorkflowExecutionHistoryResponse::decode(bytes) else {
+        return Vec::new();
+    };
+    for event in response
+        .history
+        .iter_mut()
+        .flat_map(|h| h.events.iter_mut())
+    {
+        match event.attributes.as_mut() {
+            Some(Attributes::ActivityTaskScheduledEventAttributes(a)) => {
+                replace_all_typed(&mut a.input);
+                for p in a.header.iter_mut().flat_map(|h| h.fields.values_mut()) {
+                    replace_typed(p);
+                }
+            }
+            Some(Attributes::ActivityTaskCompletedEventAttributes(a)) => {
+                replace_all_typed(&mut a.result)
+            }
+            Some(Attributes::WorkflowExecutionSignaledEventAttributes(a)) => {
+                replace_all_typed(&mut a.input)
+            }
+            Some(Attributes::MarkerRecordedEventAttributes(a)) => {
+                for p in a.details.values_mut().flat_map(|p| p.payloads.iter_mut()) {
+                    replace_typed(p);
+                }
+            }
+            _ => {}
+        }
+    }
+    response.encode_to_vec()
+}
+
+fn bench(c: &mut Criterion) {
+    let bytes = history_page().encode_to_vec();
+    let index = PayloadIndex::global();
+    let message = Schema::global()
+        .message("temporal.api.workflowservice.v1.GetWorkflowExecutionHistoryResponse")
+        .expect("schema has GetWorkflowExecutionHistoryResponse");
+    let walked = rewrite(index, &message, &bytes, &mut replace_same_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    // Both paths must produce the same message.
+    assert_eq!(
+        GetWorkflowExecutionHistoryResponse::decode(walked.as_slice()).ok(),
+        GetWorkflowExecutionHistoryResponse::decode(typed_rewrite(&bytes).as_slice()).ok()
+    );
+    eprintln!(
+        "history page: {} bytes, {} events",
+        bytes.len(),
+        history_page().history.map_or(0, |h| h.events.len())
+    );
+
+    let mut group = c.benchmark_group("history_page");
+    group.throughput(Throughput::Bytes(bytes.len() as u64));
+    group.bench_function("walker_rewrite", |b| {
+        b.iter(|| rewrite(index, &message, black_box(&bytes), &mut replace_same_size))
+    });
+    group.bench_function("walker_collect", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            let mut count = |_: &PayloadContext<'_>, _: &[u8]| {
+                n += 1;
+                Ok(None)
+            };
+            let _ = rewrite(index, &message, black_box(&bytes), &mut count);
+            n
+        })
+    });
+    group.bench_function("prost_decode_encode", |b| {
+        b.iter(|| typed_rewrite(black_box(&bytes)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
