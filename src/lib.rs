@@ -9,6 +9,7 @@ pub mod error;
 pub mod grpc;
 pub mod payload;
 pub mod proxy;
+pub mod reload;
 pub mod schema;
 pub mod server;
 pub mod tls;

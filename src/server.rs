@@ -150,10 +150,15 @@ async fn wait_for_signal() {
 /// Binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     let PipelineParts {
-        pipeline, policies, ..
+        pipeline,
+        policies,
+        encryption,
     } = build_pipeline(&config)?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
+    }
+    if let Some(encryption) = &encryption {
+        encryption.spawn_key_reloaders();
     }
     let acceptor = match &config.listener.tls {
         Some(server_tls) => Some(TlsAcceptor::from(tls::server_config(server_tls)?)),

@@ -165,3 +165,116 @@ async fn no_payload_reaches_the_server_in_plaintext() {
     );
     proxy.shutdown().await;
 }
+
+/// The (kek id, data key id) of every sealed payload in a workflow's history, read directly
+/// from the server (so, as stored).
+async fn stored_keys(server: &DevServer, workflow_id: &str) -> Vec<(String, String)> {
+    use portcullis::payload::walker::{self, PayloadIndex, WalkOptions};
+    use prost::Message;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.address()))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect directly");
+    let mut client = wf::workflow_service_client::WorkflowServiceClient::new(channel);
+    let history = client
+        .get_workflow_execution_history(wf::GetWorkflowExecutionHistoryRequest {
+            namespace: "default".into(),
+            execution: Some(
+                temporalio_protos::protos::temporal::api::common::v1::WorkflowExecution {
+                    workflow_id: workflow_id.into(),
+                    run_id: String::new(),
+                },
+            ),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .encode_to_vec();
+    let mut keys = Vec::new();
+    let mut collect = |_: &walker::PayloadContext<'_>, payload: &[u8]| {
+        let reference = portcullis::crypto::envelope_info(payload);
+        assert!(reference.is_some(), "a stored payload is not sealed");
+        if let Some(r) = reference {
+            keys.push((r.kek_id, r.data_key_id));
+        }
+        Ok(None)
+    };
+    walker::rewrite_named(
+        PayloadIndex::global(),
+        "temporal.api.workflowservice.v1.GetWorkflowExecutionHistoryResponse",
+        &history,
+        &mut collect,
+        &WalkOptions::default(),
+    )
+    .expect("walk history");
+    assert!(!keys.is_empty(), "no payloads in {workflow_id}");
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_while_workflows_run_and_old_payloads_still_open() {
+    let server = DevServer::start(&[]).await;
+    let pki = Pki::new();
+    let mut config = proxy_config(&pki, &server.address(), &["default"]);
+    // Data keys rotate by use: a handful of seals each.
+    config.encryption.data_key_max_seals = 3;
+    let keyring = pki.dir.path().join("keyring.toml");
+    let first_kek = portcullis::crypto::Keyring::load(&keyring)
+        .expect("keyring")
+        .primary_id()
+        .to_string();
+    let proxy = start_proxy(config).await;
+    let address = proxy.local_addr().expect("tcp");
+
+    let before = run_python("scenario.py", &client_args(address, &pki, &pki.client)).await;
+    let before_id = before["workflow_id"].as_str().expect("id").to_string();
+    let keys = stored_keys(&server, &before_id).await;
+    let data_keys: std::collections::HashSet<_> = keys.iter().map(|(_, d)| d.clone()).collect();
+    assert!(
+        data_keys.len() >= 2,
+        "data keys did not rotate by use: {data_keys:?}"
+    );
+    assert!(keys.iter().all(|(k, _)| *k == first_kek), "{keys:?}");
+
+    // Rotate the key-encryption key while the proxy runs (as `portcullis keys rotate` does).
+    let rotated = portcullis::crypto::Keyring::rotate(&keyring).expect("rotate");
+    let second_kek = rotated.primary_id().to_string();
+    assert_ne!(first_kek, second_kek);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let after = run_python("scenario.py", &client_args(address, &pki, &pki.client)).await;
+    let after_id = after["workflow_id"].as_str().expect("id").to_string();
+    let keys = stored_keys(&server, &after_id).await;
+    assert!(
+        keys.iter().all(|(k, _)| *k == second_kek),
+        "payloads sealed after the rotation must use the new key {second_kek}: {keys:?}"
+    );
+
+    // Payloads sealed under the old key still open through the proxy.
+    let (ok, shown, err) = temporal_cli(
+        address,
+        &pki,
+        &pki.client,
+        &[
+            "workflow",
+            "show",
+            "--workflow-id",
+            &before_id,
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    assert!(
+        !shown.contains(&b64("binary/encrypted")),
+        "old payloads no longer open: {shown}"
+    );
+    assert!(
+        shown.contains(&b64("\"Portcullis\"")),
+        "old workflow input not readable: {shown}"
+    );
+    proxy.shutdown().await;
+}

@@ -9,7 +9,6 @@ pub mod policy;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
@@ -175,59 +174,7 @@ impl PolicyStore {
     /// Reloads on SIGHUP and when a watched file changes, until the process ends.
     pub fn spawn_reloader(self: &Arc<Self>) {
         let store = self.clone();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
-        let paths = store.watched_paths();
-        let watcher_tx = tx.clone();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-                let _ = watcher_tx.try_send(());
-            }
-        });
-        let watcher = match watcher {
-            Ok(mut watcher) => {
-                use notify::Watcher as _;
-                for path in &paths {
-                    // Watch the directory: editors and config managers replace files by rename.
-                    let target = if path.is_dir() {
-                        path.as_path()
-                    } else {
-                        path.parent().unwrap_or(path)
-                    };
-                    if let Err(e) = watcher.watch(target, notify::RecursiveMode::NonRecursive) {
-                        tracing::warn!(path = %target.display(), error = %e, "cannot watch policy path; SIGHUP still reloads");
-                    }
-                }
-                Some(watcher)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "file watching unavailable; SIGHUP still reloads policies");
-                None
-            }
-        };
-        #[cfg(unix)]
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    let _ = tx.send(()).await;
-                }
-            });
-        }
-        tokio::spawn(async move {
-            let _watcher = watcher;
-            while rx.recv().await.is_some() {
-                // Let a burst of file events settle, then reload once.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                while rx.try_recv().is_ok() {}
-                match store.reload() {
-                    Ok(()) => tracing::info!("policies reloaded"),
-                    Err(e) => {
-                        tracing::error!(error = %e, "policy reload rejected; the previous policies stay in force")
-                    }
-                }
-            }
-        });
+        crate::reload::spawn_reloader("policies", self.watched_paths(), move || store.reload());
     }
 }
 

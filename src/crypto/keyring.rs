@@ -284,6 +284,68 @@ fn write_all_synced(file: &mut File, contents: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// A [`LocalKeyProvider`] that re-reads its keyring file on demand ([`ReloadingLocalProvider::reload`]),
+/// so `portcullis keys rotate` takes effect without a restart.
+pub struct ReloadingLocalProvider {
+    path: std::path::PathBuf,
+    current: std::sync::RwLock<std::sync::Arc<LocalKeyProvider>>,
+}
+
+impl ReloadingLocalProvider {
+    pub fn load(path: &Path) -> Result<Self, KeyringError> {
+        Ok(ReloadingLocalProvider {
+            path: path.to_path_buf(),
+            current: std::sync::RwLock::new(std::sync::Arc::new(LocalKeyProvider::load(path)?)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn provider(&self) -> std::sync::Arc<LocalKeyProvider> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn primary_id(&self) -> String {
+        self.provider().primary.clone()
+    }
+
+    /// Re-reads the keyring; returns whether the primary key changed. A keyring that does not
+    /// load (bad permissions, corrupt) leaves the current one in force.
+    pub fn reload(&self) -> Result<bool, KeyringError> {
+        let fresh = LocalKeyProvider::load(&self.path)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = current.primary != fresh.primary;
+        *current = std::sync::Arc::new(fresh);
+        Ok(changed)
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyProvider for ReloadingLocalProvider {
+    async fn generate_data_key(&self, namespace: &str) -> Result<DataKeyMaterial, ProviderError> {
+        self.provider().generate_data_key(namespace).await
+    }
+
+    async fn unwrap_data_key(
+        &self,
+        namespace: &str,
+        kek_id: &str,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<[u8; 32]>, ProviderError> {
+        self.provider()
+            .unwrap_data_key(namespace, kek_id, wrapped)
+            .await
+    }
+}
+
 /// The `local` provider: wraps data keys with AES-256-GCM under the keyring's KEKs.
 pub struct LocalKeyProvider {
     primary: String,

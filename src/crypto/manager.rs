@@ -157,6 +157,18 @@ impl DataKeyManager {
         &self.metrics
     }
 
+    /// Drops every namespace's current sealing key, so the next seal gets a new data key from
+    /// the provider (after its key-encryption key rotated). Keys already issued keep opening.
+    pub fn retire_sealing_keys(&self) {
+        let namespaces = self
+            .namespaces
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for slot in namespaces.values() {
+            *slot.current.write().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
     /// See [`envelope::envelope_info`].
     pub fn envelope_info(payload: &[u8]) -> Option<EnvelopeRef> {
         envelope::envelope_info(payload)

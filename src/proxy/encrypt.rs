@@ -15,7 +15,8 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
-use crate::crypto::{envelope_info, CryptoError, DataKeyManager, KeyProvider, LocalKeyProvider};
+use crate::crypto::keyring::ReloadingLocalProvider;
+use crate::crypto::{envelope_info, CryptoError, DataKeyManager, KeyProvider};
 use crate::error::ProxyError;
 use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError, WalkOptions};
 
@@ -29,6 +30,8 @@ pub struct Encryption {
     encode_failures: bool,
     on_open_failure: OpenFailurePolicy,
     upstream_max_request_bytes: usize,
+    /// Keyrings that can be reloaded, with the manager whose data keys they wrap.
+    reloadable: Vec<(Arc<ReloadingLocalProvider>, Arc<DataKeyManager>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,24 +51,30 @@ impl Encryption {
         needs_default: bool,
     ) -> Result<Encryption, EncryptionSetupError> {
         let mut by_key: HashMap<String, Arc<DataKeyManager>> = HashMap::new();
+        let mut reloadable = Vec::new();
         for (name, key) in &config.keys {
-            let provider: Arc<dyn KeyProvider> = match key {
-                KeyConfig::Local { keyring } => {
-                    Arc::new(LocalKeyProvider::load(keyring).map_err(|e| {
-                        EncryptionSetupError::Key {
-                            name: name.clone(),
-                            reason: e.to_string(),
-                        }
-                    })?)
-                }
+            let key_error = |reason: String| EncryptionSetupError::Key {
+                name: name.clone(),
+                reason,
             };
-            let manager = DataKeyManager::new(provider, config.policy()).map_err(|e| {
-                EncryptionSetupError::Key {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-            by_key.insert(name.clone(), Arc::new(manager));
+            let (provider, local): (Arc<dyn KeyProvider>, Option<Arc<ReloadingLocalProvider>>) =
+                match key {
+                    KeyConfig::Local { keyring } => {
+                        let local = Arc::new(
+                            ReloadingLocalProvider::load(keyring)
+                                .map_err(|e| key_error(e.to_string()))?,
+                        );
+                        (local.clone(), Some(local))
+                    }
+                };
+            let manager = Arc::new(
+                DataKeyManager::new(provider, config.policy())
+                    .map_err(|e| key_error(e.to_string()))?,
+            );
+            if let Some(local) = local {
+                reloadable.push((local, manager.clone()));
+            }
+            by_key.insert(name.clone(), manager);
         }
         let lookup = |key: &str| {
             by_key
@@ -98,7 +107,26 @@ impl Encryption {
             encode_failures: config.encode_failure_attributes,
             on_open_failure: config.on_open_failure,
             upstream_max_request_bytes: config.upstream_max_request_bytes,
+            reloadable,
         })
+    }
+
+    /// Reloads local keyrings when their files change (or on SIGHUP). When the primary key
+    /// changed, current data keys are retired so new payloads are sealed under the new key at
+    /// once; payloads sealed under older keys keep opening.
+    pub fn spawn_key_reloaders(&self) {
+        for (provider, manager) in &self.reloadable {
+            let (provider, manager) = (provider.clone(), manager.clone());
+            let path = provider.path().to_path_buf();
+            crate::reload::spawn_reloader("keyring", vec![path], move || {
+                let rotated = provider.reload().map_err(|e| e.to_string())?;
+                if rotated {
+                    manager.retire_sealing_keys();
+                    tracing::info!(primary = %provider.primary_id(), "keyring rotated: new data keys use the new primary key");
+                }
+                Ok(())
+            });
+        }
     }
 
     fn manager(&self, namespace: &str) -> Result<&Arc<DataKeyManager>, ProxyError> {
