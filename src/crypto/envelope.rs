@@ -8,6 +8,8 @@
 //! ciphertext), and inspecting a 2 MiB payload copies nothing. Tests check the hand-written
 //! codec against the generated one.
 
+use std::sync::Arc;
+
 use aes_gcm::aead::{AeadCore, AeadInPlace, OsRng};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use ring::digest;
@@ -44,11 +46,14 @@ pub struct EnvelopeRef {
 /// The data key id: hex of the first 8 bytes of SHA-256 of the wrapped key. Derived rather than
 /// random so that any reader can check the metadata against the envelope it describes.
 pub fn data_key_id(wrapped: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let hash = digest::digest(&digest::SHA256, wrapped);
-    hash.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut id = String::with_capacity(16);
+    for byte in &hash.as_ref()[..8] {
+        id.push(char::from(HEX[usize::from(byte >> 4)]));
+        id.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    id
 }
 
 /// Concatenates length-prefixed parts (u64 big-endian), so no two different part lists (say,
@@ -159,10 +164,6 @@ pub(crate) struct SealedView<'a> {
 }
 
 impl SealedView<'_> {
-    pub(crate) fn kek_id(&self) -> &str {
-        self.kek_id
-    }
-
     pub(crate) fn wrapped(&self) -> &[u8] {
         self.wrapped
     }
@@ -260,45 +261,73 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
     }))
 }
 
-/// Opens a parsed envelope under its data key; returns the original serialized Payload.
-pub(crate) fn open(
-    view: &SealedView<'_>,
-    cipher: &Aes256Gcm,
-    namespace: &str,
-) -> Result<Vec<u8>, CryptoError> {
-    let key_id = data_key_id(view.wrapped);
-    let cannot_open = |reason| CryptoError::CannotOpen {
-        key_id: key_id.clone(),
-        namespace: namespace.to_owned(),
-        reason,
-    };
-    // The metadata sits outside the ciphertext; it must agree with what the AAD binds.
-    if view.metadata_key_id != key_id.as_bytes() {
-        return Err(cannot_open(OpenFailure::KeyIdMismatch));
+/// Everything about opening under one data key in one namespace that does not change per
+/// payload, computed once when the key is resolved.
+pub(crate) struct Opener {
+    cipher: Arc<Aes256Gcm>,
+    kek_id: String,
+    data_key_id: String,
+    aad: Vec<u8>,
+}
+
+impl Opener {
+    pub(crate) fn new(
+        cipher: Arc<Aes256Gcm>,
+        namespace: &str,
+        kek_id: &str,
+        wrapped: &[u8],
+    ) -> Self {
+        let data_key_id = data_key_id(wrapped);
+        Opener {
+            cipher,
+            aad: associated_data(namespace, kek_id, &data_key_id),
+            kek_id: kek_id.to_owned(),
+            data_key_id,
+        }
     }
-    let aad = associated_data(namespace, view.kek_id, &key_id);
-    // parse() checked both lengths; checked again here so a slip can never panic.
-    let body_len =
-        view.ciphertext
-            .len()
-            .checked_sub(TAG_LEN)
-            .ok_or(CryptoError::MalformedEnvelope(
-                "the ciphertext is shorter than its tag",
-            ))?;
-    if view.nonce.len() != NONCE_LEN {
-        return Err(CryptoError::MalformedEnvelope("the nonce is not 12 bytes"));
+
+    /// Opens a parsed envelope; returns the original serialized Payload. The caller found this
+    /// opener by the envelope's wrapped key.
+    pub(crate) fn open(
+        &self,
+        view: &SealedView<'_>,
+        namespace: &str,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let cannot_open = |reason| CryptoError::CannotOpen {
+            key_id: self.data_key_id.clone(),
+            namespace: namespace.to_owned(),
+            reason,
+        };
+        if view.kek_id != self.kek_id {
+            return Err(cannot_open(OpenFailure::KeyNotResolved));
+        }
+        // The metadata sits outside the ciphertext; it must agree with what the AAD binds.
+        if view.metadata_key_id != self.data_key_id.as_bytes() {
+            return Err(cannot_open(OpenFailure::KeyIdMismatch));
+        }
+        // parse() checked both lengths; checked again here so a slip can never panic.
+        let body_len =
+            view.ciphertext
+                .len()
+                .checked_sub(TAG_LEN)
+                .ok_or(CryptoError::MalformedEnvelope(
+                    "the ciphertext is shorter than its tag",
+                ))?;
+        if view.nonce.len() != NONCE_LEN {
+            return Err(CryptoError::MalformedEnvelope("the nonce is not 12 bytes"));
+        }
+        let (body, tag) = view.ciphertext.split_at(body_len);
+        let mut out = body.to_vec();
+        self.cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(view.nonce),
+                &self.aad,
+                &mut out,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| cannot_open(OpenFailure::Authentication))?;
+        Ok(out)
     }
-    let (body, tag) = view.ciphertext.split_at(body_len);
-    let mut out = body.to_vec();
-    cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(view.nonce),
-            &aad,
-            &mut out,
-            Tag::from_slice(tag),
-        )
-        .map_err(|_| cannot_open(OpenFailure::Authentication))?;
-    Ok(out)
 }
 
 /// If `payload` is a Payload sealed by portcullis, what is needed to fetch its key; `None` for
@@ -488,6 +517,10 @@ mod tests {
         Aes256Gcm::new_from_slice(&[7u8; 32]).unwrap()
     }
 
+    fn opener(wrapped: &[u8]) -> Opener {
+        Opener::new(Arc::new(cipher()), "ns", "k1", wrapped)
+    }
+
     fn plain_payload(data: &[u8]) -> Vec<u8> {
         let mut payload = Payload::default();
         payload
@@ -524,7 +557,10 @@ mod tests {
         // And the reader accepts what prost writes.
         let rewritten = payload.encode_to_vec();
         let view = parse(&rewritten).unwrap().unwrap();
-        assert_eq!(open(&view, &cipher(), "ns").unwrap(), original);
+        assert_eq!(
+            opener(b"wrapped-key-bytes").open(&view, "ns").unwrap(),
+            original
+        );
     }
 
     #[test]
@@ -532,7 +568,7 @@ mod tests {
         let sealer = Sealer::new(cipher(), "ns", "k1", b"w");
         let sealed = sealer.seal(&[]).unwrap();
         let view = parse(&sealed).unwrap().unwrap();
-        assert_eq!(open(&view, &cipher(), "ns").unwrap(), Vec::<u8>::new());
+        assert_eq!(opener(b"w").open(&view, "ns").unwrap(), Vec::<u8>::new());
     }
 
     #[test]
@@ -540,7 +576,8 @@ mod tests {
         let sealer = Sealer::new(cipher(), "payments", "k1", b"w");
         let sealed = sealer.seal(&plain_payload(b"secret")).unwrap();
         let view = parse(&sealed).unwrap().unwrap();
-        let err = open(&view, &cipher(), "payments2").unwrap_err();
+        let wrong = Opener::new(Arc::new(cipher()), "payments2", "k1", b"w");
+        let err = wrong.open(&view, "payments2").unwrap_err();
         assert!(matches!(
             err,
             CryptoError::CannotOpen {

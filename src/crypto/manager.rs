@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use aes_gcm::{Aes256Gcm, Key, KeyInit};
 use moka::future::Cache;
 
-use super::envelope::{self, data_key_id, EnvelopeRef, SealedView, Sealer};
+use super::envelope::{self, data_key_id, EnvelopeRef, Opener, SealedView, Sealer};
 use super::error::{CryptoError, OpenFailure};
 use super::metrics::CryptoMetrics;
 use super::provider::{KeyProvider, ProviderError};
@@ -267,13 +267,8 @@ impl DataKeyManager {
         let mut keys = HashMap::with_capacity(resolved.len());
         for result in resolved {
             let (r, cipher) = result.inspect_err(|_| self.metrics.open_failures())?;
-            keys.insert(
-                r.wrapped_data_key,
-                OpeningKey {
-                    kek_id: r.kek_id,
-                    cipher,
-                },
-            );
+            let opener = Opener::new(cipher, namespace, &r.kek_id, &r.wrapped_data_key);
+            keys.insert(r.wrapped_data_key, opener);
         }
         Ok(OpeningKeys {
             namespace: namespace.to_owned(),
@@ -427,16 +422,11 @@ impl SealingKey {
     }
 }
 
-struct OpeningKey {
-    kek_id: String,
-    cipher: Arc<Aes256Gcm>,
-}
-
 /// Resolved data keys of one namespace; opening is sync.
 pub struct OpeningKeys {
     namespace: String,
     /// By wrapped key: exact, unlike the short data key id.
-    keys: HashMap<Vec<u8>, OpeningKey>,
+    keys: HashMap<Vec<u8>, Opener>,
     metrics: Arc<CryptoMetrics>,
 }
 
@@ -490,16 +480,14 @@ impl OpeningKeys {
     }
 
     fn open_view(&self, view: &SealedView<'_>) -> Result<Vec<u8>, CryptoError> {
-        let key = self
-            .keys
-            .get(view.wrapped())
-            .filter(|key| key.kek_id == view.kek_id())
-            .ok_or_else(|| CryptoError::CannotOpen {
+        match self.keys.get(view.wrapped()) {
+            Some(opener) => opener.open(view, &self.namespace),
+            None => Err(CryptoError::CannotOpen {
                 key_id: data_key_id(view.wrapped()),
                 namespace: self.namespace.clone(),
                 reason: OpenFailure::KeyNotResolved,
-            })?;
-        envelope::open(view, &key.cipher, &self.namespace)
+            }),
+        }
     }
 
     fn count(&self, opened: &Result<Vec<u8>, CryptoError>) {
