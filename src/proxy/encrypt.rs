@@ -16,7 +16,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
 use crate::crypto::keyring::ReloadingLocalProvider;
-use crate::crypto::{envelope_info, CryptoError, DataKeyManager, KeyProvider};
+use crate::crypto::{inspect, CryptoError, DataKeyManager, KeyProvider};
 use crate::error::ProxyError;
 use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError, WalkOptions};
 
@@ -194,9 +194,15 @@ impl Encryption {
             return Ok(None);
         }
         let mut refs = Vec::new();
+        let pass_through = self.on_open_failure == OpenFailurePolicy::PassThrough;
+        // `inspect`, not `envelope_info`: a payload marked as ours but malformed must fail the
+        // call (unless configured to pass through), not slip by unopened.
         let mut collect = |_: &walker::PayloadContext<'_>, payload: &[u8]| {
-            if let Some(reference) = envelope_info(payload) {
-                refs.push(reference);
+            match inspect(payload) {
+                Ok(Some(reference)) => refs.push(reference),
+                Ok(None) => {}
+                Err(_) if pass_through => {}
+                Err(e) => return Err(WalkError::visitor(e)),
             }
             Ok(None)
         };
@@ -221,7 +227,6 @@ impl Encryption {
             }
             Err(e) => return Err(crypto_error(e)),
         };
-        let pass_through = self.on_open_failure == OpenFailurePolicy::PassThrough;
         let mut visitor =
             |_: &walker::PayloadContext<'_>, payload: &[u8]| match keys.open_if_sealed(payload) {
                 Ok(opened) => Ok(opened),
