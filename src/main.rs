@@ -159,7 +159,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(tls) = &config.listener.tls {
                 portcullis::tls::server_config(tls)?;
             }
-            portcullis::server::build_pipeline(&config)?;
+            portcullis::server::build_pipeline(&config).await?;
             if !config.authorization.disabled {
                 config.authorization.compile()?;
             }

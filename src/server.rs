@@ -38,7 +38,7 @@ pub struct PipelineParts {
 
 /// Builds the pipeline for a config: namespace → authorization → encryption → forwarding.
 /// Each stage is boxed, so stages that a config turns off are simply left out.
-pub fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
+pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let router = Arc::new(Router::from_config(config)?);
     let mut pipeline: Pipeline =
         BoxCloneSyncService::new(Forwarder::new(router, config.limits.max_response_bytes));
@@ -54,11 +54,14 @@ pub fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
             .iter()
             .map(|ns| (ns.name.clone(), ns.encryption_key.clone()))
             .collect();
-        let encryption = Arc::new(Encryption::new(
-            &config.encryption,
-            &namespace_keys,
-            config.routing.default_upstream.is_some(),
-        )?);
+        let encryption = Arc::new(
+            Encryption::new(
+                &config.encryption,
+                &namespace_keys,
+                config.routing.default_upstream.is_some(),
+            )
+            .await?,
+        );
         pipeline = BoxCloneSyncService::new(EncryptLayer::new(encryption.clone()).layer(pipeline));
         Some(encryption)
     };
@@ -153,7 +156,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         pipeline,
         policies,
         encryption,
-    } = build_pipeline(&config)?;
+    } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
     }

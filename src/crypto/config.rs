@@ -60,6 +60,8 @@ pub enum KeyConfig {
     /// A keyring file created by `portcullis keys init` (versioned 256-bit keys; the primary
     /// seals, older ones still open). Must not be readable by group or others.
     Local { keyring: PathBuf },
+    /// AWS KMS (GenerateDataKey / Decrypt with the namespace in the encryption context).
+    AwsKms(super::aws_kms::AwsKmsConfig),
 }
 
 fn yes() -> bool {
@@ -111,7 +113,7 @@ impl EncryptionConfig {
                 KeyConfig::Local { keyring } if keyring.is_relative() => {
                     *keyring = base.join(&*keyring)
                 }
-                KeyConfig::Local { .. } => {}
+                KeyConfig::Local { .. } | KeyConfig::AwsKms(_) => {}
             }
         }
     }

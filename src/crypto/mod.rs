@@ -3,12 +3,13 @@
 //! - [`envelope`]: the v1 wire format (a Payload wrapping a `portcullis.v1.Envelope`), AES-256-GCM
 //!   over the whole original Payload, with the namespace and key ids bound as associated data.
 //! - [`provider`]: key-encryption keys behind the [`KeyProvider`] trait; [`keyring`] is the
-//!   `local` provider (a keyring file).
+//!   `local` provider (a keyring file), [`aws_kms`] the `aws-kms` provider (AWS KMS).
 //! - [`manager`]: per-namespace data keys, rotation, single-flight generation and the cache of
 //!   unwrapped keys, with sync [`SealingKey::seal`] and [`OpeningKeys::open`] for the walker.
 //!
 //! Fail closed: every failure is an error; there is no path that returns plaintext instead.
 
+pub mod aws_kms;
 pub mod config;
 pub mod envelope;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/portcullis.v1.rs"));
 }
 
+pub use aws_kms::{AwsKmsConfig, AwsKmsError, AwsKmsProvider, StaticCredentials};
 pub use envelope::{envelope_info, inspect, EnvelopeRef};
 pub use error::{CryptoError, OpenFailure};
 pub use keyring::{Keyring, KeyringError, LocalKeyProvider};

@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderValue};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
+use crate::crypto::aws_kms::AwsKmsProvider;
 use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
 use crate::crypto::keyring::ReloadingLocalProvider;
 use crate::crypto::{inspect, CryptoError, DataKeyManager, KeyProvider};
@@ -45,7 +46,7 @@ pub enum EncryptionSetupError {
 impl Encryption {
     /// Builds one data key manager per configured key; `namespace_keys` maps each served
     /// namespace to its key name (None: the default key).
-    pub fn new(
+    pub async fn new(
         config: &EncryptionConfig,
         namespace_keys: &[(String, Option<String>)],
         needs_default: bool,
@@ -65,6 +66,12 @@ impl Encryption {
                                 .map_err(|e| key_error(e.to_string()))?,
                         );
                         (local.clone(), Some(local))
+                    }
+                    KeyConfig::AwsKms(kms) => {
+                        let provider = AwsKmsProvider::new(kms)
+                            .await
+                            .map_err(|e| key_error(e.to_string()))?;
+                        (Arc::new(provider), None)
                     }
                 };
             let manager = Arc::new(
