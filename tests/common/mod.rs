@@ -2,6 +2,8 @@
 //! Every process started here is killed when its handle drops (also when a test panics).
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
