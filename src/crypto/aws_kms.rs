@@ -476,29 +476,23 @@ mod tests {
 
     #[test]
     fn validate_rejects_unusable_configs() {
+        type Change = fn(&mut AwsKmsConfig);
         let ok = AwsKmsConfig::new("k", "r");
-        let cases: Vec<(&str, Box<dyn Fn(&mut AwsKmsConfig)>)> = vec![
-            ("empty key", Box::new(|c| c.key_id = " ".into())),
-            ("empty region", Box::new(|c| c.region.clear())),
-            (
-                "bad endpoint",
-                Box::new(|c| c.endpoint = Some("127.0.0.1:4566".into())),
-            ),
-            ("zero timeout", Box::new(|c| c.timeout = Duration::ZERO)),
-            (
-                "long timeout",
-                Box::new(|c| c.timeout = Duration::from_secs(3600)),
-            ),
-            (
-                "empty secret",
-                Box::new(|c| {
-                    c.credentials = Some(StaticCredentials {
-                        access_key_id: "a".into(),
-                        secret_access_key: String::new(),
-                        session_token: None,
-                    })
-                }),
-            ),
+        let cases: [(&str, Change); 6] = [
+            ("empty key", |c| c.key_id = " ".into()),
+            ("empty region", |c| c.region.clear()),
+            ("bad endpoint", |c| {
+                c.endpoint = Some("127.0.0.1:4566".into())
+            }),
+            ("zero timeout", |c| c.timeout = Duration::ZERO),
+            ("long timeout", |c| c.timeout = Duration::from_secs(3600)),
+            ("empty secret", |c| {
+                c.credentials = Some(StaticCredentials {
+                    access_key_id: "a".into(),
+                    secret_access_key: String::new(),
+                    session_token: None,
+                })
+            }),
         ];
         for (name, change) in cases {
             let mut config = ok.clone();
