@@ -278,3 +278,130 @@ async fn keys_rotate_while_workflows_run_and_old_payloads_still_open() {
     );
     proxy.shutdown().await;
 }
+
+fn start_request(workflow_id: &str, text: &str) -> wf::StartWorkflowExecutionRequest {
+    use temporalio_protos::protos::temporal::api::common::v1::{Payload, Payloads, WorkflowType};
+    use temporalio_protos::protos::temporal::api::taskqueue::v1::TaskQueue;
+    wf::StartWorkflowExecutionRequest {
+        namespace: "default".into(),
+        workflow_id: workflow_id.into(),
+        workflow_type: Some(WorkflowType {
+            name: "KmsWorkflow".into(),
+        }),
+        task_queue: Some(TaskQueue {
+            name: "kms-queue".into(),
+            ..Default::default()
+        }),
+        input: Some(Payloads {
+            payloads: vec![Payload {
+                metadata: [("encoding".to_string(), b"json/plain".to_vec())].into(),
+                data: format!("\"{text}\"").into_bytes(),
+                ..Default::default()
+            }],
+        }),
+        request_id: format!("req-{workflow_id}"),
+        ..Default::default()
+    }
+}
+
+fn signal_process(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_provider_outage_fails_closed_and_recovers() {
+    use common::moto::Moto;
+    use portcullis::crypto::config::KeyConfig;
+
+    let moto = Moto::start().await;
+    let key = moto.create_key(None).await;
+    let server = DevServer::start(&[]).await;
+    let db = server.dir.path().join("temporal.db");
+    let pki = Pki::new();
+    let mut config = proxy_config(&pki, &server.address(), &["default"]);
+    config
+        .encryption
+        .keys
+        .insert("kms".into(), KeyConfig::AwsKms(moto.config(&key)));
+    config.encryption.default_key = Some("kms".into());
+    // Every request needs a fresh data key from KMS, so an outage shows at once.
+    config.encryption.data_key_max_seals = 1;
+    let proxy = start_proxy(config).await;
+    let address = proxy.local_addr().expect("tcp");
+    let mut client = workflow_client(address, &pki, &pki.client).await;
+    let tag = std::process::id();
+
+    client
+        .start_workflow_execution(start_request("kms-before", &format!("kms-before-{tag}")))
+        .await
+        .expect("start with KMS up");
+
+    // KMS stops answering (frozen, so its keys survive for the recovery).
+    let pid = moto.child.id().expect("moto pid");
+    signal_process(pid, "-STOP");
+    let during = format!("kms-during-{tag}");
+    let status = client
+        .start_workflow_execution(start_request("kms-during", &during))
+        .await
+        .expect_err("no sealing key while KMS is down");
+    signal_process(pid, "-CONT");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("key provider"),
+        "unclear message: {status:?}"
+    );
+    // Nothing was forwarded: no workflow, no plaintext.
+    assert_eq!(occurrences(&db, &during), 0);
+    let mut direct = wf::workflow_service_client::WorkflowServiceClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.address()))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let missing = direct
+        .describe_workflow_execution(wf::DescribeWorkflowExecutionRequest {
+            namespace: "default".into(),
+            execution: Some(
+                temporalio_protos::protos::temporal::api::common::v1::WorkflowExecution {
+                    workflow_id: "kms-during".into(),
+                    run_id: String::new(),
+                },
+            ),
+        })
+        .await
+        .expect_err("the refused workflow must not exist");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    // KMS is back: calls succeed again without a restart, and earlier payloads open.
+    client
+        .start_workflow_execution(start_request("kms-after", &format!("kms-after-{tag}")))
+        .await
+        .expect("start after KMS recovered");
+    let (ok, shown, err) = temporal_cli(
+        address,
+        &pki,
+        &pki.client,
+        &[
+            "workflow",
+            "show",
+            "--workflow-id",
+            "kms-before",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    assert!(
+        shown.contains(&b64(&format!("\"kms-before-{tag}\""))),
+        "{shown}"
+    );
+    assert_eq!(occurrences(&db, &format!("kms-before-{tag}")), 0);
+    assert_eq!(occurrences(&db, &format!("kms-after-{tag}")), 0);
+    proxy.shutdown().await;
+}

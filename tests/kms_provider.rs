@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use portcullis::crypto::{Clock, CryptoError, DataKeyManager, DataKeyPolicy, KeyProvider, ProviderError};
+use portcullis::crypto::{
+    Clock, CryptoError, DataKeyManager, DataKeyPolicy, KeyProvider, ProviderError,
+};
 use prost::Message;
 use temporalio_protos::temporal::api::common::v1::Payload;
 mod common;

@@ -124,4 +124,3 @@ impl Moto {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
-
