@@ -345,21 +345,10 @@ pub fn inspect(payload: &[u8]) -> Result<Option<EnvelopeRef>, CryptoError> {
 
 // --- protobuf wire format: the little that is needed, bounds-checked, no allocation ---
 
-fn varint_len(value: u64) -> usize {
-    // 7 bits per byte; 0 still takes one byte.
-    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
-}
+use crate::payload::wire::{put_varint, varint_len};
 
 fn len_field_len(len: usize) -> usize {
     1 + varint_len(len as u64) + len
-}
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
 }
 
 /// Appends a length-delimited field; field numbers here are all below 16 (one-byte tags).
