@@ -1,0 +1,121 @@
+// One fuzz input through the proxy's request path. Shared (via `include!`) by the cargo-fuzz
+// target `fuzz/fuzz_targets/grpc_walker.rs` and the replay test `tests/fuzz_corpus.rs`, so both
+// run exactly the same code. Nothing here may panic, whatever the bytes; errors are fine.
+//
+// Input layout:
+//   byte 0: bit 0 selects the grpc-encoding (0 = identity, 1 = gzip)
+//   byte 1: method selector, an index (mod count) into the forwarded methods sorted by path
+//   rest:   the HTTP/2 request body (a 5-byte-framed message); when it does not decode as one
+//           frame, the rest is walked as the raw message instead.
+
+use bytes::Bytes;
+use portcullis::grpc::frame::{decode_unary, Direction, Encoding};
+use portcullis::payload::walker::{
+    rewrite_named, rewrite_status_details_with, FailureMode, PayloadContext, PayloadIndex,
+    WalkError, WalkOptions,
+};
+use portcullis::payload::wire::validate_and_find_string;
+use portcullis::schema::{MethodInfo, Schema};
+
+/// Frame/decompression limit, as configured in the proxy by default.
+pub const LIMIT: usize = 4 * 1024 * 1024;
+
+/// What the encode visitor appends to every Payload: one more `metadata` map entry
+/// (field 1, {key "fz": value 0x01}), a valid protobuf extension of any Payload.
+pub const SUFFIX: &[u8] = &[0x0a, 0x07, 0x0a, 0x02, b'f', b'z', 0x12, 0x01, 0x01];
+
+/// The forwarded methods in a stable order (the schema keeps them in a HashMap).
+pub fn sorted_methods() -> Vec<&'static MethodInfo> {
+    let mut methods: Vec<&'static MethodInfo> = Schema::global().methods().collect();
+    methods.sort_by(|a, b| a.path.cmp(&b.path));
+    methods
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub method: &'static str,
+    /// The body decoded as one gRPC frame (otherwise the raw bytes were walked).
+    pub framed: bool,
+    /// The message that was walked.
+    pub message: Vec<u8>,
+    pub namespace: Result<Option<String>, String>,
+    /// Request pass (FailureMode::Encode, sealing-like visitor): the rewritten message, if any.
+    pub encoded: Result<Option<Vec<u8>>, String>,
+    /// Response pass over the request pass's output (FailureMode::Decode, unwrapping visitor).
+    pub decoded: Result<Option<Vec<u8>>, String>,
+    pub status_details: Result<Option<Vec<u8>>, String>,
+    pub payloads_seen: usize,
+}
+
+pub fn one_input(data: &[u8]) -> Option<Outcome> {
+    if data.len() < 2 {
+        return None;
+    }
+    let encoding = if data[0] & 1 == 0 {
+        Encoding::Identity
+    } else {
+        Encoding::Gzip
+    };
+    let methods = sorted_methods();
+    let method = methods[usize::from(data[1]) % methods.len()];
+    let body = Bytes::copy_from_slice(&data[2..]);
+
+    let (framed, message) = match decode_unary(&body, encoding, LIMIT, Direction::Request) {
+        Ok(Some(msg)) => (true, msg),
+        _ => (false, body.clone()),
+    };
+
+    let namespace = validate_and_find_string(&message, method.namespace_field)
+        .map(|ns| ns.map(str::to_string))
+        .map_err(|e| e.to_string());
+
+    let index = PayloadIndex::global();
+    let mut seen = 0usize;
+    // Request side: replace every payload with a modified copy (like sealing does).
+    let mut seal = |ctx: &PayloadContext<'_>, payload: &[u8]| -> Result<Option<Vec<u8>>, WalkError> {
+        seen += 1;
+        let _ = (ctx.to_string(), ctx.root_message(), ctx.field_name());
+        let _ = ctx.is_encoded_failure_attributes();
+        let mut out = Vec::with_capacity(payload.len() + SUFFIX.len());
+        out.extend_from_slice(payload);
+        out.extend_from_slice(SUFFIX);
+        Ok(Some(out))
+    };
+    // Response side: undo the request side (like opening does); leave anything else alone.
+    let mut open = |ctx: &PayloadContext<'_>, payload: &[u8]| -> Result<Option<Vec<u8>>, WalkError> {
+        let _ = format!("{ctx:?}");
+        Ok(payload.strip_suffix(SUFFIX).map(<[u8]>::to_vec))
+    };
+    let encode_opts = WalkOptions::with_failures(FailureMode::Encode);
+    let decode_opts = WalkOptions::with_failures(FailureMode::Decode);
+    let name = method.input.full_name();
+
+    let encoded = rewrite_named(index, name, &message, &mut seal, &encode_opts);
+    let decoded = match &encoded {
+        Ok(out) => {
+            let sealed: &[u8] = out.as_deref().unwrap_or(&message);
+            rewrite_named(index, name, sealed, &mut open, &decode_opts).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(format!("not run: {e}")),
+    };
+    let encoded = encoded.map_err(|e| e.to_string());
+
+    // grpc-status-details-bin (google.rpc.Status) over the same bytes, both directions.
+    let status_details = rewrite_status_details_with(index, &message, &mut seal, &encode_opts)
+        .and_then(|out| {
+            let sealed: &[u8] = out.as_deref().unwrap_or(&message);
+            rewrite_status_details_with(index, sealed, &mut open, &decode_opts)
+        })
+        .map_err(|e| e.to_string());
+
+    Some(Outcome {
+        method: &method.path,
+        framed,
+        message: message.to_vec(),
+        namespace,
+        encoded,
+        decoded,
+        status_details,
+        payloads_seen: seen,
+    })
+}
