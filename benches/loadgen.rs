@@ -86,6 +86,9 @@ struct Args {
     connections: usize,
     audit_log: String,
     encryption: bool,
+    /// Also measure the proxy without encryption, without authorization, and with neither, in
+    /// the same run (fake target).
+    stages: bool,
     /// Worker threads of the proxy's runtime (default: like the binary, one per core).
     proxy_threads: Option<usize>,
 }
@@ -103,6 +106,8 @@ usage: cargo bench --bench loadgen -- [options]
   --connections N          HTTP/2 connections per client (default 1, like one gRPC channel)
   --audit-log off|file|stderr  the proxy's authorization audit log (default file, in a temp dir)
   --encryption on|off      payload encryption in the proxy (default on, a local keyring)
+  --stages                 fake target: also measure proxies without encryption, without
+                           authorization, and with neither, in the same run
   --proxy-threads N        worker threads for the proxy's runtime (default: one per core, like the binary)
   --bench                  ignored (cargo passes it)";
 
@@ -118,6 +123,7 @@ fn parse_args() -> anyhow::Result<Args> {
         connections: 1,
         audit_log: "file".into(),
         encryption: true,
+        stages: false,
         proxy_threads: None,
     };
     let mut it = std::env::args().skip(1);
@@ -174,6 +180,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.proxy_threads =
                     Some(count(value("--proxy-threads")?, "--proxy-threads")?.max(1))
             }
+            "--stages" => args.stages = true,
             "--encryption" => {
                 args.encryption = match value("--encryption")?.as_str() {
                     "on" => true,
@@ -932,6 +939,7 @@ async fn start_proxy(
     upstream: SocketAddr,
     audit_log: &str,
     encryption: bool,
+    authorization_on: bool,
 ) -> anyhow::Result<RunningProxy> {
     let text = format!(
         r#"
@@ -984,6 +992,11 @@ name = "{NAMESPACE}"
 writers = ["loadgen-client"]
 "#
     );
+    let authorization = if authorization_on {
+        authorization
+    } else {
+        "\n[authorization]\ndisabled = true\n".to_string()
+    };
     let encryption = if encryption {
         let keyring = pki.dir().join("keyring.toml");
         if !keyring.exists() {
@@ -1286,10 +1299,44 @@ async fn run_fake(
 ) -> anyhow::Result<Vec<Row>> {
     let plain = FakeUpstream::start(fake_rt, None)?;
     let mtls = FakeUpstream::start(fake_rt, Some(&pki.server_tls()))?;
-    let proxy = start_proxy(proxy_rt, pki, plain.addr, &args.audit_log, args.encryption).await?;
+    let proxy = start_proxy(
+        proxy_rt,
+        pki,
+        plain.addr,
+        &args.audit_log,
+        args.encryption,
+        true,
+    )
+    .await?;
     let proxy_addr = proxy
         .local_addr()
         .ok_or_else(|| anyhow!("the proxy has no TCP address"))?;
+    // Stage variants: (path label, encryption, authorization).
+    let variants: &[(&'static str, bool, bool)] = if args.stages {
+        &[
+            ("proxy-no-encryption", false, true),
+            ("proxy-no-authz", true, false),
+            ("proxy-bare", false, false),
+        ]
+    } else {
+        &[]
+    };
+    let mut extra = Vec::new();
+    for (label, encryption, authorization) in variants {
+        let proxy = start_proxy(
+            proxy_rt,
+            pki,
+            plain.addr,
+            &args.audit_log,
+            *encryption,
+            *authorization,
+        )
+        .await?;
+        let addr = proxy
+            .local_addr()
+            .ok_or_else(|| anyhow!("the proxy has no TCP address"))?;
+        extra.push((*label, proxy, addr));
+    }
     let mut rows = Vec::new();
     let outcome: anyhow::Result<()> = async {
         for concurrency in concurrency_points(args) {
@@ -1318,11 +1365,21 @@ async fn run_fake(
                 .await?,
             );
             rows.push(measure(args, requests, "fake", "proxy-mtls", &proxied, concurrency).await?);
+            for (label, _, addr) in &extra {
+                let endpoint = Endpoint {
+                    addr: *addr,
+                    tls: Some(client_tls.clone()),
+                };
+                rows.push(measure(args, requests, "fake", *label, &endpoint, concurrency).await?);
+            }
         }
         Ok(())
     }
     .await;
     stop_proxy(proxy_rt, proxy).await;
+    for (_, proxy, _) in extra {
+        stop_proxy(proxy_rt, proxy).await;
+    }
     drop((plain, mtls));
     outcome.map(|()| rows)
 }
@@ -1381,6 +1438,7 @@ async fn run_dev(
             server.address,
             &args.audit_log,
             args.encryption,
+            true,
         )
         .await?;
         let proxied = Endpoint {
