@@ -1370,7 +1370,7 @@ async fn run_fake(
                     addr: *addr,
                     tls: Some(client_tls.clone()),
                 };
-                rows.push(measure(args, requests, "fake", *label, &endpoint, concurrency).await?);
+                rows.push(measure(args, requests, "fake", label, &endpoint, concurrency).await?);
             }
         }
         Ok(())

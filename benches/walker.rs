@@ -3,7 +3,10 @@
 
 use std::hint::black_box;
 
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng};
+use aes_gcm::Aes256Gcm;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use portcullis::crypto::{DataKeyManager, DataKeyPolicy, Keyring, LocalKeyProvider};
 use portcullis::payload::walker::{rewrite, PayloadContext, PayloadIndex, WalkError};
 use portcullis::schema::Schema;
 use prost::Message as _;
@@ -220,6 +223,47 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("prost_decode_encode", |b| {
         b.iter(|| typed_rewrite(black_box(&bytes)))
+    });
+
+    // The real thing: seal every payload of the page (walker + envelope + AES-256-GCM), next to
+    // raw AES-256-GCM over the same payload bytes, one buffer per payload.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let manager = DataKeyManager::new(
+        std::sync::Arc::new(LocalKeyProvider::new(&Keyring::generate())),
+        DataKeyPolicy::default(),
+    )
+    .expect("manager");
+    let key = runtime
+        .block_on(manager.sealing_key("bench"))
+        .expect("sealing key");
+    let mut sizes = Vec::new();
+    let mut collect = |_: &PayloadContext<'_>, p: &[u8]| {
+        sizes.push(p.len());
+        Ok(None)
+    };
+    let _ = rewrite(index, &message, &bytes, &mut collect);
+    let payload_bytes: usize = sizes.iter().sum();
+    eprintln!(
+        "history page: {} payloads, {payload_bytes} payload bytes",
+        sizes.len()
+    );
+    group.bench_function("walker_seal_page", |b| {
+        b.iter(|| {
+            let mut seal = |_: &PayloadContext<'_>, p: &[u8]| {
+                key.seal(p).map(Some).map_err(WalkError::visitor)
+            };
+            rewrite(index, &message, black_box(&bytes), &mut seal)
+        })
+    });
+    let cipher = Aes256Gcm::new(&Aes256Gcm::generate_key(OsRng));
+    let buffers: Vec<Vec<u8>> = sizes.iter().map(|n| vec![7u8; *n]).collect();
+    group.bench_function("raw_aes_gcm_same_payloads", |b| {
+        b.iter(|| {
+            for buffer in &buffers {
+                let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+                let _ = black_box(cipher.encrypt(&nonce, buffer.as_slice()));
+            }
+        })
     });
     group.finish();
 }
