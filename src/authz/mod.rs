@@ -82,7 +82,7 @@ impl AuthorizationConfig {
         if let Some(dir) = &self.policy_dir {
             document.namespaces.extend(policy::read_policy_dir(dir)?);
         }
-        PolicySet::compile(&document)
+        PolicySet::compile(&document).map(|set| set.with_identity_sources(self.identity.clone()))
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {
@@ -127,13 +127,6 @@ impl PolicyStore {
         match self.current.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub fn identity_sources(&self) -> Vec<IdentitySource> {
-        match self.settings.read() {
-            Ok(guard) => guard.identity.clone(),
-            Err(poisoned) => poisoned.into_inner().identity.clone(),
         }
     }
 
@@ -223,8 +216,8 @@ where
     }
 
     fn call(&mut self, request: GrpcRequest) -> CallFuture {
-        let identity = identity_of(&request.peer.names, &self.store.identity_sources());
         let policies = self.store.current();
+        let identity = policies.identity_of(&request.peer.names);
         let method = request.method;
         let listing_namespaces = method.path == LIST_NAMESPACES;
         let (scope, level) = if listing_namespaces {

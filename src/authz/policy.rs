@@ -128,6 +128,8 @@ pub enum PolicyError {
 /// A compiled, validated set of policies.
 #[derive(Debug, Default)]
 pub struct PolicySet {
+    /// Which certificate names identify a caller, swapped together with the policies on reload.
+    identity_sources: Vec<IdentitySource>,
     groups: HashMap<String, Vec<Pattern>>,
     system: CompiledGrants,
     namespaces: HashMap<String, CompiledGrants>,
@@ -259,10 +261,22 @@ impl PolicySet {
             }
         }
         Ok(PolicySet {
+            identity_sources: default_identity_sources(),
             groups,
             system,
             namespaces,
         })
+    }
+
+    /// Sets which certificate names identify a caller (default: SPIFFE, DNS, email, CN).
+    pub fn with_identity_sources(mut self, sources: Vec<IdentitySource>) -> PolicySet {
+        self.identity_sources = sources;
+        self
+    }
+
+    /// The name the caller with these certificate names is known by.
+    pub fn identity_of(&self, names: &CertificateNames) -> String {
+        identity_of(names, &self.identity_sources)
     }
 
     fn highest_role(&self, grants: &CompiledGrants, identity: &str) -> Option<Role> {

@@ -90,43 +90,41 @@ async fn read_call(
     peer: Arc<PeerInfo>,
     limit: usize,
 ) -> Result<GrpcRequest, ProxyError> {
-    {
-        let (parts, body) = request.into_parts();
-        let method = Schema::global()
-            .method(parts.uri.path())
-            .ok_or_else(|| ProxyError::UnknownMethod(parts.uri.path().to_string()))?;
-        if method.streaming {
-            return Err(ProxyError::StreamingNotSupported(method.path.clone()));
-        }
-        if !headers::is_grpc_content_type(&parts.headers) {
-            let content_type = parts
-                .headers
-                .get(CONTENT_TYPE)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .unwrap_or_default();
-            return Err(ProxyError::NotGrpc(content_type));
-        }
-        let encoding = Encoding::from_header(parts.headers.get(GRPC_ENCODING))?;
-        let deadline = match parts.headers.get(GRPC_TIMEOUT) {
-            Some(value) => {
-                let timeout = headers::parse_timeout(value)?;
-                Some((tokio::time::Instant::now() + timeout, timeout))
-            }
-            None => None,
-        };
-        let body = read_body(body, limit).await?;
-        let message = frame::decode_unary(&body, encoding, limit, Direction::Request)
-            .map_err(|e| e.into_request_error())?
-            .ok_or(ProxyError::MalformedFrame("no request message"))?;
-        Ok(GrpcRequest {
-            method,
-            headers: headers::request_headers_for_upstream(&parts.headers),
-            message,
-            deadline,
-            namespace: None,
-            peer,
-        })
+    let (parts, body) = request.into_parts();
+    let method = Schema::global()
+        .method(parts.uri.path())
+        .ok_or_else(|| ProxyError::UnknownMethod(parts.uri.path().to_string()))?;
+    if method.streaming {
+        return Err(ProxyError::StreamingNotSupported(method.path.clone()));
     }
+    if !headers::is_grpc_content_type(&parts.headers) {
+        let content_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        return Err(ProxyError::NotGrpc(content_type));
+    }
+    let encoding = Encoding::from_header(parts.headers.get(GRPC_ENCODING))?;
+    let deadline = match parts.headers.get(GRPC_TIMEOUT) {
+        Some(value) => {
+            let timeout = headers::parse_timeout(value)?;
+            Some((tokio::time::Instant::now() + timeout, timeout))
+        }
+        None => None,
+    };
+    let body = read_body(body, limit).await?;
+    let message = frame::decode_unary(&body, encoding, limit, Direction::Request)
+        .map_err(|e| e.into_request_error())?
+        .ok_or(ProxyError::MalformedFrame("no request message"))?;
+    Ok(GrpcRequest {
+        method,
+        headers: headers::request_headers_for_upstream(&parts.headers),
+        message,
+        deadline,
+        namespace: None,
+        peer,
+    })
 }
 
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
