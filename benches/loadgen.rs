@@ -25,9 +25,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -35,7 +33,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -49,6 +46,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use portcullis::config::{Config, ServerTls};
+use portcullis::grpc::GrpcBody;
 use portcullis::server::RunningProxy;
 use portcullis::tls::pki::{CertAuthority, LeafSpec, Usage};
 use temporalio_protos::temporal::api::common::v1 as common;
@@ -711,35 +709,6 @@ fn percent_decode(text: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // The fake upstream
 
-/// A unary gRPC response body: one data frame, then trailers.
-struct UnaryBody {
-    data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-}
-
-impl Body for UnaryBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(data) = self.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
-    }
-}
-
 /// Canned, framed responses by request path (anything else gets an empty message).
 fn canned_responses() -> HashMap<String, Bytes> {
     let describe = ws::DescribeNamespaceResponse {
@@ -783,7 +752,7 @@ fn canned_responses() -> HashMap<String, Bytes> {
 async fn fake_respond(
     request: Request<Incoming>,
     canned: Arc<HashMap<String, Bytes>>,
-) -> Result<Response<UnaryBody>, Infallible> {
+) -> Result<Response<GrpcBody>, Infallible> {
     let data = canned
         .get(request.uri().path())
         .cloned()
@@ -794,10 +763,7 @@ async fn fake_respond(
         "grpc-status",
         HeaderValue::from_static(if ok { "0" } else { "13" }),
     );
-    let mut response = Response::new(UnaryBody {
-        data: ok.then_some(data),
-        trailers: Some(trailers),
-    });
+    let mut response = Response::new(GrpcBody::new(ok.then_some(data), Some(trailers)));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
