@@ -171,12 +171,7 @@ async fn no_payload_reaches_the_server_in_plaintext() {
 async fn stored_keys(server: &DevServer, workflow_id: &str) -> Vec<(String, String)> {
     use portcullis::payload::walker::{self, PayloadIndex, WalkOptions};
     use prost::Message;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.address()))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect directly");
-    let mut client = wf::workflow_service_client::WorkflowServiceClient::new(channel);
+    let mut client = server.direct_client().await;
     let history = client
         .get_workflow_execution_history(wf::GetWorkflowExecutionHistoryRequest {
             namespace: "default".into(),
@@ -356,13 +351,7 @@ async fn a_key_provider_outage_fails_closed_and_recovers() {
     );
     // Nothing was forwarded: no workflow, no plaintext.
     assert_eq!(occurrences(&db, &during), 0);
-    let mut direct = wf::workflow_service_client::WorkflowServiceClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", server.address()))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect"),
-    );
+    let mut direct = server.direct_client().await;
     let missing = direct
         .describe_workflow_execution(wf::DescribeWorkflowExecutionRequest {
             namespace: "default".into(),

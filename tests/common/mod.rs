@@ -168,6 +168,18 @@ impl DevServer {
         self.server.address.to_string()
     }
 
+    /// A plaintext client straight to the server, bypassing the proxy (to see what it stores).
+    pub async fn direct_client(
+        &self,
+    ) -> wf::workflow_service_client::WorkflowServiceClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address()))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect directly to the dev server");
+        wf::workflow_service_client::WorkflowServiceClient::new(channel)
+    }
+
     /// Stops the server but keeps its directory, for a restart.
     pub async fn stop(self) -> (u16, TempDir) {
         self.server.stop().await;
