@@ -43,6 +43,8 @@ pub enum ProxyError {
         address: String,
         reason: String,
     },
+    #[error("upstream {upstream} has no usable client credential: {reason}")]
+    UpstreamCredentials { upstream: String, reason: String },
     #[error("upstream {upstream} answered with HTTP status {status}")]
     UpstreamHttpStatus { upstream: String, status: u16 },
     #[error("upstream {upstream} sent a malformed response: {reason}")]
@@ -78,7 +80,7 @@ impl ProxyError {
             MessageTooLarge { .. } => Code::ResourceExhausted,
             UnknownNamespace(_) => Code::NotFound,
             NoSystemUpstream(_) => Code::Unimplemented,
-            UpstreamUnavailable { .. } => Code::Unavailable,
+            UpstreamUnavailable { .. } | UpstreamCredentials { .. } => Code::Unavailable,
             UpstreamHttpStatus { status, .. } => http_status_to_code(*status),
             UpstreamProtocol { .. } => Code::Internal,
             DeadlineExceeded(_) => Code::DeadlineExceeded,

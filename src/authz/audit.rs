@@ -180,7 +180,10 @@ mod tests {
         // An idle log writes its line within about one interval.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while std::fs::read_to_string(&path).unwrap().lines().count() < 1 {
-            assert!(std::time::Instant::now() < deadline, "idle line not written");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "idle line not written"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         for i in 1..5000 {

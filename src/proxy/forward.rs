@@ -4,8 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::CONTENT_TYPE;
-use http::{HeaderValue, Request};
-use http_body_util::{BodyExt, Full, Limited};
+use http::HeaderValue;
 use tower::Service;
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
@@ -13,7 +12,7 @@ use crate::error::ProxyError;
 use crate::grpc::frame::{self, Direction, Encoding, FrameError, HEADER_LEN};
 use crate::grpc::headers::{self, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_TIMEOUT};
 use crate::schema::Scope;
-use crate::upstream::{Router, Upstream};
+use crate::upstream::{BodyError, Router, Upstream};
 
 #[derive(Debug, Clone)]
 pub struct Forwarder {
@@ -66,7 +65,7 @@ impl Service<GrpcRequest> for Forwarder {
 }
 
 async fn forward(
-    upstream: &Upstream,
+    upstream: &Arc<Upstream>,
     request: GrpcRequest,
     max_response_bytes: usize,
 ) -> Result<GrpcResponse, ProxyError> {
@@ -74,17 +73,7 @@ async fn forward(
         upstream: upstream.name.clone(),
         reason,
     };
-    let uri = upstream
-        .uri_for(&request.method.path)
-        .map_err(|e| protocol_error(format!("cannot build request URI: {e}")))?;
-    let mut http_request = Request::post(uri)
-        .body(Full::new(frame::encode(
-            &request.message,
-            Encoding::Identity,
-        )))
-        .map_err(|e| protocol_error(e.to_string()))?;
-    let headers = http_request.headers_mut();
-    *headers = request.headers;
+    let mut headers = request.headers;
     if !headers.contains_key(CONTENT_TYPE) {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     }
@@ -97,9 +86,10 @@ async fn forward(
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         headers.insert(GRPC_TIMEOUT, headers::format_timeout(remaining));
     }
+    let body = frame::encode(&request.message, Encoding::Identity);
 
-    let response = upstream.send(http_request).await?;
-    let (parts, body) = response.into_parts();
+    let response = upstream.send(&request.method.path, &headers, body).await?;
+    let parts = response.head;
     if parts.status != http::StatusCode::OK {
         return Err(ProxyError::UpstreamHttpStatus {
             upstream: upstream.name.clone(),
@@ -111,26 +101,22 @@ async fn forward(
     }
     let encoding = Encoding::from_header(parts.headers.get(GRPC_ENCODING))
         .map_err(|e| protocol_error(e.to_string()))?;
-    let collected = Limited::new(body, max_response_bytes + HEADER_LEN)
-        .collect()
+    let (body, trailers) = response
+        .body
+        .collect(max_response_bytes + HEADER_LEN)
         .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                ProxyError::MessageTooLarge {
-                    what: "response",
-                    size: format!("more than {max_response_bytes} bytes"),
-                    limit: max_response_bytes,
-                }
-            } else {
-                ProxyError::UpstreamUnavailable {
-                    upstream: upstream.name.clone(),
-                    address: upstream.address.clone(),
-                    reason: format!("response interrupted: {e}"),
-                }
-            }
+        .map_err(|e| match e {
+            BodyError::TooLarge => ProxyError::MessageTooLarge {
+                what: "response",
+                size: format!("more than {max_response_bytes} bytes"),
+                limit: max_response_bytes,
+            },
+            BodyError::Interrupted(reason) => ProxyError::UpstreamUnavailable {
+                upstream: upstream.name.clone(),
+                address: upstream.address.clone(),
+                reason: format!("response interrupted: {reason}"),
+            },
         })?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    let body = collected.to_bytes();
     let message = frame::decode_unary(&body, encoding, max_response_bytes, Direction::Response)
         .map_err(|e| match e {
             FrameError::Malformed(reason) => protocol_error(reason.to_string()),

@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::config::{ServerTls, UpstreamTls};
+use crate::config::ServerTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -98,19 +98,19 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// TLS towards one upstream: its CA, an optional client certificate, ALPN h2.
-pub fn upstream_client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsError> {
-    let roots = root_store(&tls.ca, "upstream CA bundle")?;
-    let builder = ClientConfig::builder_with_provider(provider())
+/// TLS towards one upstream: its CA, ALPN h2. The client certificate, if any, is set per
+/// connection by the upstream pool; with one, session resumption is off, so every connection
+/// authenticates with the certificate it was made with (a resumed TLS 1.3 session would carry
+/// the identity of the certificate that first opened it, even after that one expired).
+pub fn upstream_client_config(ca: &Path, client_cert: bool) -> Result<ClientConfig, TlsError> {
+    let roots = root_store(ca, "upstream CA bundle")?;
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    let mut config = match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => builder.with_client_auth_cert(
-            load_certs(cert, "upstream client certificate")?,
-            load_key(key, "upstream client key")?,
-        )?,
-        _ => builder.with_no_client_auth(),
-    };
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if client_cert {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

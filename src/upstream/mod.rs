@@ -1,18 +1,17 @@
-//! Upstream Temporal frontends: one pooled HTTP/2 client each, and the namespace router.
+//! Upstream Temporal frontends: one [`Upstream`] (with its own HTTP/2 connections) each, and
+//! the namespace router.
+
+pub mod client;
+pub mod credentials;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::uri::Authority;
+
+pub use client::{BodyError, Upstream, UpstreamBody, UpstreamResponse};
+pub use credentials::{CertCell, ClientCredential, CredentialError};
 
 use crate::config::{split_host_port, Config, Limits, UpstreamConfig};
 use crate::error::ProxyError;
@@ -24,161 +23,75 @@ pub enum UpstreamError {
     Tls { name: String, source: TlsError },
     #[error("upstream {name}: invalid address {address:?}")]
     Address { name: String, address: String },
+    #[error("upstream {name}: {reason}")]
+    Credentials { name: String, reason: String },
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// One upstream endpoint with its connection pool (HTTP/2 multiplexes calls over one connection).
-pub struct Upstream {
-    pub name: String,
-    pub address: String,
-    scheme: Scheme,
-    authority: Authority,
-    client: HttpClient,
-}
-
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
-            .field("name", &self.name)
-            .field("address", &self.address)
-            .finish()
-    }
-}
-
-impl Upstream {
-    pub fn new(
-        name: &str,
-        config: &UpstreamConfig,
-        limits: &Limits,
-    ) -> Result<Upstream, UpstreamError> {
-        let bad_address = || UpstreamError::Address {
-            name: name.to_string(),
-            address: config.address.clone(),
-        };
-        let (host, _) = split_host_port(&config.address).ok_or_else(bad_address)?;
-        let authority: Authority = config.address.parse().map_err(|_| bad_address())?;
-
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(
-            limits.upstream_connect_timeout_seconds,
-        )));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-
-        let (scheme, connector) = match &config.tls {
-            Some(tls_config) => {
-                let client_config = tls::upstream_client_config(tls_config).map_err(|source| {
-                    UpstreamError::Tls {
-                        name: name.to_string(),
-                        source,
-                    }
-                })?;
-                let server_name = tls_config
-                    .server_name
-                    .clone()
-                    .unwrap_or_else(|| host.to_string());
-                let server_name = rustls::pki_types::ServerName::try_from(server_name.clone())
-                    .map_err(|_| UpstreamError::Tls {
-                        name: name.to_string(),
-                        source: TlsError::ServerName(server_name),
-                    })?;
-                let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(client_config)
-                    .https_only()
-                    .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
-                        server_name,
-                    ))
-                    .enable_http2()
-                    .wrap_connector(http);
-                (Scheme::HTTPS, connector)
-            }
-            None => {
-                // Plaintext HTTP/2 with prior knowledge (h2c), as gRPC speaks it.
-                let connector = HttpsConnector::from((http, Arc::new(plain_client_config())));
-                (Scheme::HTTP, connector)
-            }
-        };
-
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            // Long polls hold a call for ~70 s: keep connections (and idle pools) alive well past it.
-            .pool_idle_timeout(Duration::from_secs(300))
-            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-            .http2_keep_alive_timeout(Duration::from_secs(20))
-            .http2_keep_alive_while_idle(true)
-            .http2_adaptive_window(true)
-            .http2_max_frame_size(Some(1 << 20))
-            .build(connector);
-
-        Ok(Upstream {
-            name: name.to_string(),
-            address: config.address.clone(),
-            scheme,
-            authority,
-            client,
-        })
-    }
-
-    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-    }
-
-    pub async fn send(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        self.client
-            .request(request)
-            .await
-            .map_err(|e| ProxyError::UpstreamUnavailable {
-                upstream: self.name.clone(),
-                address: self.address.clone(),
-                reason: describe_client_error(&e),
-            })
-    }
-}
-
-/// The `https_or_http` connector needs a TLS config even when only http:// is used.
-fn plain_client_config() -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        })
-        // The ring provider supports the default versions; this branch is unreachable in practice.
-        .unwrap_or_else(|_| {
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        })
-}
-
-/// A readable chain of causes ("connection refused", "tls handshake eof", …).
-fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
-    let mut text = if error.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        "connection failed".to_string()
+/// Builds the upstream for one `[upstreams.NAME]` block.
+pub fn build_upstream(
+    name: &str,
+    config: &UpstreamConfig,
+    limits: &Limits,
+) -> Result<Upstream, UpstreamError> {
+    let bad_address = || UpstreamError::Address {
+        name: name.to_string(),
+        address: config.address.clone(),
     };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
+    let (host, port) = split_host_port(&config.address).ok_or_else(bad_address)?;
+    let authority: Authority = config.address.parse().map_err(|_| bad_address())?;
+    let tls_error = |source: TlsError| UpstreamError::Tls {
+        name: name.to_string(),
+        source,
+    };
+    let tls = match &config.tls {
+        None => None,
+        Some(tls_config) => {
+            let client_cert = match (&tls_config.cert, &tls_config.key) {
+                (Some(cert), Some(key)) => {
+                    let read = |path: &std::path::Path| {
+                        std::fs::read(path).map_err(|e| UpstreamError::Credentials {
+                            name: name.to_string(),
+                            reason: format!("cannot read {}: {e}", path.display()),
+                        })
+                    };
+                    let credential = ClientCredential::from_pem(&read(cert)?, &read(key)?, None)
+                        .map_err(|e| UpstreamError::Credentials {
+                            name: name.to_string(),
+                            reason: format!("client certificate {}: {e}", cert.display()),
+                        })?;
+                    let cell = CertCell::default();
+                    cell.install(credential);
+                    Some(Arc::new(cell))
+                }
+                _ => None,
+            };
+            let server_name = tls_config
+                .server_name
+                .clone()
+                .unwrap_or_else(|| host.to_string());
+            let server_name = rustls::pki_types::ServerName::try_from(server_name.clone())
+                .map_err(|_| tls_error(TlsError::ServerName(server_name)))?;
+            let config = tls::upstream_client_config(&tls_config.ca, client_cert.is_some())
+                .map_err(tls_error)?;
+            Some(client::TlsSettings {
+                config: Arc::new(config),
+                server_name,
+                client_cert,
+            })
         }
-        source = cause.source();
-    }
-    text
+    };
+    Ok(Upstream::new(
+        name.to_string(),
+        config.address.clone(),
+        authority,
+        client::ConnectSettings {
+            host: host.to_string(),
+            port,
+            tls,
+            connect_timeout: Duration::from_secs(limits.upstream_connect_timeout_seconds),
+            connections: 1,
+        },
+    ))
 }
 
 /// Maps namespaces (and cluster-scoped calls) to upstreams.
@@ -195,7 +108,7 @@ impl Router {
         for (name, upstream) in &config.upstreams {
             upstreams.insert(
                 name.clone(),
-                Arc::new(Upstream::new(name, upstream, &config.limits)?),
+                Arc::new(build_upstream(name, upstream, &config.limits)?),
             );
         }
         // Config validation guarantees every reference resolves.

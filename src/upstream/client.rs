@@ -1,0 +1,549 @@
+//! One upstream endpoint and its HTTP/2 connections, managed here rather than by a generic
+//! pooled client.
+//!
+//! Each call clones an [`h2::client::SendRequest`] of a live connection, opens a stream on it
+//! and awaits the answer in the caller's own task: no dispatch channel, no task spawned per call
+//! (hyper's client spawns one or two per request), no pool checkout. A driver task per
+//! connection does the I/O and the keep-alive pings.
+//!
+//! The pool decides which connection a new call uses:
+//! - connections whose client certificate has been replaced (a new *generation*) take no new
+//!   calls once a connection with the current certificate is up; until then they keep serving,
+//!   so a rotation never makes a call wait for a handshake;
+//! - no connection takes new calls after its certificate's retirement time (shortly before it
+//!   expires), and no connection is made with a certificate known to have expired;
+//! - a retired connection is only dropped from the pool: its in-flight calls (long polls
+//!   included) finish on it, and h2 closes it once the last one is done.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Request, Uri, Version};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::credentials::{CertCell, ClientCredential, CredentialError, FixedClientCert};
+use crate::error::ProxyError;
+
+/// HTTP/2 windows: a whole default-size request or response chunk fits in one stream window,
+/// so a unary call needs no window-update round trip on a fast network.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME: u32 = 1 << 20;
+/// Keep-alive pings detect dead peers; there is deliberately no idle timeout (long polls sit
+/// quietly for ~70 s).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// After a failed connection attempt, background connects wait this long before trying again.
+const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How to reach the endpoint.
+pub struct ConnectSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<TlsSettings>,
+    pub connect_timeout: Duration,
+    /// Connections kept open (calls are spread over them); at least 1.
+    pub connections: usize,
+}
+
+pub struct TlsSettings {
+    /// Roots, ALPN and resumption set; the client certificate is added per connection.
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+    /// The client certificate, if the upstream wants one.
+    pub client_cert: Option<Arc<CertCell>>,
+}
+
+/// One upstream endpoint with its connections.
+pub struct Upstream {
+    pub name: String,
+    pub address: String,
+    settings: ConnectSettings,
+    scheme: Scheme,
+    authority: Authority,
+    pool: Mutex<Pool>,
+    /// Held while connecting: one connection attempt at a time.
+    connecting: tokio::sync::Mutex<()>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    connections: Vec<Arc<Connection>>,
+    round_robin: usize,
+    /// A background connect is under way.
+    warming: bool,
+    /// The last failed attempt: when it ended and why.
+    last_failure: Option<(Instant, String)>,
+}
+
+struct Connection {
+    id: u64,
+    send: h2::client::SendRequest<Bytes>,
+    /// The certificate generation it was made with (0 without a client certificate).
+    generation: u64,
+    /// Takes no new calls from then on (the certificate is about to expire).
+    retire_at: Option<SystemTime>,
+    serial: Option<String>,
+    /// Set when the connection ended or failed a call.
+    broken: Arc<AtomicBool>,
+}
+
+impl Connection {
+    fn usable(&self, now: SystemTime) -> bool {
+        !self.broken.load(Ordering::Acquire) && self.retire_at.is_none_or(|at| now < at)
+    }
+}
+
+/// The head of an upstream answer and its body, still to be read.
+pub struct UpstreamResponse {
+    pub head: http::response::Parts,
+    pub body: UpstreamBody,
+}
+
+pub struct UpstreamBody {
+    stream: h2::RecvStream,
+}
+
+#[derive(Debug)]
+pub enum BodyError {
+    TooLarge,
+    Interrupted(String),
+}
+
+impl UpstreamBody {
+    /// Reads the whole body (at most `limit` bytes) and the trailers.
+    pub async fn collect(mut self, limit: usize) -> Result<(Bytes, HeaderMap), BodyError> {
+        let mut first: Option<Bytes> = None;
+        let mut rest: Vec<u8> = Vec::new();
+        let mut total = 0usize;
+        while let Some(chunk) = self.stream.data().await {
+            let chunk = chunk.map_err(|e| BodyError::Interrupted(e.to_string()))?;
+            let len = chunk.len();
+            total += len;
+            if total > limit {
+                return Err(BodyError::TooLarge);
+            }
+            // Give the window back as the data is consumed; a failure here only means the
+            // stream is already gone, which the next read reports.
+            let _ = self.stream.flow_control().release_capacity(len);
+            match &first {
+                None if rest.is_empty() => first = Some(chunk),
+                _ => {
+                    if let Some(f) = first.take() {
+                        rest.extend_from_slice(&f);
+                    }
+                    rest.extend_from_slice(&chunk);
+                }
+            }
+        }
+        let trailers = self
+            .stream
+            .trailers()
+            .await
+            .map_err(|e| BodyError::Interrupted(e.to_string()))?
+            .unwrap_or_default();
+        let body = match first {
+            Some(only) => only,
+            None => Bytes::from(rest),
+        };
+        Ok((body, trailers))
+    }
+}
+
+/// Why an attempt failed, and whether the call may go out again on another connection (only
+/// when the upstream cannot have processed it).
+struct AttemptError {
+    reason: String,
+    retry: bool,
+    /// The connection itself failed: no new calls on it.
+    dead: bool,
+}
+
+impl Upstream {
+    pub fn new(
+        name: String,
+        address: String,
+        authority: Authority,
+        settings: ConnectSettings,
+    ) -> Upstream {
+        let scheme = if settings.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        Upstream {
+            name,
+            address,
+            settings,
+            scheme,
+            authority,
+            pool: Mutex::default(),
+            connecting: tokio::sync::Mutex::new(()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The client certificate's store, if this upstream presents one.
+    pub fn client_cert(&self) -> Option<&Arc<CertCell>> {
+        self.settings
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_cert.as_ref())
+    }
+
+    fn unavailable(&self, reason: String) -> ProxyError {
+        ProxyError::UpstreamUnavailable {
+            upstream: self.name.clone(),
+            address: self.address.clone(),
+            reason,
+        }
+    }
+
+    fn credential_error(&self, error: CredentialError) -> ProxyError {
+        ProxyError::UpstreamCredentials {
+            upstream: self.name.clone(),
+            reason: error.to_string(),
+        }
+    }
+
+    /// Sends one unary gRPC request (the framed message in `body`) and returns the answer's
+    /// head; the body is read by the caller. Dropping the returned future or body resets the
+    /// stream upstream (RST_STREAM CANCEL), which cancels the call there.
+    pub async fn send(
+        self: &Arc<Self>,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, ProxyError> {
+        let path = PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes()))
+            .map_err(|e| self.unavailable(format!("invalid request path: {e}")))?;
+        let mut last = String::new();
+        // A second attempt only for calls the upstream provably did not process (refused
+        // stream, graceful GOAWAY, a connection that died before the request went out).
+        for _ in 0..2 {
+            let connection = self.connection().await?;
+            let uri = Uri::from_parts({
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(self.scheme.clone());
+                parts.authority = Some(self.authority.clone());
+                parts.path_and_query = Some(path.clone());
+                parts
+            })
+            .map_err(|e| self.unavailable(format!("invalid request URI: {e}")))?;
+            let mut request = Request::new(());
+            *request.method_mut() = Method::POST;
+            *request.uri_mut() = uri;
+            *request.version_mut() = Version::HTTP_2;
+            *request.headers_mut() = headers.clone();
+            match attempt(&connection, request, body.clone()).await {
+                Ok(response) => return Ok(response),
+                Err(error) => {
+                    if error.dead {
+                        connection.broken.store(true, Ordering::Release);
+                    }
+                    tracing::debug!(upstream = %self.name, connection = connection.id, reason = %error.reason, retry = error.retry, "upstream call failed");
+                    if !error.retry {
+                        return Err(self.unavailable(error.reason));
+                    }
+                    last = error.reason;
+                }
+            }
+        }
+        Err(self.unavailable(last))
+    }
+
+    /// A connection for a new call: a usable one from the pool, or a new one.
+    async fn connection(self: &Arc<Self>) -> Result<Arc<Connection>, ProxyError> {
+        if let Some(connection) = self.pick() {
+            return Ok(connection);
+        }
+        let waiting_since = Instant::now();
+        let _guard = self.connecting.lock().await;
+        // Someone else may have connected (or failed) while this call waited.
+        if let Some(connection) = self.pick() {
+            return Ok(connection);
+        }
+        if let Some((at, reason)) = self.lock_pool().last_failure.clone() {
+            if at >= waiting_since {
+                return Err(self.unavailable(reason));
+            }
+        }
+        match self.connect().await {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                self.add(connection.clone());
+                Ok(connection)
+            }
+            Err(error) => {
+                self.lock_pool().last_failure = Some((Instant::now(), error.to_string()));
+                Err(error)
+            }
+        }
+    }
+
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        match self.pool.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn add(&self, connection: Arc<Connection>) {
+        let mut pool = self.lock_pool();
+        pool.last_failure = None;
+        pool.connections.push(connection);
+    }
+
+    /// Chooses a connection: current-generation connections round-robin; older ones only until
+    /// a current one is up. Starts a background connect when the pool is short.
+    fn pick(self: &Arc<Self>) -> Option<Arc<Connection>> {
+        let now = SystemTime::now();
+        let generation = self.client_cert().map_or(0, |c| c.generation());
+        let mut pool = self.lock_pool();
+        pool.connections.retain(|c| c.usable(now));
+        let current = pool
+            .connections
+            .iter()
+            .filter(|c| c.generation == generation)
+            .count();
+        if current > 0 && current < pool.connections.len() {
+            // The new certificate is in use: older connections take no new calls. They finish
+            // what they carry and then close.
+            pool.connections.retain(|c| {
+                let keep = c.generation == generation;
+                if !keep {
+                    tracing::debug!(upstream = %self.name, connection = c.id, serial = c.serial.as_deref().unwrap_or(""), "connection retired after certificate rotation");
+                }
+                keep
+            });
+        }
+        let wanted = self.settings.connections.max(1);
+        let short = current < wanted;
+        let backing_off = pool
+            .last_failure
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < CONNECT_BACKOFF);
+        let chosen = if pool.connections.is_empty() {
+            None
+        } else {
+            pool.round_robin = pool.round_robin.wrapping_add(1);
+            let index = pool.round_robin % pool.connections.len();
+            Some(pool.connections[index].clone())
+        };
+        if chosen.is_some() && short && !pool.warming && !backing_off {
+            pool.warming = true;
+            drop(pool);
+            let upstream = self.clone();
+            tokio::spawn(async move { upstream.warm().await });
+        }
+        chosen
+    }
+
+    /// Adds one connection in the background (pool short, or a new certificate to move to).
+    async fn warm(self: Arc<Self>) {
+        let result = {
+            let _guard = self.connecting.lock().await;
+            self.connect().await
+        };
+        let mut pool = self.lock_pool();
+        pool.warming = false;
+        match result {
+            Ok(connection) => {
+                pool.last_failure = None;
+                pool.connections.push(Arc::new(connection));
+            }
+            Err(error) => {
+                tracing::warn!(upstream = %self.name, error = %error, "background connection attempt failed");
+                pool.last_failure = Some((Instant::now(), error.to_string()));
+            }
+        }
+    }
+
+    /// Opens a new connection with the current client certificate.
+    async fn connect(&self) -> Result<Connection, ProxyError> {
+        let credential: Option<Arc<ClientCredential>> = match self.client_cert() {
+            Some(cell) => Some(cell.current().map_err(|e| self.credential_error(e))?),
+            None => None,
+        };
+        let timeout = self.settings.connect_timeout;
+        let target = (self.settings.host.as_str(), self.settings.port);
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(target))
+            .await
+            .map_err(|_| self.unavailable(format!("cannot connect: timed out after {timeout:?}")))?
+            .map_err(|e| self.unavailable(format!("cannot connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (send, broken) = match &self.settings.tls {
+            None => self.handshake(tcp, id).await?,
+            Some(tls) => {
+                let mut config = (*tls.config).clone();
+                if let Some(credential) = &credential {
+                    config.client_auth_cert_resolver =
+                        Arc::new(FixedClientCert(credential.clone()));
+                }
+                let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+                let stream =
+                    tokio::time::timeout(timeout, connector.connect(tls.server_name.clone(), tcp))
+                        .await
+                        .map_err(|_| {
+                            self.unavailable(format!("TLS handshake timed out after {timeout:?}"))
+                        })?
+                        .map_err(|e| self.unavailable(format!("TLS handshake failed: {e}")))?;
+                match stream.get_ref().1.alpn_protocol() {
+                    None | Some(b"h2") => {}
+                    Some(other) => {
+                        return Err(self.unavailable(format!(
+                            "the upstream negotiated {:?} instead of HTTP/2",
+                            String::from_utf8_lossy(other)
+                        )))
+                    }
+                }
+                self.handshake(stream, id).await?
+            }
+        };
+        let (generation, retire_at, serial) = match &credential {
+            Some(c) => (
+                self.client_cert().map_or(0, |cell| cell.generation()),
+                Some(c.retire_at),
+                Some(c.serial.clone()),
+            ),
+            None => (0, None, None),
+        };
+        tracing::debug!(upstream = %self.name, connection = id, serial = serial.as_deref().unwrap_or(""), "connected");
+        Ok(Connection {
+            id,
+            send,
+            generation,
+            retire_at,
+            serial,
+            broken,
+        })
+    }
+
+    async fn handshake<T>(
+        &self,
+        io: T,
+        id: u64,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), ProxyError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .enable_push(false)
+            .handshake::<T, Bytes>(io)
+            .await
+            .map_err(|e| self.unavailable(format!("HTTP/2 handshake failed: {e}")))?;
+        let broken = Arc::new(AtomicBool::new(false));
+        let flag = broken.clone();
+        let name = self.name.clone();
+        let ping_pong = connection.ping_pong();
+        tokio::spawn(async move {
+            let outcome = match ping_pong {
+                Some(ping_pong) => tokio::select! {
+                    result = &mut connection => result.map_err(|e| e.to_string()),
+                    reason = keepalive(ping_pong) => Err(reason),
+                },
+                None => connection.await.map_err(|e| e.to_string()),
+            };
+            flag.store(true, Ordering::Release);
+            match outcome {
+                Ok(()) => tracing::debug!(upstream = %name, connection = id, "connection closed"),
+                Err(e) => {
+                    tracing::debug!(upstream = %name, connection = id, error = %e, "connection ended")
+                }
+            }
+        });
+        Ok((send, broken))
+    }
+
+    /// Seconds until the client certificate expires (None without one). Negative once expired.
+    pub fn seconds_until_expiry(&self) -> Option<f64> {
+        self.client_cert().and_then(|c| c.seconds_until_expiry())
+    }
+}
+
+/// Pings every [`KEEPALIVE_INTERVAL`]; returns (ending the connection) when a pong is late.
+async fn keepalive(mut ping_pong: h2::PingPong) -> String {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("keep-alive ping failed: {e}"),
+            Err(_) => return format!("no keep-alive answer within {KEEPALIVE_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// One try of a call on one connection.
+async fn attempt(
+    connection: &Connection,
+    request: Request<()>,
+    body: Bytes,
+) -> Result<UpstreamResponse, AttemptError> {
+    let mut send = connection
+        .send
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| AttemptError::new(&e, false))?;
+    let (response, mut stream) = send
+        .send_request(request, false)
+        .map_err(|e| AttemptError::new(&e, false))?;
+    // h2 buffers what the flow-control window does not take yet. An error here shows up
+    // again on the response, with the stream's real fate.
+    let _ = stream.send_data(body, true);
+    match response.await {
+        Ok(response) => {
+            let (head, body) = response.into_parts();
+            Ok(UpstreamResponse {
+                head,
+                body: UpstreamBody { stream: body },
+            })
+        }
+        Err(e) => Err(AttemptError::new(&e, true)),
+    }
+}
+
+impl AttemptError {
+    fn new(error: &h2::Error, stream_opened: bool) -> AttemptError {
+        let dead = error.is_go_away() || error.is_io();
+        let retry = if stream_opened {
+            // RFC 9113 §8.7: a refused stream was not processed. A graceful GOAWAY fails only
+            // the streams above its last-stream-id, which the server did not process either.
+            error.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (error.is_go_away()
+                    && error.is_remote()
+                    && error.reason() == Some(h2::Reason::NO_ERROR))
+        } else {
+            // The connection was gone before the request went out.
+            dead
+        };
+        AttemptError {
+            reason: if stream_opened {
+                format!("call interrupted: {error}")
+            } else {
+                format!("connection lost: {error}")
+            },
+            retry,
+            dead,
+        }
+    }
+}
