@@ -266,7 +266,7 @@ fn dev_config(
         "dev".to_string(),
         UpstreamConfig {
             address: upstream.to_string(),
-            tls: None,
+            ..Default::default()
         },
     );
     Config {
@@ -284,7 +284,7 @@ fn dev_config(
         upstreams,
         routing: Routing {
             system_upstream: "dev".into(),
-            default_upstream: None,
+            ..Default::default()
         },
         namespaces: namespaces
             .iter()

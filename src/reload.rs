@@ -11,6 +11,39 @@ pub fn spawn_reloader<F>(what: &'static str, paths: Vec<PathBuf>, reload: F)
 where
     F: Fn() -> Result<(), String> + Send + Sync + 'static,
 {
+    watch(what, paths, reload).detach();
+}
+
+/// A running reloader: dropping it stops the watching (for things that can themselves be
+/// replaced at run time, such as an upstream's credentials).
+pub struct Reloader {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    detached: bool,
+}
+
+impl Reloader {
+    /// Keeps it running until the process ends.
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+}
+
+impl Drop for Reloader {
+    fn drop(&mut self) {
+        if !self.detached {
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Like [`spawn_reloader`], until the returned [`Reloader`] is dropped.
+pub fn watch<F>(what: &'static str, paths: Vec<PathBuf>, reload: F) -> Reloader
+where
+    F: Fn() -> Result<(), String> + Send + Sync + 'static,
+{
+    let mut tasks = Vec::new();
     let reload = Arc::new(reload);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let watcher_tx = tx.clone();
@@ -48,13 +81,13 @@ where
     };
     #[cfg(unix)]
     if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 let _ = tx.send(()).await;
             }
-        });
+        }));
     }
-    tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let _watcher = watcher;
         while rx.recv().await.is_some() {
             // Let a burst of events settle, then reload once.
@@ -71,5 +104,9 @@ where
                 }
             }
         }
-    });
+    }));
+    Reloader {
+        tasks,
+        detached: false,
+    }
 }

@@ -23,7 +23,7 @@ use crate::proxy::{
     EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
 };
 use crate::tls::{self, PeerInfo};
-use crate::upstream::Router;
+use crate::upstream::Upstreams;
 
 /// The call pipeline behind the edge, type-erased so stages can be added without touching the
 /// server.
@@ -34,14 +34,18 @@ pub struct PipelineParts {
     pub pipeline: Pipeline,
     pub policies: Option<Arc<PolicyStore>>,
     pub encryption: Option<Arc<Encryption>>,
+    /// Routing and upstream connections (credential expiry: [`Upstreams::certificate_expiry`]).
+    pub upstreams: Arc<Upstreams>,
 }
 
 /// Builds the pipeline for a config: namespace → authorization → encryption → forwarding.
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
-    let router = Arc::new(Router::from_config(config)?);
-    let mut pipeline: Pipeline =
-        BoxCloneSyncService::new(Forwarder::new(router, config.limits.max_response_bytes));
+    let upstreams = Upstreams::from_config(config)?;
+    let mut pipeline: Pipeline = BoxCloneSyncService::new(Forwarder::new(
+        upstreams.clone(),
+        config.limits.max_response_bytes,
+    ));
 
     let encryption = if config.encryption.disabled {
         tracing::warn!(
@@ -49,15 +53,10 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         );
         None
     } else {
-        let namespace_keys: Vec<(String, Option<String>)> = config
-            .namespaces
-            .iter()
-            .map(|ns| (ns.name.clone(), ns.encryption_key.clone()))
-            .collect();
         let encryption = Arc::new(
             Encryption::new(
                 &config.encryption,
-                &namespace_keys,
+                &namespace_keys(config),
                 config.routing.default_upstream.is_some(),
             )
             .await?,
@@ -91,7 +90,69 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         pipeline,
         policies,
         encryption,
+        upstreams,
     })
+}
+
+fn namespace_keys(config: &Config) -> Vec<(String, Option<String>)> {
+    config
+        .namespaces
+        .iter()
+        .map(|ns| (ns.name.clone(), ns.encryption_key.clone()))
+        .collect()
+}
+
+/// Applies the routing sections of a changed config file (upstreams, routing, namespaces) to a
+/// running proxy: on file change and SIGHUP. All or nothing: a config that does not load, or
+/// whose upstreams or namespace keys cannot be set up, is rejected with an error log line and
+/// the running state stays. Sections that need a restart are named in a warning.
+fn spawn_config_reloader(
+    running: &Config,
+    upstreams: Arc<Upstreams>,
+    encryption: Option<Arc<Encryption>>,
+) {
+    let Some(path) = running.source.clone() else {
+        return;
+    };
+    let fixed = |c: &Config| {
+        (
+            serde_json::to_value(&c.listener).ok(),
+            serde_json::to_value(&c.limits).ok(),
+            serde_json::to_value(&c.encryption).ok(),
+            c.encryption.disabled,
+            c.authorization.disabled,
+        )
+    };
+    let started = std::sync::Mutex::new(fixed(running));
+    let watched = path.clone();
+    crate::reload::spawn_reloader(
+        "config (upstreams, routing, namespaces)",
+        vec![watched],
+        move || {
+            let config = Config::load(&path).map_err(|e| e.to_string())?;
+            let keys = namespace_keys(&config);
+            if let Some(encryption) = &encryption {
+                encryption
+                    .check_namespace_keys(&keys)
+                    .map_err(|e| e.to_string())?;
+            }
+            let summary = upstreams.apply(&config).map_err(|e| e.to_string())?;
+            if let Some(encryption) = &encryption {
+                encryption
+                    .set_namespace_keys(&keys)
+                    .map_err(|e| e.to_string())?;
+            }
+            if !summary.is_empty() {
+                tracing::info!(changes = %summary, "routing updated from the config");
+            }
+            if let Ok(started) = started.lock() {
+                if *started != fixed(&config) {
+                    tracing::warn!("[listener], [limits], [encryption] or the disabled switches changed: those take effect after a restart");
+                }
+            }
+            Ok(())
+        },
+    );
 }
 
 enum Listener {
@@ -102,6 +163,7 @@ enum Listener {
 /// A running proxy. Dropping it does not stop it; call [`RunningProxy::shutdown`].
 pub struct RunningProxy {
     local_addr: Option<SocketAddr>,
+    upstreams: Arc<Upstreams>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -110,6 +172,11 @@ impl RunningProxy {
     /// The bound TCP address (None for a Unix socket).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// The upstreams in force (routing, connections, credential expiry).
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
     }
 
     /// Stops accepting, lets in-flight calls finish up to the configured grace period, then
@@ -156,6 +223,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         pipeline,
         policies,
         encryption,
+        upstreams,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
@@ -163,6 +231,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     if let Some(encryption) = &encryption {
         encryption.spawn_key_reloaders();
     }
+    spawn_config_reloader(&config, upstreams.clone(), encryption.clone());
     let acceptor = match &config.listener.tls {
         Some(server_tls) => Some(TlsAcceptor::from(tls::server_config(server_tls)?)),
         None => None,
@@ -213,6 +282,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     let task = tokio::spawn(accept_loop(listener, settings, shutdown_rx));
     Ok(RunningProxy {
         local_addr,
+        upstreams,
         shutdown,
         task,
     })

@@ -72,7 +72,7 @@ pub struct ServerTls {
     pub require_client_cert: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest request message accepted from a caller (after decompression).
@@ -104,25 +104,43 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The placeholder that makes an upstream a template: one endpoint per namespace.
+pub const NAMESPACE_PLACEHOLDER: &str = "{namespace}";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `HOST:PORT` of the Temporal frontend (or of the TLS terminator in front of it).
+    /// `HOST:PORT` of the Temporal frontend (or of the TLS terminator in front of it). May hold
+    /// `{namespace}` (e.g. `{namespace}.a1b2c.tmprl.cloud:7233`): then every namespace routed
+    /// here gets its own endpoint and connections.
     pub address: String,
     /// TLS to the upstream; without it the upstream is spoken to in plaintext HTTP/2.
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
+    /// How the proxy authenticates to the upstream: a client certificate it issues itself or
+    /// reads from files, or an API key.
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
+    /// HTTP/2 connections kept to the endpoint (calls are spread over them).
+    #[serde(default = "default_connections")]
+    pub connections: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
     /// CA bundle (PEM) that the upstream's certificate must chain to.
-    pub ca: PathBuf,
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Also trust the operating system's root certificates (e.g. for Temporal Cloud).
+    #[serde(default)]
+    pub system_roots: bool,
     /// Name to verify the upstream's certificate against (default: the host of `address`).
+    /// May hold `{namespace}`.
     #[serde(default)]
     pub server_name: Option<String>,
-    /// Client certificate (PEM) presented to the upstream.
+    /// Client certificate (PEM) presented to the upstream: shorthand for
+    /// `credentials = { type = "files", cert, key }`.
     #[serde(default)]
     pub cert: Option<PathBuf>,
     /// Key (PEM) of the client certificate.
@@ -130,7 +148,61 @@ pub struct UpstreamTls {
     pub key: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Upstream credentials. Client certificates need `[upstreams.NAME.tls]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum CredentialsConfig {
+    /// Client certificates minted by the proxy from an issuing CA, renewed before they expire.
+    Issued(IssuedCredentials),
+    /// A client certificate and key written by something else, reloaded when they change.
+    Files(FileCredentials),
+    /// An API key sent as `authorization: Bearer KEY`, replacing the caller's header.
+    ApiKey(ApiKeyCredentials),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedCredentials {
+    /// The issuing CA's certificate (PEM): the upstream trusts it for client certificates.
+    pub ca_cert: PathBuf,
+    /// Its private key (PEM); must not be readable by group or others.
+    pub ca_key: PathBuf,
+    /// How long each certificate lives.
+    #[serde(default = "default_cert_lifetime")]
+    pub lifetime_seconds: u64,
+    /// A certificate is renewed at this fraction of its lifetime (±5 % jitter).
+    #[serde(default = "default_renew_at")]
+    pub renew_at: f64,
+    /// Subject common name of the certificates.
+    #[serde(default = "default_common_name")]
+    pub common_name: String,
+    /// DNS names (SANs).
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    /// URI SANs, e.g. a SPIFFE ID.
+    #[serde(default)]
+    pub uris: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCredentials {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyCredentials {
+    /// A file holding the key (reloaded when it changes).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Or an environment variable holding it (read at start and on config reload).
+    #[serde(default)]
+    pub env: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Routing {
     /// Upstream for cluster-scoped methods (GetSystemInfo, ListNamespaces, health, …).
@@ -138,9 +210,13 @@ pub struct Routing {
     /// Upstream for namespaces not listed under `[[namespaces]]`. Without it they are refused.
     #[serde(default)]
     pub default_upstream: Option<String>,
+    /// When `system_upstream` is a template: the namespace whose endpoint serves cluster-scoped
+    /// calls.
+    #[serde(default)]
+    pub system_namespace: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
     pub name: String,
@@ -168,6 +244,18 @@ fn default_handshake() -> u64 {
 }
 fn default_connect() -> u64 {
     5
+}
+fn default_connections() -> usize {
+    1
+}
+fn default_cert_lifetime() -> u64 {
+    3600
+}
+fn default_renew_at() -> f64 {
+    0.7
+}
+fn default_common_name() -> String {
+    "portcullis".into()
 }
 
 /// Where the proxy listens.
@@ -253,19 +341,9 @@ impl Config {
             return invalid("at least one [upstreams.NAME] is required".into());
         }
         for (name, upstream) in &self.upstreams {
-            split_host_port(&upstream.address).ok_or_else(|| {
-                ConfigError::Invalid(format!(
-                    "upstreams.{name}.address {:?} is not HOST:PORT",
-                    upstream.address
-                ))
-            })?;
-            if let Some(tls) = &upstream.tls {
-                if tls.cert.is_some() != tls.key.is_some() {
-                    return invalid(format!(
-                        "upstreams.{name}.tls: cert and key must be given together"
-                    ));
-                }
-            }
+            upstream
+                .validate()
+                .map_err(|m| ConfigError::Invalid(format!("upstreams.{name}: {m}")))?;
         }
         let known = |name: &str, what: &str| {
             if self.upstreams.contains_key(name) {
@@ -277,6 +355,23 @@ impl Config {
             }
         };
         known(&self.routing.system_upstream, "routing.system_upstream")?;
+        let system_is_template = self
+            .upstreams
+            .get(&self.routing.system_upstream)
+            .is_some_and(UpstreamConfig::is_template);
+        match (&self.routing.system_namespace, system_is_template) {
+            (None, true) => return invalid(format!(
+                "routing.system_upstream {:?} is a template ({NAMESPACE_PLACEHOLDER}): set routing.system_namespace",
+                self.routing.system_upstream
+            )),
+            (Some(ns), true) if !template_safe(ns) => {
+                return invalid(format!("routing.system_namespace {ns:?} cannot fill an address template"))
+            }
+            (Some(_), false) => {
+                return invalid("routing.system_namespace is only for a templated system_upstream".into())
+            }
+            _ => {}
+        }
         if let Some(default) = &self.routing.default_upstream {
             known(default, "routing.default_upstream")?;
         }
@@ -289,6 +384,17 @@ impl Config {
                 return invalid(format!("namespace {:?} is listed twice", ns.name));
             }
             known(&ns.upstream, &format!("namespace {:?}", ns.name))?;
+            if self
+                .upstreams
+                .get(&ns.upstream)
+                .is_some_and(UpstreamConfig::is_template)
+                && !template_safe(&ns.name)
+            {
+                return invalid(format!(
+                    "namespace {:?} cannot fill the address template of upstream {:?}",
+                    ns.name, ns.upstream
+                ));
+            }
         }
         if !self.encryption.disabled {
             let keys = &self.encryption.keys;
@@ -356,16 +462,146 @@ impl Config {
         self.encryption.resolve_paths(base);
         for upstream in self.upstreams.values_mut() {
             if let Some(tls) = &mut upstream.tls {
-                fix(&mut tls.ca);
-                if let Some(p) = &mut tls.cert {
-                    fix(p);
-                }
-                if let Some(p) = &mut tls.key {
+                for p in [&mut tls.ca, &mut tls.cert, &mut tls.key]
+                    .into_iter()
+                    .flatten()
+                {
                     fix(p);
                 }
             }
+            match &mut upstream.credentials {
+                Some(CredentialsConfig::Issued(issued)) => {
+                    fix(&mut issued.ca_cert);
+                    fix(&mut issued.ca_key);
+                }
+                Some(CredentialsConfig::Files(files)) => {
+                    fix(&mut files.cert);
+                    fix(&mut files.key);
+                }
+                Some(CredentialsConfig::ApiKey(key)) => {
+                    if let Some(p) = &mut key.file {
+                        fix(p);
+                    }
+                }
+                None => {}
+            }
         }
     }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            address: String::new(),
+            tls: None,
+            credentials: None,
+            connections: default_connections(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Whether the address or server name holds `{namespace}`.
+    pub fn is_template(&self) -> bool {
+        self.address.contains(NAMESPACE_PLACEHOLDER)
+            || self
+                .tls
+                .as_ref()
+                .and_then(|t| t.server_name.as_deref())
+                .is_some_and(|n| n.contains(NAMESPACE_PLACEHOLDER))
+    }
+
+    /// The client certificate's source: `credentials` (issued or files), or the
+    /// `tls.cert`/`tls.key` shorthand.
+    pub fn certificate_files(&self) -> Option<FileCredentials> {
+        match (&self.credentials, &self.tls) {
+            (Some(CredentialsConfig::Files(files)), _) => Some(files.clone()),
+            (
+                None,
+                Some(UpstreamTls {
+                    cert: Some(cert),
+                    key: Some(key),
+                    ..
+                }),
+            ) => Some(FileCredentials {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let address = self.address.replace(NAMESPACE_PLACEHOLDER, "ns");
+        let (host, _) = split_host_port(&address)
+            .ok_or_else(|| format!("address {:?} is not HOST:PORT", self.address))?;
+        if !(1..=16).contains(&self.connections) {
+            return Err("connections must be between 1 and 16".into());
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert.is_some() != tls.key.is_some() {
+                return Err("tls: cert and key must be given together".into());
+            }
+            if tls.ca.is_none() && !tls.system_roots {
+                return Err("tls: set ca (a CA bundle) or system_roots = true".into());
+            }
+            if tls.cert.is_some() && self.credentials.is_some() {
+                return Err("set either tls.cert/tls.key or [credentials], not both".into());
+            }
+        }
+        match &self.credentials {
+            Some(CredentialsConfig::Issued(issued)) => {
+                if self.tls.is_none() {
+                    return Err("issued client certificates need [tls]".into());
+                }
+                if issued.lifetime_seconds < 2 {
+                    return Err("credentials.lifetime_seconds must be at least 2".into());
+                }
+                if !(0.1..=0.9).contains(&issued.renew_at) {
+                    return Err("credentials.renew_at must be between 0.1 and 0.9".into());
+                }
+                if issued.common_name.is_empty() {
+                    return Err("credentials.common_name must not be empty".into());
+                }
+            }
+            Some(CredentialsConfig::Files(_)) if self.tls.is_none() => {
+                return Err("client certificate files need [tls]".into());
+            }
+            Some(CredentialsConfig::ApiKey(key)) => {
+                if key.file.is_some() == key.env.is_some() {
+                    return Err("credentials: set exactly one of file and env".into());
+                }
+                if self.tls.is_none() && !is_loopback_host(host) {
+                    return Err(
+                        "an API key is sent over TLS only (plaintext is allowed to loopback only)"
+                            .into(),
+                    );
+                }
+            }
+            Some(CredentialsConfig::Files(_)) | None => {}
+        }
+        Ok(())
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a namespace name can be put into a host name: letters, digits, `-` and `.`, no
+/// empty labels.
+pub fn template_safe(namespace: &str) -> bool {
+    !namespace.is_empty()
+        && namespace.len() <= 200
+        && namespace.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Splits `host:port` (IPv6 hosts in brackets).
@@ -462,6 +698,98 @@ mod tests {
         let without = MINIMAL.replace("[authorization]\n        system.admins = [\"ops\"]", "");
         let err = Config::from_toml(&without).unwrap_err().to_string();
         assert!(err.contains("authorization"), "{err}");
+    }
+
+    fn with_upstream(block: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&MINIMAL.replace(
+            "[upstreams.local]\n        address = \"127.0.0.1:7233\"",
+            block,
+        ))
+    }
+
+    #[test]
+    fn upstream_credentials_parse_and_validate() {
+        let text = MINIMAL
+            .replace("address = \"127.0.0.1:7233\"", "address = \"{namespace}.a1b2c.tmprl.cloud:7233\"\n        tls = { system_roots = true }\n        credentials = { type = \"issued\", ca_cert = \"ca.pem\", ca_key = \"ca-key.pem\" }")
+            .replace("system_upstream = \"local\"", "system_upstream = \"local\"\n        system_namespace = \"default\"");
+        let c = Config::from_toml(&text).unwrap();
+        let upstream = &c.upstreams["local"];
+        assert!(upstream.is_template());
+        match &upstream.credentials {
+            Some(CredentialsConfig::Issued(i)) => {
+                assert_eq!(i.lifetime_seconds, 3600);
+                assert_eq!(i.renew_at, 0.7);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A templated system upstream needs system_namespace.
+        let without = text.replace("\n        system_namespace = \"default\"", "");
+        let err = Config::from_toml(&without).unwrap_err().to_string();
+        assert!(err.contains("system_namespace"), "{err}");
+
+        let files = with_upstream(
+            r#"[upstreams.local]
+            address = "temporal:7233"
+            tls = { ca = "ca.pem" }
+            credentials = { type = "files", cert = "c.pem", key = "k.pem" }"#,
+        )
+        .unwrap();
+        assert!(files.upstreams["local"].certificate_files().is_some());
+
+        let unknown = with_upstream(
+            r#"[upstreams.local]
+            address = "temporal:7233"
+            tls = { ca = "ca.pem" }
+            credentials = { type = "files", cert = "c.pem", key = "k.pem", colour = "red" }"#,
+        );
+        assert!(unknown.is_err());
+        let no_tls = with_upstream(
+            r#"[upstreams.local]
+            address = "temporal:7233"
+            credentials = { type = "files", cert = "c.pem", key = "k.pem" }"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(no_tls.contains("need [tls]"), "{no_tls}");
+        let no_roots = with_upstream(
+            r#"[upstreams.local]
+            address = "temporal:7233"
+            tls = { server_name = "x" }"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(no_roots.contains("system_roots"), "{no_roots}");
+        // An API key never crosses a network in plaintext.
+        let plain_key = with_upstream(
+            r#"[upstreams.local]
+            address = "temporal.example.com:7233"
+            credentials = { type = "api-key", env = "TEMPORAL_API_KEY" }"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(plain_key.contains("TLS"), "{plain_key}");
+        with_upstream(
+            r#"[upstreams.local]
+            address = "127.0.0.1:7233"
+            credentials = { type = "api-key", env = "TEMPORAL_API_KEY" }"#,
+        )
+        .unwrap();
+        let both = with_upstream(
+            r#"[upstreams.local]
+            address = "127.0.0.1:7233"
+            credentials = { type = "api-key", env = "K", file = "k" }"#,
+        );
+        assert!(both.is_err());
+    }
+
+    #[test]
+    fn template_safe_namespaces() {
+        assert!(template_safe("payments.a1b2c"));
+        assert!(template_safe("orders-2"));
+        assert!(!template_safe(""));
+        assert!(!template_safe("a..b"));
+        assert!(!template_safe("a/b"));
+        assert!(!template_safe("a:1"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! nothing is forwarded.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD_NO_PAD};
@@ -26,13 +26,40 @@ const STATUS_DETAILS: &str = "grpc-status-details-bin";
 /// Data key managers per namespace, and how to seal.
 pub struct Encryption {
     index: &'static PayloadIndex,
-    managers: HashMap<String, Arc<DataKeyManager>>,
+    /// Namespace → manager; replaced when the config's namespaces change at run time.
+    managers: RwLock<Arc<HashMap<String, Arc<DataKeyManager>>>>,
+    /// Manager per configured key name.
+    by_key: HashMap<String, Arc<DataKeyManager>>,
     default_manager: Option<Arc<DataKeyManager>>,
     encode_failures: bool,
     on_open_failure: OpenFailurePolicy,
     upstream_max_request_bytes: usize,
     /// Keyrings that can be reloaded, with the manager whose data keys they wrap.
     reloadable: Vec<(Arc<ReloadingLocalProvider>, Arc<DataKeyManager>)>,
+}
+
+fn namespace_managers(
+    by_key: &HashMap<String, Arc<DataKeyManager>>,
+    default_manager: Option<&Arc<DataKeyManager>>,
+    namespace_keys: &[(String, Option<String>)],
+) -> Result<HashMap<String, Arc<DataKeyManager>>, EncryptionSetupError> {
+    let mut managers = HashMap::new();
+    for (namespace, key) in namespace_keys {
+        let manager = match key.as_deref() {
+            Some(key) => by_key.get(key).cloned().ok_or_else(|| {
+                EncryptionSetupError::Invalid(format!(
+                    "namespace {namespace:?}: encryption key {key:?} is not configured (new keys need a restart)"
+                ))
+            })?,
+            None => default_manager.cloned().ok_or_else(|| {
+                EncryptionSetupError::Invalid(format!(
+                    "namespace {namespace:?} names no encryption_key and there is no default_key"
+                ))
+            })?,
+        };
+        managers.insert(namespace.clone(), manager);
+    }
+    Ok(managers)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,18 +117,7 @@ impl Encryption {
                 .ok_or_else(|| EncryptionSetupError::Invalid(format!("unknown key {key:?}")))
         };
         let default_manager = config.default_key.as_deref().map(lookup).transpose()?;
-        let mut managers = HashMap::new();
-        for (namespace, key) in namespace_keys {
-            let manager = match key.as_deref() {
-                Some(key) => lookup(key)?,
-                None => default_manager.clone().ok_or_else(|| {
-                    EncryptionSetupError::Invalid(format!(
-                        "namespace {namespace:?} names no encryption_key and there is no default_key"
-                    ))
-                })?,
-            };
-            managers.insert(namespace.clone(), manager);
-        }
+        let managers = namespace_managers(&by_key, default_manager.as_ref(), namespace_keys)?;
         if needs_default && default_manager.is_none() {
             return Err(EncryptionSetupError::Invalid(
                 "routing.default_upstream serves any namespace: set encryption.default_key".into(),
@@ -109,7 +125,8 @@ impl Encryption {
         }
         Ok(Encryption {
             index: PayloadIndex::global(),
-            managers,
+            managers: RwLock::new(Arc::new(managers)),
+            by_key,
             default_manager,
             encode_failures: config.encode_failure_attributes,
             on_open_failure: config.on_open_failure,
@@ -136,16 +153,45 @@ impl Encryption {
         }
     }
 
-    fn manager(&self, namespace: &str) -> Result<&Arc<DataKeyManager>, ProxyError> {
-        self.managers
+    fn manager(&self, namespace: &str) -> Result<Arc<DataKeyManager>, ProxyError> {
+        let managers = match self.managers.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        managers
             .get(namespace)
             .or(self.default_manager.as_ref())
+            .cloned()
             .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))
     }
 
     /// All data key managers (for metrics).
     pub fn managers(&self) -> impl Iterator<Item = &Arc<DataKeyManager>> {
-        self.managers.values().chain(self.default_manager.iter())
+        self.by_key.values()
+    }
+
+    /// Whether [`Encryption::set_namespace_keys`] would accept `namespace_keys`.
+    pub fn check_namespace_keys(
+        &self,
+        namespace_keys: &[(String, Option<String>)],
+    ) -> Result<(), EncryptionSetupError> {
+        namespace_managers(&self.by_key, self.default_manager.as_ref(), namespace_keys).map(|_| ())
+    }
+
+    /// Re-maps namespaces to keys after a config change (namespaces added, removed or moved to
+    /// another configured key). Keys themselves are set at start: a namespace naming a key
+    /// that was not configured then is refused.
+    pub fn set_namespace_keys(
+        &self,
+        namespace_keys: &[(String, Option<String>)],
+    ) -> Result<(), EncryptionSetupError> {
+        let managers =
+            namespace_managers(&self.by_key, self.default_manager.as_ref(), namespace_keys)?;
+        match self.managers.write() {
+            Ok(mut guard) => *guard = Arc::new(managers),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(managers),
+        }
+        Ok(())
     }
 
     /// Seals every payload in `message` (of type `message_type`).

@@ -12,18 +12,18 @@ use crate::error::ProxyError;
 use crate::grpc::frame::{self, Direction, Encoding, FrameError, HEADER_LEN};
 use crate::grpc::headers::{self, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_TIMEOUT};
 use crate::schema::Scope;
-use crate::upstream::{BodyError, Router, Upstream};
+use crate::upstream::{BodyError, Upstream, Upstreams};
 
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    router: Arc<Router>,
+    upstreams: Arc<Upstreams>,
     max_response_bytes: usize,
 }
 
 impl Forwarder {
-    pub fn new(router: Arc<Router>, max_response_bytes: usize) -> Forwarder {
+    pub fn new(upstreams: Arc<Upstreams>, max_response_bytes: usize) -> Forwarder {
         Forwarder {
-            router,
+            upstreams,
             max_response_bytes,
         }
     }
@@ -39,16 +39,17 @@ impl Service<GrpcRequest> for Forwarder {
     }
 
     fn call(&mut self, request: GrpcRequest) -> CallFuture {
-        let router = self.router.clone();
+        let router = self.upstreams.router();
         let max_response_bytes = self.max_response_bytes;
         Box::pin(async move {
             let upstream = match (request.method.scope, request.namespace.as_deref()) {
-                (Scope::Namespace, Some(namespace)) => router.for_namespace(namespace)?.clone(),
+                (Scope::Namespace, Some(namespace)) => router.for_namespace(namespace)?,
                 (Scope::Namespace, None) => {
                     return Err(ProxyError::MissingNamespace(request.method.path.clone()))
                 }
-                (Scope::Cluster, _) => router.system().clone(),
+                (Scope::Cluster, _) => router.system()?,
             };
+            drop(router);
             match request.deadline {
                 // The upstream gets the same deadline; the local timer is the backstop that also
                 // covers connecting and a stalled upstream.

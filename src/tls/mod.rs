@@ -29,6 +29,8 @@ pub enum TlsError {
     ClientVerifier { path: PathBuf, reason: String },
     #[error("invalid TLS server name {0:?}")]
     ServerName(String),
+    #[error("no usable system root certificates: {0}")]
+    SystemRoots(String),
 }
 
 /// The crypto provider used everywhere (ring: small build, fast AES-GCM).
@@ -98,12 +100,33 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// TLS towards one upstream: its CA, ALPN h2. The client certificate, if any, is set per
-/// connection by the upstream pool; with one, session resumption is off, so every connection
-/// authenticates with the certificate it was made with (a resumed TLS 1.3 session would carry
-/// the identity of the certificate that first opened it, even after that one expired).
-pub fn upstream_client_config(ca: &Path, client_cert: bool) -> Result<ClientConfig, TlsError> {
-    let roots = root_store(ca, "upstream CA bundle")?;
+/// TLS towards one upstream: its CA bundle and/or the system's roots, ALPN h2. The client
+/// certificate, if any, is set per connection by the upstream pool; with one, session
+/// resumption is off, so every connection authenticates with the certificate it was made with
+/// (a resumed TLS 1.3 session would carry the identity of the certificate that first opened it,
+/// even after that one expired).
+pub fn upstream_client_config(
+    ca: Option<&Path>,
+    system_roots: bool,
+    client_cert: bool,
+) -> Result<ClientConfig, TlsError> {
+    let mut roots = match ca {
+        Some(ca) => root_store(ca, "upstream CA bundle")?,
+        None => RootCertStore::empty(),
+    };
+    if system_roots {
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        if added == 0 {
+            return Err(TlsError::SystemRoots(
+                native
+                    .errors
+                    .first()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "the system trust store is empty".into()),
+            ));
+        }
+    }
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)

@@ -26,7 +26,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::credentials::{CertCell, ClientCredential, CredentialError, FixedClientCert};
+use super::credentials::{ApiKey, CertCell, ClientCredential, CredentialError, FixedClientCert};
 use crate::error::ProxyError;
 
 /// HTTP/2 windows: a whole default-size request or response chunk fits in one stream window,
@@ -70,6 +70,8 @@ pub struct Upstream {
     /// Held while connecting: one connection attempt at a time.
     connecting: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
+    /// Replaces the caller's `authorization` header.
+    api_key: Option<Arc<ApiKey>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -180,6 +182,7 @@ impl Upstream {
         address: String,
         authority: Authority,
         settings: ConnectSettings,
+        api_key: Option<Arc<ApiKey>>,
     ) -> Upstream {
         let scheme = if settings.tls.is_some() {
             Scheme::HTTPS
@@ -195,6 +198,7 @@ impl Upstream {
             pool: Mutex::default(),
             connecting: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
+            api_key,
         }
     }
 
@@ -250,6 +254,11 @@ impl Upstream {
             *request.uri_mut() = uri;
             *request.version_mut() = Version::HTTP_2;
             *request.headers_mut() = headers.clone();
+            if let Some(key) = &self.api_key {
+                request
+                    .headers_mut()
+                    .insert(http::header::AUTHORIZATION, key.header_value());
+            }
             match attempt(&connection, request, body.clone()).await {
                 Ok(response) => return Ok(response),
                 Err(error) => {

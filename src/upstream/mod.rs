@@ -1,19 +1,24 @@
-//! Upstream Temporal frontends: one [`Upstream`] (with its own HTTP/2 connections) each, and
-//! the namespace router.
+//! Upstream Temporal frontends: one [`UpstreamGroup`] per `[upstreams.NAME]` block (one
+//! [`Upstream`] endpoint, or one per namespace for a `{namespace}` template), their credentials,
+//! the namespace [`Router`], and [`Upstreams`], which swaps routers when the config changes.
 
 pub mod client;
 pub mod credentials;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use http::uri::Authority;
 
 pub use client::{BodyError, Upstream, UpstreamBody, UpstreamResponse};
-pub use credentials::{CertCell, ClientCredential, CredentialError};
+pub use credentials::{ApiKey, CertCell, ClientCredential, CredentialError};
 
-use crate::config::{split_host_port, Config, Limits, UpstreamConfig};
+use crate::config::{
+    split_host_port, template_safe, Config, CredentialsConfig, Limits, UpstreamConfig,
+    NAMESPACE_PLACEHOLDER,
+};
 use crate::error::ProxyError;
 use crate::tls::{self, TlsError};
 
@@ -23,110 +28,271 @@ pub enum UpstreamError {
     Tls { name: String, source: TlsError },
     #[error("upstream {name}: invalid address {address:?}")]
     Address { name: String, address: String },
-    #[error("upstream {name}: {reason}")]
-    Credentials { name: String, reason: String },
+    #[error("upstream {name}: {source}")]
+    Credentials {
+        name: String,
+        source: CredentialError,
+    },
+    #[error("{0}")]
+    Routing(String),
 }
 
-/// Builds the upstream for one `[upstreams.NAME]` block.
-pub fn build_upstream(
-    name: &str,
-    config: &UpstreamConfig,
-    limits: &Limits,
-) -> Result<Upstream, UpstreamError> {
-    let bad_address = || UpstreamError::Address {
-        name: name.to_string(),
-        address: config.address.clone(),
-    };
-    let (host, port) = split_host_port(&config.address).ok_or_else(bad_address)?;
-    let authority: Authority = config.address.parse().map_err(|_| bad_address())?;
-    let tls_error = |source: TlsError| UpstreamError::Tls {
-        name: name.to_string(),
-        source,
-    };
-    let tls = match &config.tls {
-        None => None,
-        Some(tls_config) => {
-            let client_cert = match (&tls_config.cert, &tls_config.key) {
-                (Some(cert), Some(key)) => {
-                    let read = |path: &std::path::Path| {
-                        std::fs::read(path).map_err(|e| UpstreamError::Credentials {
-                            name: name.to_string(),
-                            reason: format!("cannot read {}: {e}", path.display()),
-                        })
-                    };
-                    let credential = ClientCredential::from_pem(&read(cert)?, &read(key)?, None)
-                        .map_err(|e| UpstreamError::Credentials {
-                            name: name.to_string(),
-                            reason: format!("client certificate {}: {e}", cert.display()),
-                        })?;
-                    let cell = CertCell::default();
-                    cell.install(credential);
-                    Some(Arc::new(cell))
-                }
-                _ => None,
-            };
-            let server_name = tls_config
-                .server_name
-                .clone()
-                .unwrap_or_else(|| host.to_string());
-            let server_name = rustls::pki_types::ServerName::try_from(server_name.clone())
-                .map_err(|_| tls_error(TlsError::ServerName(server_name)))?;
-            let config = tls::upstream_client_config(&tls_config.ca, client_cert.is_some())
-                .map_err(tls_error)?;
-            Some(client::TlsSettings {
-                config: Arc::new(config),
-                server_name,
-                client_cert,
-            })
+/// The most endpoints one template creates (one per namespace seen); beyond it, calls to new
+/// namespaces are refused rather than growing without bound.
+const MAX_TEMPLATE_INSTANCES: usize = 4096;
+
+/// The credentials of one upstream block, shared by all its endpoints. Dropping them stops
+/// their renewal and file watching.
+#[derive(Default)]
+struct Credentials {
+    cert: Option<Arc<CertCell>>,
+    api_key: Option<Arc<ApiKey>>,
+    _tasks: Vec<credentials::AbortOnDrop>,
+    _watchers: Vec<crate::reload::Reloader>,
+}
+
+impl Credentials {
+    fn start(name: &str, config: &UpstreamConfig) -> Result<Credentials, UpstreamError> {
+        let error = |source: CredentialError| UpstreamError::Credentials {
+            name: name.to_string(),
+            source,
+        };
+        let mut out = Credentials::default();
+        if let Some(files) = config.certificate_files() {
+            let (cell, tasks, watcher) =
+                credentials::CertFiles::start(name, &files).map_err(error)?;
+            out.cert = Some(cell);
+            out._tasks = tasks;
+            out._watchers.push(watcher);
         }
-    };
-    Ok(Upstream::new(
-        name.to_string(),
-        config.address.clone(),
-        authority,
-        client::ConnectSettings {
-            host: host.to_string(),
-            port,
-            tls,
-            connect_timeout: Duration::from_secs(limits.upstream_connect_timeout_seconds),
-            connections: 1,
-        },
-    ))
+        match &config.credentials {
+            Some(CredentialsConfig::Issued(issued)) => {
+                let (cell, tasks) = credentials::CertIssuer::start(name, issued).map_err(error)?;
+                out.cert = Some(cell);
+                out._tasks = tasks;
+            }
+            Some(CredentialsConfig::ApiKey(key)) => {
+                let (key, watcher) = ApiKey::start(name, key).map_err(error)?;
+                out.api_key = Some(key);
+                out._watchers.extend(watcher);
+            }
+            Some(CredentialsConfig::Files(_)) | None => {}
+        }
+        Ok(out)
+    }
 }
 
-/// Maps namespaces (and cluster-scoped calls) to upstreams.
+/// One `[upstreams.NAME]` block: its credentials and its endpoint(s). Kept across config
+/// reloads while its settings stay the same, so its connections and certificates survive.
+pub struct UpstreamGroup {
+    name: String,
+    config: UpstreamConfig,
+    limits: Limits,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    credentials: Credentials,
+    /// The endpoint, for a plain block; endpoints by namespace, for a template.
+    fixed: Option<Arc<Upstream>>,
+    instances: Mutex<HashMap<String, Arc<Upstream>>>,
+}
+
+impl std::fmt::Debug for UpstreamGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamGroup")
+            .field("name", &self.name)
+            .field("address", &self.config.address)
+            .finish()
+    }
+}
+
+impl UpstreamGroup {
+    pub fn new(
+        name: &str,
+        config: &UpstreamConfig,
+        limits: &Limits,
+    ) -> Result<UpstreamGroup, UpstreamError> {
+        let credentials = Credentials::start(name, config)?;
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => Some(Arc::new(
+                tls::upstream_client_config(
+                    t.ca.as_deref(),
+                    t.system_roots,
+                    credentials.cert.is_some(),
+                )
+                .map_err(|source| UpstreamError::Tls {
+                    name: name.to_string(),
+                    source,
+                })?,
+            )),
+        };
+        let mut group = UpstreamGroup {
+            name: name.to_string(),
+            config: config.clone(),
+            limits: limits.clone(),
+            tls,
+            credentials,
+            fixed: None,
+            instances: Mutex::default(),
+        };
+        if !config.is_template() {
+            group.fixed = Some(Arc::new(group.endpoint(None)?));
+        }
+        Ok(group)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn is_template(&self) -> bool {
+        self.fixed.is_none()
+    }
+
+    /// The endpoint serving `namespace` (for a template, created on first use).
+    pub fn for_namespace(&self, namespace: &str) -> Result<Arc<Upstream>, ProxyError> {
+        if let Some(fixed) = &self.fixed {
+            return Ok(fixed.clone());
+        }
+        let mut instances = match self.instances.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(upstream) = instances.get(namespace) {
+            return Ok(upstream.clone());
+        }
+        let refuse = |reason: String| ProxyError::UpstreamUnavailable {
+            upstream: self.name.clone(),
+            address: self.config.address.clone(),
+            reason,
+        };
+        if !template_safe(namespace) {
+            return Err(refuse(format!(
+                "namespace {namespace:?} cannot fill the address template"
+            )));
+        }
+        if instances.len() >= MAX_TEMPLATE_INSTANCES {
+            return Err(refuse(format!(
+                "the template already serves {MAX_TEMPLATE_INSTANCES} namespaces"
+            )));
+        }
+        let upstream = Arc::new(
+            self.endpoint(Some(namespace))
+                .map_err(|e| refuse(e.to_string()))?,
+        );
+        instances.insert(namespace.to_string(), upstream.clone());
+        Ok(upstream)
+    }
+
+    /// Builds the endpoint for the block (filling in `namespace` for a template).
+    fn endpoint(&self, namespace: Option<&str>) -> Result<Upstream, UpstreamError> {
+        let fill = |text: &str| match namespace {
+            Some(ns) => text.replace(NAMESPACE_PLACEHOLDER, ns),
+            None => text.to_string(),
+        };
+        let address = fill(&self.config.address);
+        let display_name = match namespace {
+            Some(ns) => format!("{}[{ns}]", self.name),
+            None => self.name.clone(),
+        };
+        let bad_address = || UpstreamError::Address {
+            name: display_name.clone(),
+            address: address.clone(),
+        };
+        let (host, port) = split_host_port(&address).ok_or_else(bad_address)?;
+        let authority: Authority = address.parse().map_err(|_| bad_address())?;
+        let tls = match (&self.config.tls, &self.tls) {
+            (Some(tls_config), Some(config)) => {
+                let server_name = tls_config
+                    .server_name
+                    .as_deref()
+                    .map(fill)
+                    .unwrap_or_else(|| host.to_string());
+                let server_name = rustls::pki_types::ServerName::try_from(server_name.clone())
+                    .map_err(|_| UpstreamError::Tls {
+                        name: display_name.clone(),
+                        source: TlsError::ServerName(server_name),
+                    })?;
+                Some(client::TlsSettings {
+                    config: config.clone(),
+                    server_name,
+                    client_cert: self.credentials.cert.clone(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Upstream::new(
+            display_name,
+            address.clone(),
+            authority,
+            client::ConnectSettings {
+                host: host.to_string(),
+                port,
+                tls,
+                connect_timeout: Duration::from_secs(self.limits.upstream_connect_timeout_seconds),
+                connections: self.config.connections,
+            },
+            self.credentials.api_key.clone(),
+        ))
+    }
+
+    /// Seconds until the block's client certificate expires (negative once it has); None when
+    /// it presents no certificate.
+    pub fn seconds_until_expiry(&self) -> Option<f64> {
+        self.credentials
+            .cert
+            .as_ref()
+            .and_then(|c| c.seconds_until_expiry())
+    }
+
+    /// Whether a new config block can keep this group (and its connections and certificates).
+    fn reusable_for(&self, config: &UpstreamConfig, limits: &Limits) -> bool {
+        &self.config == config
+            && self.limits.upstream_connect_timeout_seconds
+                == limits.upstream_connect_timeout_seconds
+    }
+}
+
+/// Maps namespaces (and cluster-scoped calls) to upstreams. Immutable: a config change builds a
+/// new one.
 #[derive(Debug)]
 pub struct Router {
-    namespaces: HashMap<String, Arc<Upstream>>,
-    system: Arc<Upstream>,
-    default: Option<Arc<Upstream>>,
+    groups: BTreeMap<String, Arc<UpstreamGroup>>,
+    namespaces: HashMap<String, Arc<UpstreamGroup>>,
+    system: (Arc<UpstreamGroup>, Option<String>),
+    default: Option<Arc<UpstreamGroup>>,
 }
 
 impl Router {
-    pub fn from_config(config: &Config) -> Result<Router, UpstreamError> {
-        let mut upstreams = HashMap::new();
+    /// Builds a router for `config`, taking unchanged groups from `previous`.
+    fn build(config: &Config, previous: Option<&Router>) -> Result<Router, UpstreamError> {
+        let mut groups = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
-            upstreams.insert(
-                name.clone(),
-                Arc::new(build_upstream(name, upstream, &config.limits)?),
-            );
+            let kept = previous
+                .and_then(|p| p.groups.get(name))
+                .filter(|g| g.reusable_for(upstream, &config.limits))
+                .cloned();
+            let group = match kept {
+                Some(group) => group,
+                None => Arc::new(UpstreamGroup::new(name, upstream, &config.limits)?),
+            };
+            groups.insert(name.clone(), group);
         }
         // Config validation guarantees every reference resolves.
         let lookup = |name: &str| {
-            upstreams
+            groups
                 .get(name)
                 .cloned()
-                .ok_or_else(|| UpstreamError::Address {
-                    name: name.to_string(),
-                    address: "<undefined upstream>".into(),
-                })
+                .ok_or_else(|| UpstreamError::Routing(format!("undefined upstream {name:?}")))
         };
         let mut namespaces = HashMap::new();
         for ns in &config.namespaces {
             namespaces.insert(ns.name.clone(), lookup(&ns.upstream)?);
         }
         Ok(Router {
-            system: lookup(&config.routing.system_upstream)?,
+            system: (
+                lookup(&config.routing.system_upstream)?,
+                config.routing.system_namespace.clone(),
+            ),
             default: config
                 .routing
                 .default_upstream
@@ -134,17 +300,341 @@ impl Router {
                 .map(lookup)
                 .transpose()?,
             namespaces,
+            groups,
         })
     }
 
-    pub fn for_namespace(&self, namespace: &str) -> Result<&Arc<Upstream>, ProxyError> {
+    pub fn from_config(config: &Config) -> Result<Router, UpstreamError> {
+        Router::build(config, None)
+    }
+
+    pub fn for_namespace(&self, namespace: &str) -> Result<Arc<Upstream>, ProxyError> {
         self.namespaces
             .get(namespace)
             .or(self.default.as_ref())
-            .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))
+            .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))?
+            .for_namespace(namespace)
     }
 
-    pub fn system(&self) -> &Arc<Upstream> {
-        &self.system
+    pub fn system(&self) -> Result<Arc<Upstream>, ProxyError> {
+        let (group, namespace) = &self.system;
+        group.for_namespace(namespace.as_deref().unwrap_or(""))
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &Arc<UpstreamGroup>> {
+        self.groups.values()
+    }
+}
+
+/// Seconds until an upstream's client certificate expires.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateExpiry {
+    /// The `[upstreams.NAME]` block.
+    pub upstream: String,
+    /// Negative once expired.
+    pub seconds: f64,
+}
+
+/// The upstreams in force. A config change (file change or SIGHUP) builds a new [`Router`],
+/// keeping the groups whose settings did not change; a config that does not load, or whose
+/// upstreams cannot be built, is rejected and the previous routing stays.
+pub struct Upstreams {
+    router: RwLock<Arc<Router>>,
+    config_path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("router", &self.router())
+            .finish()
+    }
+}
+
+impl Upstreams {
+    pub fn from_config(config: &Config) -> Result<Arc<Upstreams>, UpstreamError> {
+        Ok(Arc::new(Upstreams {
+            router: RwLock::new(Arc::new(Router::from_config(config)?)),
+            config_path: config.source.clone(),
+        }))
+    }
+
+    /// The router in force (cheap: an `Arc` clone).
+    pub fn router(&self) -> Arc<Router> {
+        match self.router.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Installs the upstreams, routing and namespaces of `config`. Returns a summary of what
+    /// changed (empty when nothing did).
+    pub fn apply(&self, config: &Config) -> Result<String, UpstreamError> {
+        let previous = self.router();
+        let router = Router::build(config, Some(&previous))?;
+        let summary = describe_changes(&previous, &router);
+        match self.router.write() {
+            Ok(mut guard) => *guard = Arc::new(router),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(router),
+        }
+        Ok(summary)
+    }
+
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
+    }
+
+    /// Seconds until each upstream's client certificate expires, for upstreams that present
+    /// one (by `[upstreams.NAME]`).
+    pub fn certificate_expiry(&self) -> Vec<CertificateExpiry> {
+        self.router()
+            .groups()
+            .filter_map(|g| {
+                g.seconds_until_expiry().map(|seconds| CertificateExpiry {
+                    upstream: g.name().to_string(),
+                    seconds,
+                })
+            })
+            .collect()
+    }
+
+    /// Seconds until the client certificate of upstream `name` expires.
+    pub fn seconds_until_expiry(&self, name: &str) -> Option<f64> {
+        self.router()
+            .groups
+            .get(name)
+            .and_then(|g| g.seconds_until_expiry())
+    }
+}
+
+fn describe_changes(old: &Router, new: &Router) -> String {
+    let mut parts = Vec::new();
+    let mut list = |what: &str, names: Vec<&String>| {
+        if !names.is_empty() {
+            let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            parts.push(format!("{what}: {}", names.join(", ")));
+        }
+    };
+    list(
+        "upstreams added",
+        new.groups
+            .keys()
+            .filter(|k| !old.groups.contains_key(*k))
+            .collect(),
+    );
+    list(
+        "upstreams changed",
+        new.groups
+            .iter()
+            .filter(|(k, g)| old.groups.get(*k).is_some_and(|o| !Arc::ptr_eq(o, g)))
+            .map(|(k, _)| k)
+            .collect(),
+    );
+    list(
+        "upstreams removed",
+        old.groups
+            .keys()
+            .filter(|k| !new.groups.contains_key(*k))
+            .collect(),
+    );
+    let mut added: Vec<&String> = new
+        .namespaces
+        .keys()
+        .filter(|k| !old.namespaces.contains_key(*k))
+        .collect();
+    added.sort();
+    list("namespaces added", added);
+    let mut moved: Vec<&String> = new
+        .namespaces
+        .iter()
+        .filter(|(k, g)| old.namespaces.get(*k).is_some_and(|o| o.name() != g.name()))
+        .map(|(k, _)| k)
+        .collect();
+    moved.sort();
+    list("namespaces moved", moved);
+    let mut removed: Vec<&String> = old
+        .namespaces
+        .keys()
+        .filter(|k| !new.namespaces.contains_key(*k))
+        .collect();
+    removed.sort();
+    list("namespaces removed", removed);
+    if old.system.0.name() != new.system.0.name() || old.system.1 != new.system.1 {
+        parts.push(format!("system upstream: {}", new.system.0.name()));
+    }
+    if old.default.as_ref().map(|g| g.name()) != new.default.as_ref().map(|g| g.name()) {
+        parts.push(format!(
+            "default upstream: {}",
+            new.default.as_ref().map_or("none", |g| g.name())
+        ));
+    }
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::pki::CertAuthority;
+
+    fn config(upstreams: &str, routing: &str) -> Config {
+        Config::from_toml(&format!(
+            r#"
+            [listener]
+            address = "127.0.0.1:0"
+            plaintext = true
+            {upstreams}
+            {routing}
+            [authorization]
+            disabled = true
+            [encryption]
+            disabled = true
+            "#
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn templates_make_one_endpoint_per_namespace() {
+        let c = config(
+            r#"[upstreams.cloud]
+            address = "{namespace}.a1b2c.tmprl.cloud:7233"
+            [upstreams.local]
+            address = "127.0.0.1:7233""#,
+            r#"[routing]
+            system_upstream = "local"
+            default_upstream = "cloud"
+            [[namespaces]]
+            name = "orders"
+            upstream = "local""#,
+        );
+        let router = Router::from_config(&c).unwrap();
+        let payments = router.for_namespace("payments").unwrap();
+        assert_eq!(payments.address, "payments.a1b2c.tmprl.cloud:7233");
+        assert_eq!(payments.name, "cloud[payments]");
+        assert!(Arc::ptr_eq(
+            &payments,
+            &router.for_namespace("payments").unwrap()
+        ));
+        assert_eq!(
+            router.for_namespace("billing").unwrap().address,
+            "billing.a1b2c.tmprl.cloud:7233"
+        );
+        assert_eq!(
+            router.for_namespace("orders").unwrap().address,
+            "127.0.0.1:7233"
+        );
+        assert_eq!(router.system().unwrap().name, "local");
+        let err = router.for_namespace("bad/name").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_config_change_keeps_unchanged_upstreams() {
+        let first = config(
+            r#"[upstreams.a]
+            address = "127.0.0.1:1"
+            [upstreams.b]
+            address = "127.0.0.1:2""#,
+            r#"[routing]
+            system_upstream = "a"
+            [[namespaces]]
+            name = "x"
+            upstream = "a""#,
+        );
+        let upstreams = Upstreams::from_config(&first).unwrap();
+        let a = upstreams.router().for_namespace("x").unwrap();
+        assert!(upstreams.router().for_namespace("y").is_err());
+        let second = config(
+            r#"[upstreams.a]
+            address = "127.0.0.1:1"
+            [upstreams.b]
+            address = "127.0.0.1:3""#,
+            r#"[routing]
+            system_upstream = "a"
+            [[namespaces]]
+            name = "x"
+            upstream = "a"
+            [[namespaces]]
+            name = "y"
+            upstream = "b""#,
+        );
+        let summary = upstreams.apply(&second).unwrap();
+        assert_eq!(summary, "upstreams changed: b; namespaces added: y");
+        let router = upstreams.router();
+        assert!(Arc::ptr_eq(&a, &router.for_namespace("x").unwrap()));
+        assert_eq!(router.for_namespace("y").unwrap().address, "127.0.0.1:3");
+        assert_eq!(upstreams.apply(&second).unwrap(), "");
+    }
+
+    fn issuing_ca(dir: &std::path::Path, lifetime: Duration) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let ca = CertAuthority::generate("issuing", lifetime).unwrap();
+        let cert = dir.join("ca.pem");
+        let key = dir.join("ca-key.pem");
+        std::fs::write(&cert, &ca.cert_pem).unwrap();
+        std::fs::write(&key, &ca.key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert, key)
+    }
+
+    fn issued(ca: &(PathBuf, PathBuf), lifetime: u64) -> crate::config::IssuedCredentials {
+        crate::config::IssuedCredentials {
+            ca_cert: ca.0.clone(),
+            ca_key: ca.1.clone(),
+            lifetime_seconds: lifetime,
+            renew_at: 0.7,
+            common_name: "proxy".into(),
+            dns_names: vec![],
+            uris: vec!["spiffe://test/proxy".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn issued_certificates_renew_with_fresh_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = issuing_ca(dir.path(), Duration::from_secs(3600));
+        let (cell, _tasks) = credentials::CertIssuer::start("up", &issued(&ca, 2)).unwrap();
+        let first = cell.current().unwrap();
+        let left = first.seconds_until_expiry(std::time::SystemTime::now());
+        assert!(left > 1.0 && left <= 2.0, "{left}");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(cell.generation() >= 2, "renewed at ~70 % of 2 s");
+        let now = cell.current().unwrap();
+        assert_ne!(now.serial, first.serial);
+        assert_ne!(
+            now.certified.key.public_key(),
+            first.certified.key.public_key()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_group_readable_ca_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = issuing_ca(dir.path(), Duration::from_secs(3600));
+        std::fs::set_permissions(&ca.1, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = credentials::CertIssuer::start("up", &issued(&ca, 60))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    /// The issuing CA runs out: renewal keeps failing, the last certificate expires (it is
+    /// never issued past the CA's own expiry) and is then refused with the renewal error.
+    #[tokio::test]
+    async fn failing_renewal_ends_in_a_clear_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        // rcgen backdates the CA a minute; it expires ~3 s from now.
+        let ca = issuing_ca(dir.path(), Duration::from_secs(3));
+        let (cell, _tasks) = credentials::CertIssuer::start("up", &issued(&ca, 600)).unwrap();
+        let first = cell.current().unwrap();
+        assert!(first.seconds_until_expiry(std::time::SystemTime::now()) <= 3.0);
+        tokio::time::sleep(Duration::from_millis(4000)).await;
+        let err = cell.current().unwrap_err().to_string();
+        assert!(
+            err.contains("expired") && err.contains("renewal keeps failing"),
+            "{err}"
+        );
     }
 }

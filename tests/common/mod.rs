@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod nginx;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
