@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 
-# Debian packages the tests need (space separated). Empty for now.
-APT_PACKAGES="${APT_PACKAGES:-}"
+# Debian packages the tests need (space separated):
+#   nginx-light  an mTLS-enforcing gRPC upstream (grpc_pass) for the upstream credential tests
+APT_PACKAGES="${APT_PACKAGES:-nginx-light}"
 
 log() { echo "setup: $*" >&2; }
 

@@ -27,6 +27,7 @@ fn every_example_config_loads() {
     assert_eq!(
         loaded,
         [
+            "cloud-credentials.toml",
             "cloud.toml",
             "service.toml",
             "sidecar-unix.toml",
