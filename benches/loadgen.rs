@@ -89,6 +89,9 @@ struct Args {
     stages: bool,
     /// Worker threads of the proxy's runtime (default: like the binary, one per core).
     proxy_threads: Option<usize>,
+    /// Fake target: also measure the proxy forwarding over mTLS with a static client
+    /// certificate and with issued certificates living this many seconds, in the same run.
+    rotation: Option<u64>,
 }
 
 const USAGE: &str = "\
@@ -107,6 +110,8 @@ usage: cargo bench --bench loadgen -- [options]
   --stages                 fake target: also measure proxies without encryption, without
                            authorization, and with neither, in the same run
   --proxy-threads N        worker threads for the proxy's runtime (default: one per core, like the binary)
+  --rotation SECS          fake target: also measure the proxy speaking mTLS to the upstream with a
+                           static client certificate, and with issued ones living SECS seconds
   --bench                  ignored (cargo passes it)";
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -123,6 +128,7 @@ fn parse_args() -> anyhow::Result<Args> {
         encryption: true,
         stages: false,
         proxy_threads: None,
+        rotation: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -179,6 +185,9 @@ fn parse_args() -> anyhow::Result<Args> {
                     Some(count(value("--proxy-threads")?, "--proxy-threads")?.max(1))
             }
             "--stages" => args.stages = true,
+            "--rotation" => {
+                args.rotation = Some(count(value("--rotation")?, "--rotation")?.max(2) as u64)
+            }
             "--encryption" => {
                 args.encryption = match value("--encryption")?.as_str() {
                     "on" => true,
@@ -434,6 +443,8 @@ fn grpc_frame(message: &[u8]) -> Bytes {
 struct Pki {
     _dir: tempfile::TempDir,
     ca: PathBuf,
+    /// The CA's key (mode 0600): the proxy issues itself upstream client certificates with it.
+    ca_key: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
     client_cert: PathBuf,
@@ -453,6 +464,7 @@ impl Pki {
         let path = |name: &str| dir.path().join(name);
         let pki = Pki {
             ca: path("ca.pem"),
+            ca_key: path("ca-key.pem"),
             server_cert: path("server.pem"),
             server_key: path("server-key.pem"),
             client_cert: path("client.pem"),
@@ -460,6 +472,11 @@ impl Pki {
             _dir: dir,
         };
         std::fs::write(&pki.ca, &ca.cert_pem)?;
+        std::fs::write(&pki.ca_key, &ca.key_pem)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&pki.ca_key, std::fs::Permissions::from_mode(0o600))?;
+        }
         std::fs::write(&pki.server_cert, &server.cert_pem)?;
         std::fs::write(&pki.server_key, &server.key_pem)?;
         std::fs::write(&pki.client_cert, &client.cert_pem)?;
@@ -903,6 +920,7 @@ async fn start_proxy(
     handle: &Handle,
     pki: &Pki,
     upstream: SocketAddr,
+    upstream_settings: &str,
     audit_log: &str,
     encryption: bool,
     authorization_on: bool,
@@ -923,6 +941,7 @@ shutdown_grace_seconds = 2
 
 [upstreams.upstream]
 address = "{upstream}"
+{upstream_settings}
 
 [routing]
 system_upstream = "upstream"
@@ -1269,6 +1288,7 @@ async fn run_fake(
         proxy_rt,
         pki,
         plain.addr,
+        "",
         &args.audit_log,
         args.encryption,
         true,
@@ -1277,22 +1297,50 @@ async fn run_fake(
     let proxy_addr = proxy
         .local_addr()
         .ok_or_else(|| anyhow!("the proxy has no TCP address"))?;
-    // Stage variants: (path label, encryption, authorization).
-    let variants: &[(&'static str, bool, bool)] = if args.stages {
-        &[
-            ("proxy-no-encryption", false, true),
-            ("proxy-no-authz", true, false),
-            ("proxy-bare", false, false),
-        ]
-    } else {
-        &[]
-    };
+    // Variants: (path label, upstream, upstream settings, encryption, authorization).
+    let mut variants: Vec<(&'static str, SocketAddr, String, bool, bool)> = Vec::new();
+    if args.stages {
+        variants.push(("proxy-no-encryption", plain.addr, String::new(), false, true));
+        variants.push(("proxy-no-authz", plain.addr, String::new(), true, false));
+        variants.push(("proxy-bare", plain.addr, String::new(), false, false));
+    }
+    if let Some(lifetime) = args.rotation {
+        // The proxy speaks mTLS to the fake upstream, whose clients must chain to the test CA:
+        // once with a static certificate, once issuing itself certificates from that CA.
+        let tls = format!(
+            "tls = {{ ca = \"{}\", server_name = \"localhost\" }}",
+            pki.ca.display()
+        );
+        variants.push((
+            "proxy-up-mtls-static",
+            mtls.addr,
+            format!(
+                "{tls}\ncredentials = {{ type = \"files\", cert = \"{}\", key = \"{}\" }}",
+                pki.client_cert.display(),
+                pki.client_key.display()
+            ),
+            args.encryption,
+            true,
+        ));
+        variants.push((
+            "proxy-up-mtls-rotating",
+            mtls.addr,
+            format!(
+                "{tls}\ncredentials = {{ type = \"issued\", ca_cert = \"{}\", ca_key = \"{}\", lifetime_seconds = {lifetime} }}",
+                pki.ca.display(),
+                pki.ca_key.display()
+            ),
+            args.encryption,
+            true,
+        ));
+    }
     let mut extra = Vec::new();
-    for (label, encryption, authorization) in variants {
+    for (label, upstream, settings, encryption, authorization) in &variants {
         let proxy = start_proxy(
             proxy_rt,
             pki,
-            plain.addr,
+            *upstream,
+            settings,
             &args.audit_log,
             *encryption,
             *authorization,
@@ -1402,6 +1450,7 @@ async fn run_dev(
             proxy_rt,
             pki,
             server.address,
+            "",
             &args.audit_log,
             args.encryption,
             true,

@@ -385,6 +385,9 @@ impl Upstream {
 
     /// Opens a new connection with the current client certificate.
     async fn connect(&self) -> Result<Connection, ProxyError> {
+        // The generation first: a rotation in between makes this connection look older than
+        // its certificate (replaced early), never newer (kept too long).
+        let generation = self.client_cert().map_or(0, |cell| cell.generation());
         let credential: Option<Arc<ClientCredential>> = match self.client_cert() {
             Some(cell) => Some(cell.current().map_err(|e| self.credential_error(e))?),
             None => None,
@@ -425,13 +428,9 @@ impl Upstream {
                 self.handshake(stream, id).await?
             }
         };
-        let (generation, retire_at, serial) = match &credential {
-            Some(c) => (
-                self.client_cert().map_or(0, |cell| cell.generation()),
-                Some(c.retire_at),
-                Some(c.serial.clone()),
-            ),
-            None => (0, None, None),
+        let (retire_at, serial) = match &credential {
+            Some(c) => (Some(c.retire_at), Some(c.serial.clone())),
+            None => (None, None),
         };
         tracing::debug!(upstream = %self.name, connection = id, serial = serial.as_deref().unwrap_or(""), "connected");
         Ok(Connection {
