@@ -16,11 +16,12 @@ use tokio_rustls::TlsAcceptor;
 use tower::util::BoxCloneSyncService;
 use tower::Layer;
 
-use crate::authz::{AuditLog, AuthzLayer, PolicyStore};
+use crate::authz::{AuditLog, AuthzLayer, BearerVerifier, PolicyStore};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::{
-    EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
+    AuthnLayer, EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse,
+    NamespaceLayer,
 };
 use crate::tls::{self, PeerInfo};
 use crate::upstream::Router;
@@ -34,9 +35,14 @@ pub struct PipelineParts {
     pub pipeline: Pipeline,
     pub policies: Option<Arc<PolicyStore>>,
     pub encryption: Option<Arc<Encryption>>,
+    /// The bearer-token verifier, when `[bearer]` is configured.
+    pub bearer: Option<Arc<BearerVerifier>>,
+    /// The audit log, when authorization is on.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
-/// Builds the pipeline for a config: namespace → authorization → encryption → forwarding.
+/// Builds the pipeline for a config: authentication (bearer tokens) → namespace → authorization
+/// → encryption → forwarding.
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let router = Arc::new(Router::from_config(config)?);
@@ -66,11 +72,11 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         Some(encryption)
     };
 
-    let policies = if config.authorization.disabled {
+    let (policies, audit) = if config.authorization.disabled {
         tracing::warn!(
             "authorization is DISABLED: every authenticated caller may call every method"
         );
-        None
+        (None, None)
     } else {
         let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
         let audit = Arc::new(
@@ -81,16 +87,27 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
                 )
             })?,
         );
-        pipeline =
-            BoxCloneSyncService::new(AuthzLayer::new(policies.clone(), audit).layer(pipeline));
-        Some(policies)
+        pipeline = BoxCloneSyncService::new(
+            AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline),
+        );
+        (Some(policies), Some(audit))
     };
 
     pipeline = BoxCloneSyncService::new(NamespaceLayer.layer(pipeline));
+    let bearer = match &config.bearer {
+        Some(bearer) => {
+            let verifier = BearerVerifier::new(bearer).await?;
+            pipeline = BoxCloneSyncService::new(AuthnLayer::new(verifier.clone()).layer(pipeline));
+            Some(verifier)
+        }
+        None => None,
+    };
     Ok(PipelineParts {
         pipeline,
         policies,
         encryption,
+        bearer,
+        audit,
     })
 }
 
@@ -156,6 +173,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         pipeline,
         policies,
         encryption,
+        bearer,
+        audit: _,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
@@ -163,8 +182,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     if let Some(encryption) = &encryption {
         encryption.spawn_key_reloaders();
     }
+    if let Some(bearer) = &bearer {
+        bearer.spawn_refreshers();
+    }
+    // With bearer tokens on, the handshake lets callers without a certificate in; the
+    // authentication stage then refuses any call that has neither a certificate nor a token.
     let acceptor = match &config.listener.tls {
-        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config(server_tls)?)),
+        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config_with(
+            server_tls,
+            server_tls.require_client_cert && bearer.is_none(),
+            &[b"h2"],
+        )?)),
         None => None,
     };
     let address = config.listen_address()?;
@@ -191,6 +219,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     };
     let shown = local_addr.map_or_else(|| config.listener.address.clone(), |a| a.to_string());
     match &config.listener.tls {
+        Some(t) if t.require_client_cert && bearer.is_some() => {
+            tracing::info!(address = %shown, "portcullis listening (TLS, client certificate or bearer token required)")
+        }
         Some(t) if t.require_client_cert => {
             tracing::info!(address = %shown, "portcullis listening (TLS, client certificate required)")
         }
@@ -314,7 +345,7 @@ async fn serve_connection(
             io,
             PeerInfo {
                 remote,
-                names: Default::default(),
+                ..Default::default()
             },
         ),
     };
