@@ -17,6 +17,7 @@ use tower::util::BoxCloneSyncService;
 use tower::Layer;
 
 use crate::authz::{AuditLog, AuthzLayer, BearerVerifier, PolicyStore};
+use crate::codec::{CodecDeps, CodecOptions, RunningCodec};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::{
@@ -121,6 +122,13 @@ pub struct RunningProxy {
     local_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    codec: Option<RunningCodec>,
+}
+
+/// Start-up choices that no config file can make.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    pub codec: CodecOptions,
 }
 
 impl RunningProxy {
@@ -129,10 +137,18 @@ impl RunningProxy {
         self.local_addr
     }
 
+    /// The codec server's bound address, when `[codec]` is configured.
+    pub fn codec_addr(&self) -> Option<SocketAddr> {
+        self.codec.as_ref().map(RunningCodec::local_addr)
+    }
+
     /// Stops accepting, lets in-flight calls finish up to the configured grace period, then
     /// closes what remains.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        if let Some(codec) = self.codec {
+            codec.shutdown().await;
+        }
         let _ = self.task.await;
     }
 
@@ -169,12 +185,21 @@ async fn wait_for_signal() {
 
 /// Binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// Like [`start`], with options only the program itself can set (`portcullis dev`).
+pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result<RunningProxy> {
+    if let Some(codec) = &config.codec {
+        // Refuse before anything binds.
+        crate::codec::check_options(codec, &options.codec)?;
+    }
     let PipelineParts {
         pipeline,
         policies,
         encryption,
         bearer,
-        audit: _,
+        audit,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
@@ -233,6 +258,30 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         }
     }
 
+    let codec = match (&config.codec, &encryption) {
+        (Some(codec), Some(encryption)) => {
+            let audit = match audit {
+                Some(audit) => audit,
+                // Authorization is off, but decoding is a disclosure: still audit it.
+                None => Arc::new(AuditLog::open(&config.authorization.audit_log).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open audit log {}: {e}",
+                        config.authorization.audit_log
+                    )
+                })?),
+            };
+            let deps = CodecDeps {
+                encryption: encryption.clone(),
+                policies: policies.clone(),
+                audit,
+                bearer: bearer.clone(),
+            };
+            Some(crate::codec::start(codec, deps, options.codec).await?)
+        }
+        (Some(_), None) => anyhow::bail!("codec: the codec server needs encryption"),
+        (None, _) => None,
+    };
+
     let (shutdown, shutdown_rx) = watch::channel(false);
     let settings = ServeSettings {
         pipeline,
@@ -246,6 +295,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         local_addr,
         shutdown,
         task,
+        codec,
     })
 }
 

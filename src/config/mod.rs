@@ -44,6 +44,9 @@ pub struct Config {
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer: Option<BearerConfig>,
+    /// The codec server for the Web UI and the CLI. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<crate::codec::CodecConfig>,
     /// The file this config was loaded from (for reloads).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -339,6 +342,14 @@ impl Config {
         if let Some(bearer) = &self.bearer {
             bearer.validate().map_err(ConfigError::Invalid)?;
         }
+        if let Some(codec) = &self.codec {
+            codec.validate().map_err(ConfigError::Invalid)?;
+            if self.encryption.disabled {
+                return invalid(
+                    "codec: the codec server needs encryption (encryption.disabled is set)".into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -363,6 +374,9 @@ impl Config {
         self.encryption.resolve_paths(base);
         if let Some(bearer) = &mut self.bearer {
             bearer.resolve_paths(base);
+        }
+        if let Some(codec) = &mut self.codec {
+            codec.resolve_paths(base);
         }
         for upstream in self.upstreams.values_mut() {
             if let Some(tls) = &mut upstream.tls {
