@@ -311,11 +311,7 @@ fn concrete_loopback(address: &str) -> anyhow::Result<SocketAddr> {
         addr.set_port(0);
     }
     if addr.port() == 0 {
-        addr.set_port(
-            StdTcpListener::bind((addr.ip(), 0))?
-                .local_addr()?
-                .port(),
-        );
+        addr.set_port(StdTcpListener::bind((addr.ip(), 0))?.local_addr()?.port());
     }
     Ok(addr)
 }

@@ -263,12 +263,14 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
             let audit = match audit {
                 Some(audit) => audit,
                 // Authorization is off, but decoding is a disclosure: still audit it.
-                None => Arc::new(AuditLog::open(&config.authorization.audit_log).map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot open audit log {}: {e}",
-                        config.authorization.audit_log
-                    )
-                })?),
+                None => Arc::new(
+                    AuditLog::open(&config.authorization.audit_log).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot open audit log {}: {e}",
+                            config.authorization.audit_log
+                        )
+                    })?,
+                ),
             };
             let deps = CodecDeps {
                 encryption: encryption.clone(),

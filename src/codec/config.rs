@@ -82,7 +82,10 @@ impl CodecConfig {
                 return Err("codec: set either [codec.tls] or plaintext = true, not both".into())
             }
             (None, false) => {
-                return Err("codec: [codec.tls] is required (plaintext = true is allowed only on loopback)".into())
+                return Err(
+                    "codec: [codec.tls] is required (plaintext = true is allowed only on loopback)"
+                        .into(),
+                )
             }
             (None, true) if !address.ip().is_loopback() => {
                 return Err(format!(
@@ -95,7 +98,9 @@ impl CodecConfig {
         for origin in &self.allowed_origins {
             validate_origin(origin)?;
         }
-        if self.max_request_bytes == 0 || self.max_payloads == 0 || self.request_timeout_seconds == 0
+        if self.max_request_bytes == 0
+            || self.max_payloads == 0
+            || self.request_timeout_seconds == 0
         {
             return Err("codec: limits must be positive".into());
         }
@@ -147,7 +152,13 @@ mod tests {
         let mut public = ok.clone();
         public.address = "0.0.0.0:8081".into();
         assert!(public.validate().unwrap_err().contains("loopback"));
-        for origin in ["*", "http://ui.example/path", "ui.example", "ftp://x", "https://*.x"] {
+        for origin in [
+            "*",
+            "http://ui.example/path",
+            "ui.example",
+            "ftp://x",
+            "https://*.x",
+        ] {
             let mut c = ok.clone();
             c.allowed_origins = vec![origin.into()];
             assert!(c.validate().is_err(), "{origin}");

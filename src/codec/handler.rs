@@ -186,9 +186,10 @@ impl PeerService {
                 "method",
                 "use POST (or OPTIONS for a CORS preflight)",
             );
-            reply
-                .headers_mut()
-                .insert(http::header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+            reply.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("POST, OPTIONS"),
+            );
             return reply;
         }
         let namespace = match namespace_of(path_namespace, request.headers()) {
@@ -238,9 +239,11 @@ impl PeerService {
         }
 
         if let Some(content_type) = request.headers().get(CONTENT_TYPE) {
-            let json = content_type
-                .to_str()
-                .is_ok_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"));
+            let json = content_type.to_str().is_ok_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            });
             if !json {
                 audit(None);
                 return error(
@@ -263,7 +266,11 @@ impl PeerService {
             }
             Err(e) => {
                 audit(None);
-                return error(StatusCode::BAD_REQUEST, "body", &format!("reading the body: {e}"));
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body",
+                    &format!("reading the body: {e}"),
+                );
             }
         };
         let (encoded, count) = match json::parse(&body, service.settings.max_payloads) {
@@ -303,7 +310,11 @@ impl PeerService {
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 reply
             }
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            ),
         }
     }
 
@@ -317,7 +328,10 @@ impl PeerService {
                 return Err("more than one Authorization header".into());
             }
             let Some(verifier) = &service.deps.bearer else {
-                return Err("bearer tokens are not enabled on this server ([bearer] is not configured)".into());
+                return Err(
+                    "bearer tokens are not enabled on this server ([bearer] is not configured)"
+                        .into(),
+                );
             };
             let identity = verifier
                 .verify_header(value)
@@ -359,7 +373,13 @@ impl PeerService {
                 let (identity, claimed, credential) = caller_of(&set, peer);
                 let anonymous = identity == DEV_ANONYMOUS_IDENTITY;
                 let decision = if anonymous {
-                    set.decide_for(&identity, claimed, Scope::Namespace, Some(namespace), operation.level())
+                    set.decide_for(
+                        &identity,
+                        claimed,
+                        Scope::Namespace,
+                        Some(namespace),
+                        operation.level(),
+                    )
                 } else {
                     Decision {
                         allowed: true,
@@ -368,7 +388,11 @@ impl PeerService {
                         reason: "authorization disabled",
                     }
                 };
-                return (identity, decision, if anonymous { "none" } else { credential });
+                return (
+                    identity,
+                    decision,
+                    if anonymous { "none" } else { credential },
+                );
             }
         };
         let (identity, claimed, credential) = caller_of(&policies, peer);

@@ -74,8 +74,14 @@ mod tests {
         assert_eq!(count, 2);
         let json: serde_json::Value = serde_json::from_slice(&render(&encoded).unwrap()).unwrap();
         assert_eq!(json["payloads"][0]["data"], "ImhpIg==");
-        assert_eq!(json["payloads"][0]["metadata"]["encoding"], "anNvbi9wbGFpbg==");
-        assert_eq!(json["payloads"][1]["externalPayloads"][0]["sizeBytes"], "12");
+        assert_eq!(
+            json["payloads"][0]["metadata"]["encoding"],
+            "anNvbi9wbGFpbg=="
+        );
+        assert_eq!(
+            json["payloads"][1]["externalPayloads"][0]["sizeBytes"],
+            "12"
+        );
         // Unpadded and URL-safe base64 are proto3 JSON too.
         assert!(parse(br#"{"payloads":[{"data":"ImhpIg"}]}"#, 10).is_ok());
         assert_eq!(parse(br#"{}"#, 10).unwrap().1, 0);

@@ -59,7 +59,9 @@ pub const DEV_ANONYMOUS_IDENTITY: &str = "portcullis-dev:anonymous-reader";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecSetupError {
-    #[error("codec: the dev anonymous reader is only allowed on a plaintext loopback listener, not {0}")]
+    #[error(
+        "codec: the dev anonymous reader is only allowed on a plaintext loopback listener, not {0}"
+    )]
     AnonymousOffLoopback(String),
     #[error("codec: {0}")]
     Invalid(String),
@@ -95,11 +97,11 @@ impl RunningCodec {
 /// Checks `options` against `config`: the dev anonymous reader only on plaintext loopback.
 pub fn check_options(config: &CodecConfig, options: &CodecOptions) -> Result<(), CodecSetupError> {
     if options.dev_anonymous_reader {
-        let loopback = config
-            .socket_address()
-            .is_ok_and(|a| a.ip().is_loopback());
+        let loopback = config.socket_address().is_ok_and(|a| a.ip().is_loopback());
         if !loopback || config.tls.is_some() || !config.plaintext {
-            return Err(CodecSetupError::AnonymousOffLoopback(config.address.clone()));
+            return Err(CodecSetupError::AnonymousOffLoopback(
+                config.address.clone(),
+            ));
         }
     }
     Ok(())
@@ -155,10 +157,12 @@ fn codec_tls(tls: &CodecTls) -> anyhow::Result<Arc<rustls::ServerConfig>> {
                 roots.add(cert)?;
             }
             // Certificates are optional at the handshake: browsers come with bearer tokens.
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .allow_unauthenticated()
-                    .build()?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()?;
             builder
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs, key)?

@@ -7,6 +7,8 @@
 //   --expect TEXT    wait until TEXT is on the page (fails if it never appears)
 //   --wait-for TEXT  wait until TEXT is on the page before judging (e.g. "binary/encrypted")
 //   --codec PREFIX   record the status of every response whose URL starts with PREFIX
+//   --authorization VALUE  send `Authorization: VALUE` with the page's requests (as a UI that
+//                    passes its user's access token to the codec server would)
 // Prints one JSON line: {"ok", "found", "codec": [{url, method, status}], "text": "..."}
 import { chromium } from 'playwright-core';
 
@@ -32,7 +34,9 @@ async function main() {
     ],
   });
   try {
-    const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+    const options = { viewport: { width: 1400, height: 1000 } };
+    if (args.authorization) options.extraHTTPHeaders = { Authorization: args.authorization };
+    const page = await browser.newPage(options);
     if (args.codec) {
       page.on('response', (response) => {
         if (response.url().startsWith(args.codec)) {
@@ -56,8 +60,15 @@ async function main() {
     let judged = true;
     if (args['wait-for']) judged = await waitText(args['wait-for']);
     if (args.expect) out.found = await waitText(args.expect);
-    // Let in-flight codec calls settle before the picture.
-    await page.waitForTimeout(500);
+    // When watching the codec server, wait for the page's first decode call to be answered.
+    if (args.codec) {
+      const until = Date.now() + Math.min(args.timeout, 15000);
+      while (!out.codec.some((c) => c.method === 'POST') && Date.now() < until) {
+        await page.waitForTimeout(200);
+      }
+    }
+    // Let the page render what it got before the picture.
+    await page.waitForTimeout(1000);
     const text = await page.evaluate(() => document.body.innerText);
     if (args.expect && !out.found) out.found = text.includes(args.expect);
     out.text = text.slice(0, 4000);
