@@ -165,6 +165,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 portcullis::tls::server_config(tls)?;
             }
             portcullis::server::build_pipeline(&config).await?;
+            if let Some(codec) = &config.codec {
+                portcullis::codec::check(codec)?;
+            }
             if !config.authorization.disabled {
                 config.authorization.compile()?;
             }

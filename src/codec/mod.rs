@@ -144,6 +144,15 @@ pub async fn start(
     })
 }
 
+/// Validates the section and loads its TLS material (for `portcullis check`).
+pub fn check(config: &CodecConfig) -> anyhow::Result<()> {
+    config.validate().map_err(CodecSetupError::Invalid)?;
+    if let Some(tls) = &config.tls {
+        codec_tls(tls)?;
+    }
+    Ok(())
+}
+
 fn codec_tls(tls: &CodecTls) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let certs = crate::tls::load_certs(&tls.cert, "codec certificate")?;
     let key = crate::tls::load_key(&tls.key, "codec key")?;
