@@ -224,6 +224,7 @@ async fn the_cli_decodes_through_the_codec_server_for_readers_only() {
     let mut codec = CodecConfig::loopback("127.0.0.1:0", vec![UI_ORIGIN_ALLOWED.into()]);
     codec.max_payloads = 5;
     codec.max_request_bytes = 64 * 1024;
+    codec.request_timeout_seconds = 2;
     config.codec = Some(codec);
     let proxy = start_proxy(config).await;
     let address = proxy.local_addr().expect("tcp");
@@ -433,6 +434,36 @@ async fn the_cli_decodes_through_the_codec_server_for_readers_only() {
         )
         .await;
     assert_eq!(answer.status, 200, "{}", answer.body);
+
+    // A body that never finishes is cut off at the request timeout (408), and so is a
+    // connection that never sends its headers.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut slow = tokio::net::TcpStream::connect(codec_addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /alpha/decode HTTP/1.1\r\nHost: localhost\r\nAuthorization: {reader}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"payloads\":["
+        );
+        slow.write_all(head.as_bytes()).await.expect("write");
+        let started = Instant::now();
+        let mut answer = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut answer))
+            .await
+            .expect("the codec server must answer a stalled body")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let mut idle = tokio::net::TcpStream::connect(codec_addr)
+            .await
+            .expect("connect");
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+            .await
+            .expect("an idle connection must be closed");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    }
 
     // CORS: the allowed origin gets a preflight answer with credentials; others are refused.
     let preflight = http
