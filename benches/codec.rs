@@ -124,8 +124,17 @@ async fn run() {
             .build_http();
 
     println!(
-        "{:<12} {:>10} {:>10} {:>10} {:>12} {:>14} {:>14}",
-        "shape", "p50 us", "p99 us", "req/s", "req/s (c=4)", "MiB/s (c=4)", "in-process us"
+        "{:<12} {:>8} {:>8} {:>8} {:>11} {:>11} {:>13} {:>9} {:>8} {:>9}",
+        "shape",
+        "p50 us",
+        "p99 us",
+        "req/s",
+        "req/s (c=4)",
+        "MiB/s (c=4)",
+        "in-process us",
+        "parse us",
+        "open us",
+        "render us"
     );
     for (label, count, size, requests) in SHAPES {
         // Seal the batch once, as the proxy would have.
@@ -169,29 +178,38 @@ async fn run() {
         let concurrent = (requests / 4 * 4) as f64 / elapsed;
         let mib = concurrent * (count * size) as f64 / (1024.0 * 1024.0);
 
-        // The same work without HTTP: parse, open, render.
+        // The same work without HTTP: parse, open, render, each timed.
         let rounds = requests.min(500);
-        let t = Instant::now();
+        let (mut parse, mut open, mut render) = Default::default();
         for _ in 0..rounds {
+            let t = Instant::now();
             let (encoded, _) = json::parse(&request_body, usize::MAX).expect("parse");
+            parse += t.elapsed();
+            let t = Instant::now();
             let opened = sealer
                 .open("default", json::PAYLOADS, &encoded)
                 .await
                 .expect("open")
                 .expect("opened");
+            open += t.elapsed();
+            let t = Instant::now();
             json::render(&opened).expect("render");
+            render += t.elapsed();
         }
-        let in_process = t.elapsed() / rounds as u32;
+        let per = |d: std::time::Duration| (d / rounds as u32).as_micros();
 
         println!(
-            "{:<12} {:>10} {:>10} {:>10.0} {:>12.0} {:>14.1} {:>14}",
+            "{:<12} {:>8} {:>8} {:>8.0} {:>11.0} {:>11.1} {:>13} {:>9} {:>8} {:>9}",
             label,
             histogram.value_at_quantile(0.5),
             histogram.value_at_quantile(0.99),
             sequential,
             concurrent,
             mib,
-            in_process.as_micros()
+            per(parse + open + render),
+            per(parse),
+            per(open),
+            per(render),
         );
     }
     proxy.shutdown().await;
