@@ -1300,7 +1300,13 @@ async fn run_fake(
     // Variants: (path label, upstream, upstream settings, encryption, authorization).
     let mut variants: Vec<(&'static str, SocketAddr, String, bool, bool)> = Vec::new();
     if args.stages {
-        variants.push(("proxy-no-encryption", plain.addr, String::new(), false, true));
+        variants.push((
+            "proxy-no-encryption",
+            plain.addr,
+            String::new(),
+            false,
+            true,
+        ));
         variants.push(("proxy-no-authz", plain.addr, String::new(), true, false));
         variants.push(("proxy-bare", plain.addr, String::new(), false, false));
     }

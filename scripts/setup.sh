@@ -11,8 +11,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 
 # Debian packages the tests need (space separated):
+#   chromium     the codec server's Web UI test drives it headless through playwright-core
+#                (tests/clients/ts), which downloads no browser
 #   nginx-light  an mTLS-enforcing gRPC upstream (grpc_pass) for the upstream credential tests
-APT_PACKAGES="${APT_PACKAGES:-nginx-light}"
+APT_PACKAGES="${APT_PACKAGES:-chromium nginx-light}"
 
 log() { echo "setup: $*" >&2; }
 

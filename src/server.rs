@@ -16,11 +16,13 @@ use tokio_rustls::TlsAcceptor;
 use tower::util::BoxCloneSyncService;
 use tower::Layer;
 
-use crate::authz::{AuditLog, AuthzLayer, PolicyStore};
+use crate::authz::{AuditLog, AuthzLayer, BearerVerifier, PolicyStore};
+use crate::codec::{CodecDeps, CodecOptions, RunningCodec};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::{
-    EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
+    AuthnLayer, EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse,
+    NamespaceLayer,
 };
 use crate::tls::{self, PeerInfo};
 use crate::upstream::Upstreams;
@@ -34,11 +36,16 @@ pub struct PipelineParts {
     pub pipeline: Pipeline,
     pub policies: Option<Arc<PolicyStore>>,
     pub encryption: Option<Arc<Encryption>>,
+    /// The bearer-token verifier, when `[bearer]` is configured.
+    pub bearer: Option<Arc<BearerVerifier>>,
+    /// The audit log, when authorization is on.
+    pub audit: Option<Arc<AuditLog>>,
     /// Routing and upstream connections (credential expiry: [`Upstreams::certificate_expiry`]).
     pub upstreams: Arc<Upstreams>,
 }
 
-/// Builds the pipeline for a config: namespace → authorization → encryption → forwarding.
+/// Builds the pipeline for a config: authentication (bearer tokens) → namespace → authorization
+/// → encryption → forwarding.
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let upstreams = Upstreams::from_config(config)?;
@@ -65,11 +72,11 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         Some(encryption)
     };
 
-    let policies = if config.authorization.disabled {
+    let (policies, audit) = if config.authorization.disabled {
         tracing::warn!(
             "authorization is DISABLED: every authenticated caller may call every method"
         );
-        None
+        (None, None)
     } else {
         let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
         let audit = Arc::new(
@@ -80,16 +87,27 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
                 )
             })?,
         );
-        pipeline =
-            BoxCloneSyncService::new(AuthzLayer::new(policies.clone(), audit).layer(pipeline));
-        Some(policies)
+        pipeline = BoxCloneSyncService::new(
+            AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline),
+        );
+        (Some(policies), Some(audit))
     };
 
     pipeline = BoxCloneSyncService::new(NamespaceLayer.layer(pipeline));
+    let bearer = match &config.bearer {
+        Some(bearer) => {
+            let verifier = BearerVerifier::new(bearer).await?;
+            pipeline = BoxCloneSyncService::new(AuthnLayer::new(verifier.clone()).layer(pipeline));
+            Some(verifier)
+        }
+        None => None,
+    };
     Ok(PipelineParts {
         pipeline,
         policies,
         encryption,
+        bearer,
+        audit,
         upstreams,
     })
 }
@@ -166,12 +184,24 @@ pub struct RunningProxy {
     upstreams: Arc<Upstreams>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    codec: Option<RunningCodec>,
+}
+
+/// Start-up choices that no config file can make.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    pub codec: CodecOptions,
 }
 
 impl RunningProxy {
     /// The bound TCP address (None for a Unix socket).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// The codec server's bound address, when `[codec]` is configured.
+    pub fn codec_addr(&self) -> Option<SocketAddr> {
+        self.codec.as_ref().map(RunningCodec::local_addr)
     }
 
     /// The upstreams in force (routing, connections, credential expiry).
@@ -183,6 +213,9 @@ impl RunningProxy {
     /// closes what remains.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        if let Some(codec) = self.codec {
+            codec.shutdown().await;
+        }
         let _ = self.task.await;
     }
 
@@ -219,10 +252,21 @@ async fn wait_for_signal() {
 
 /// Binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// Like [`start`], with options only the program itself can set (`portcullis dev`).
+pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result<RunningProxy> {
+    if let Some(codec) = &config.codec {
+        // Refuse before anything binds.
+        crate::codec::check_options(codec, &options.codec)?;
+    }
     let PipelineParts {
         pipeline,
         policies,
         encryption,
+        bearer,
+        audit,
         upstreams,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
@@ -231,9 +275,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     if let Some(encryption) = &encryption {
         encryption.spawn_key_reloaders();
     }
+    if let Some(bearer) = &bearer {
+        bearer.spawn_refreshers();
+    }
     spawn_config_reloader(&config, upstreams.clone(), encryption.clone());
+    // With bearer tokens on, the handshake lets callers without a certificate in; the
+    // authentication stage then refuses any call that has neither a certificate nor a token.
     let acceptor = match &config.listener.tls {
-        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config(server_tls)?)),
+        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config_with(
+            server_tls,
+            server_tls.require_client_cert && bearer.is_none(),
+            &[b"h2"],
+        )?)),
         None => None,
     };
     let address = config.listen_address()?;
@@ -260,6 +313,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     };
     let shown = local_addr.map_or_else(|| config.listener.address.clone(), |a| a.to_string());
     match &config.listener.tls {
+        Some(t) if t.require_client_cert && bearer.is_some() => {
+            tracing::info!(address = %shown, "portcullis listening (TLS, client certificate or bearer token required)")
+        }
         Some(t) if t.require_client_cert => {
             tracing::info!(address = %shown, "portcullis listening (TLS, client certificate required)")
         }
@@ -270,6 +326,32 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
             tracing::warn!(address = %shown, "portcullis listening WITHOUT TLS (plaintext, loopback/unix only)")
         }
     }
+
+    let codec = match (&config.codec, &encryption) {
+        (Some(codec), Some(encryption)) => {
+            let audit = match audit {
+                Some(audit) => audit,
+                // Authorization is off, but decoding is a disclosure: still audit it.
+                None => Arc::new(
+                    AuditLog::open(&config.authorization.audit_log).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot open audit log {}: {e}",
+                            config.authorization.audit_log
+                        )
+                    })?,
+                ),
+            };
+            let deps = CodecDeps {
+                encryption: encryption.clone(),
+                policies: policies.clone(),
+                audit,
+                bearer: bearer.clone(),
+            };
+            Some(crate::codec::start(codec, deps, options.codec).await?)
+        }
+        (Some(_), None) => anyhow::bail!("codec: the codec server needs encryption"),
+        (None, _) => None,
+    };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let settings = ServeSettings {
@@ -285,6 +367,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         upstreams,
         shutdown,
         task,
+        codec,
     })
 }
 
@@ -384,7 +467,7 @@ async fn serve_connection(
             io,
             PeerInfo {
                 remote,
-                names: Default::default(),
+                ..Default::default()
             },
         ),
     };
