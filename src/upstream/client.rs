@@ -384,7 +384,7 @@ impl Upstream {
     }
 
     /// Opens a new connection with the current client certificate.
-    async fn connect(&self) -> Result<Connection, ProxyError> {
+    async fn connect(self: &Arc<Self>) -> Result<Connection, ProxyError> {
         // The generation first: a rotation in between makes this connection look older than
         // its certificate (replaced early), never newer (kept too long).
         let generation = self.client_cert().map_or(0, |cell| cell.generation());
@@ -400,8 +400,9 @@ impl Upstream {
             .map_err(|e| self.unavailable(format!("cannot connect: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let retire_at = credential.as_ref().map(|c| c.retire_at);
         let (send, broken) = match &self.settings.tls {
-            None => self.handshake(tcp, id).await?,
+            None => self.handshake(tcp, id, retire_at).await?,
             Some(tls) => {
                 let mut config = (*tls.config).clone();
                 if let Some(credential) = &credential {
@@ -425,13 +426,10 @@ impl Upstream {
                         )))
                     }
                 }
-                self.handshake(stream, id).await?
+                self.handshake(stream, id, retire_at).await?
             }
         };
-        let (retire_at, serial) = match &credential {
-            Some(c) => (Some(c.retire_at), Some(c.serial.clone())),
-            None => (None, None),
-        };
+        let serial = credential.as_ref().map(|c| c.serial.clone());
         tracing::debug!(upstream = %self.name, connection = id, serial = serial.as_deref().unwrap_or(""), "connected");
         Ok(Connection {
             id,
@@ -443,10 +441,15 @@ impl Upstream {
         })
     }
 
+    /// The HTTP/2 handshake, and the connection's driver task: it does the I/O and the
+    /// keep-alive pings, and at `retire_at` takes the connection out of the pool even when no
+    /// call comes along to notice, so that it closes (once its in-flight calls are done)
+    /// before its certificate expires.
     async fn handshake<T>(
-        &self,
+        self: &Arc<Self>,
         io: T,
         id: u64,
+        retire_at: Option<SystemTime>,
     ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), ProxyError>
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -462,14 +465,34 @@ impl Upstream {
         let broken = Arc::new(AtomicBool::new(false));
         let flag = broken.clone();
         let name = self.name.clone();
+        let upstream = Arc::downgrade(self);
         let ping_pong = connection.ping_pong();
         tokio::spawn(async move {
+            let retire = {
+                let flag = flag.clone();
+                async move {
+                    match retire_at.map(|at| at.duration_since(SystemTime::now())) {
+                        Some(left) => tokio::time::sleep(left.unwrap_or_default()).await,
+                        None => std::future::pending::<()>().await,
+                    }
+                    flag.store(true, Ordering::Release);
+                    if let Some(upstream) = upstream.upgrade() {
+                        upstream.prune();
+                    }
+                    // Keep driving: in-flight calls finish, then h2 closes the connection.
+                    std::future::pending::<()>().await
+                }
+            };
             let outcome = match ping_pong {
                 Some(ping_pong) => tokio::select! {
                     result = &mut connection => result.map_err(|e| e.to_string()),
                     reason = keepalive(ping_pong) => Err(reason),
+                    () = retire => Ok(()),
                 },
-                None => connection.await.map_err(|e| e.to_string()),
+                None => tokio::select! {
+                    result = &mut connection => result.map_err(|e| e.to_string()),
+                    () = retire => Ok(()),
+                },
             };
             flag.store(true, Ordering::Release);
             match outcome {
@@ -480,6 +503,12 @@ impl Upstream {
             }
         });
         Ok((send, broken))
+    }
+
+    /// Drops connections that take no new calls from the pool.
+    fn prune(&self) {
+        let now = SystemTime::now();
+        self.lock_pool().connections.retain(|c| c.usable(now));
     }
 
     /// Seconds until the client certificate expires (None without one). Negative once expired.
