@@ -793,3 +793,100 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An upstream that allows only 2 concurrent streams per connection (nginx allows 128; a
+/// fleet's long polls can fill that): calls beyond it go out on more connections instead of
+/// queueing behind long polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_do_not_queue_behind_long_polls_at_the_stream_limit() {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: http::Request<hyper::body::Incoming>| async move {
+                        if request.uri().path().ends_with("/PollWorkflowTaskQueue") {
+                            std::future::pending::<()>().await;
+                        }
+                        let _ = request.into_body().collect().await;
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().expect("value"));
+                        let body =
+                            http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+                                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                    bytes::Bytes::from(grpc_frame(&[])),
+                                )),
+                                Ok(hyper::body::Frame::trailers(trailers)),
+                            ]));
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                                .expect("response"),
+                        )
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(2)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        &pki,
+        dir.path(),
+        &format!("[upstreams.small]\naddress = \"{address}\"\n"),
+        "[routing]\nsystem_upstream = \"small\"\n[[namespaces]]\nname = \"default\"\nupstream = \"small\"\n",
+    );
+    let proxy = start_proxy(Config::load(&path).expect("config")).await;
+    let client = workflow_client(proxy.local_addr().expect("tcp"), &pki, &pki.client).await;
+    client
+        .clone()
+        .describe_namespace(describe("default"))
+        .await
+        .expect("first call");
+    // Five long polls: more than two connections' worth of streams.
+    let mut polls = Vec::new();
+    for _ in 0..5 {
+        let mut client = client.clone();
+        polls.push(tokio::spawn(async move {
+            let _ = client
+                .poll_workflow_task_queue(wf::PollWorkflowTaskQueueRequest {
+                    namespace: "default".into(),
+                    ..Default::default()
+                })
+                .await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        client.clone().describe_namespace(describe("default")),
+    )
+    .await
+    .expect("a call must not queue behind the long polls")
+    .expect("describe");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        connections.load(Ordering::SeqCst) >= 3,
+        "expected extra connections, saw {}",
+        connections.load(Ordering::SeqCst)
+    );
+    for poll in polls {
+        poll.abort();
+    }
+    proxy.shutdown().await;
+    server.abort();
+}

@@ -15,7 +15,7 @@
 //! - a retired connection is only dropped from the pool: its in-flight calls (long polls
 //!   included) finish on it, and h2 closes it once the last one is done.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -40,6 +40,10 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// After a failed connection attempt, background connects wait this long before trying again.
 const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
+/// Connections opened beyond `connections` when every connection is at the upstream's
+/// SETTINGS_MAX_CONCURRENT_STREAMS (nginx allows 128 by default; a busy worker fleet's long
+/// polls fill that), so new calls do not queue behind long polls.
+const MAX_OVERFLOW_CONNECTIONS: usize = 8;
 
 /// How to reach the endpoint.
 pub struct ConnectSettings {
@@ -103,11 +107,34 @@ struct Connection {
     serial: Option<String>,
     /// Set when the connection ended or failed a call.
     broken: Arc<AtomicBool>,
+    /// Calls under way on it (from opening the stream until the answer is read).
+    active: Arc<AtomicUsize>,
 }
 
 impl Connection {
     fn usable(&self, now: SystemTime) -> bool {
         !self.broken.load(Ordering::Acquire) && self.retire_at.is_none_or(|at| now < at)
+    }
+
+    /// Below the upstream's limit of concurrent streams.
+    fn has_room(&self) -> bool {
+        self.active.load(Ordering::Acquire) < self.send.current_max_send_streams()
+    }
+}
+
+/// Counts a call as active on its connection until dropped.
+struct ActiveCall(Arc<AtomicUsize>);
+
+impl ActiveCall {
+    fn new(active: &Arc<AtomicUsize>) -> ActiveCall {
+        active.fetch_add(1, Ordering::AcqRel);
+        ActiveCall(active.clone())
+    }
+}
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -119,6 +146,7 @@ pub struct UpstreamResponse {
 
 pub struct UpstreamBody {
     stream: h2::RecvStream,
+    _active: ActiveCall,
 }
 
 #[derive(Debug)]
@@ -347,12 +375,20 @@ impl Upstream {
             .last_failure
             .as_ref()
             .is_some_and(|(at, _)| at.elapsed() < CONNECT_BACKOFF);
-        let chosen = if pool.connections.is_empty() {
+        pool.round_robin = pool.round_robin.wrapping_add(1);
+        let turn = pool.round_robin;
+        let with_room: Vec<&Arc<Connection>> =
+            pool.connections.iter().filter(|c| c.has_room()).collect();
+        let chosen = if !with_room.is_empty() {
+            Some(with_room[turn % with_room.len()].clone())
+        } else if pool.connections.is_empty()
+            || (pool.connections.len() < wanted + MAX_OVERFLOW_CONNECTIONS && !backing_off)
+        {
+            // None, or all full: this call opens another connection.
             None
         } else {
-            pool.round_robin = pool.round_robin.wrapping_add(1);
-            let index = pool.round_robin % pool.connections.len();
-            Some(pool.connections[index].clone())
+            // All full and no more connections: wait for a stream on one of them.
+            Some(pool.connections[turn % pool.connections.len()].clone())
         };
         if chosen.is_some() && short && !pool.warming && !backing_off {
             pool.warming = true;
@@ -438,6 +474,7 @@ impl Upstream {
             retire_at,
             serial,
             broken,
+            active: Arc::default(),
         })
     }
 
@@ -535,6 +572,7 @@ async fn attempt(
     request: Request<()>,
     body: Bytes,
 ) -> Result<UpstreamResponse, AttemptError> {
+    let active = ActiveCall::new(&connection.active);
     let mut send = connection
         .send
         .clone()
@@ -552,7 +590,10 @@ async fn attempt(
             let (head, body) = response.into_parts();
             Ok(UpstreamResponse {
                 head,
-                body: UpstreamBody { stream: body },
+                body: UpstreamBody {
+                    stream: body,
+                    _active: active,
+                },
             })
         }
         Err(e) => Err(AttemptError::new(&e, true)),
