@@ -746,6 +746,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // Serializing (the dev setup and tests do) keeps everything.
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again.upstreams, c.upstreams);
+        assert_eq!(again.routing, c.routing);
         // A templated system upstream needs system_namespace.
         let without = text.replace("\n        system_namespace = \"default\"", "");
         let err = Config::from_toml(&without).unwrap_err().to_string();
