@@ -5,6 +5,6 @@ pub mod walker;
 pub mod wire;
 
 pub use walker::{
-    rewrite, rewrite_status_details, rewrite_with, visit_payloads, FailureMode, PayloadContext,
-    PayloadIndex, PayloadVisitor, WalkError, WalkOptions,
+    plan_named, rewrite, rewrite_status_details, rewrite_with, visit_payloads, FailureMode,
+    PayloadContext, PayloadIndex, PayloadVisitor, RewritePlan, Visit, WalkError, WalkOptions,
 };

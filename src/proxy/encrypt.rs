@@ -17,9 +17,9 @@ use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::crypto::aws_kms::AwsKmsProvider;
 use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
 use crate::crypto::keyring::ReloadingLocalProvider;
-use crate::crypto::{inspect, CryptoError, DataKeyManager, KeyProvider};
+use crate::crypto::{message, CryptoError, DataKeyManager, KeyProvider, OpenOptions};
 use crate::error::ProxyError;
-use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError, WalkOptions};
+use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError};
 
 const STATUS_DETAILS: &str = "grpc-status-details-bin";
 
@@ -163,17 +163,13 @@ impl Encryption {
             .sealing_key(namespace)
             .await
             .map_err(crypto_error)?;
-        let mut visitor = |_: &walker::PayloadContext<'_>, payload: &[u8]| {
-            key.seal(payload).map(Some).map_err(WalkError::visitor)
-        };
-        let options = WalkOptions::with_failures(if self.encode_failures {
+        let failures = if self.encode_failures {
             FailureMode::Encode
         } else {
             FailureMode::Keep
-        });
-        let sealed =
-            walker::rewrite_named(self.index, message_type, message, &mut visitor, &options)
-                .map_err(|e| walk_error(e, message_type, true))?;
+        };
+        let sealed = message::seal_message(self.index, message_type, message, &key, failures)
+            .map_err(|e| walk_error(e, message_type, true))?;
         match sealed {
             Some(sealed) if sealed.len() > self.upstream_max_request_bytes => {
                 Err(ProxyError::MessageTooLarge {
@@ -200,30 +196,18 @@ impl Encryption {
         if self.index.reaches(message_type) == Some(false) {
             return Ok(None);
         }
-        let mut refs = Vec::new();
-        let pass_through = self.on_open_failure == OpenFailurePolicy::PassThrough;
-        // `inspect`, not `envelope_info`: a payload marked as ours but malformed must fail the
-        // call (unless configured to pass through), not slip by unopened.
-        let mut collect = |_: &walker::PayloadContext<'_>, payload: &[u8]| {
-            match inspect(payload) {
-                Ok(Some(reference)) => refs.push(reference),
-                Ok(None) => {}
-                Err(_) if pass_through => {}
-                Err(e) => return Err(WalkError::visitor(e)),
-            }
-            Ok(None)
+        let options = OpenOptions {
+            decode_failures: self.encode_failures,
+            // Otherwise a payload marked as ours but malformed fails the call, rather than
+            // slipping by unopened.
+            pass_through: self.on_open_failure == OpenFailurePolicy::PassThrough,
         };
-        walker::rewrite_named(
-            self.index,
-            message_type,
-            message,
-            &mut collect,
-            &WalkOptions::default(),
-        )
-        .map_err(|e| walk_error(e, message_type, false))?;
-        if refs.is_empty() {
+        let plan = message::plan_open(self.index, message_type, message, options)
+            .map_err(|e| walk_error(e, message_type, false))?;
+        if plan.refs().is_empty() {
             return Ok(None);
         }
+        let refs = plan.refs().iter().cloned();
         let keys = match self.manager(namespace)?.opening_keys(namespace, refs).await {
             Ok(keys) => keys,
             Err(e)
@@ -234,22 +218,7 @@ impl Encryption {
             }
             Err(e) => return Err(crypto_error(e)),
         };
-        let mut visitor =
-            |_: &walker::PayloadContext<'_>, payload: &[u8]| match keys.open_if_sealed(payload) {
-                Ok(opened) => Ok(opened),
-                Err(CryptoError::CannotOpen { .. } | CryptoError::MalformedEnvelope(_))
-                    if pass_through =>
-                {
-                    Ok(None)
-                }
-                Err(e) => Err(WalkError::visitor(e)),
-            };
-        let options = WalkOptions::with_failures(if self.encode_failures {
-            FailureMode::Decode
-        } else {
-            FailureMode::Keep
-        });
-        walker::rewrite_named(self.index, message_type, message, &mut visitor, &options)
+        plan.open(self.index, message_type, message, &keys)
             .map_err(|e| walk_error(e, message_type, false))
     }
 
