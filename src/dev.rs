@@ -291,6 +291,7 @@ fn dev_config(
             .map(|name| NamespaceConfig {
                 name: name.clone(),
                 upstream: "dev".into(),
+                upstream_namespace: None,
                 encryption_key: None,
             })
             .collect(),

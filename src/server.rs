@@ -21,6 +21,7 @@ use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::{
     EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
+    NamespaceTranslation, TranslateLayer, TranslationStore,
 };
 use crate::tls::{self, PeerInfo};
 use crate::upstream::Router;
@@ -36,12 +37,19 @@ pub struct PipelineParts {
     pub encryption: Option<Arc<Encryption>>,
 }
 
-/// Builds the pipeline for a config: namespace → authorization → encryption → forwarding.
-/// Each stage is boxed, so stages that a config turns off are simply left out.
+/// Builds the pipeline for a config: namespace → authorization → encryption → namespace
+/// translation → forwarding. Each stage is boxed, so stages that a config turns off are simply
+/// left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let router = Arc::new(Router::from_config(config)?);
     let mut pipeline: Pipeline =
         BoxCloneSyncService::new(Forwarder::new(router, config.limits.max_response_bytes));
+
+    // Inside encryption and authorization: both work with client-facing names (see translate.rs).
+    if let Some(translation) = NamespaceTranslation::from_config(config) {
+        let store = TranslationStore::new(translation);
+        pipeline = BoxCloneSyncService::new(TranslateLayer::new(store).layer(pipeline));
+    }
 
     let encryption = if config.encryption.disabled {
         tracing::warn!(

@@ -145,6 +145,10 @@ pub struct Routing {
 pub struct NamespaceConfig {
     pub name: String,
     pub upstream: String,
+    /// The namespace's name at the upstream, when it differs from `name` (the name clients
+    /// use): e.g. `payments.a1b2c` on Temporal Cloud. See the README, "Namespace translation".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_namespace: Option<String>,
     /// The key (from `[encryption.keys]`) sealing this namespace's payloads; default:
     /// `encryption.default_key`.
     #[serde(default)]
@@ -290,6 +294,7 @@ impl Config {
             }
             known(&ns.upstream, &format!("namespace {:?}", ns.name))?;
         }
+        validate_upstream_namespaces(&self.namespaces)?;
         if !self.encryption.disabled {
             let keys = &self.encryption.keys;
             if keys.is_empty() {
@@ -366,6 +371,31 @@ impl Config {
             }
         }
     }
+}
+
+/// `upstream_namespace`: a usable name, and on each upstream every namespace has one client-facing
+/// name (two entries may not reach the same upstream namespace, translated or not).
+fn validate_upstream_namespaces(namespaces: &[NamespaceConfig]) -> Result<(), ConfigError> {
+    let mut taken: HashSet<(&str, &str)> = HashSet::new();
+    for ns in namespaces {
+        if let Some(upstream_name) = &ns.upstream_namespace {
+            // It travels in the temporal-namespace header: visible ASCII, no spaces.
+            if upstream_name.is_empty() || !upstream_name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::Invalid(format!(
+                    "namespace {:?}: upstream_namespace {upstream_name:?} must be non-empty visible ASCII",
+                    ns.name
+                )));
+            }
+        }
+        let effective = ns.upstream_namespace.as_deref().unwrap_or(&ns.name);
+        if !taken.insert((ns.upstream.as_str(), effective)) {
+            return Err(ConfigError::Invalid(format!(
+                "namespace {:?}: upstream {:?} namespace {effective:?} is already served under another name",
+                ns.name, ns.upstream
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Splits `host:port` (IPv6 hosts in brackets).
@@ -462,6 +492,91 @@ mod tests {
         let without = MINIMAL.replace("[authorization]\n        system.admins = [\"ops\"]", "");
         let err = Config::from_toml(&without).unwrap_err().to_string();
         assert!(err.contains("authorization"), "{err}");
+    }
+
+    #[test]
+    fn upstream_namespaces_are_validated() {
+        let with = |entries: &str| {
+            Config::from_toml(&MINIMAL.replace(
+                "[[namespaces]]\n        name = \"default\"\n        upstream = \"local\"",
+                entries,
+            ))
+        };
+        let ok = with(
+            r#"[[namespaces]]
+            name = "payments"
+            upstream = "local"
+            upstream_namespace = "payments.a1b2c"
+            [[namespaces]]
+            name = "orders"
+            upstream = "local""#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.namespaces[0].upstream_namespace.as_deref(),
+            Some("payments.a1b2c")
+        );
+        assert_eq!(ok.namespaces[1].upstream_namespace, None);
+        // Round trip through TOML keeps it.
+        let again = Config::from_toml(&ok.to_toml()).unwrap();
+        assert_eq!(
+            again.namespaces[0].upstream_namespace.as_deref(),
+            Some("payments.a1b2c")
+        );
+        // Swapping two names on one upstream is fine: each upstream namespace has one name.
+        assert!(with(
+            r#"[[namespaces]]
+            name = "a"
+            upstream = "local"
+            upstream_namespace = "b"
+            [[namespaces]]
+            name = "b"
+            upstream = "local"
+            upstream_namespace = "a""#
+        )
+        .is_ok());
+        for (entries, expected) in [
+            // Two client names for one upstream namespace.
+            (
+                r#"[[namespaces]]
+                name = "payments"
+                upstream = "local"
+                upstream_namespace = "shared"
+                [[namespaces]]
+                name = "billing"
+                upstream = "local"
+                upstream_namespace = "shared""#,
+                "already served",
+            ),
+            // A translated name colliding with an untranslated one.
+            (
+                r#"[[namespaces]]
+                name = "payments"
+                upstream = "local"
+                upstream_namespace = "orders"
+                [[namespaces]]
+                name = "orders"
+                upstream = "local""#,
+                "already served",
+            ),
+            (
+                r#"[[namespaces]]
+                name = "payments"
+                upstream = "local"
+                upstream_namespace = """#,
+                "non-empty",
+            ),
+            (
+                r#"[[namespaces]]
+                name = "payments"
+                upstream = "local"
+                upstream_namespace = "pay ments""#,
+                "visible ASCII",
+            ),
+        ] {
+            let err = with(entries).unwrap_err().to_string();
+            assert!(err.contains(expected), "{entries}: {err}");
+        }
     }
 
     #[test]

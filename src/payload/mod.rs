@@ -1,6 +1,7 @@
-//! Wire-level protobuf access: reading fields without decoding whole messages, and the walker
-//! that finds and rewrites every Payload.
+//! Wire-level protobuf access: reading fields without decoding whole messages, the walker
+//! that finds and rewrites every Payload, and the rewriter of namespace names.
 
+pub mod namespaces;
 pub mod walker;
 pub mod wire;
 

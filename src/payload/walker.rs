@@ -371,6 +371,23 @@ pub struct RewritePlan {
 }
 
 impl RewritePlan {
+    /// A plan from edits computed elsewhere in the crate (sorted, non-overlapping), for an
+    /// input of `input_len` bytes that the edits grow by `delta`.
+    pub(crate) fn from_edits(
+        edits: Vec<Edit>,
+        input_len: usize,
+        delta: isize,
+    ) -> Result<RewritePlan, WalkError> {
+        let output_len = input_len
+            .checked_add_signed(delta)
+            .ok_or(WalkError::Internal("negative output length"))?;
+        Ok(RewritePlan {
+            edits,
+            input_len,
+            output_len,
+        })
+    }
+
     /// The size of the output, exactly.
     pub fn output_len(&self) -> usize {
         self.output_len
@@ -485,7 +502,7 @@ pub fn rewrite_status_details_with(
 
 /// What to put in place of a byte range of the input.
 #[derive(Debug)]
-enum Replacement {
+pub(crate) enum Replacement {
     Bytes(Vec<u8>),
     /// A length prefix.
     Varint(u64),
@@ -496,10 +513,10 @@ enum Replacement {
 /// Replace `input[start..end]` (an empty range inserts). Edits are kept sorted by position and
 /// never overlap.
 #[derive(Debug)]
-struct Edit {
-    start: usize,
-    end: usize,
-    with: Replacement,
+pub(crate) struct Edit {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    pub(crate) with: Replacement,
 }
 
 /// A field a Failure walk treats specially (see `failure.rs`).
@@ -526,7 +543,7 @@ struct Walk<'a> {
     edits: Vec<Edit>,
 }
 
-fn delta_of(new: usize, old: usize) -> isize {
+pub(crate) fn delta_of(new: usize, old: usize) -> isize {
     // Both are lengths of live buffers, so they fit in isize.
     new as isize - old as isize
 }

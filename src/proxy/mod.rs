@@ -3,13 +3,14 @@
 //! [`GrpcResponse`] or [`ProxyError`] back into HTTP/2.
 //!
 //! ```text
-//! GrpcEdge → NamespaceService → Forwarder
+//! GrpcEdge → NamespaceService → AuthzService → EncryptService → TranslateService → Forwarder
 //! ```
 
 mod edge;
 pub mod encrypt;
 mod forward;
 mod namespace;
+pub mod translate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub use edge::GrpcEdge;
 pub use encrypt::{EncryptLayer, Encryption};
 pub use forward::Forwarder;
 pub use namespace::{NamespaceLayer, NamespaceService};
+pub use translate::{NamespaceTranslation, TranslateLayer, TranslationStore};
 
 use crate::error::ProxyError;
 use crate::schema::MethodInfo;
