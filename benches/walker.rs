@@ -368,7 +368,9 @@ fn bench(c: &mut Criterion) {
     // Criterion runs one bench after the other; on a shared machine the load changes in
     // between, and so would a ratio of two of its results. Here each pair runs back to back
     // (order alternating), many times, and the ratio of each pair is kept: its median is what
-    // BENCHMARKS.md reports, with the 10th and 90th percentiles as the spread.
+    // BENCHMARKS.md reports, with the 10th and 90th percentiles as the spread. The CPU-time
+    // ratio leaves out the time other processes held the core. WALKER_PAIRED_ROUNDS=0 skips
+    // this part; another number sets the rounds (default 60).
     if std::env::var_os("WALKER_PAIRED_ROUNDS").as_deref() != Some("0".as_ref()) {
         let rounds = std::env::var("WALKER_PAIRED_ROUNDS")
             .ok()
@@ -412,8 +414,17 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// CPU time of the calling thread (Linux: `/proc/thread-self/schedstat`, nanoseconds on a CPU).
+/// Unlike wall time it does not count the time other processes held the core.
+fn thread_cpu() -> Option<std::time::Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos = text.split_whitespace().next()?.parse().ok()?;
+    Some(std::time::Duration::from_nanos(nanos))
+}
+
 /// Times `ours` and `raw` back to back `rounds` times and prints the median throughput ratio
-/// (raw time / our time: 1.0 means as fast as raw) with its 10th and 90th percentiles.
+/// (raw time / our time: 1.0 means as fast as raw) with its 10th and 90th percentiles, by
+/// this thread's CPU time and by wall time.
 fn paired<A, B>(
     rounds: usize,
     ours_name: &str,
@@ -425,10 +436,16 @@ fn paired<A, B>(
     if rounds == 0 {
         return;
     }
+    // (wall, cpu)
     let time = |f: &dyn Fn()| {
+        let cpu = thread_cpu();
         let start = Instant::now();
         f();
-        start.elapsed()
+        let wall = start.elapsed();
+        let cpu = cpu
+            .zip(thread_cpu())
+            .map(|(before, after)| after.saturating_sub(before));
+        (wall, cpu)
     };
     let run_ours = || {
         black_box(ours());
@@ -439,9 +456,8 @@ fn paired<A, B>(
     // Warm-up.
     time(&run_ours);
     time(&run_raw);
-    let mut ratios = Vec::with_capacity(rounds);
-    let mut ours_times: Vec<Duration> = Vec::with_capacity(rounds);
-    let mut raw_times: Vec<Duration> = Vec::with_capacity(rounds);
+    let mut wall: Vec<(Duration, Duration)> = Vec::with_capacity(rounds);
+    let mut cpu: Vec<(Duration, Duration)> = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let (o, r) = if round % 2 == 0 {
             let o = time(&run_ours);
@@ -450,22 +466,38 @@ fn paired<A, B>(
             let r = time(&run_raw);
             (time(&run_ours), r)
         };
-        ratios.push(r.as_secs_f64() / o.as_secs_f64());
-        ours_times.push(o);
-        raw_times.push(r);
+        wall.push((o.0, r.0));
+        if let (Some(o), Some(r)) = (o.1, r.1) {
+            cpu.push((o, r));
+        }
     }
-    ratios.sort_by(f64::total_cmp);
-    ours_times.sort();
-    raw_times.sort();
-    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    let summary = |pairs: &[(Duration, Duration)]| -> Option<String> {
+        if pairs.is_empty() {
+            return None;
+        }
+        let mut ratios: Vec<f64> = pairs
+            .iter()
+            .map(|(o, r)| r.as_secs_f64() / o.as_secs_f64().max(1e-9))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+        let mut ours: Vec<Duration> = pairs.iter().map(|p| p.0).collect();
+        let mut raw: Vec<Duration> = pairs.iter().map(|p| p.1).collect();
+        ours.sort();
+        raw.sort();
+        Some(format!(
+            "{:.2} of raw (p10 {:.2}, p90 {:.2}; median {:.2} ms vs {:.2} ms)",
+            at(0.5),
+            at(0.1),
+            at(0.9),
+            ours[ours.len() / 2].as_secs_f64() * 1e3,
+            raw[raw.len() / 2].as_secs_f64() * 1e3,
+        ))
+    };
     println!(
-        "paired: {ours_name} vs {raw_name}: throughput {:.2} of raw (p10 {:.2}, p90 {:.2}; \
-         {rounds} pairs; median {:.2} ms vs {:.2} ms)",
-        at(0.5),
-        at(0.1),
-        at(0.9),
-        ours_times[rounds / 2].as_secs_f64() * 1e3,
-        raw_times[rounds / 2].as_secs_f64() * 1e3,
+        "paired: {ours_name} vs {raw_name} ({rounds} pairs): cpu {}; wall {}",
+        summary(&cpu).unwrap_or_else(|| "n/a".into()),
+        summary(&wall).unwrap_or_default(),
     );
 }
 
