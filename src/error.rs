@@ -55,6 +55,8 @@ pub enum ProxyError {
     Crypto(#[from] crate::crypto::CryptoError),
     #[error("cannot encrypt this call, refusing to forward it: {0}")]
     Encryption(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     #[error("{identity} may not call {method}{}: it needs the {required} role", namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_else(|| " on the cluster".into()))]
     PermissionDenied {
         identity: String,
@@ -84,6 +86,7 @@ impl ProxyError {
             DeadlineExceeded(_) => Code::DeadlineExceeded,
             RequestBody(_) => Code::Cancelled,
             PermissionDenied { .. } => Code::PermissionDenied,
+            Unauthenticated(_) => Code::Unauthenticated,
             Crypto(e) => {
                 use crate::crypto::CryptoError as C;
                 match e {

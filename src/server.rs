@@ -16,12 +16,13 @@ use tokio_rustls::TlsAcceptor;
 use tower::util::BoxCloneSyncService;
 use tower::Layer;
 
-use crate::authz::{AuditLog, AuthzLayer, PolicyStore};
+use crate::authz::{AuditLog, AuthzLayer, BearerVerifier, PolicyStore};
+use crate::codec::{CodecDeps, CodecOptions, RunningCodec};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::{
-    EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
-    NamespaceTranslation, TranslateLayer, TranslationStore,
+    AuthnLayer, EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse,
+    NamespaceLayer, NamespaceTranslation, TranslateLayer, TranslationStore,
 };
 use crate::tls::{self, PeerInfo};
 use crate::upstream::Router;
@@ -35,11 +36,15 @@ pub struct PipelineParts {
     pub pipeline: Pipeline,
     pub policies: Option<Arc<PolicyStore>>,
     pub encryption: Option<Arc<Encryption>>,
+    /// The bearer-token verifier, when `[bearer]` is configured.
+    pub bearer: Option<Arc<BearerVerifier>>,
+    /// The audit log, when authorization is on.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
-/// Builds the pipeline for a config: namespace → authorization → encryption → namespace
-/// translation → forwarding. Each stage is boxed, so stages that a config turns off are simply
-/// left out.
+/// Builds the pipeline for a config: authentication (bearer tokens) → namespace → authorization
+/// → encryption → namespace translation → forwarding.
+/// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let router = Arc::new(Router::from_config(config)?);
     let mut pipeline: Pipeline =
@@ -74,11 +79,11 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         Some(encryption)
     };
 
-    let policies = if config.authorization.disabled {
+    let (policies, audit) = if config.authorization.disabled {
         tracing::warn!(
             "authorization is DISABLED: every authenticated caller may call every method"
         );
-        None
+        (None, None)
     } else {
         let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
         let audit = Arc::new(
@@ -89,16 +94,27 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
                 )
             })?,
         );
-        pipeline =
-            BoxCloneSyncService::new(AuthzLayer::new(policies.clone(), audit).layer(pipeline));
-        Some(policies)
+        pipeline = BoxCloneSyncService::new(
+            AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline),
+        );
+        (Some(policies), Some(audit))
     };
 
     pipeline = BoxCloneSyncService::new(NamespaceLayer.layer(pipeline));
+    let bearer = match &config.bearer {
+        Some(bearer) => {
+            let verifier = BearerVerifier::new(bearer).await?;
+            pipeline = BoxCloneSyncService::new(AuthnLayer::new(verifier.clone()).layer(pipeline));
+            Some(verifier)
+        }
+        None => None,
+    };
     Ok(PipelineParts {
         pipeline,
         policies,
         encryption,
+        bearer,
+        audit,
     })
 }
 
@@ -112,6 +128,13 @@ pub struct RunningProxy {
     local_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    codec: Option<RunningCodec>,
+}
+
+/// Start-up choices that no config file can make.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    pub codec: CodecOptions,
 }
 
 impl RunningProxy {
@@ -120,10 +143,18 @@ impl RunningProxy {
         self.local_addr
     }
 
+    /// The codec server's bound address, when `[codec]` is configured.
+    pub fn codec_addr(&self) -> Option<SocketAddr> {
+        self.codec.as_ref().map(RunningCodec::local_addr)
+    }
+
     /// Stops accepting, lets in-flight calls finish up to the configured grace period, then
     /// closes what remains.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        if let Some(codec) = self.codec {
+            codec.shutdown().await;
+        }
         let _ = self.task.await;
     }
 
@@ -160,10 +191,21 @@ async fn wait_for_signal() {
 
 /// Binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// Like [`start`], with options only the program itself can set (`portcullis dev`).
+pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result<RunningProxy> {
+    if let Some(codec) = &config.codec {
+        // Refuse before anything binds.
+        crate::codec::check_options(codec, &options.codec)?;
+    }
     let PipelineParts {
         pipeline,
         policies,
         encryption,
+        bearer,
+        audit,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
@@ -171,8 +213,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     if let Some(encryption) = &encryption {
         encryption.spawn_key_reloaders();
     }
+    if let Some(bearer) = &bearer {
+        bearer.spawn_refreshers();
+    }
+    // With bearer tokens on, the handshake lets callers without a certificate in; the
+    // authentication stage then refuses any call that has neither a certificate nor a token.
     let acceptor = match &config.listener.tls {
-        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config(server_tls)?)),
+        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config_with(
+            server_tls,
+            server_tls.require_client_cert && bearer.is_none(),
+            &[b"h2"],
+        )?)),
         None => None,
     };
     let address = config.listen_address()?;
@@ -199,6 +250,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     };
     let shown = local_addr.map_or_else(|| config.listener.address.clone(), |a| a.to_string());
     match &config.listener.tls {
+        Some(t) if t.require_client_cert && bearer.is_some() => {
+            tracing::info!(address = %shown, "portcullis listening (TLS, client certificate or bearer token required)")
+        }
         Some(t) if t.require_client_cert => {
             tracing::info!(address = %shown, "portcullis listening (TLS, client certificate required)")
         }
@@ -209,6 +263,32 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
             tracing::warn!(address = %shown, "portcullis listening WITHOUT TLS (plaintext, loopback/unix only)")
         }
     }
+
+    let codec = match (&config.codec, &encryption) {
+        (Some(codec), Some(encryption)) => {
+            let audit = match audit {
+                Some(audit) => audit,
+                // Authorization is off, but decoding is a disclosure: still audit it.
+                None => Arc::new(
+                    AuditLog::open(&config.authorization.audit_log).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot open audit log {}: {e}",
+                            config.authorization.audit_log
+                        )
+                    })?,
+                ),
+            };
+            let deps = CodecDeps {
+                encryption: encryption.clone(),
+                policies: policies.clone(),
+                audit,
+                bearer: bearer.clone(),
+            };
+            Some(crate::codec::start(codec, deps, options.codec).await?)
+        }
+        (Some(_), None) => anyhow::bail!("codec: the codec server needs encryption"),
+        (None, _) => None,
+    };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let settings = ServeSettings {
@@ -223,6 +303,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         local_addr,
         shutdown,
         task,
+        codec,
     })
 }
 
@@ -322,7 +403,7 @@ async fn serve_connection(
             io,
             PeerInfo {
                 remote,
-                names: Default::default(),
+                ..Default::default()
             },
         ),
     };

@@ -3,9 +3,11 @@
 //! [`GrpcResponse`] or [`ProxyError`] back into HTTP/2.
 //!
 //! ```text
-//! GrpcEdge → NamespaceService → AuthzService → EncryptService → TranslateService → Forwarder
+//! GrpcEdge → AuthnService → NamespaceService → AuthzService → EncryptService
+//!          → TranslateService → Forwarder
 //! ```
 
+mod authn;
 mod edge;
 pub mod encrypt;
 mod forward;
@@ -20,6 +22,7 @@ use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use tokio::time::Instant;
 
+pub use authn::{AuthnLayer, AuthnService};
 pub use edge::GrpcEdge;
 pub use encrypt::{EncryptLayer, Encryption};
 pub use forward::Forwarder;
