@@ -40,6 +40,8 @@ pub struct PipelineParts {
     pub bearer: Option<Arc<BearerVerifier>>,
     /// The audit log, when authorization is on.
     pub audit: Option<Arc<AuditLog>>,
+    /// Namespace translation, when some namespace has an `upstream_namespace`.
+    pub translation: Option<Arc<TranslationStore>>,
 }
 
 /// Builds the pipeline for a config: authentication (bearer tokens) → namespace → authorization
@@ -51,9 +53,9 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         BoxCloneSyncService::new(Forwarder::new(router, config.limits.max_response_bytes));
 
     // Inside encryption and authorization: both work with client-facing names (see translate.rs).
-    if let Some(translation) = NamespaceTranslation::from_config(config) {
-        let store = TranslationStore::new(translation);
-        pipeline = BoxCloneSyncService::new(TranslateLayer::new(store).layer(pipeline));
+    let translation = NamespaceTranslation::from_config(config).map(TranslationStore::new);
+    if let Some(store) = &translation {
+        pipeline = BoxCloneSyncService::new(TranslateLayer::new(store.clone()).layer(pipeline));
     }
 
     let encryption = if config.encryption.disabled {
@@ -115,6 +117,7 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         encryption,
         bearer,
         audit,
+        translation,
     })
 }
 
@@ -206,6 +209,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         encryption,
         bearer,
         audit,
+        translation,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
@@ -283,6 +287,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
                 policies: policies.clone(),
                 audit,
                 bearer: bearer.clone(),
+                translation,
             };
             Some(crate::codec::start(codec, deps, options.codec).await?)
         }

@@ -1,13 +1,16 @@
 //! Namespace translation end to end: the dev server holds `payments-up`; the proxy exposes it as
 //! `payments`. The Python SDK and the `temporal` CLI use only `payments` and never see the
-//! upstream name; querying the server directly shows the data landed in `payments-up`.
+//! upstream name; querying the server directly shows the data landed in `payments-up`, and the
+//! codec server decodes it there for a CLI that knows only the upstream name.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
+use common::jwt::Issuer;
 use common::*;
+use portcullis::codec::CodecConfig;
 use portcullis::config::Config;
 use serde_json::Value;
 
@@ -72,18 +75,28 @@ fn strings(value: &Value, out: &mut Vec<String>) {
 async fn clients_see_only_the_client_name_and_data_lands_upstream() {
     let server = DevServer::start(&[UPSTREAM_NAME]).await;
     let pki = Pki::new();
-    let config = translating_config(
+    let issuer = Issuer::new(&pki);
+    let mut config = translating_config(
         &pki,
         &server.address(),
         &[(CLIENT_NAME, UPSTREAM_NAME), ("ghost", "ghost-up")],
     );
+    config.bearer = Some(issuer.bearer_config());
+    config.codec = Some(CodecConfig::loopback("127.0.0.1:0", Vec::new()));
     let proxy = start_proxy(config).await;
     let address = proxy.local_addr().expect("tcp");
+    let codec = format!("http://{}", proxy.codec_addr().expect("codec listening"));
 
     // The Python SDK: worker and client in `payments` (activity, child workflow, signal, query,
     // updates, history read back).
+    let marker = format!("translated-{}", std::process::id());
     let mut args = client_args(address, &pki, &pki.client);
-    args.extend(["--namespace".into(), CLIENT_NAME.into()]);
+    args.extend([
+        "--namespace".into(),
+        CLIENT_NAME.into(),
+        "--name".into(),
+        marker.clone(),
+    ]);
     let result = run_python("scenario.py", &args).await;
     assert!(
         result["checks"]
@@ -255,11 +268,30 @@ async fn clients_see_only_the_client_name_and_data_lands_upstream() {
         &["operator", "namespace", "describe", "-n", CLIENT_NAME],
     );
     assert!(!exists, "the server has no namespace {CLIENT_NAME}");
-    // And the payloads there are sealed.
+    // And the payloads there are sealed ...
+    let upstream_history = direct(&["workflow", "show", "-n", UPSTREAM_NAME, "-w", &workflow_id]);
     assert!(
-        upstream_child.contains("binary/encrypted")
-            || upstream_child.contains("YmluYXJ5L2VuY3J5cHRlZA"),
-        "payloads are sealed at the server: {upstream_child}"
+        upstream_history.contains("binary/encrypted") && !upstream_history.contains(&marker),
+        "payloads are sealed at the server: {upstream_history}"
+    );
+    // ... and the codec server opens them for a CLI that knows only the upstream name (the
+    // token's permission names the client-facing namespace, whose policies and keys apply).
+    let reader = format!("Bearer {}", issuer.token("reader", &["payments:read"]));
+    let decoded = direct(&[
+        "workflow",
+        "show",
+        "-n",
+        UPSTREAM_NAME,
+        "-w",
+        &workflow_id,
+        "--codec-endpoint",
+        &codec,
+        "--codec-auth",
+        &reader,
+    ]);
+    assert!(
+        decoded.contains(&format!("Hello, {marker}!")) && !decoded.contains("binary/encrypted"),
+        "decoded through the codec server: {decoded}"
     );
     proxy.shutdown().await;
 

@@ -147,6 +147,28 @@ impl NamespaceTranslation {
             .map(String::as_str)
     }
 
+    /// The client-facing name of `name`, for callers that may know only the upstream name (a
+    /// Web UI or CLI talking to the upstream directly, asking the codec server to decode):
+    /// a client-facing name is itself; the upstream name of one translated namespace is that
+    /// namespace's client-facing name; an upstream name that two translated namespaces share
+    /// (on different upstreams) cannot be told apart and is refused; others are unchanged.
+    pub fn client_name_for<'a>(&'a self, name: &'a str) -> Result<&'a str, String> {
+        if self.upstream_of.contains_key(name) {
+            return Ok(name);
+        }
+        let mut clients = self
+            .by_upstream
+            .values()
+            .filter_map(|names| names.to_client.get(name));
+        match (clients.next(), clients.next()) {
+            (Some(client), None) => Ok(client),
+            (Some(_), Some(_)) => Err(format!(
+                "namespace {name:?} is the upstream name of several namespaces: use its client-facing name"
+            )),
+            (None, _) => Ok(name),
+        }
+    }
+
     /// The upstream (config name) that answers `request`.
     fn upstream_for(&self, request: &GrpcRequest) -> Option<&str> {
         match (request.method.scope, request.namespace.as_deref()) {
@@ -617,6 +639,24 @@ mod tests {
         // No translated entry: no stage.
         let plain = CONFIG.replace("upstream_namespace = \"payments-up\"", "");
         assert!(NamespaceTranslation::from_config(&Config::from_toml(&plain).unwrap()).is_none());
+    }
+
+    #[test]
+    fn the_codec_can_name_a_namespace_by_its_upstream_name() {
+        let t = translation();
+        assert_eq!(t.client_name_for("payments"), Ok("payments"));
+        assert_eq!(t.client_name_for("orders"), Ok("orders"));
+        assert_eq!(t.client_name_for("unlisted"), Ok("unlisted"));
+        // payments-up is both cloud's `payments` and other's `eu`.
+        assert!(t.client_name_for("payments-up").is_err());
+        let one = CONFIG.replace(
+            "name = \"eu\"\n        upstream = \"other\"\n        upstream_namespace = \"payments-up\"",
+            "name = \"eu\"\n        upstream = \"other\"\n        upstream_namespace = \"eu-up\"",
+        );
+        assert_ne!(one, CONFIG);
+        let t = NamespaceTranslation::from_config(&Config::from_toml(&one).unwrap()).unwrap();
+        assert_eq!(t.client_name_for("payments-up"), Ok("payments"));
+        assert_eq!(t.client_name_for("eu-up"), Ok("eu"));
     }
 
     #[test]
