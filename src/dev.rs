@@ -332,6 +332,7 @@ fn dev_config(
             .into(),
             ..Default::default()
         },
+        admin: None,
         source: None,
     }
 }

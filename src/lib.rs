@@ -12,5 +12,6 @@ pub mod proxy;
 pub mod reload;
 pub mod schema;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -22,7 +22,9 @@ use crate::error::ProxyError;
 use crate::proxy::{
     EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
 };
-use crate::tls::{self, PeerInfo};
+use crate::telemetry::readiness::{self, ProbeTargets};
+use crate::telemetry::{admin, HealthLayer, Telemetry, TelemetryLayer, UpstreamTimerLayer};
+use crate::tls::{PeerInfo, ReloadableServerConfig};
 use crate::upstream::Router;
 
 /// The call pipeline behind the edge, type-erased so stages can be added without touching the
@@ -40,8 +42,9 @@ pub struct PipelineParts {
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let router = Arc::new(Router::from_config(config)?);
-    let mut pipeline: Pipeline =
-        BoxCloneSyncService::new(Forwarder::new(router, config.limits.max_response_bytes));
+    let mut pipeline: Pipeline = BoxCloneSyncService::new(
+        UpstreamTimerLayer.layer(Forwarder::new(router, config.limits.max_response_bytes)),
+    );
 
     let encryption = if config.encryption.disabled {
         tracing::warn!(
@@ -102,8 +105,13 @@ enum Listener {
 /// A running proxy. Dropping it does not stop it; call [`RunningProxy::shutdown`].
 pub struct RunningProxy {
     local_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    telemetry: Arc<Telemetry>,
     shutdown: watch::Sender<bool>,
+    /// Stops the admin listener and the prober, after the calls drained.
+    admin_shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningProxy {
@@ -112,11 +120,27 @@ impl RunningProxy {
         self.local_addr
     }
 
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// This proxy's metrics and readiness (e.g. to register more certificates to watch).
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// Stops accepting, lets in-flight calls finish up to the configured grace period, then
-    /// closes what remains.
+    /// closes what remains. Readiness fails from the first moment; the admin listener stays up
+    /// until the calls are drained.
     pub async fn shutdown(self) {
+        self.telemetry.start_draining();
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        let _ = self.admin_shutdown.send(true);
+        if let Some(admin) = self.admin_task {
+            let _ = admin.await;
+        }
     }
 
     /// Runs until the process receives SIGTERM or Ctrl-C, then shuts down gracefully.
@@ -163,8 +187,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     if let Some(encryption) = &encryption {
         encryption.spawn_key_reloaders();
     }
-    let acceptor = match &config.listener.tls {
-        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config(server_tls)?)),
+    let telemetry = Telemetry::new();
+    let pipeline = instrument_pipeline(pipeline, &config, encryption.as_deref(), &telemetry);
+    let tls = match &config.listener.tls {
+        Some(server_tls) => {
+            let tls = ReloadableServerConfig::load(server_tls)?;
+            tls.spawn_reloader();
+            let watched = tls.clone();
+            telemetry.watch_certificate("listener", move || Some(watched.validity()));
+            Some(tls)
+        }
         None => None,
     };
     let address = config.listen_address()?;
@@ -203,9 +235,41 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     }
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
+    let admin_settings = config.admin.clone().unwrap_or_default();
+    let targets = ProbeTargets {
+        keys: encryption
+            .as_ref()
+            .map(|e| {
+                e.key_providers()
+                    .into_iter()
+                    .map(|(name, provider, _)| (name, provider))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        upstream_tls: config
+            .upstreams
+            .iter()
+            .map(|(name, u)| (name.clone(), u.tls.clone()))
+            .collect(),
+        interval: Duration::from_secs(admin_settings.probe_interval_seconds),
+        timeout: Duration::from_secs(admin_settings.probe_timeout_seconds),
+    };
+    // Readiness is probed with or without an admin listener: Health/Check answers from it.
+    readiness::spawn_prober(telemetry.clone(), targets, admin_shutdown_rx.clone());
+    let (admin_addr, admin_task) = match &config.admin {
+        Some(settings) => {
+            let (listener, addr) = admin::bind(&settings.listen).await?;
+            tracing::info!(address = %addr, "admin listener: /metrics /healthz /readyz");
+            let task = admin::spawn(listener, telemetry.clone(), admin_shutdown_rx);
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
     let settings = ServeSettings {
         pipeline,
-        acceptor,
+        tls,
+        telemetry: telemetry.clone(),
         max_request_bytes: config.limits.max_request_bytes,
         handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
         grace: Duration::from_secs(config.limits.shutdown_grace_seconds),
@@ -213,14 +277,43 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     let task = tokio::spawn(accept_loop(listener, settings, shutdown_rx));
     Ok(RunningProxy {
         local_addr,
+        admin_addr,
+        telemetry,
         shutdown,
+        admin_shutdown,
         task,
+        admin_task,
     })
+}
+
+/// Adds the proxy's own answer to health checks and the per-call span and metrics around the
+/// pipeline, and tells telemetry what the config serves (namespace labels, upstreams to probe,
+/// keys to report).
+fn instrument_pipeline(
+    pipeline: Pipeline,
+    config: &Config,
+    encryption: Option<&Encryption>,
+    telemetry: &Arc<Telemetry>,
+) -> Pipeline {
+    telemetry.set_namespaces(config.namespaces.iter().map(|ns| ns.name.as_str()));
+    telemetry.set_upstreams(
+        config
+            .upstreams
+            .iter()
+            .map(|(name, u)| (name.clone(), u.address.clone()))
+            .collect(),
+    );
+    if let Some(encryption) = encryption {
+        telemetry.set_keys(encryption.key_stats());
+    }
+    let pipeline = BoxCloneSyncService::new(HealthLayer::new(telemetry.clone()).layer(pipeline));
+    BoxCloneSyncService::new(TelemetryLayer::new(telemetry.clone()).layer(pipeline))
 }
 
 struct ServeSettings {
     pipeline: Pipeline,
-    acceptor: Option<TlsAcceptor>,
+    tls: Option<Arc<ReloadableServerConfig>>,
+    telemetry: Arc<Telemetry>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
     grace: Duration,
@@ -292,8 +385,10 @@ async fn serve_connection(
     settings: Arc<ServeSettings>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let (io, peer): (BoxedIo, PeerInfo) = match &settings.acceptor {
-        Some(acceptor) => {
+    let (io, peer): (BoxedIo, PeerInfo) = match &settings.tls {
+        Some(tls) => {
+            // The current configuration: a reloaded certificate applies from the next handshake.
+            let acceptor = TlsAcceptor::from(tls.current());
             match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(io)).await {
                 Ok(Ok(stream)) => {
                     let peer =
@@ -301,10 +396,12 @@ async fn serve_connection(
                     (Box::new(stream), peer)
                 }
                 Ok(Err(e)) => {
+                    settings.telemetry.handshake_failed();
                     tracing::info!(peer = %remote, error = %e, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {
+                    settings.telemetry.handshake_failed();
                     tracing::info!(peer = %remote, "TLS handshake timed out");
                     return;
                 }
@@ -335,7 +432,9 @@ async fn serve_connection(
         .max_concurrent_streams(1000)
         .max_header_list_size(64 * 1024);
     let connection = builder.serve_connection(TokioIo::new(io), edge);
+    settings.telemetry.connection_opened();
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(error = %e, "connection closed with error");
     }
+    settings.telemetry.connection_closed();
 }

@@ -17,6 +17,7 @@ pub mod keyring;
 pub mod manager;
 pub mod metrics;
 pub mod provider;
+pub mod timed;
 
 /// Types generated from proto/portcullis/v1/envelope.proto.
 pub mod proto {
