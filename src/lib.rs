@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod check;
 pub mod config;
 pub mod crypto;
 pub mod dev;

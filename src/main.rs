@@ -54,10 +54,17 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
-    /// Validate a config file and everything it points to (certificates, keys, upstream settings).
+    /// Validate a config file and everything it points to: certificate chains and expiry, a
+    /// seal and open with every key, policies, upstream reachability. Exits 1 on any failure.
     Check {
         #[arg(long, short, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
+        /// Warn about certificates that expire within this many days.
+        #[arg(long, default_value_t = 30)]
+        warn_days: u64,
+        /// Do not connect to upstreams.
+        #[arg(long)]
+        offline: bool,
     },
 }
 
@@ -153,23 +160,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Check { config } => {
-            let path = config;
-            let config = Config::load(&path)?;
-            if let Some(tls) = &config.listener.tls {
-                portcullis::tls::server_config(tls)?;
+        Command::Check {
+            config,
+            warn_days,
+            offline,
+        } => {
+            let options = portcullis::check::CheckOptions {
+                warn_days,
+                offline,
+                ..Default::default()
+            };
+            let report = portcullis::check::run(&config, &options).await;
+            print!("{}", report.render());
+            match report.failed() {
+                0 => Ok(()),
+                n => anyhow::bail!("{}: {n} checks failed", config.display()),
             }
-            portcullis::server::build_pipeline(&config).await?;
-            if !config.authorization.disabled {
-                config.authorization.compile()?;
-            }
-            println!(
-                "{}: OK ({} upstreams, {} namespaces)",
-                path.display(),
-                config.upstreams.len(),
-                config.namespaces.len()
-            );
-            Ok(())
         }
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod ops;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
