@@ -585,3 +585,145 @@ async fn certificate_rotation_keeps_workers_connected() {
     let _ = worker.kill().await;
     proxy.shutdown().await;
 }
+
+/// Occurrences of `needle` in `haystack`.
+fn count(haystack: &[u8], needle: &[u8]) -> usize {
+    if needle.is_empty() {
+        return 0;
+    }
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_never_contain_payloads_or_key_material() {
+    use base64::Engine as _;
+
+    let server = DevServer::start(&[]).await;
+    let pki = Pki::new();
+    let port = portcullis::dev::free_port().expect("port");
+    let admin_port = portcullis::dev::free_port().expect("port");
+    let mut config = proxy_config(&pki, &server.address(), &["default"]);
+    config.listener.address = format!("127.0.0.1:{port}");
+    let audit = pki.dir.path().join("audit.jsonl");
+    config.authorization.audit_log = audit.display().to_string();
+    with_admin(&mut config);
+    if let Some(admin) = &mut config.admin {
+        admin.listen = format!("127.0.0.1:{admin_port}");
+    }
+    let config_path = pki.dir.path().join("portcullis.toml");
+    std::fs::write(&config_path, config.to_toml()).expect("write config");
+    let stderr_path = pki.dir.path().join("proxy.stderr");
+    let stdout_path = pki.dir.path().join("proxy.stdout");
+
+    let mut proxy = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config_path)
+        .env("PORTCULLIS_LOG", "trace")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start portcullis serve");
+    let address: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("addr");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !try_http_get(admin, "/readyz")
+        .await
+        .is_ok_and(|(status, _)| status == 200)
+    {
+        if std::time::Instant::now() > deadline || proxy.try_wait().expect("status").is_some() {
+            let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            let tail: Vec<_> = log.lines().rev().take(20).collect();
+            panic!(
+                "the proxy did not get ready; its last log lines:\n{}",
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Every kind of payload carries the marker, through the proxy, at trace level.
+    let marker = format!("logmarker{}", std::process::id());
+    let mut args = client_args(address, &pki, &pki.client);
+    args.extend(["--marker".into(), marker.clone()]);
+    let result = run_python("markers.py", &args).await;
+    assert!(
+        result["kinds"].as_array().is_some_and(|k| k.len() >= 15),
+        "{result}"
+    );
+    let _ = scrape(admin).await;
+
+    let pid = proxy.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), proxy.wait())
+        .await
+        .expect("the proxy exits")
+        .expect("wait");
+    assert!(exit.success(), "{exit}");
+
+    let mut logs = Vec::new();
+    for path in [&stderr_path, &stdout_path, &audit] {
+        logs.extend(std::fs::read(path).unwrap_or_default());
+        logs.push(b'\n');
+    }
+    let text = String::from_utf8_lossy(&logs);
+    // The logs are real: trace level from every crate, and the per-call span's fields.
+    let trace_lines = text
+        .lines()
+        .filter(|l| l.contains("\"level\":\"TRACE\""))
+        .count();
+    assert!(trace_lines > 100, "only {trace_lines} trace lines");
+    assert!(
+        text.lines().any(|l| l.contains("call finished")
+            && l.contains("\"method\":\"StartWorkflowExecution\"")
+            && l.contains("\"namespace\":\"default\"")
+            && l.contains("\"identity\":\"test-client\"")
+            && l.contains("\"total_us\"")),
+        "no per-call line with method, namespace, identity and duration"
+    );
+    assert!(text.contains("\"decision\":\"allow\""), "no audit lines");
+
+    // No marker, in any form the payloads carry it, ...
+    assert_eq!(
+        count(&logs, marker.as_bytes()),
+        0,
+        "a payload marker reached the logs"
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    assert_eq!(
+        count(&logs, b64.encode(&marker).trim_end_matches('=').as_bytes()),
+        0
+    );
+    // ... and no key-encryption key, in base64, hex or raw.
+    let keyring: toml::Table = toml::from_str(
+        &std::fs::read_to_string(pki.dir.path().join("keyring.toml")).expect("keyring"),
+    )
+    .expect("keyring toml");
+    let keys = keyring["keys"].as_array().expect("keys");
+    assert!(!keys.is_empty());
+    for key in keys {
+        let encoded = key["key_base64"].as_str().expect("key_base64");
+        let raw = b64.decode(encoded).expect("base64 key");
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            count(&logs, encoded.trim_end_matches('=').as_bytes()),
+            0,
+            "a key in base64"
+        );
+        assert_eq!(count(&logs, hex.as_bytes()), 0, "a key in hex");
+        assert_eq!(count(&logs, &raw), 0, "a raw key");
+        assert_eq!(
+            count(&logs, format!("{:?}", &raw[..8]).as_bytes()),
+            0,
+            "a key as a byte list"
+        );
+    }
+}
