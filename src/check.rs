@@ -130,26 +130,23 @@ fn check_pem_certificates(
         let not_before = cert.validity().not_before.timestamp();
         let not_after = cert.validity().not_after.timestamp();
         let subject = cert.subject().to_string();
-        let days = (not_after - now) / 86_400;
+        let left = human(not_after - now);
         let (severity, note) = if now < not_before {
             (Severity::Fail, format!("{subject} is not valid yet"))
         } else if now >= not_after {
             (
                 Severity::Fail,
-                format!("{subject} EXPIRED {} days ago", (now - not_after) / 86_400),
+                format!("{subject} EXPIRED {} ago", human(now - not_after)),
             )
         } else if not_after - now < horizon {
             (
                 Severity::Warn,
-                format!(
-                    "{subject} expires in {days} days (< {} days)",
-                    options.warn_days
-                ),
+                format!("{subject} expires in {left} (< {} days)", options.warn_days),
             )
         } else {
             (Severity::Ok, String::new())
         };
-        summaries.push(format!("{subject} (expires in {days} days)"));
+        summaries.push(format!("{subject} (expires in {left})"));
         if severity_rank(severity) > severity_rank(worst.0) {
             worst = (severity, note);
         }
@@ -175,6 +172,15 @@ fn check_pem_certificates(
         (_, note) => note,
     };
     report.push(worst.0, label, detail);
+}
+
+/// "9 days", "5 hours", "42 minutes".
+fn human(seconds: i64) -> String {
+    match seconds {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 2 * 3600 => format!("{} hours", s / 3600),
+        s => format!("{} minutes", s / 60),
+    }
 }
 
 fn severity_rank(severity: Severity) -> u8 {

@@ -236,6 +236,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
+    let (grace_over, grace_over_rx) = watch::channel(false);
+    let pipeline =
+        BoxCloneSyncService::new(TelemetryLayer::new(telemetry.clone()).layer(CutAtGraceEnd {
+            inner: pipeline,
+            grace_over: grace_over_rx,
+        }));
     let admin_settings = config.admin.clone().unwrap_or_default();
     let targets = ProbeTargets {
         keys: encryption
@@ -273,6 +279,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         max_request_bytes: config.limits.max_request_bytes,
         handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
         grace: Duration::from_secs(config.limits.shutdown_grace_seconds),
+        grace_over,
     };
     let task = tokio::spawn(accept_loop(listener, settings, shutdown_rx));
     Ok(RunningProxy {
@@ -306,8 +313,39 @@ fn instrument_pipeline(
     if let Some(encryption) = encryption {
         telemetry.set_keys(encryption.key_stats());
     }
-    let pipeline = BoxCloneSyncService::new(HealthLayer::new(telemetry.clone()).layer(pipeline));
-    BoxCloneSyncService::new(TelemetryLayer::new(telemetry.clone()).layer(pipeline))
+    BoxCloneSyncService::new(HealthLayer::new(telemetry.clone()).layer(pipeline))
+}
+
+/// Ends calls still running when the shutdown grace period is over with UNAVAILABLE (and
+/// cancels their upstream call), so a caller gets a status it may retry instead of a reset.
+#[derive(Clone)]
+struct CutAtGraceEnd {
+    inner: Pipeline,
+    grace_over: watch::Receiver<bool>,
+}
+
+impl tower::Service<GrpcRequest> for CutAtGraceEnd {
+    type Response = GrpcResponse;
+    type Error = ProxyError;
+    type Future = crate::proxy::CallFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: GrpcRequest) -> Self::Future {
+        let call = self.inner.call(request);
+        let mut grace_over = self.grace_over.clone();
+        Box::pin(async move {
+            tokio::select! {
+                result = call => result,
+                _ = grace_over.wait_for(|over| *over) => Err(ProxyError::ShuttingDown),
+            }
+        })
+    }
 }
 
 struct ServeSettings {
@@ -317,6 +355,8 @@ struct ServeSettings {
     max_request_bytes: usize,
     handshake_timeout: Duration,
     grace: Duration,
+    /// Set when the grace period is over: running calls end with UNAVAILABLE.
+    grace_over: watch::Sender<bool>,
 }
 
 async fn accept_loop(
@@ -352,11 +392,16 @@ async fn accept_loop(
         let _ = std::fs::remove_file(path);
     }
     drop(listener);
-    if tokio::time::timeout(settings.grace, graceful.shutdown())
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(settings.grace, &mut drained)
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?settings.grace, "in-flight calls still running after the grace period: closing them");
+        tracing::warn!(grace = ?settings.grace, "in-flight calls still running after the grace period: ending them with UNAVAILABLE");
+        let _ = settings.grace_over.send(true);
+        // Let those answers reach their callers before the connections close.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut drained).await;
     }
     connections.shutdown().await;
 }
