@@ -71,6 +71,17 @@ fn layer(c: &mut Criterion) {
     group.bench_function("with_telemetry_layer", |b| {
         b.iter(|| runtime.block_on(measured.clone().oneshot(black_box(request()))))
     });
+    // As the binary runs by default: a fmt subscriber at `info`, so the call span is created
+    // (its fields formatted) on every call; output goes nowhere.
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        group.bench_function("with_telemetry_layer_and_info_logging", |b| {
+            b.iter(|| runtime.block_on(measured.clone().oneshot(black_box(request()))))
+        });
+    });
     group.bench_function("scrape_encode", |b| {
         b.iter(|| black_box(telemetry.encode()))
     });

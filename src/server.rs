@@ -23,8 +23,10 @@ use crate::proxy::{
     EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
 };
 use crate::telemetry::readiness::{self, ProbeTargets};
-use crate::telemetry::{admin, HealthLayer, Telemetry, TelemetryLayer, UpstreamTimerLayer};
-use crate::tls::{PeerInfo, ReloadableServerConfig};
+use crate::telemetry::{
+    admin, CertValidity, HealthLayer, Telemetry, TelemetryLayer, UpstreamTimerLayer,
+};
+use crate::tls::{self, PeerInfo, ReloadableServerConfig};
 use crate::upstream::Router;
 
 /// The call pipeline behind the edge, type-erased so stages can be added without touching the
@@ -312,6 +314,23 @@ fn instrument_pipeline(
     );
     if let Some(encryption) = encryption {
         telemetry.set_keys(encryption.key_stats());
+    }
+    // Upstream client certificates from files, as configured. A module that rotates them
+    // replaces these with `watch_certificate` under the same name.
+    for (name, upstream) in &config.upstreams {
+        let Some(cert) = upstream.tls.as_ref().and_then(|t| t.cert.as_ref()) else {
+            continue;
+        };
+        let validity = tls::load_certs(cert, "upstream client certificate")
+            .ok()
+            .and_then(|chain| {
+                chain
+                    .first()
+                    .and_then(|leaf| CertValidity::of_der(leaf.as_ref()))
+            });
+        if let Some(validity) = validity {
+            telemetry.set_certificate(format!("upstream/{name}"), validity);
+        }
     }
     BoxCloneSyncService::new(HealthLayer::new(telemetry.clone()).layer(pipeline))
 }

@@ -727,3 +727,45 @@ async fn trace_logs_never_contain_payloads_or_key_material() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_client_certificate_expiry_is_exported() {
+    let pki = Pki::new();
+    let upstream = FakeUpstream::start().await;
+    let mut config = proxy_config(&pki, &upstream.address.to_string(), &["default"]);
+    let client = pki.client_cert_with(LeafSpec::new(
+        "proxy-upstream-identity",
+        Usage::Client,
+        Duration::from_secs(2 * 3600),
+    ));
+    config.upstreams.get_mut("temporal").expect("upstream").tls =
+        Some(portcullis::config::UpstreamTls {
+            ca: pki.ca_path.clone(),
+            server_name: Some("localhost".into()),
+            cert: Some(client.cert.clone()),
+            key: Some(client.key.clone()),
+        });
+    with_admin(&mut config);
+    let proxy = start_proxy(config).await;
+    let admin = proxy.admin_addr().expect("admin");
+    let m = scrape(admin).await;
+    let expiry = m.sum(
+        "portcullis_certificate_expiry_seconds",
+        &[("certificate", "upstream/temporal")],
+    );
+    assert!((3600.0..=7200.0).contains(&expiry), "{expiry}\n{}", m.text);
+    // The fake upstream speaks plaintext: the TLS handshake probe fails and readiness says so.
+    wait_until(
+        Duration::from_secs(15),
+        "a readiness round",
+        || async move {
+            let (status, body) = readyz(admin).await;
+            status == 503
+                && body.contains("ok   certificate upstream/temporal")
+                && body.contains("FAIL upstream temporal")
+                && body.contains("TLS handshake")
+        },
+    )
+    .await;
+    proxy.shutdown().await;
+}
