@@ -83,8 +83,19 @@ enum KeysAction {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("PORTCULLIS_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .ok()
+        .filter(|_| !spec.trim().is_empty())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // The file watcher traces every event in the watched directories. A log file written into
+    // one of them (next to the config) would then feed itself: each line an event, each event
+    // a line. Keep it quiet unless asked for by name.
+    if !spec.contains("notify") {
+        if let Ok(directive) = "notify=warn".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

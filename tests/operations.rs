@@ -615,8 +615,10 @@ async fn trace_logs_never_contain_payloads_or_key_material() {
     }
     let config_path = pki.dir.path().join("portcullis.toml");
     std::fs::write(&config_path, config.to_toml()).expect("write config");
-    let stderr_path = pki.dir.path().join("proxy.stderr");
-    let stdout_path = pki.dir.path().join("proxy.stdout");
+    // Logs go elsewhere than the watched config directory (see init_logging in main.rs).
+    let log_dir = tempfile::tempdir().expect("log dir");
+    let stderr_path = log_dir.path().join("proxy.stderr");
+    let stdout_path = log_dir.path().join("proxy.stdout");
 
     let mut proxy = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["--log-format", "json", "serve", "--config"])
@@ -768,4 +770,91 @@ async fn upstream_client_certificate_expiry_is_exported() {
     )
     .await;
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_logs_name_the_failed_call() {
+    let upstream = FakeUpstream::start().await;
+    let pki = Pki::new();
+    let port = portcullis::dev::free_port().expect("port");
+    let mut config = proxy_config(&pki, &upstream.address.to_string(), &["default"]);
+    config.listener.address = format!("127.0.0.1:{port}");
+    let config_path = pki.dir.path().join("portcullis.toml");
+    std::fs::write(&config_path, config.to_toml()).expect("write config");
+    let stderr_path = pki.dir.path().join("proxy.stderr");
+    let mut proxy = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env_remove("PORTCULLIS_LOG")
+        .env_remove("PORTCULLIS_LOG_FORMAT")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start portcullis serve");
+    let address: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_until(Duration::from_secs(30), "listening", || async move {
+        tokio::net::TcpStream::connect(address).await.is_ok()
+    })
+    .await;
+    let stranger = pki.client_cert("stranger");
+    let mut client = workflow_client(address, &pki, &stranger).await;
+    let denied = client
+        .describe_namespace(describe("default"))
+        .await
+        .expect_err("denied");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let mut client = workflow_client(address, &pki, &pki.client).await;
+    client
+        .describe_namespace(describe("default"))
+        .await
+        .expect("allowed");
+    let pid = proxy.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    tokio::time::timeout(Duration::from_secs(20), proxy.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    let log = std::fs::read_to_string(&stderr_path).expect("log");
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("call failed in proxy"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{log}");
+    for field in [
+        "method=\"DescribeNamespace\"",
+        "namespace=\"default\"",
+        "identity=\"stranger\"",
+        "code=\"PERMISSION_DENIED\"",
+        "total_us=",
+        "may not call DescribeNamespace",
+    ] {
+        let plain = strip_ansi(failed[0]);
+        assert!(plain.contains(field), "{field} missing: {plain}");
+    }
+    // Successful calls are not logged at info.
+    assert!(!log.contains("call finished"), "{log}");
+}
+
+/// Drops terminal color codes from a text log line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

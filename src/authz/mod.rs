@@ -227,8 +227,7 @@ where
             required_access(method)
         };
         let decision = policies.decide(&identity, scope, request.namespace.as_deref(), level);
-        tracing::Span::current().record("identity", identity.as_str());
-        crate::telemetry::call::record_authz_decision(decision.allowed);
+        crate::telemetry::call::record_authz(&identity, decision.allowed);
         self.audit.record(&AuditEvent::new(
             &identity,
             request.namespace.as_deref(),

@@ -1,5 +1,6 @@
-//! The per-call layer: one tracing span per call (namespace, method, identity, peer), the
-//! outcome logged once, and the call's metrics recorded; plus the hooks inner stages use to
+//! The per-call layer: one tracing span per call (namespace, method, identity, peer; debug
+//! level), the outcome logged once (failures at info with the same fields), and the call's
+//! metrics recorded; plus the hooks inner stages use to
 //! report what only they know, and the local answer to `grpc.health.v1.Health/Check`.
 //!
 //! Inner stages report through a task-local slot rather than through the request type, so no
@@ -7,7 +8,7 @@
 //! [`UpstreamTimerLayer`] around the forwarder. Outside a call (unit tests driving one stage)
 //! the hooks do nothing.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,15 +30,25 @@ use crate::schema::Scope;
 struct CallScope {
     authz: Cell<Option<bool>>,
     upstream: Cell<Option<Duration>>,
+    /// The caller's identity, kept for the failure log line when the call span is off.
+    identity: RefCell<Option<String>>,
+    span_enabled: bool,
 }
 
 tokio::task_local! {
     static CALL: CallScope;
 }
 
-/// Called by the authorization stage with its decision for the current call.
-pub fn record_authz_decision(allowed: bool) {
-    let _ = CALL.try_with(|call| call.authz.set(Some(allowed)));
+/// Called by the authorization stage with the caller's identity and its decision.
+pub fn record_authz(identity: &str, allowed: bool) {
+    let _ = CALL.try_with(|call| {
+        call.authz.set(Some(allowed));
+        if call.span_enabled {
+            tracing::Span::current().record("identity", identity);
+        } else {
+            *call.identity.borrow_mut() = Some(identity.to_owned());
+        }
+    });
 }
 
 fn record_upstream_time(elapsed: Duration) {
@@ -137,7 +148,9 @@ where
         };
         let label = self.telemetry.namespace_label(method, namespace);
         let series = self.telemetry.series(label, method);
-        let span = tracing::info_span!(
+        // A debug span: at the default `info` level it costs nothing (creating one with the fmt
+        // subscriber costs a few µs per call), and the rare failure line carries its fields.
+        let span = tracing::debug_span!(
             "call",
             method = method.name.as_str(),
             namespace = namespace.unwrap_or_default(),
@@ -156,15 +169,24 @@ where
         };
         let inner = self.inner.clone();
         let telemetry = self.telemetry.clone();
+        let (message, peer) = (request.message.clone(), request.peer.clone());
+        let span_enabled = !span.is_disabled();
         Box::pin(
             async move {
-                let (result, authz, upstream) = CALL
-                    .scope(CallScope::default(), async move {
-                        let result = inner.oneshot(request).await;
-                        let (authz, upstream) =
-                            CALL.with(|call| (call.authz.get(), call.upstream.get()));
-                        (result, authz, upstream)
-                    })
+                let (result, authz, upstream, identity) = CALL
+                    .scope(
+                        CallScope {
+                            span_enabled,
+                            ..CallScope::default()
+                        },
+                        async move {
+                            let result = inner.oneshot(request).await;
+                            let (authz, upstream, identity) = CALL.with(|call| {
+                                (call.authz.get(), call.upstream.get(), call.identity.take())
+                            });
+                            (result, authz, upstream, identity)
+                        },
+                    )
                     .await;
                 guard.finished = true;
                 let series = &guard.series;
@@ -199,13 +221,35 @@ where
                         if let ProxyError::UpstreamUnavailable { upstream, .. } = error {
                             telemetry.upstream_failed(upstream);
                         }
-                        tracing::info!(
-                            code = code_name(code),
-                            total_us,
-                            upstream_us,
-                            error = %error,
-                            "call failed in proxy"
-                        );
+                        if span_enabled {
+                            tracing::info!(
+                                code = code_name(code),
+                                total_us,
+                                upstream_us,
+                                error = %error,
+                                "call failed in proxy"
+                            );
+                        } else {
+                            let namespace = match method.scope {
+                                Scope::Namespace => {
+                                    wire::validate_and_find_string(&message, method.namespace_field)
+                                        .ok()
+                                        .flatten()
+                                }
+                                Scope::Cluster => None,
+                            };
+                            tracing::info!(
+                                method = method.name.as_str(),
+                                namespace = namespace.unwrap_or_default(),
+                                identity = identity.as_deref().unwrap_or_default(),
+                                peer = peer.remote.as_str(),
+                                code = code_name(code),
+                                total_us,
+                                upstream_us,
+                                error = %error,
+                                "call failed in proxy"
+                            );
+                        }
                     }
                 }
                 result
