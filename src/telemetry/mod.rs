@@ -187,6 +187,7 @@ pub fn unix_now() -> i64 {
 }
 
 type CertificateSource = Arc<dyn Fn() -> Option<CertValidity> + Send + Sync>;
+type ConnectionSource = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Counters of one key provider (one `[encryption.keys.NAME]`), kept by [`TimedProvider`].
 ///
@@ -228,6 +229,7 @@ pub struct Telemetry {
     handshake_failures: AtomicU64,
     upstream_failures: RwLock<BTreeMap<&'static str, u64>>,
     certificates: RwLock<BTreeMap<String, CertificateSource>>,
+    upstream_connections: RwLock<BTreeMap<String, ConnectionSource>>,
     keys: RwLock<Vec<KeyStats>>,
     upstream_targets: RwLock<Vec<(String, String)>>,
     readiness: RwLock<Option<Arc<ReadinessReport>>>,
@@ -258,6 +260,7 @@ impl Default for Telemetry {
             handshake_failures: AtomicU64::new(0),
             upstream_failures: RwLock::default(),
             certificates: RwLock::default(),
+            upstream_connections: RwLock::default(),
             keys: RwLock::default(),
             upstream_targets: RwLock::default(),
             readiness: RwLock::default(),
@@ -354,6 +357,16 @@ impl Telemetry {
             .iter()
             .map(|(name, source)| (name.clone(), source()))
             .collect()
+    }
+
+    /// Registers a reader of an upstream's open connections, read at every scrape (gauge
+    /// `portcullis_upstream_connections{upstream}`): the hook for the upstream pool.
+    pub fn watch_upstream_connections(
+        &self,
+        upstream: impl Into<String>,
+        source: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        write(&self.upstream_connections).insert(upstream.into(), Arc::new(source));
     }
 
     pub fn set_keys(&self, keys: Vec<KeyStats>) {
@@ -708,6 +721,20 @@ impl Collector for TelemetryCollector {
                 }
             }
         }
+        let connections: Vec<_> = read(&t.upstream_connections)
+            .iter()
+            .map(|(name, source)| (name.clone(), source()))
+            .collect();
+        let connections: Vec<_> = connections
+            .iter()
+            .map(|(name, count)| (vec![("upstream", name.as_str())], *count))
+            .collect();
+        gauge(
+            &mut encoder,
+            "portcullis_upstream_connections",
+            "Open connections to each upstream, as its connection pool reports them.",
+            &connections,
+        )?;
         gauge(
             &mut encoder,
             "portcullis_upstream_up",
@@ -796,6 +823,7 @@ mod tests {
             },
         );
         record_reload("test", true);
+        telemetry.watch_upstream_connections("primary", || 2);
         let text = telemetry.encode();
         for needle in [
             "portcullis_calls_total{namespace=\"payments\",service=\"WorkflowService\",method=\"StartWorkflowExecution\",code=\"OK\"} 3",
@@ -807,6 +835,7 @@ mod tests {
             "portcullis_config_reloads_total{what=\"test\",outcome=\"success\"}",
             "# TYPE portcullis_upstream_duration_seconds histogram",
             "portcullis_ready 0",
+            "portcullis_upstream_connections{upstream=\"primary\"} 2",
             "portcullis_build_info{version=",
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
