@@ -158,7 +158,15 @@ async fn sigterm_under_load_drains_in_flight_calls_within_the_grace_period() {
         assert!(ok > 0, "no call succeeded before the signal");
         refused += errors.len();
         for status in errors {
-            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            // A request the client had queued on the connection as it closed was never sent:
+            // hyper fails it as "canceled: connection closed" (tonic says CANCELLED). It was
+            // not in flight at the proxy; everything that reached the proxy is UNAVAILABLE.
+            let never_sent = status.code() == tonic::Code::Cancelled
+                && format!("{status:?}").contains("connection closed");
+            assert!(
+                status.code() == tonic::Code::Unavailable || never_sent,
+                "{status:?}"
+            );
         }
     }
     assert!(refused > 0, "the load never saw the shutdown");
