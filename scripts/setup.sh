@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 
-# Debian packages the tests need (space separated). Empty for now.
-APT_PACKAGES="${APT_PACKAGES:-}"
+# Debian packages the tests need (space separated). chromium: the codec server's Web UI test
+# drives it headless through playwright-core (tests/clients/ts), which downloads no browser.
+APT_PACKAGES="${APT_PACKAGES:-chromium}"
 
 log() { echo "setup: $*" >&2; }
 

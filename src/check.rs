@@ -301,6 +301,30 @@ pub async fn run(path: &Path, options: &CheckOptions) -> CheckReport {
         }
     }
 
+    if let Some(bearer) = &config.bearer {
+        match crate::authz::BearerVerifier::new(bearer).await {
+            Ok(_) => report.push(
+                Severity::Ok,
+                "bearer",
+                format!("issuer {}: settings and JWKS file load", bearer.issuer),
+            ),
+            Err(e) => report.push(Severity::Fail, "bearer", e.to_string()),
+        }
+    }
+    if let Some(codec) = &config.codec {
+        if let Some(tls) = &codec.tls {
+            check_pem_certificates(&mut report, "codec certificate", &tls.cert, true, options);
+        }
+        match crate::codec::check(codec) {
+            Ok(()) => report.push(
+                Severity::Ok,
+                "codec",
+                format!("codec server on {}", codec.address),
+            ),
+            Err(e) => report.push(Severity::Fail, "codec", format!("{e:#}")),
+        }
+    }
+
     if config.encryption.disabled {
         report.push(
             Severity::Warn,

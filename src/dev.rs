@@ -11,7 +11,9 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
-use crate::authz::{AuthorizationConfig, Grants, NamespacePolicy};
+use crate::authz::bearer::{now_seconds, DevSigningKey};
+use crate::authz::{AuthorizationConfig, BearerConfig, Grants, NamespacePolicy};
+use crate::codec::{CodecConfig, CodecOptions};
 use crate::config::{Config, ListenerConfig, NamespaceConfig, Routing, ServerTls, UpstreamConfig};
 use crate::crypto::config::{EncryptionConfig, KeyConfig};
 use crate::crypto::Keyring;
@@ -27,6 +29,8 @@ pub struct DevOptions {
     pub upstream: Option<String>,
     pub listen: String,
     pub namespaces: Vec<String>,
+    /// The codec server's address: loopback only (port 0 picks a free one).
+    pub codec_listen: String,
 }
 
 /// Paths of the development PKI inside the dev directory.
@@ -254,6 +258,64 @@ impl TemporalDevServer {
     }
 }
 
+/// The issuer and audience of the development bearer tokens.
+pub const DEV_TOKEN_ISSUER: &str = "portcullis-dev";
+pub const DEV_TOKEN_AUDIENCE: &str = "portcullis-dev";
+/// The subject of the read-only token `portcullis dev` writes to endpoints.json as `codec_auth`.
+pub const DEV_CODEC_READER: &str = "dev-codec-reader";
+
+/// The development token signing key (created once) and its JWKS file.
+fn dev_signing_key(dir: &Path) -> anyhow::Result<(DevSigningKey, PathBuf)> {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys)?;
+    let key_path = keys.join("dev-token-key.pk8");
+    let jwks_path = keys.join("dev-jwks.json");
+    let key = match std::fs::read(&key_path) {
+        Ok(pkcs8) => DevSigningKey::from_pkcs8("portcullis-dev-1", &pkcs8)
+            .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", key_path.display()))?,
+        Err(_) => {
+            let key = DevSigningKey::generate("portcullis-dev-1")
+                .map_err(|e| anyhow::anyhow!("cannot generate the dev token key: {e}"))?;
+            write_private_bytes(&key_path, key.pkcs8())?;
+            key
+        }
+    };
+    std::fs::write(&jwks_path, serde_json::to_string_pretty(&key.jwks())?)?;
+    Ok((key, jwks_path))
+}
+
+fn write_private_bytes(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(contents)?;
+    Ok(())
+}
+
+/// A loopback address with a concrete port: a free one for port 0, or when the one asked for is
+/// taken (another dev setup may be running).
+fn concrete_loopback(address: &str) -> anyhow::Result<SocketAddr> {
+    let mut addr: SocketAddr = address
+        .parse()
+        .with_context(|| format!("codec address {address:?} is not IP:PORT"))?;
+    if !addr.ip().is_loopback() {
+        bail!("the dev codec server listens on loopback only, not {address}");
+    }
+    if addr.port() != 0 && StdTcpListener::bind(addr).is_err() {
+        tracing::warn!(%addr, "the codec port is taken: using a free one");
+        addr.set_port(0);
+    }
+    if addr.port() == 0 {
+        addr.set_port(StdTcpListener::bind((addr.ip(), 0))?.local_addr()?.port());
+    }
+    Ok(addr)
+}
+
 fn dev_config(
     listen: &str,
     upstream: &str,
@@ -333,6 +395,19 @@ fn dev_config(
             ..Default::default()
         },
         admin: None,
+        bearer: Some(BearerConfig {
+            issuer: DEV_TOKEN_ISSUER.into(),
+            audience: vec![DEV_TOKEN_AUDIENCE.into()],
+            jwks_file: Some(dir.join("keys").join("dev-jwks.json")),
+            jwks_url: None,
+            jwks_ca: None,
+            jwks_refresh_seconds: 300,
+            permissions_claim: "permissions".into(),
+            identity_prefix: String::new(),
+            algorithms: vec!["ES256".into()],
+            leeway_seconds: 30,
+        }),
+        codec: None,
         source: None,
     }
 }
@@ -346,6 +421,9 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
     let dir = absolute(&options.dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let pki = DevPki::ensure(&dir)?;
+    let (signing_key, _jwks) = dev_signing_key(&dir)?;
+    let codec_addr = concrete_loopback(&options.codec_listen)?;
+    let codec_url = format!("http://{codec_addr}");
     let keyring = dir.join("keys").join("keyring.toml");
     if !keyring.exists() {
         std::fs::create_dir_all(dir.join("keys"))?;
@@ -374,11 +452,13 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
                 Some(p) if port_is_free(p) => p,
                 _ => free_port()?,
             };
-            let extra: Vec<String> = namespaces
+            let mut extra: Vec<String> = namespaces
                 .iter()
                 .filter(|n| n.as_str() != "default")
                 .flat_map(|n| ["--namespace".to_string(), n.clone()])
                 .collect();
+            // The Web UI calls the codec server from the browser.
+            extra.extend(["--ui-codec-endpoint".to_string(), codec_url.clone()]);
             tracing::info!(binary = %binary.display(), port, "starting the Temporal dev server");
             let server = TemporalDevServer::start(
                 &binary,
@@ -393,7 +473,20 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         }
     };
 
-    let config = dev_config(&options.listen, &upstream_address, &pki, &namespaces, &dir);
+    let mut config = dev_config(&options.listen, &upstream_address, &pki, &namespaces, &dir);
+    let ui_url = dev_server
+        .as_ref()
+        .map(|s| format!("http://127.0.0.1:{}", s.ui_port));
+    let origins = dev_server
+        .as_ref()
+        .map(|s| {
+            vec![
+                format!("http://127.0.0.1:{}", s.ui_port),
+                format!("http://localhost:{}", s.ui_port),
+            ]
+        })
+        .unwrap_or_default();
+    config.codec = Some(CodecConfig::loopback(&codec_addr.to_string(), origins));
     let text = format!(
         "# Written by `portcullis dev`; edit freely, it is rewritten only when the upstream or listener changes.\n{}",
         config.to_toml()
@@ -403,13 +496,37 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
             && c.upstreams.get("dev").map(|u| &u.address) == Some(&upstream_address)
             && c.namespaces.len() == config.namespaces.len()
             && c.authorization.namespaces.len() == config.authorization.namespaces.len()
+            && c.codec == config.codec
+            && c.bearer == config.bearer
     });
     if !unchanged {
         std::fs::write(&config_path, text)?;
     }
     let config = Config::load(&config_path)?;
 
-    let proxy = crate::server::start(config).await?;
+    // The codec server lets callers without credentials decode: the dev server's Web UI sends
+    // none. Only `portcullis dev` can set this, and only on a plaintext loopback listener.
+    let proxy = crate::server::start_with(
+        config,
+        crate::server::StartOptions {
+            codec: CodecOptions {
+                dev_anonymous_reader: true,
+            },
+        },
+    )
+    .await?;
+    // A read-only token for `temporal … --codec-auth` (and `--api-key`, read-only).
+    let codec_token = signing_key
+        .sign(&json!({
+            "iss": DEV_TOKEN_ISSUER,
+            "aud": DEV_TOKEN_AUDIENCE,
+            "sub": DEV_CODEC_READER,
+            "iat": now_seconds(),
+            "exp": now_seconds() + 30 * 24 * 3600,
+            "permissions": namespaces.iter().map(|n| format!("{n}:read")).collect::<Vec<_>>(),
+        }))
+        .map_err(|e| anyhow::anyhow!("cannot sign the dev codec token: {e}"))?;
+    let codec_auth = format!("Bearer {codec_token}");
     let proxy_address = proxy
         .local_addr()
         .map(|a| a.to_string())
@@ -447,7 +564,10 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         "config": config_path,
         "namespaces": namespaces,
         "temporal_db": dev_server.as_ref().map(|s| s.db_file.clone()),
-        "upstream_ui_url": dev_server.as_ref().map(|s| format!("http://127.0.0.1:{}", s.ui_port)),
+        "upstream_ui_url": ui_url,
+        "ui_url": ui_url,
+        "codec_endpoint": codec_url,
+        "codec_auth": codec_auth,
     });
     let endpoints_path = dir.join("endpoints.json");
     let tmp = dir.join("endpoints.json.tmp");
@@ -462,6 +582,9 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
          Python SDK:\n  await Client.connect(\"{proxy_address}\", namespace=\"{ns}\", tls=TLSConfig(\n      \
          server_root_ca_cert=open(\"{ca}\", \"rb\").read(), domain=\"{DEV_SERVER_NAME}\",\n      \
          client_cert=open(\"{cert}\", \"rb\").read(), client_private_key=open(\"{key}\", \"rb\").read()))\n\n\
+         Codec server (decrypted payloads for the Web UI and the CLI): {codec_url}\n  \
+         temporal workflow show --address {upstream_address} -w ID --codec-endpoint {codec_url} --codec-auth \"$(jq -r .codec_auth {endpoints})\"\n\
+         {ui_line}\
          Machine-readable summary: {endpoints}\nStop with Ctrl-C.\n",
         profile = cli_profile.display(),
         ns = namespaces[0],
@@ -469,6 +592,10 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         cert = pki.client_cert.display(),
         key = pki.client_key.display(),
         endpoints = endpoints_path.display(),
+        ui_line = ui_url
+            .as_ref()
+            .map(|u| format!("Web UI (payloads decrypted by the codec server): {u}\n\n"))
+            .unwrap_or_default(),
     );
 
     proxy.run_until_signal().await;

@@ -57,6 +57,8 @@ pub enum ProxyError {
     Encryption(String),
     #[error("the proxy is shutting down and this call outlived the shutdown grace period; retry")]
     ShuttingDown,
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     #[error("{identity} may not call {method}{}: it needs the {required} role", namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_else(|| " on the cluster".into()))]
     PermissionDenied {
         identity: String,
@@ -86,6 +88,7 @@ impl ProxyError {
             DeadlineExceeded(_) => Code::DeadlineExceeded,
             RequestBody(_) => Code::Cancelled,
             PermissionDenied { .. } => Code::PermissionDenied,
+            Unauthenticated(_) => Code::Unauthenticated,
             Crypto(e) => {
                 use crate::crypto::CryptoError as C;
                 match e {

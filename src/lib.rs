@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod check;
+pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod dev;

@@ -48,6 +48,9 @@ enum Command {
         /// Namespaces to serve (and create on the dev server). Default: `default`.
         #[arg(long = "namespace", short = 'n')]
         namespaces: Vec<String>,
+        /// Where the codec server listens (loopback only; port 0 picks a free one).
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7444")]
+        codec_listen: String,
     },
     /// Manage a local keyring of key-encryption keys.
     Keys {
@@ -142,12 +145,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             upstream,
             listen,
             namespaces,
+            codec_listen,
         } => {
             portcullis::dev::run(portcullis::dev::DevOptions {
                 dir,
                 upstream,
                 listen,
                 namespaces,
+                codec_listen,
             })
             .await
         }

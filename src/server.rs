@@ -16,11 +16,13 @@ use tokio_rustls::TlsAcceptor;
 use tower::util::BoxCloneSyncService;
 use tower::Layer;
 
-use crate::authz::{AuditLog, AuthzLayer, PolicyStore};
+use crate::authz::{AuditLog, AuthzLayer, BearerVerifier, PolicyStore};
+use crate::codec::{CodecDeps, CodecOptions, RunningCodec};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::{
-    EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse, NamespaceLayer,
+    AuthnLayer, EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse,
+    NamespaceLayer,
 };
 use crate::telemetry::readiness::{self, ProbeTargets};
 use crate::telemetry::{
@@ -38,9 +40,14 @@ pub struct PipelineParts {
     pub pipeline: Pipeline,
     pub policies: Option<Arc<PolicyStore>>,
     pub encryption: Option<Arc<Encryption>>,
+    /// The bearer-token verifier, when `[bearer]` is configured.
+    pub bearer: Option<Arc<BearerVerifier>>,
+    /// The audit log, when authorization is on.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
-/// Builds the pipeline for a config: namespace → authorization → encryption → forwarding.
+/// Builds the pipeline for a config: authentication (bearer tokens) → namespace → authorization
+/// → encryption → forwarding.
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let router = Arc::new(Router::from_config(config)?);
@@ -71,11 +78,11 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         Some(encryption)
     };
 
-    let policies = if config.authorization.disabled {
+    let (policies, audit) = if config.authorization.disabled {
         tracing::warn!(
             "authorization is DISABLED: every authenticated caller may call every method"
         );
-        None
+        (None, None)
     } else {
         let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
         let audit = Arc::new(
@@ -86,16 +93,27 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
                 )
             })?,
         );
-        pipeline =
-            BoxCloneSyncService::new(AuthzLayer::new(policies.clone(), audit).layer(pipeline));
-        Some(policies)
+        pipeline = BoxCloneSyncService::new(
+            AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline),
+        );
+        (Some(policies), Some(audit))
     };
 
     pipeline = BoxCloneSyncService::new(NamespaceLayer.layer(pipeline));
+    let bearer = match &config.bearer {
+        Some(bearer) => {
+            let verifier = BearerVerifier::new(bearer).await?;
+            pipeline = BoxCloneSyncService::new(AuthnLayer::new(verifier.clone()).layer(pipeline));
+            Some(verifier)
+        }
+        None => None,
+    };
     Ok(PipelineParts {
         pipeline,
         policies,
         encryption,
+        bearer,
+        audit,
     })
 }
 
@@ -114,6 +132,13 @@ pub struct RunningProxy {
     admin_shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
+    codec: Option<RunningCodec>,
+}
+
+/// Start-up choices that no config file can make.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    pub codec: CodecOptions,
 }
 
 impl RunningProxy {
@@ -132,12 +157,20 @@ impl RunningProxy {
         &self.telemetry
     }
 
+    /// The codec server's bound address, when `[codec]` is configured.
+    pub fn codec_addr(&self) -> Option<SocketAddr> {
+        self.codec.as_ref().map(RunningCodec::local_addr)
+    }
+
     /// Stops accepting, lets in-flight calls finish up to the configured grace period, then
     /// closes what remains. Readiness fails from the first moment; the admin listener stays up
     /// until the calls are drained.
     pub async fn shutdown(self) {
         self.telemetry.start_draining();
         let _ = self.shutdown.send(true);
+        if let Some(codec) = self.codec {
+            codec.shutdown().await;
+        }
         let _ = self.task.await;
         let _ = self.admin_shutdown.send(true);
         if let Some(admin) = self.admin_task {
@@ -178,10 +211,21 @@ async fn wait_for_signal() {
 
 /// Binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// Like [`start`], with options only the program itself can set (`portcullis dev`).
+pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result<RunningProxy> {
+    if let Some(codec) = &config.codec {
+        // Refuse before anything binds.
+        crate::codec::check_options(codec, &options.codec)?;
+    }
     let PipelineParts {
         pipeline,
         policies,
         encryption,
+        bearer,
+        audit,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
@@ -189,11 +233,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     if let Some(encryption) = &encryption {
         encryption.spawn_key_reloaders();
     }
+    if let Some(bearer) = &bearer {
+        bearer.spawn_refreshers();
+    }
     let telemetry = Telemetry::new();
     let pipeline = instrument_pipeline(pipeline, &config, encryption.as_deref(), &telemetry);
+    // With bearer tokens on, the handshake lets callers without a certificate in; the
+    // authentication stage then refuses any call that has neither a certificate nor a token.
     let tls = match &config.listener.tls {
         Some(server_tls) => {
-            let tls = ReloadableServerConfig::load(server_tls)?;
+            let tls = ReloadableServerConfig::load(
+                server_tls,
+                server_tls.require_client_cert && bearer.is_none(),
+            )?;
             tls.spawn_reloader();
             let watched = tls.clone();
             telemetry.watch_certificate("listener", move || Some(watched.validity()));
@@ -225,6 +277,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     };
     let shown = local_addr.map_or_else(|| config.listener.address.clone(), |a| a.to_string());
     match &config.listener.tls {
+        Some(t) if t.require_client_cert && bearer.is_some() => {
+            tracing::info!(address = %shown, "portcullis listening (TLS, client certificate or bearer token required)")
+        }
         Some(t) if t.require_client_cert => {
             tracing::info!(address = %shown, "portcullis listening (TLS, client certificate required)")
         }
@@ -235,6 +290,32 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
             tracing::warn!(address = %shown, "portcullis listening WITHOUT TLS (plaintext, loopback/unix only)")
         }
     }
+
+    let codec = match (&config.codec, &encryption) {
+        (Some(codec), Some(encryption)) => {
+            let audit = match audit {
+                Some(audit) => audit,
+                // Authorization is off, but decoding is a disclosure: still audit it.
+                None => Arc::new(
+                    AuditLog::open(&config.authorization.audit_log).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot open audit log {}: {e}",
+                            config.authorization.audit_log
+                        )
+                    })?,
+                ),
+            };
+            let deps = CodecDeps {
+                encryption: encryption.clone(),
+                policies: policies.clone(),
+                audit,
+                bearer: bearer.clone(),
+            };
+            Some(crate::codec::start(codec, deps, options.codec).await?)
+        }
+        (Some(_), None) => anyhow::bail!("codec: the codec server needs encryption"),
+        (None, _) => None,
+    };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
@@ -292,6 +373,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         admin_shutdown,
         task,
         admin_task,
+        codec,
     })
 }
 
@@ -475,7 +557,7 @@ async fn serve_connection(
             io,
             PeerInfo {
                 remote,
-                names: Default::default(),
+                ..Default::default()
             },
         ),
     };

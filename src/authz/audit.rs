@@ -21,6 +21,12 @@ pub struct AuditEvent {
     pub required_role: Option<&'static str>,
     pub held_role: Option<&'static str>,
     pub peer: String,
+    /// How the caller authenticated: "certificate", "bearer" or "none".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<&'static str>,
+    /// Codec server: how many payloads were decoded or encoded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
 }
 
 impl AuditEvent {
@@ -45,6 +51,8 @@ impl AuditEvent {
             required_role: decision.required.map(|r| r.as_str()),
             held_role: decision.held.map(|r| r.as_str()),
             peer: peer.to_string(),
+            credential: None,
+            count: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod bearer;
 pub mod policy;
 
 use std::path::{Path, PathBuf};
@@ -15,9 +16,10 @@ use tower::{Layer, Service};
 
 pub use access::{required_access, AccessLevel};
 pub use audit::{AuditEvent, AuditLog};
+pub use bearer::{BearerConfig, BearerError, BearerIdentity, BearerVerifier};
 pub use policy::{
-    default_identity_sources, identity_of, Decision, Grants, IdentitySource, NamespacePolicy,
-    PolicyDocument, PolicyError, PolicySet, Role,
+    default_identity_sources, identity_of, ClaimedRoles, Decision, Grants, IdentitySource,
+    NamespacePolicy, PolicyDocument, PolicyError, PolicySet, Role,
 };
 
 use crate::config::Config;
@@ -25,6 +27,20 @@ use crate::error::ProxyError;
 use crate::payload::wire;
 use crate::proxy::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::schema::Scope;
+use crate::tls::PeerInfo;
+
+/// Who is calling: the bearer token's identity and claimed roles when the call carried one,
+/// else the certificate's identity under the policies' identity sources.
+pub fn caller_of<'a>(
+    policies: &PolicySet,
+    peer: &'a PeerInfo,
+) -> (String, Option<&'a ClaimedRoles>, &'static str) {
+    match &peer.token {
+        Some(token) => (token.identity.clone(), Some(&token.roles), "bearer"),
+        None if peer.has_certificate => (policies.identity_of(&peer.names), None, "certificate"),
+        None => (policies.identity_of(&peer.names), None, "none"),
+    }
+}
 
 /// The `[authorization]` section of the config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -217,7 +233,8 @@ where
 
     fn call(&mut self, request: GrpcRequest) -> CallFuture {
         let policies = self.store.current();
-        let identity = policies.identity_of(&request.peer.names);
+        let peer = request.peer.clone();
+        let (identity, claimed, credential) = caller_of(&policies, &peer);
         let method = request.method;
         let listing_namespaces = method.path == LIST_NAMESPACES;
         let (scope, level) = if listing_namespaces {
@@ -226,16 +243,24 @@ where
         } else {
             required_access(method)
         };
-        let decision = policies.decide(&identity, scope, request.namespace.as_deref(), level);
+        let decision = policies.decide_for(
+            &identity,
+            claimed,
+            scope,
+            request.namespace.as_deref(),
+            level,
+        );
         crate::telemetry::call::record_authz(&identity, decision.allowed);
-        self.audit.record(&AuditEvent::new(
+        let mut event = AuditEvent::new(
             &identity,
             request.namespace.as_deref(),
             &method.path,
             level,
             &decision,
             &request.peer.remote,
-        ));
+        );
+        event.credential = Some(credential);
+        self.audit.record(&event);
         if !decision.allowed {
             let error = ProxyError::PermissionDenied {
                 identity,
@@ -251,8 +276,9 @@ where
         }
         Box::pin(async move {
             let mut response = call.await?;
+            let claimed = peer.token.as_ref().map(|t| &t.roles);
             if let Some(message) = &response.message {
-                response.message = Some(filter_namespaces(message, &policies, &identity)?);
+                response.message = Some(filter_namespaces(message, &policies, &identity, claimed)?);
             }
             Ok(response)
         })
@@ -265,6 +291,7 @@ fn filter_namespaces(
     message: &[u8],
     policies: &PolicySet,
     identity: &str,
+    claimed: Option<&ClaimedRoles>,
 ) -> Result<bytes::Bytes, ProxyError> {
     let malformed = |e: wire::WireError| ProxyError::UpstreamProtocol {
         upstream: "system".into(),
@@ -295,8 +322,11 @@ fn filter_namespaces(
         let field = field.map_err(malformed)?;
         if field.number == 1 && field.wire_type == wire::WireType::Len {
             let name = nested_string(field.value, &[1, 1]).map_err(malformed)?;
-            let readable =
-                name.is_some_and(|ns| policies.role_in_namespace(identity, &ns).is_some());
+            let readable = name.is_some_and(|ns| {
+                policies
+                    .role_in_namespace_for(identity, claimed, &ns)
+                    .is_some()
+            });
             if !readable {
                 continue;
             }

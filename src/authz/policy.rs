@@ -77,6 +77,28 @@ pub fn identity_of(names: &CertificateNames, sources: &[IdentitySource]) -> Stri
 
 pub const ANONYMOUS: &str = "anonymous";
 
+/// Roles a caller brings with it rather than holds by policy: the permissions claim of a
+/// verified bearer token. They add to what the policies grant the identity; they never remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimedRoles {
+    /// A cluster role (`temporal-system:ROLE`): applies to cluster-scoped methods and in every
+    /// namespace.
+    pub system: Option<Role>,
+    pub namespaces: HashMap<String, Role>,
+}
+
+impl ClaimedRoles {
+    /// Records a role, keeping the higher one when the same scope is named twice.
+    pub fn grant_namespace(&mut self, namespace: &str, role: Role) {
+        let entry = self.namespaces.entry(namespace.to_string()).or_insert(role);
+        *entry = (*entry).max(role);
+    }
+
+    pub fn grant_system(&mut self, role: Role) {
+        self.system = self.system.max(Some(role));
+    }
+}
+
 /// Role grants: identity names, `*` patterns, or `group:NAME`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -298,20 +320,49 @@ impl PolicySet {
 
     /// The identity's effective role in a namespace (its own grants and the system grants).
     pub fn role_in_namespace(&self, identity: &str, namespace: &str) -> Option<Role> {
+        self.role_in_namespace_for(identity, None, namespace)
+    }
+
+    /// Like [`PolicySet::role_in_namespace`], adding the roles a token claims.
+    pub fn role_in_namespace_for(
+        &self,
+        identity: &str,
+        claimed: Option<&ClaimedRoles>,
+        namespace: &str,
+    ) -> Option<Role> {
         let own = self
             .namespaces
             .get(namespace)
             .and_then(|grants| self.highest_role(grants, identity));
-        own.max(self.system_role(identity))
+        let claimed_here = claimed.and_then(|c| c.namespaces.get(namespace).copied());
+        own.max(claimed_here)
+            .max(self.system_role_for(identity, claimed))
     }
 
     pub fn system_role(&self, identity: &str) -> Option<Role> {
+        self.system_role_for(identity, None)
+    }
+
+    pub fn system_role_for(&self, identity: &str, claimed: Option<&ClaimedRoles>) -> Option<Role> {
         self.highest_role(&self.system, identity)
+            .max(claimed.and_then(|c| c.system))
     }
 
     pub fn decide(
         &self,
         identity: &str,
+        scope: Scope,
+        namespace: Option<&str>,
+        level: AccessLevel,
+    ) -> Decision {
+        self.decide_for(identity, None, scope, namespace, level)
+    }
+
+    /// Like [`PolicySet::decide`], adding the roles a token claims to the policies' grants.
+    pub fn decide_for(
+        &self,
+        identity: &str,
+        claimed: Option<&ClaimedRoles>,
         scope: Scope,
         namespace: Option<&str>,
         level: AccessLevel,
@@ -325,9 +376,9 @@ impl PolicySet {
             };
         };
         let held = match (scope, namespace) {
-            (Scope::Namespace, Some(ns)) => self.role_in_namespace(identity, ns),
+            (Scope::Namespace, Some(ns)) => self.role_in_namespace_for(identity, claimed, ns),
             (Scope::Namespace, None) => None,
-            (Scope::Cluster, _) => self.system_role(identity),
+            (Scope::Cluster, _) => self.system_role_for(identity, claimed),
         };
         let allowed = held.is_some_and(|h| h >= required);
         let reason = match (allowed, held, scope) {
@@ -477,6 +528,57 @@ mod tests {
                 assert_eq!(d.allowed, expected, "{identity} cluster {level:?}: {d:?}");
             }
         }
+    }
+
+    #[test]
+    fn claimed_roles_add_to_policy_grants() {
+        let set = policies();
+        let mut claimed = ClaimedRoles::default();
+        claimed.grant_namespace("orders", Role::Reader);
+        claimed.grant_namespace("orders", Role::Writer);
+        claimed.grant_namespace("orders", Role::Reader);
+        // The policy makes alice a reader in payments; the token adds orders.
+        let alice = "alice@example.com";
+        let read = |ns| {
+            set.decide_for(
+                alice,
+                Some(&claimed),
+                Scope::Namespace,
+                Some(ns),
+                AccessLevel::Read,
+            )
+        };
+        assert!(read("payments").allowed);
+        assert!(read("orders").allowed);
+        assert!(
+            set.decide_for(
+                alice,
+                Some(&claimed),
+                Scope::Namespace,
+                Some("orders"),
+                AccessLevel::Write
+            )
+            .allowed
+        );
+        assert!(!read("billing").allowed);
+        assert!(
+            !set.decide_for(
+                alice,
+                Some(&claimed),
+                Scope::Cluster,
+                None,
+                AccessLevel::Read
+            )
+            .allowed
+        );
+        // A cluster writer claim: writer everywhere, cluster reads, no cluster admin.
+        let mut system = ClaimedRoles::default();
+        system.grant_system(Role::Writer);
+        let d = |scope, ns, level| set.decide_for("x", Some(&system), scope, ns, level).allowed;
+        assert!(d(Scope::Namespace, Some("anything"), AccessLevel::Write));
+        assert!(!d(Scope::Namespace, Some("anything"), AccessLevel::Admin));
+        assert!(d(Scope::Cluster, None, AccessLevel::Read));
+        assert!(!d(Scope::Cluster, None, AccessLevel::Admin));
     }
 
     #[test]

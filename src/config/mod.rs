@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::authz::AuthorizationConfig;
+use crate::authz::{AuthorizationConfig, BearerConfig};
 use crate::crypto::config::EncryptionConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,13 @@ pub struct Config {
     /// The admin listener (metrics, health, readiness). Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
+    /// Bearer-token (JWT) authentication, for callers without a client certificate. Off when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer: Option<BearerConfig>,
+    /// The codec server for the Web UI and the CLI. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<crate::codec::CodecConfig>,
     /// The file this config was loaded from (for reloads).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -377,6 +384,17 @@ impl Config {
                 );
             }
         }
+        if let Some(bearer) = &self.bearer {
+            bearer.validate().map_err(ConfigError::Invalid)?;
+        }
+        if let Some(codec) = &self.codec {
+            codec.validate().map_err(ConfigError::Invalid)?;
+            if self.encryption.disabled {
+                return invalid(
+                    "codec: the codec server needs encryption (encryption.disabled is set)".into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -399,6 +417,12 @@ impl Config {
         }
         self.authorization.resolve_paths(base);
         self.encryption.resolve_paths(base);
+        if let Some(bearer) = &mut self.bearer {
+            bearer.resolve_paths(base);
+        }
+        if let Some(codec) = &mut self.codec {
+            codec.resolve_paths(base);
+        }
         for upstream in self.upstreams.values_mut() {
             if let Some(tls) = &mut upstream.tls {
                 fix(&mut tls.ca);

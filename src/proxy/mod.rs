@@ -3,9 +3,10 @@
 //! [`GrpcResponse`] or [`ProxyError`] back into HTTP/2.
 //!
 //! ```text
-//! GrpcEdge → NamespaceService → Forwarder
+//! GrpcEdge → AuthnService → NamespaceService → AuthzService → EncryptService → Forwarder
 //! ```
 
+mod authn;
 mod edge;
 pub mod encrypt;
 mod forward;
@@ -19,6 +20,7 @@ use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use tokio::time::Instant;
 
+pub use authn::{AuthnLayer, AuthnService};
 pub use edge::GrpcEdge;
 pub use encrypt::{EncryptLayer, Encryption};
 pub use forward::Forwarder;

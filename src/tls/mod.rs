@@ -77,10 +77,21 @@ fn root_store(path: &Path, what: &'static str) -> Result<RootCertStore, TlsError
 /// Client-facing TLS: TLS 1.2+, HTTP/2 via ALPN, client certificates verified against the CA
 /// bundle (required unless configured otherwise).
 pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(tls, tls.require_client_cert, &[b"h2"])
+}
+
+/// Like [`server_config`], choosing whether the handshake demands a client certificate (with
+/// bearer tokens on, callers may come without one and authenticate per call instead) and the
+/// ALPN protocols offered.
+pub fn server_config_with(
+    tls: &ServerTls,
+    require_client_cert: bool,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let roots = Arc::new(root_store(&tls.client_ca, "client CA bundle")?);
     let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
-    let builder = if tls.require_client_cert {
+    let builder = if require_client_cert {
         builder
     } else {
         builder.allow_unauthenticated()
@@ -96,7 +107,7 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, TlsError> {
             load_certs(&tls.cert, "server certificate")?,
             load_key(&tls.key, "server key")?,
         )?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
@@ -117,12 +128,16 @@ pub fn upstream_client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsErro
     })
 }
 
-/// What is known about a caller's connection.
+/// What is known about a caller: its connection, and for one call the bearer token it sent.
 #[derive(Debug, Clone, Default)]
 pub struct PeerInfo {
     pub remote: String,
     /// Names from the verified client certificate (empty without one).
     pub names: CertificateNames,
+    /// The connection presented a client certificate that verified.
+    pub has_certificate: bool,
+    /// Set per call by the authentication stage when the call carried a valid bearer token.
+    pub token: Option<Arc<crate::authz::BearerIdentity>>,
 }
 
 /// The names a verified client certificate carries, by kind.
@@ -166,10 +181,15 @@ impl CertificateNames {
 
 impl PeerInfo {
     pub fn from_certificates(remote: String, certs: Option<&[CertificateDer<'_>]>) -> PeerInfo {
-        let names = certs
-            .and_then(|c| c.first())
+        let leaf = certs.and_then(|c| c.first());
+        let names = leaf
             .map(|leaf| CertificateNames::from_der(leaf.as_ref()))
             .unwrap_or_default();
-        PeerInfo { remote, names }
+        PeerInfo {
+            remote,
+            names,
+            has_certificate: leaf.is_some(),
+            token: None,
+        }
     }
 }

@@ -7,12 +7,14 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::ServerConfig;
 
-use super::{load_certs, server_config, TlsError};
+use super::{load_certs, server_config_with, TlsError};
 use crate::config::ServerTls;
 use crate::telemetry::{unix_now, CertValidity};
 
 pub struct ReloadableServerConfig {
     settings: ServerTls,
+    /// Whether the handshake demands a client certificate (not when bearer tokens are on).
+    require_client_cert: bool,
     current: RwLock<(Arc<ServerConfig>, CertValidity)>,
 }
 
@@ -26,8 +28,11 @@ impl std::fmt::Debug for ReloadableServerConfig {
 }
 
 /// Builds a server config and reads its leaf certificate's validity.
-fn build(settings: &ServerTls) -> Result<(Arc<ServerConfig>, CertValidity), TlsError> {
-    let config = server_config(settings)?;
+fn build(
+    settings: &ServerTls,
+    require_client_cert: bool,
+) -> Result<(Arc<ServerConfig>, CertValidity), TlsError> {
+    let config = server_config_with(settings, require_client_cert, &[b"h2"])?;
     let chain = load_certs(&settings.cert, "server certificate")?;
     let validity = chain
         .first()
@@ -40,10 +45,14 @@ fn build(settings: &ServerTls) -> Result<(Arc<ServerConfig>, CertValidity), TlsE
 }
 
 impl ReloadableServerConfig {
-    pub fn load(settings: &ServerTls) -> Result<Arc<ReloadableServerConfig>, TlsError> {
-        let current = build(settings)?;
+    pub fn load(
+        settings: &ServerTls,
+        require_client_cert: bool,
+    ) -> Result<Arc<ReloadableServerConfig>, TlsError> {
+        let current = build(settings, require_client_cert)?;
         Ok(Arc::new(ReloadableServerConfig {
             settings: settings.clone(),
+            require_client_cert,
             current: RwLock::new(current),
         }))
     }
@@ -68,7 +77,8 @@ impl ReloadableServerConfig {
     /// Re-reads certificate, key and CA bundle. Installs them only if they load, the key matches
     /// the certificate and the certificate is valid now; otherwise the current ones stay.
     pub fn reload(&self) -> Result<(), String> {
-        let (config, validity) = build(&self.settings).map_err(|e| e.to_string())?;
+        let (config, validity) =
+            build(&self.settings, self.require_client_cert).map_err(|e| e.to_string())?;
         let now = unix_now();
         if !validity.is_valid_at(now) {
             return Err(format!(

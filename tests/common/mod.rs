@@ -2,6 +2,8 @@
 //! Every process started here is killed when its handle drops (also when a test panics).
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod jwt;
 pub mod moto;
 pub mod ops;
 

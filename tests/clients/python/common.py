@@ -6,6 +6,7 @@ Connection flags (see add_connection_args):
   --ca FILE             PEM CA bundle; enables TLS
   --cert FILE --key FILE  client certificate pair for mTLS (needs --ca)
   --server-name NAME    TLS server name (SNI / verification) override
+  --api-key TOKEN       sent as `authorization: Bearer TOKEN` (temporalio's api_key)
   --grpc-compression {gzip,none}
                         request compression (default gzip, the SDK's own default)
 """
@@ -25,6 +26,7 @@ def add_connection_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--cert", help="PEM client certificate file (mTLS)")
     parser.add_argument("--key", help="PEM client private key file (mTLS)")
     parser.add_argument("--server-name", dest="server_name", help="TLS server name override")
+    parser.add_argument("--api-key", dest="api_key", help="bearer token (Client.connect api_key=)")
     parser.add_argument(
         "--grpc-compression",
         dest="grpc_compression",
@@ -69,6 +71,8 @@ async def connect(args: argparse.Namespace, **kwargs: Any):
         kwargs.setdefault("grpc_compression", GrpcCompression.NONE)
     else:
         kwargs.setdefault("grpc_compression", GrpcCompression.GZIP)
+    if getattr(args, "api_key", None):
+        kwargs.setdefault("api_key", args.api_key)
     return await Client.connect(
         args.address,
         namespace=args.namespace,
