@@ -395,6 +395,7 @@ fn dev_config(
             .into(),
             ..Default::default()
         },
+        admin: None,
         bearer: Some(BearerConfig {
             issuer: DEV_TOKEN_ISSUER.into(),
             audience: vec![DEV_TOKEN_AUDIENCE.into()],

@@ -40,6 +40,9 @@ pub struct Config {
     pub authorization: AuthorizationConfig,
     /// How payloads are sealed. Required: a proxy never forwards plaintext by default.
     pub encryption: EncryptionConfig,
+    /// The admin listener (metrics, health, readiness). Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
     /// Bearer-token (JWT) authentication, for callers without a client certificate. Off when
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,6 +66,37 @@ pub struct ListenerConfig {
     /// Serve without TLS. Allowed only on a loopback address or a Unix socket (sidecar use).
     #[serde(default)]
     pub plaintext: bool,
+}
+
+/// `[admin]`: a plain-HTTP listener with `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:PORT`, e.g. `127.0.0.1:9090` (a pod IP or `0.0.0.0` for a kubelet's probes).
+    pub listen: String,
+    /// How often readiness is probed (key round trip, upstream connect, certificates).
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_seconds: u64,
+    /// Bound on each probe.
+    #[serde(default = "default_probe_timeout")]
+    pub probe_timeout_seconds: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+            probe_interval_seconds: default_probe_interval(),
+            probe_timeout_seconds: default_probe_timeout(),
+        }
+    }
+}
+
+fn default_probe_interval() -> u64 {
+    10
+}
+fn default_probe_timeout() -> u64 {
+    5
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,6 +377,17 @@ impl Config {
         }
         if self.limits.max_request_bytes == 0 || self.limits.max_response_bytes == 0 {
             return invalid("limits must be positive".into());
+        }
+        if let Some(admin) = &self.admin {
+            if admin.listen.parse::<SocketAddr>().is_err() {
+                return invalid(format!("admin.listen {:?} is not IP:PORT", admin.listen));
+            }
+            if admin.probe_interval_seconds == 0 || admin.probe_timeout_seconds == 0 {
+                return invalid(
+                    "admin: probe_interval_seconds and probe_timeout_seconds must be positive"
+                        .into(),
+                );
+            }
         }
         if let Some(bearer) = &self.bearer {
             bearer.validate().map_err(ConfigError::Invalid)?;

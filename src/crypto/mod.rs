@@ -19,6 +19,7 @@ pub mod manager;
 pub mod message;
 pub mod metrics;
 pub mod provider;
+pub mod timed;
 
 /// Types generated from proto/portcullis/v1/envelope.proto.
 pub mod proto {

@@ -33,6 +33,16 @@ pub struct Encryption {
     upstream_max_request_bytes: usize,
     /// Keyrings that can be reloaded, with the manager whose data keys they wrap.
     reloadable: Vec<(Arc<ReloadingLocalProvider>, Arc<DataKeyManager>)>,
+    /// Every configured key by name, for metrics and readiness probes.
+    keys: Vec<ConfiguredKey>,
+}
+
+/// One `[encryption.keys.NAME]`: its manager and its (timed) provider.
+struct ConfiguredKey {
+    name: String,
+    manager: Arc<DataKeyManager>,
+    provider: Arc<dyn KeyProvider>,
+    stats: Arc<crate::telemetry::ProviderStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +63,7 @@ impl Encryption {
     ) -> Result<Encryption, EncryptionSetupError> {
         let mut by_key: HashMap<String, Arc<DataKeyManager>> = HashMap::new();
         let mut reloadable = Vec::new();
+        let mut keys = Vec::new();
         for (name, key) in &config.keys {
             let key_error = |reason: String| EncryptionSetupError::Key {
                 name: name.clone(),
@@ -74,10 +85,19 @@ impl Encryption {
                         (Arc::new(provider), None)
                     }
                 };
+            let timed = crate::crypto::timed::TimedProvider::new(provider);
+            let stats = timed.stats().clone();
+            let provider: Arc<dyn KeyProvider> = Arc::new(timed);
             let manager = Arc::new(
-                DataKeyManager::new(provider, config.policy())
+                DataKeyManager::new(provider.clone(), config.policy())
                     .map_err(|e| key_error(e.to_string()))?,
             );
+            keys.push(ConfiguredKey {
+                name: name.clone(),
+                manager: manager.clone(),
+                provider,
+                stats,
+            });
             if let Some(local) = local {
                 reloadable.push((local, manager.clone()));
             }
@@ -115,6 +135,7 @@ impl Encryption {
             on_open_failure: config.on_open_failure,
             upstream_max_request_bytes: config.upstream_max_request_bytes,
             reloadable,
+            keys,
         })
     }
 
@@ -141,6 +162,26 @@ impl Encryption {
             .get(namespace)
             .or(self.default_manager.as_ref())
             .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))
+    }
+
+    /// Metrics of every configured key, by name.
+    pub fn key_stats(&self) -> Vec<crate::telemetry::KeyStats> {
+        self.keys
+            .iter()
+            .map(|k| crate::telemetry::KeyStats {
+                name: k.name.clone(),
+                crypto: k.manager.metrics().clone(),
+                provider: k.stats.clone(),
+            })
+            .collect()
+    }
+
+    /// Every configured key's provider and data key manager, by name (readiness, `check`).
+    pub fn key_providers(&self) -> Vec<(String, Arc<dyn KeyProvider>, Arc<DataKeyManager>)> {
+        self.keys
+            .iter()
+            .map(|k| (k.name.clone(), k.provider.clone(), k.manager.clone()))
+            .collect()
     }
 
     /// All data key managers (for metrics).

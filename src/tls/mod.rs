@@ -1,6 +1,7 @@
 //! rustls configurations: the client-facing server (mTLS) and the upstream clients.
 
 pub mod pki;
+pub mod reload;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::{ServerTls, UpstreamTls};
+pub use reload::ReloadableServerConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -109,21 +111,21 @@ pub fn server_config_with(
     Ok(Arc::new(config))
 }
 
-/// TLS towards one upstream: its CA, an optional client certificate, ALPN h2.
+/// TLS towards one upstream: its CA, an optional client certificate. The HTTP/2 connector adds
+/// ALPN h2 itself.
 pub fn upstream_client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsError> {
     let roots = root_store(&tls.ca, "upstream CA bundle")?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
-    let mut config = match (&tls.cert, &tls.key) {
+    // No ALPN here: hyper-rustls sets it (h2) and panics on a config that already has it.
+    Ok(match (&tls.cert, &tls.key) {
         (Some(cert), Some(key)) => builder.with_client_auth_cert(
             load_certs(cert, "upstream client certificate")?,
             load_key(key, "upstream client key")?,
         )?,
         _ => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    })
 }
 
 /// What is known about a caller: its connection, and for one call the bearer token it sent.

@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod jwt;
 pub mod moto;
+pub mod ops;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
