@@ -353,6 +353,7 @@ fn dev_config(
             .map(|name| NamespaceConfig {
                 name: name.clone(),
                 upstream: "dev".into(),
+                upstream_namespace: None,
                 encryption_key: None,
             })
             .collect(),
@@ -394,6 +395,7 @@ fn dev_config(
             .into(),
             ..Default::default()
         },
+        admin: None,
         bearer: Some(BearerConfig {
             issuer: DEV_TOKEN_ISSUER.into(),
             audience: vec![DEV_TOKEN_AUDIENCE.into()],

@@ -57,6 +57,8 @@ pub enum ProxyError {
     Crypto(#[from] crate::crypto::CryptoError),
     #[error("cannot encrypt this call, refusing to forward it: {0}")]
     Encryption(String),
+    #[error("the proxy is shutting down and this call outlived the shutdown grace period; retry")]
+    ShuttingDown,
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
     #[error("{identity} may not call {method}{}: it needs the {required} role", namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_else(|| " on the cluster".into()))]
@@ -82,7 +84,9 @@ impl ProxyError {
             MessageTooLarge { .. } => Code::ResourceExhausted,
             UnknownNamespace(_) => Code::NotFound,
             NoSystemUpstream(_) => Code::Unimplemented,
-            UpstreamUnavailable { .. } | UpstreamCredentials { .. } => Code::Unavailable,
+            UpstreamUnavailable { .. } | UpstreamCredentials { .. } | ShuttingDown => {
+                Code::Unavailable
+            }
             UpstreamHttpStatus { status, .. } => http_status_to_code(*status),
             UpstreamProtocol { .. } => Code::Internal,
             DeadlineExceeded(_) => Code::DeadlineExceeded,

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod check;
 pub mod codec;
 pub mod config;
 pub mod crypto;
@@ -13,5 +14,6 @@ pub mod proxy;
 pub mod reload;
 pub mod schema;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;

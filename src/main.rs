@@ -57,10 +57,17 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
-    /// Validate a config file and everything it points to (certificates, keys, upstream settings).
+    /// Validate a config file and everything it points to: certificate chains and expiry, a
+    /// seal and open with every key, policies, upstream reachability. Exits 1 on any failure.
     Check {
         #[arg(long, short, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
+        /// Warn about certificates that expire within this many days.
+        #[arg(long, default_value_t = 30)]
+        warn_days: u64,
+        /// Do not connect to upstreams.
+        #[arg(long)]
+        offline: bool,
     },
 }
 
@@ -79,8 +86,19 @@ enum KeysAction {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("PORTCULLIS_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .ok()
+        .filter(|_| !spec.trim().is_empty())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // The file watcher traces every event in the watched directories. A log file written into
+    // one of them (next to the config) would then feed itself: each line an event, each event
+    // a line. Keep it quiet unless asked for by name.
+    if !spec.contains("notify") {
+        if let Ok(directive) = "notify=warn".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -158,26 +176,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Check { config } => {
-            let path = config;
-            let config = Config::load(&path)?;
-            if let Some(tls) = &config.listener.tls {
-                portcullis::tls::server_config(tls)?;
+        Command::Check {
+            config,
+            warn_days,
+            offline,
+        } => {
+            let options = portcullis::check::CheckOptions {
+                warn_days,
+                offline,
+                ..Default::default()
+            };
+            let report = portcullis::check::run(&config, &options).await;
+            print!("{}", report.render());
+            match report.failed() {
+                0 => Ok(()),
+                n => anyhow::bail!("{}: {n} checks failed", config.display()),
             }
-            portcullis::server::build_pipeline(&config).await?;
-            if let Some(codec) = &config.codec {
-                portcullis::codec::check(codec)?;
-            }
-            if !config.authorization.disabled {
-                config.authorization.compile()?;
-            }
-            println!(
-                "{}: OK ({} upstreams, {} namespaces)",
-                path.display(),
-                config.upstreams.len(),
-                config.namespaces.len()
-            );
-            Ok(())
         }
     }
 }

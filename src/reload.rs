@@ -51,9 +51,11 @@ where
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = event.is_ok_and(|e| {
             !matches!(e.kind, notify::EventKind::Access(_))
-                && e.paths
-                    .iter()
-                    .any(|p| watched.iter().any(|w| p.starts_with(w) || p == w))
+                && e.paths.iter().any(|p| {
+                    watched
+                        .iter()
+                        .any(|w| p.starts_with(w) || p == w || is_atomic_swap(p, w))
+                })
         });
         if relevant {
             let _ = watcher_tx.try_send(());
@@ -94,7 +96,9 @@ where
             tokio::time::sleep(Duration::from_millis(150)).await;
             while rx.try_recv().is_ok() {}
             let reload = reload.clone();
-            match tokio::task::spawn_blocking(move || reload()).await {
+            let outcome = tokio::task::spawn_blocking(move || reload()).await;
+            crate::telemetry::record_reload(what, matches!(outcome, Ok(Ok(()))));
+            match outcome {
                 Ok(Ok(())) => tracing::info!(what, "reloaded"),
                 Ok(Err(e)) => {
                     tracing::error!(what, error = %e, "reload rejected; the previous state stays in force")
@@ -109,4 +113,15 @@ where
         tasks,
         detached: false,
     }
+}
+
+/// Kubernetes updates mounted Secrets and ConfigMaps by swapping a `..data` symlink next to the
+/// files (which are themselves symlinks into it): the event names `..data`, not the file.
+fn is_atomic_swap(event: &std::path::Path, watched: &std::path::Path) -> bool {
+    event
+        .parent()
+        .is_some_and(|dir| Some(dir) == watched.parent())
+        && event
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with(".."))
 }

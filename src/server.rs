@@ -22,9 +22,13 @@ use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::{
     AuthnLayer, EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse,
-    NamespaceLayer,
+    NamespaceLayer, NamespaceTranslation, TranslateLayer, TranslationStore,
 };
-use crate::tls::{self, PeerInfo};
+use crate::telemetry::readiness::{self, ProbeTargets};
+use crate::telemetry::{
+    admin, CertValidity, HealthLayer, Telemetry, TelemetryLayer, UpstreamTimerLayer,
+};
+use crate::tls::{PeerInfo, ReloadableServerConfig};
 use crate::upstream::Upstreams;
 
 /// The call pipeline behind the edge, type-erased so stages can be added without touching the
@@ -40,19 +44,26 @@ pub struct PipelineParts {
     pub bearer: Option<Arc<BearerVerifier>>,
     /// The audit log, when authorization is on.
     pub audit: Option<Arc<AuditLog>>,
+    /// Namespace translation, when some namespace has an `upstream_namespace`.
+    pub translation: Option<Arc<TranslationStore>>,
     /// Routing and upstream connections (credential expiry: [`Upstreams::certificate_expiry`]).
     pub upstreams: Arc<Upstreams>,
 }
 
 /// Builds the pipeline for a config: authentication (bearer tokens) → namespace → authorization
-/// → encryption → forwarding.
+/// → encryption → namespace translation → forwarding.
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let upstreams = Upstreams::from_config(config)?;
-    let mut pipeline: Pipeline = BoxCloneSyncService::new(Forwarder::new(
-        upstreams.clone(),
-        config.limits.max_response_bytes,
+    let mut pipeline: Pipeline = BoxCloneSyncService::new(UpstreamTimerLayer.layer(
+        Forwarder::new(upstreams.clone(), config.limits.max_response_bytes),
     ));
+
+    // Inside encryption and authorization: both work with client-facing names (see translate.rs).
+    let translation = NamespaceTranslation::from_config(config).map(TranslationStore::new);
+    if let Some(store) = &translation {
+        pipeline = BoxCloneSyncService::new(TranslateLayer::new(store.clone()).layer(pipeline));
+    }
 
     let encryption = if config.encryption.disabled {
         tracing::warn!(
@@ -108,6 +119,7 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         encryption,
         bearer,
         audit,
+        translation,
         upstreams,
     })
 }
@@ -128,6 +140,7 @@ fn spawn_config_reloader(
     running: &Config,
     upstreams: Arc<Upstreams>,
     encryption: Option<Arc<Encryption>>,
+    translation: Option<Arc<TranslationStore>>,
 ) {
     let Some(path) = running.source.clone() else {
         return;
@@ -154,11 +167,26 @@ fn spawn_config_reloader(
                     .check_namespace_keys(&keys)
                     .map_err(|e| e.to_string())?;
             }
+            // The translation stage is in the pipeline only when some namespace was translated
+            // at start; switching it on or off needs a restart (refused, not half applied).
+            let new_translation = match (&translation, NamespaceTranslation::from_config(&config)) {
+                (Some(_), Some(t)) => Some(t),
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err("a namespace now has upstream_namespace, but none had at start: namespace translation needs a restart".into())
+                }
+                (Some(_), None) => {
+                    return Err("no namespace has upstream_namespace any more: turning namespace translation off needs a restart".into())
+                }
+            };
             let summary = upstreams.apply(&config).map_err(|e| e.to_string())?;
             if let Some(encryption) = &encryption {
                 encryption
                     .set_namespace_keys(&keys)
                     .map_err(|e| e.to_string())?;
+            }
+            if let (Some(store), Some(t)) = (&translation, new_translation) {
+                store.replace(t);
             }
             if !summary.is_empty() {
                 tracing::info!(changes = %summary, "routing updated from the config");
@@ -182,8 +210,13 @@ enum Listener {
 pub struct RunningProxy {
     local_addr: Option<SocketAddr>,
     upstreams: Arc<Upstreams>,
+    admin_addr: Option<SocketAddr>,
+    telemetry: Arc<Telemetry>,
     shutdown: watch::Sender<bool>,
+    /// Stops the admin listener and the prober, after the calls drained.
+    admin_shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
     codec: Option<RunningCodec>,
 }
 
@@ -199,6 +232,16 @@ impl RunningProxy {
         self.local_addr
     }
 
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// This proxy's metrics and readiness (e.g. to register more certificates to watch).
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// The codec server's bound address, when `[codec]` is configured.
     pub fn codec_addr(&self) -> Option<SocketAddr> {
         self.codec.as_ref().map(RunningCodec::local_addr)
@@ -210,13 +253,19 @@ impl RunningProxy {
     }
 
     /// Stops accepting, lets in-flight calls finish up to the configured grace period, then
-    /// closes what remains.
+    /// closes what remains. Readiness fails from the first moment; the admin listener stays up
+    /// until the calls are drained.
     pub async fn shutdown(self) {
+        self.telemetry.start_draining();
         let _ = self.shutdown.send(true);
         if let Some(codec) = self.codec {
             codec.shutdown().await;
         }
         let _ = self.task.await;
+        let _ = self.admin_shutdown.send(true);
+        if let Some(admin) = self.admin_task {
+            let _ = admin.await;
+        }
     }
 
     /// Runs until the process receives SIGTERM or Ctrl-C, then shuts down gracefully.
@@ -267,6 +316,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         encryption,
         bearer,
         audit,
+        translation,
         upstreams,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
@@ -278,15 +328,33 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
     if let Some(bearer) = &bearer {
         bearer.spawn_refreshers();
     }
-    spawn_config_reloader(&config, upstreams.clone(), encryption.clone());
+    spawn_config_reloader(
+        &config,
+        upstreams.clone(),
+        encryption.clone(),
+        translation.clone(),
+    );
+    let telemetry = Telemetry::new();
+    let pipeline = instrument_pipeline(
+        pipeline,
+        &config,
+        encryption.as_deref(),
+        &upstreams,
+        &telemetry,
+    );
     // With bearer tokens on, the handshake lets callers without a certificate in; the
     // authentication stage then refuses any call that has neither a certificate nor a token.
-    let acceptor = match &config.listener.tls {
-        Some(server_tls) => Some(TlsAcceptor::from(tls::server_config_with(
-            server_tls,
-            server_tls.require_client_cert && bearer.is_none(),
-            &[b"h2"],
-        )?)),
+    let tls = match &config.listener.tls {
+        Some(server_tls) => {
+            let tls = ReloadableServerConfig::load(
+                server_tls,
+                server_tls.require_client_cert && bearer.is_none(),
+            )?;
+            tls.spawn_reloader();
+            let watched = tls.clone();
+            telemetry.watch_certificate("listener", move || Some(watched.validity()));
+            Some(tls)
+        }
         None => None,
     };
     let address = config.listen_address()?;
@@ -346,6 +414,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
                 policies: policies.clone(),
                 audit,
                 bearer: bearer.clone(),
+                translation,
             };
             Some(crate::codec::start(codec, deps, options.codec).await?)
         }
@@ -354,29 +423,141 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
     };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
+    let (grace_over, grace_over_rx) = watch::channel(false);
+    let pipeline =
+        BoxCloneSyncService::new(TelemetryLayer::new(telemetry.clone()).layer(CutAtGraceEnd {
+            inner: pipeline,
+            grace_over: grace_over_rx,
+        }));
+    let admin_settings = config.admin.clone().unwrap_or_default();
+    let targets = ProbeTargets {
+        keys: encryption
+            .as_ref()
+            .map(|e| {
+                e.key_providers()
+                    .into_iter()
+                    .map(|(name, provider, _)| (name, provider))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        upstreams: upstreams.clone(),
+        interval: Duration::from_secs(admin_settings.probe_interval_seconds),
+        timeout: Duration::from_secs(admin_settings.probe_timeout_seconds),
+    };
+    // Readiness is probed with or without an admin listener: Health/Check answers from it.
+    readiness::spawn_prober(telemetry.clone(), targets, admin_shutdown_rx.clone());
+    let (admin_addr, admin_task) = match &config.admin {
+        Some(settings) => {
+            let (listener, addr) = admin::bind(&settings.listen).await?;
+            tracing::info!(address = %addr, "admin listener: /metrics /healthz /readyz");
+            let task = admin::spawn(listener, telemetry.clone(), admin_shutdown_rx);
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
     let settings = ServeSettings {
         pipeline,
-        acceptor,
+        tls,
+        telemetry: telemetry.clone(),
         max_request_bytes: config.limits.max_request_bytes,
         handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
         grace: Duration::from_secs(config.limits.shutdown_grace_seconds),
+        grace_over,
     };
     let task = tokio::spawn(accept_loop(listener, settings, shutdown_rx));
     Ok(RunningProxy {
         local_addr,
         upstreams,
+        admin_addr,
+        telemetry,
         shutdown,
+        admin_shutdown,
         task,
+        admin_task,
         codec,
     })
 }
 
+/// Adds the proxy's own answer to health checks and the per-call span and metrics around the
+/// pipeline, and tells telemetry what the config serves (namespace labels, upstreams to probe,
+/// keys to report).
+fn instrument_pipeline(
+    pipeline: Pipeline,
+    config: &Config,
+    encryption: Option<&Encryption>,
+    upstreams: &Arc<Upstreams>,
+    telemetry: &Arc<Telemetry>,
+) -> Pipeline {
+    telemetry.set_namespaces(config.namespaces.iter().map(|ns| ns.name.as_str()));
+    telemetry.set_upstreams(upstreams.addresses());
+    if let Some(encryption) = encryption {
+        telemetry.set_keys(encryption.key_stats());
+    }
+    // Upstream client certificates as they rotate (issued, files, the tls.cert shorthand),
+    // and each upstream's open connections, read live at every scrape by upstream name (a
+    // block changed by a config reload reports its new certificate).
+    for name in config.upstreams.keys() {
+        if upstreams.client_certificate(name).is_some() {
+            let (source, upstream) = (upstreams.clone(), name.clone());
+            telemetry.watch_certificate(format!("upstream/{name}"), move || {
+                source.client_certificate(&upstream).and_then(|c| {
+                    c.certified
+                        .end_entity_cert()
+                        .ok()
+                        .and_then(|leaf| CertValidity::of_der(leaf.as_ref()))
+                })
+            });
+        }
+        let (source, upstream) = (upstreams.clone(), name.clone());
+        telemetry.watch_upstream_connections(name.clone(), move || {
+            source.open_connections(&upstream) as u64
+        });
+    }
+    BoxCloneSyncService::new(HealthLayer::new(telemetry.clone()).layer(pipeline))
+}
+
+/// Ends calls still running when the shutdown grace period is over with UNAVAILABLE (and
+/// cancels their upstream call), so a caller gets a status it may retry instead of a reset.
+#[derive(Clone)]
+struct CutAtGraceEnd {
+    inner: Pipeline,
+    grace_over: watch::Receiver<bool>,
+}
+
+impl tower::Service<GrpcRequest> for CutAtGraceEnd {
+    type Response = GrpcResponse;
+    type Error = ProxyError;
+    type Future = crate::proxy::CallFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: GrpcRequest) -> Self::Future {
+        let call = self.inner.call(request);
+        let mut grace_over = self.grace_over.clone();
+        Box::pin(async move {
+            tokio::select! {
+                result = call => result,
+                _ = grace_over.wait_for(|over| *over) => Err(ProxyError::ShuttingDown),
+            }
+        })
+    }
+}
+
 struct ServeSettings {
     pipeline: Pipeline,
-    acceptor: Option<TlsAcceptor>,
+    tls: Option<Arc<ReloadableServerConfig>>,
+    telemetry: Arc<Telemetry>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
     grace: Duration,
+    /// Set when the grace period is over: running calls end with UNAVAILABLE.
+    grace_over: watch::Sender<bool>,
 }
 
 async fn accept_loop(
@@ -412,11 +593,16 @@ async fn accept_loop(
         let _ = std::fs::remove_file(path);
     }
     drop(listener);
-    if tokio::time::timeout(settings.grace, graceful.shutdown())
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(settings.grace, &mut drained)
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?settings.grace, "in-flight calls still running after the grace period: closing them");
+        tracing::warn!(grace = ?settings.grace, "in-flight calls still running after the grace period: ending them with UNAVAILABLE");
+        let _ = settings.grace_over.send(true);
+        // Let those answers reach their callers before the connections close.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut drained).await;
     }
     connections.shutdown().await;
 }
@@ -445,8 +631,10 @@ async fn serve_connection(
     settings: Arc<ServeSettings>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let (io, peer): (BoxedIo, PeerInfo) = match &settings.acceptor {
-        Some(acceptor) => {
+    let (io, peer): (BoxedIo, PeerInfo) = match &settings.tls {
+        Some(tls) => {
+            // The current configuration: a reloaded certificate applies from the next handshake.
+            let acceptor = TlsAcceptor::from(tls.current());
             match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(io)).await {
                 Ok(Ok(stream)) => {
                     let peer =
@@ -454,10 +642,12 @@ async fn serve_connection(
                     (Box::new(stream), peer)
                 }
                 Ok(Err(e)) => {
+                    settings.telemetry.handshake_failed();
                     tracing::info!(peer = %remote, error = %e, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {
+                    settings.telemetry.handshake_failed();
                     tracing::info!(peer = %remote, "TLS handshake timed out");
                     return;
                 }
@@ -488,7 +678,9 @@ async fn serve_connection(
         .max_concurrent_streams(1000)
         .max_header_list_size(64 * 1024);
     let connection = builder.serve_connection(TokioIo::new(io), edge);
+    settings.telemetry.connection_opened();
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(error = %e, "connection closed with error");
     }
+    settings.telemetry.connection_closed();
 }

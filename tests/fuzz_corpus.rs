@@ -27,6 +27,18 @@ fn replay(files: &[PathBuf]) {
         let data = std::fs::read(file).unwrap();
         let result = std::panic::catch_unwind(|| one_input(&data));
         assert!(result.is_ok(), "{} panicked", file.display());
+        if let Ok(Some(outcome)) = result {
+            assert!(
+                outcome.deferred_agrees,
+                "{}: deferred writes differ",
+                file.display()
+            );
+            assert!(
+                outcome.translation_round_trips,
+                "{}: namespace translation does not round-trip",
+                file.display()
+            );
+        }
     }
 }
 

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use portcullis::payload::walker::{
-    rewrite, rewrite_named, rewrite_status_details, rewrite_status_details_with, rewrite_with,
-    visit_payloads, FailureMode, PayloadContext, PayloadIndex, WalkError, WalkOptions,
-    ENCODED_FAILURE_MESSAGE, FAILURE_MARKER_KEY,
+    plan_named, rewrite, rewrite_named, rewrite_status_details, rewrite_status_details_with,
+    rewrite_with, visit_payloads, FailureMode, PayloadContext, PayloadIndex, Visit, WalkError,
+    WalkOptions, ENCODED_FAILURE_MESSAGE, FAILURE_MARKER_KEY,
 };
 use portcullis::payload::wire;
 use portcullis::schema::Schema;
@@ -1020,4 +1020,228 @@ fn workflow_service_payload_methods_are_reviewed() {
         .iter()
         .any(|x| x == "CountWorkflowExecutionsResponse"));
     assert_eq!((requests.len(), responses.len()), (28, 31), "snapshot");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deferred writes: a visitor that announces the size of each replacement and writes it into the
+// output after the walk must produce exactly what an eager visitor produces.
+
+/// Wraps like [`Wrapper`], but defers every payload found in the input. `write` recomputes the
+/// replacement from the bytes it is handed and checks them against what `visit` saw, in order.
+#[derive(Default)]
+struct DeferredWrapper {
+    announced: std::collections::VecDeque<Vec<u8>>,
+    written: usize,
+}
+
+fn wrapped_bytes(payload: &[u8]) -> Result<Vec<u8>, WalkError> {
+    let p = Payload::decode(payload).map_err(bad)?;
+    Ok(wrap(&p).encode_to_vec())
+}
+
+impl portcullis::payload::PayloadVisitor for DeferredWrapper {
+    fn payload(
+        &mut self,
+        _: &PayloadContext<'_>,
+        payload: &[u8],
+    ) -> Result<Option<Vec<u8>>, WalkError> {
+        wrapped_bytes(payload).map(Some)
+    }
+
+    fn visit(&mut self, _: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
+        let bytes = wrapped_bytes(payload)?;
+        let len = bytes.len();
+        self.announced.push_back(bytes);
+        Ok(Visit::Deferred(len))
+    }
+
+    fn write(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), WalkError> {
+        let bytes = wrapped_bytes(payload)?;
+        assert_eq!(
+            self.announced.pop_front().as_ref(),
+            Some(&bytes),
+            "writes come in the order of the visits, with the same payload"
+        );
+        self.written += 1;
+        out.extend_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Deferred output = eager output, byte for byte, for histories, Any bodies and failures
+    /// (encoded attributes, which the walker builds itself, go through `payload`).
+    #[test]
+    fn deferred_writes_equal_eager_replacements(
+        events in prop::collection::vec(event_strategy(), 0..10),
+        updates in prop::collection::vec(payloads_strategy(), 0..3),
+        encode in any::<bool>(),
+    ) {
+        let options = WalkOptions::with_failures(if encode { FailureMode::Encode } else { FailureMode::Keep });
+        for (name, input) in [
+            ("GetWorkflowExecutionHistoryResponse", GetWorkflowExecutionHistoryResponse {
+                history: Some(build_history(&events, &|x| x.clone())),
+                ..Default::default()
+            }.encode_to_vec()),
+            ("PollWorkflowTaskQueueResponse", build_poll(&events, &updates, &|x| x.clone()).encode_to_vec()),
+        ] {
+            let message = ws(name);
+            let eager = rewrite_with(index(), &message, &input, &mut Wrapper::default(), &options).unwrap();
+            let mut deferred = DeferredWrapper::default();
+            let out = rewrite_with(index(), &message, &input, &mut deferred, &options).unwrap();
+            if encode {
+                // The test visitor re-encodes the encoded attributes the walker builds (two
+                // metadata entries) through prost, in HashMap order: compare decoded.
+                let decode = |bytes: &Option<Vec<u8>>| {
+                    bytes.as_deref().map(|b| {
+                        let mut m = prost_reflect::DynamicMessage::new(message.clone());
+                        m.merge(b).unwrap();
+                        m
+                    })
+                };
+                prop_assert_eq!(decode(&out), decode(&eager));
+                prop_assert_eq!(out.as_ref().map(Vec::len), eager.as_ref().map(Vec::len));
+            } else {
+                prop_assert_eq!(&out, &eager);
+            }
+            prop_assert!(deferred.announced.is_empty(), "every deferred payload was written");
+            if let Some(out) = out {
+                let plan = plan_named(index(), message.full_name(), &input, &mut DeferredWrapper::default(), &options)
+                    .unwrap()
+                    .expect("something changes");
+                prop_assert_eq!(plan.output_len(), out.len());
+                prop_assert_eq!(plan.deferred(), deferred.written);
+            }
+        }
+    }
+}
+
+/// A visitor that writes another length than it announced, or cannot write at all, fails the
+/// rewrite with an error (never a panic, never a corrupt message).
+#[test]
+fn deferred_length_mismatch_is_an_error() {
+    struct Liar(usize);
+    impl portcullis::payload::PayloadVisitor for Liar {
+        fn payload(
+            &mut self,
+            _: &PayloadContext<'_>,
+            _: &[u8],
+        ) -> Result<Option<Vec<u8>>, WalkError> {
+            Ok(None)
+        }
+        fn visit(&mut self, _: &PayloadContext<'_>, p: &[u8]) -> Result<Visit, WalkError> {
+            Ok(Visit::Deferred(p.len() + self.0))
+        }
+        fn write(&mut self, p: &[u8], out: &mut Vec<u8>) -> Result<(), WalkError> {
+            out.extend_from_slice(p);
+            Ok(())
+        }
+    }
+    struct NoWriter;
+    impl portcullis::payload::PayloadVisitor for NoWriter {
+        fn payload(
+            &mut self,
+            _: &PayloadContext<'_>,
+            _: &[u8],
+        ) -> Result<Option<Vec<u8>>, WalkError> {
+            Ok(None)
+        }
+        fn visit(&mut self, _: &PayloadContext<'_>, p: &[u8]) -> Result<Visit, WalkError> {
+            Ok(Visit::Deferred(p.len()))
+        }
+    }
+    let request = StartWorkflowExecutionRequest {
+        namespace: "ns1".into(),
+        input: Some(Payloads {
+            payloads: vec![payload_of(b"a"), payload_of(b"bb")],
+        }),
+        ..Default::default()
+    };
+    let input = request.encode_to_vec();
+    let message = ws("StartWorkflowExecutionRequest");
+    for extra in [1, 200] {
+        let err = rewrite(index(), &message, &input, &mut Liar(extra)).unwrap_err();
+        assert!(matches!(err, WalkError::Internal(_)), "{err}");
+    }
+    // Announcing the same length and writing it is fine (and changes nothing).
+    assert_eq!(
+        rewrite(index(), &message, &input, &mut Liar(0)).unwrap(),
+        Some(input.clone())
+    );
+    let err = rewrite(index(), &message, &input, &mut NoWriter).unwrap_err();
+    assert!(matches!(err, WalkError::Internal(_)), "{err}");
+    // A plan only applies to the input it was computed from.
+    let plan = plan_named(
+        index(),
+        message.full_name(),
+        &input,
+        &mut Wrapper::default(),
+        &WalkOptions::default(),
+    )
+    .unwrap()
+    .unwrap();
+    let mut longer = input.clone();
+    longer.push(0);
+    assert!(matches!(
+        plan.apply(&longer, &mut Wrapper::default()),
+        Err(WalkError::Internal(_))
+    ));
+    assert_eq!(plan.deferred(), 0);
+}
+
+/// `is_failure_attributes` marks exactly a Failure's `encoded_attributes`, wherever it sits.
+#[test]
+fn failure_attributes_are_flagged() {
+    let failure = Failure {
+        message: "m".into(),
+        encoded_attributes: Some(payload_of(b"attrs")),
+        failure_info: Some(FailureInfo::ApplicationFailureInfo(
+            ApplicationFailureInfo {
+                details: Some(Payloads {
+                    payloads: vec![payload_of(b"details")],
+                }),
+                ..Default::default()
+            },
+        )),
+        cause: Some(Box::new(Failure {
+            encoded_attributes: Some(payload_of(b"cause-attrs")),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let request = RespondActivityTaskFailedRequest {
+        namespace: "ns1".into(),
+        failure: Some(failure),
+        last_heartbeat_details: Some(Payloads {
+            payloads: vec![payload_of(b"heartbeat")],
+        }),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    visit_payloads(
+        index(),
+        &ws("RespondActivityTaskFailedRequest"),
+        &request.encode_to_vec(),
+        |ctx, p| {
+            let data = Payload::decode(p).map_err(bad)?.data;
+            seen.push((
+                String::from_utf8(data).unwrap(),
+                ctx.is_failure_attributes(),
+            ));
+            Ok(())
+        },
+    )
+    .unwrap();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("attrs".to_string(), true),
+            ("cause-attrs".to_string(), true),
+            ("details".to_string(), false),
+            ("heartbeat".to_string(), false),
+        ]
+    );
 }

@@ -45,13 +45,19 @@ fn poll(queue: &str, timeout: Duration) -> tonic::Request<wf::PollActivityTaskQu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_calls_within_the_grace_period() {
+async fn sigterm_under_load_drains_in_flight_calls_within_the_grace_period() {
     let server = DevServer::start(&[]).await;
     let pki = Pki::new();
     let port = portcullis::dev::free_port().expect("port");
+    let admin_port = portcullis::dev::free_port().expect("port");
     let mut config = proxy_config(&pki, &server.address(), &["default"]);
     config.listener.address = format!("127.0.0.1:{port}");
     config.limits.shutdown_grace_seconds = 4;
+    common::ops::with_admin(&mut config);
+    if let Some(admin) = &mut config.admin {
+        admin.listen = format!("127.0.0.1:{admin_port}");
+    }
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("addr");
     let config_path = pki.dir.path().join("portcullis.toml");
     std::fs::write(&config_path, config.to_toml()).expect("write config");
 
@@ -82,7 +88,33 @@ async fn sigterm_drains_in_flight_calls_within_the_grace_period() {
             .poll_activity_task_queue(poll("drain-b", Duration::from_secs(60)))
             .await
     });
+    // Load: callers issuing short unary calls back to back on the same channel until they fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let mut client = client.clone();
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut errors) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let request = wf::DescribeNamespaceRequest {
+                    namespace: "default".into(),
+                    ..Default::default()
+                };
+                match client.describe_namespace(request).await {
+                    Ok(_) => ok += 1,
+                    Err(status) => {
+                        errors.push(status);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            (ok, errors)
+        }));
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = common::ops::http_get(admin, "/readyz").await;
+    assert_eq!(status, 200, "ready before the signal");
 
     let signalled = Instant::now();
     sigterm(&proxy);
@@ -96,6 +128,11 @@ async fn sigterm_drains_in_flight_calls_within_the_grace_period() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // While draining, the admin listener still answers and says: not ready.
+    let (status, body) = common::ops::http_get(admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+
     let short = short.await.expect("join");
     assert!(
         short.is_ok(),
@@ -107,13 +144,32 @@ async fn sigterm_drains_in_flight_calls_within_the_grace_period() {
         .expect("long call hung")
         .expect("join");
     let status = long.expect_err("the call outliving the grace period is cut");
-    assert!(
-        matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-        ),
-        "{status:?}"
-    );
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+
+    // The load saw answers, and after the signal only UNAVAILABLE: nothing else, nothing hung.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for task in load {
+        let (ok, errors) = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("a load caller hung")
+            .expect("join");
+        assert!(ok > 0, "no call succeeded before the signal");
+        refused += errors.len();
+        for status in errors {
+            // A request the client had queued on the connection as it closed was never sent:
+            // hyper fails it as "canceled: connection closed" (tonic says CANCELLED). It was
+            // not in flight at the proxy; everything that reached the proxy is UNAVAILABLE.
+            let never_sent = status.code() == tonic::Code::Cancelled
+                && format!("{status:?}").contains("connection closed");
+            assert!(
+                status.code() == tonic::Code::Unavailable || never_sent,
+                "{status:?}"
+            );
+        }
+    }
+    assert!(refused > 0, "the load never saw the shutdown");
 
     let exit = tokio::time::timeout(Duration::from_secs(10), proxy.wait())
         .await
@@ -281,32 +337,102 @@ async fn dev_creates_its_setup_once_and_the_cli_profile_works() {
     let _ = tokio::time::timeout(Duration::from_secs(20), dev.wait()).await;
 }
 
+async fn check(path: &Path, extra: &[&str]) -> (bool, String) {
+    let output = Command::new(BINARY)
+        .args(["check", "--config"])
+        .arg(path)
+        .args(extra)
+        .output()
+        .await
+        .expect("check");
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
 #[tokio::test]
-async fn check_validates_a_config_and_its_certificates() {
+async fn check_reports_certificates_keys_and_upstreams() {
+    use portcullis::tls::pki::{LeafSpec, Usage};
+
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_address = upstream.local_addr().expect("addr").to_string();
     let pki = Pki::new();
-    let config = proxy_config(&pki, "127.0.0.1:7233", &["default"]);
+    let config = proxy_config(&pki, &upstream_address, &["default"]);
     let path = pki.dir.path().join("ok.toml");
     std::fs::write(&path, config.to_toml()).expect("write");
-    let output = Command::new(BINARY)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .await
-        .expect("check");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 
+    // The test certificates live an hour: no expiry warnings for this first look.
+    let (ok, out) = check(&path, &["--warn-days", "0"]).await;
+    assert!(ok, "{out}");
+    for line in [
+        "ok   config:",
+        "ok   server certificate",
+        "ok   client CA bundle",
+        "ok   listener TLS: certificate and key match",
+        "ok   authorization: policies compile",
+        "ok   key local: sealed and opened a probe payload",
+        "ok   upstream temporal:",
+        "ok   pipeline: builds",
+        "0 failed",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+
+    // A certificate that expires soon is a warning, not a failure.
+    let write_server_cert = |not_before_days: i64, not_after_days: i64| {
+        let mut spec = LeafSpec::new("localhost", Usage::Server, Duration::from_secs(3600));
+        spec.dns_names.push("localhost".into());
+        let now = time::OffsetDateTime::now_utc();
+        spec.not_before = now + time::Duration::days(not_before_days);
+        spec.not_after = now + time::Duration::days(not_after_days);
+        let issued = pki.ca.issue(&spec).expect("issue");
+        std::fs::write(&pki.server_cert, &issued.cert_pem).expect("write");
+        std::fs::write(&pki.server_key, &issued.key_pem).expect("write");
+    };
+    write_server_cert(-1, 10);
+    let (ok, out) = check(&path, &[]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("WARN server certificate") && out.contains("days (< 30 days)"),
+        "{out}"
+    );
+    let (ok, out) = check(&path, &["--warn-days", "5"]).await;
+    assert!(ok && !out.contains("WARN server certificate"), "{out}");
+
+    // An expired certificate fails.
+    write_server_cert(-30, -1);
+    let (ok, out) = check(&path, &[]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL server certificate") && out.contains("EXPIRED"),
+        "{out}"
+    );
+    write_server_cert(-1, 100);
+
+    // An upstream nobody listens on fails (unless told not to connect).
+    drop(upstream);
+    let (ok, out) = check(&path, &[]).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAIL upstream temporal"), "{out}");
+    let (ok, out) = check(&path, &["--offline"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("WARN upstream temporal"), "{out}");
+
+    // A keyring that is gone fails the key check.
+    let keyring = pki.dir.path().join("keyring.toml");
+    let saved = std::fs::read(&keyring).expect("keyring");
+    std::fs::remove_file(&keyring).expect("remove");
+    let (ok, out) = check(&path, &["--offline"]).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAIL encryption"), "{out}");
+    std::fs::write(&keyring, saved).expect("restore");
+
+    // A file that is not a certificate fails, naming it.
     std::fs::write(&pki.server_cert, "not a certificate").expect("corrupt");
-    let output = Command::new(BINARY)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .await
-        .expect("check");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("server certificate"), "{stderr}");
+    let (ok, out) = check(&path, &["--offline"]).await;
+    assert!(!ok);
+    assert!(out.contains("FAIL server certificate"), "{out}");
+    assert!(out.contains("checks failed"), "{out}");
 }

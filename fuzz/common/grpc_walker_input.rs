@@ -7,12 +7,17 @@
 //   byte 1: method selector, an index (mod count) into the forwarded methods sorted by path
 //   rest:   the HTTP/2 request body (a 5-byte-framed message); when it does not decode as one
 //           frame, the rest is walked as the raw message instead.
+//
+// Two differential checks, reported in the outcome (the fuzz target and the replay test assert
+// them): sealing-like replacement through deferred writes produces exactly what the eager path
+// produces; namespace translation ns1 → ns1.a1b2c and back gives the original bytes.
 
 use bytes::Bytes;
 use portcullis::grpc::frame::{decode_unary, Direction, Encoding};
+use portcullis::payload::namespaces::{rewrite_namespaces, NamespaceFieldIndex};
 use portcullis::payload::walker::{
     rewrite_named, rewrite_status_details_with, FailureMode, PayloadContext, PayloadIndex,
-    WalkError, WalkOptions,
+    PayloadVisitor, Visit, WalkError, WalkOptions,
 };
 use portcullis::payload::wire::validate_and_find_string;
 use portcullis::schema::{MethodInfo, Schema};
@@ -45,6 +50,60 @@ pub struct Outcome {
     pub decoded: Result<Option<Vec<u8>>, String>,
     pub status_details: Result<Option<Vec<u8>>, String>,
     pub payloads_seen: usize,
+    /// The deferred-write request pass gave the same result as `encoded`.
+    pub deferred_agrees: bool,
+    /// Namespace translation there and back restored the message (request and response
+    /// types, and as status details), wherever it did not fail.
+    pub translation_round_trips: bool,
+}
+
+/// The request-side visitor of `one_input`, writing through `Visit::Deferred`.
+struct DeferredSuffix;
+
+impl PayloadVisitor for DeferredSuffix {
+    fn payload(
+        &mut self,
+        _: &PayloadContext<'_>,
+        payload: &[u8],
+    ) -> Result<Option<Vec<u8>>, WalkError> {
+        Ok(Some([payload, SUFFIX].concat()))
+    }
+
+    fn visit(&mut self, _: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
+        Ok(Visit::Deferred(payload.len() + SUFFIX.len()))
+    }
+
+    fn write(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), WalkError> {
+        out.extend_from_slice(payload);
+        out.extend_from_slice(SUFFIX);
+        Ok(())
+    }
+}
+
+const CLIENT_NAME: &str = "ns1";
+const UPSTREAM_NAME: &str = "ns1.a1b2c";
+
+/// Translates `message` (a `full_name`) ns1 → ns1.a1b2c and back. False only when the way
+/// back does not restore the input (errors are fine: malformed input).
+fn translation_round_trips(full_name: &str, message: &[u8]) -> bool {
+    let index = NamespaceFieldIndex::global();
+    let mut forward =
+        |name: &str| Ok((name == CLIENT_NAME).then(|| UPSTREAM_NAME.to_string()));
+    let mut backward =
+        |name: &str| Ok((name == UPSTREAM_NAME).then(|| CLIENT_NAME.to_string()));
+    let Ok(there) = rewrite_namespaces(index, full_name, message, &mut forward) else {
+        return true;
+    };
+    let there = there.unwrap_or_else(|| message.to_vec());
+    let back = rewrite_namespaces(index, full_name, &there, &mut backward);
+    let contains_target = message
+        .windows(UPSTREAM_NAME.len())
+        .any(|w| w == UPSTREAM_NAME.as_bytes());
+    match back {
+        Ok(back) => contains_target || back.as_deref().unwrap_or(&there) == message,
+        // What parsed one way parses the other way.
+        Err(_) => false,
+    }
 }
 
 pub fn one_input(data: &[u8]) -> Option<Outcome> {
@@ -108,6 +167,17 @@ pub fn one_input(data: &[u8]) -> Option<Outcome> {
         })
         .map_err(|e| e.to_string());
 
+    let deferred = rewrite_named(index, name, &message, &mut DeferredSuffix, &encode_opts)
+        .map_err(|e| e.to_string());
+    let deferred_agrees = match (&deferred, &encoded) {
+        (Ok(d), Ok(e)) => d == e,
+        (Err(_), Err(_)) => true,
+        _ => false,
+    };
+    let translation_round_trips = translation_round_trips(name, &message)
+        && translation_round_trips(method.output.full_name(), &message)
+        && translation_round_trips("google.rpc.Status", &message);
+
     Some(Outcome {
         method: &method.path,
         framed,
@@ -117,5 +187,7 @@ pub fn one_input(data: &[u8]) -> Option<Outcome> {
         decoded,
         status_details,
         payloads_seen: seen,
+        deferred_agrees,
+        translation_round_trips,
     })
 }

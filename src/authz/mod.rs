@@ -250,6 +250,7 @@ where
             request.namespace.as_deref(),
             level,
         );
+        crate::telemetry::call::record_authz(&identity, decision.allowed);
         let mut event = AuditEvent::new(
             &identity,
             request.namespace.as_deref(),

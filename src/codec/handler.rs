@@ -196,6 +196,13 @@ impl PeerService {
             Ok(namespace) => namespace,
             Err(message) => return error(StatusCode::BAD_REQUEST, "namespace", &message),
         };
+        let namespace = match service.deps.translation.as_ref().map(|t| t.current()) {
+            Some(translation) => match translation.client_name_for(&namespace) {
+                Ok(client) => client.to_string(),
+                Err(message) => return error(StatusCode::BAD_REQUEST, "namespace", &message),
+            },
+            None => namespace,
+        };
 
         // Authenticate before reading the body.
         let peer = match self.authenticate(request.headers()).await {

@@ -43,6 +43,10 @@ pub struct CodecDeps {
     pub policies: Option<Arc<PolicyStore>>,
     pub audit: Arc<AuditLog>,
     pub bearer: Option<Arc<BearerVerifier>>,
+    /// Namespace translation: a caller that names a namespace by its upstream name (a Web UI
+    /// talking to the upstream directly) is served as its client-facing name, whose policies,
+    /// keys and associated data apply.
+    pub translation: Option<Arc<crate::proxy::TranslationStore>>,
 }
 
 /// Settings that no config file can turn on.

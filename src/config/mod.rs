@@ -40,6 +40,9 @@ pub struct Config {
     pub authorization: AuthorizationConfig,
     /// How payloads are sealed. Required: a proxy never forwards plaintext by default.
     pub encryption: EncryptionConfig,
+    /// The admin listener (metrics, health, readiness). Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
     /// Bearer-token (JWT) authentication, for callers without a client certificate. Off when
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,6 +66,37 @@ pub struct ListenerConfig {
     /// Serve without TLS. Allowed only on a loopback address or a Unix socket (sidecar use).
     #[serde(default)]
     pub plaintext: bool,
+}
+
+/// `[admin]`: a plain-HTTP listener with `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:PORT`, e.g. `127.0.0.1:9090` (a pod IP or `0.0.0.0` for a kubelet's probes).
+    pub listen: String,
+    /// How often readiness is probed (key round trip, upstream connect, certificates).
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_seconds: u64,
+    /// Bound on each probe.
+    #[serde(default = "default_probe_timeout")]
+    pub probe_timeout_seconds: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+            probe_interval_seconds: default_probe_interval(),
+            probe_timeout_seconds: default_probe_timeout(),
+        }
+    }
+}
+
+fn default_probe_interval() -> u64 {
+    10
+}
+fn default_probe_timeout() -> u64 {
+    5
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,6 +262,10 @@ pub struct Routing {
 pub struct NamespaceConfig {
     pub name: String,
     pub upstream: String,
+    /// The namespace's name at the upstream, when it differs from `name` (the name clients
+    /// use): e.g. `payments.a1b2c` on Temporal Cloud. See the README, "Namespace translation".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_namespace: Option<String>,
     /// The key (from `[encryption.keys]`) sealing this namespace's payloads; default:
     /// `encryption.default_key`.
     #[serde(default)]
@@ -391,18 +429,20 @@ impl Config {
                 return invalid(format!("namespace {:?} is listed twice", ns.name));
             }
             known(&ns.upstream, &format!("namespace {:?}", ns.name))?;
+            let upstream_name = ns.upstream_namespace.as_deref().unwrap_or(&ns.name);
             if self
                 .upstreams
                 .get(&ns.upstream)
                 .is_some_and(UpstreamConfig::is_template)
-                && !template_safe(&ns.name)
+                && !template_safe(upstream_name)
             {
                 return invalid(format!(
-                    "namespace {:?} cannot fill the address template of upstream {:?}",
-                    ns.name, ns.upstream
+                    "namespace {upstream_name:?} cannot fill the address template of upstream {:?}",
+                    ns.upstream
                 ));
             }
         }
+        validate_upstream_namespaces(&self.namespaces)?;
         if !self.encryption.disabled {
             let keys = &self.encryption.keys;
             if keys.is_empty() {
@@ -444,6 +484,17 @@ impl Config {
         }
         if self.limits.max_request_bytes == 0 || self.limits.max_response_bytes == 0 {
             return invalid("limits must be positive".into());
+        }
+        if let Some(admin) = &self.admin {
+            if admin.listen.parse::<SocketAddr>().is_err() {
+                return invalid(format!("admin.listen {:?} is not IP:PORT", admin.listen));
+            }
+            if admin.probe_interval_seconds == 0 || admin.probe_timeout_seconds == 0 {
+                return invalid(
+                    "admin: probe_interval_seconds and probe_timeout_seconds must be positive"
+                        .into(),
+                );
+            }
         }
         if let Some(bearer) = &self.bearer {
             bearer.validate().map_err(ConfigError::Invalid)?;
@@ -626,6 +677,31 @@ pub fn template_safe(namespace: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+/// `upstream_namespace`: a usable name, and on each upstream every namespace has one client-facing
+/// name (two entries may not reach the same upstream namespace, translated or not).
+fn validate_upstream_namespaces(namespaces: &[NamespaceConfig]) -> Result<(), ConfigError> {
+    let mut taken: HashSet<(&str, &str)> = HashSet::new();
+    for ns in namespaces {
+        if let Some(upstream_name) = &ns.upstream_namespace {
+            // It travels in the temporal-namespace header: visible ASCII, no spaces.
+            if upstream_name.is_empty() || !upstream_name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::Invalid(format!(
+                    "namespace {:?}: upstream_namespace {upstream_name:?} must be non-empty visible ASCII",
+                    ns.name
+                )));
+            }
+        }
+        let effective = ns.upstream_namespace.as_deref().unwrap_or(&ns.name);
+        if !taken.insert((ns.upstream.as_str(), effective)) {
+            return Err(ConfigError::Invalid(format!(
+                "namespace {:?}: upstream {:?} namespace {effective:?} is already served under another name",
+                ns.name, ns.upstream
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Splits `host:port` (IPv6 hosts in brackets).
@@ -818,6 +894,91 @@ mod tests {
         assert!(!template_safe("a..b"));
         assert!(!template_safe("a/b"));
         assert!(!template_safe("a:1"));
+    }
+
+    #[test]
+    fn upstream_namespaces_are_validated() {
+        let with = |entries: &str| {
+            Config::from_toml(&MINIMAL.replace(
+                "[[namespaces]]\n        name = \"default\"\n        upstream = \"local\"",
+                entries,
+            ))
+        };
+        let ok = with(
+            r#"[[namespaces]]
+            name = "payments"
+            upstream = "local"
+            upstream_namespace = "payments.a1b2c"
+            [[namespaces]]
+            name = "orders"
+            upstream = "local""#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.namespaces[0].upstream_namespace.as_deref(),
+            Some("payments.a1b2c")
+        );
+        assert_eq!(ok.namespaces[1].upstream_namespace, None);
+        // Round trip through TOML keeps it.
+        let again = Config::from_toml(&ok.to_toml()).unwrap();
+        assert_eq!(
+            again.namespaces[0].upstream_namespace.as_deref(),
+            Some("payments.a1b2c")
+        );
+        // Swapping two names on one upstream is fine: each upstream namespace has one name.
+        assert!(with(
+            r#"[[namespaces]]
+            name = "a"
+            upstream = "local"
+            upstream_namespace = "b"
+            [[namespaces]]
+            name = "b"
+            upstream = "local"
+            upstream_namespace = "a""#
+        )
+        .is_ok());
+        for (entries, expected) in [
+            // Two client names for one upstream namespace.
+            (
+                r#"[[namespaces]]
+                name = "payments"
+                upstream = "local"
+                upstream_namespace = "shared"
+                [[namespaces]]
+                name = "billing"
+                upstream = "local"
+                upstream_namespace = "shared""#,
+                "already served",
+            ),
+            // A translated name colliding with an untranslated one.
+            (
+                r#"[[namespaces]]
+                name = "payments"
+                upstream = "local"
+                upstream_namespace = "orders"
+                [[namespaces]]
+                name = "orders"
+                upstream = "local""#,
+                "already served",
+            ),
+            (
+                r#"[[namespaces]]
+                name = "payments"
+                upstream = "local"
+                upstream_namespace = """#,
+                "non-empty",
+            ),
+            (
+                r#"[[namespaces]]
+                name = "payments"
+                upstream = "local"
+                upstream_namespace = "pay ments""#,
+                "visible ASCII",
+            ),
+        ] {
+            let err = with(entries).unwrap_err().to_string();
+            assert!(err.contains(expected), "{entries}: {err}");
+        }
     }
 
     #[test]

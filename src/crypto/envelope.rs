@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use aes_gcm::aead::rand_core::RngCore;
 use aes_gcm::aead::{AeadCore, AeadInPlace, OsRng};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use ring::digest;
@@ -133,22 +134,90 @@ impl Sealer {
     pub(crate) fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let mut out = Vec::with_capacity(self.sealed_len(plaintext.len()));
+        self.seal_into(plaintext, &nonce, &mut out)?;
+        Ok(out)
+    }
+
+    /// Seals a serialized Payload, appending the sealed Payload (exactly
+    /// [`Sealer::sealed_len`] bytes) to `out`: the plaintext is copied once, into place, and
+    /// encrypted there. On error `out` is left as it was.
+    pub(crate) fn seal_into(
+        &self,
+        plaintext: &[u8],
+        nonce: &Nonce<<Aes256Gcm as AeadCore>::NonceSize>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        let begin = out.len();
+        out.reserve(self.sealed_len(plaintext.len()));
         out.extend_from_slice(&self.metadata);
-        put_varint(&mut out, 2 << 3 | WIRE_LEN);
-        put_varint(&mut out, self.envelope_len(plaintext.len()) as u64);
+        put_varint(out, 2 << 3 | WIRE_LEN);
+        put_varint(out, self.envelope_len(plaintext.len()) as u64);
         out.extend_from_slice(&self.envelope_head);
-        put_len_field(&mut out, 4, &nonce);
-        put_varint(&mut out, 5 << 3 | WIRE_LEN);
-        put_varint(&mut out, (plaintext.len() + TAG_LEN) as u64);
+        put_len_field(out, 4, nonce);
+        put_varint(out, 5 << 3 | WIRE_LEN);
+        put_varint(out, (plaintext.len() + TAG_LEN) as u64);
         let start = out.len();
         out.extend_from_slice(plaintext);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(&nonce, &self.aad, &mut out[start..])
-            .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM"))?;
-        out.extend_from_slice(&tag);
-        debug_assert_eq!(out.len(), self.sealed_len(plaintext.len()));
-        Ok(out)
+        let sealed = match out.get_mut(start..) {
+            Some(body) => self
+                .cipher
+                .encrypt_in_place_detached(nonce, &self.aad, body)
+                .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM")),
+            None => Err(CryptoError::SealFailed(
+                "output buffer shorter than written",
+            )),
+        };
+        match sealed {
+            Ok(tag) => {
+                out.extend_from_slice(&tag);
+                debug_assert_eq!(out.len() - begin, self.sealed_len(plaintext.len()));
+                Ok(())
+            }
+            Err(e) => {
+                // Never leave plaintext behind in the caller's buffer.
+                out.truncate(begin);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Random 96-bit nonces for one call's worth of seals, drawn from the operating system in
+/// batches: one `getrandom` per batch rather than one per payload (on a history page of
+/// thousands of small payloads the syscalls cost as much as the encryption). Batches grow
+/// 1, 2, 4, … up to 256 nonces, so a call with one payload draws 12 bytes, as before. The
+/// nonces are exactly as random as one `getrandom` each; each is handed out once and never
+/// kept. Deliberately not `Clone`: a copy would hand out the same nonces again.
+#[derive(Debug, Default)]
+pub struct Nonces {
+    buffer: Vec<u8>,
+    next: usize,
+}
+
+const MAX_NONCE_BATCH: usize = 256;
+
+impl Nonces {
+    pub fn new() -> Self {
+        Nonces::default()
+    }
+
+    pub(crate) fn next_nonce(
+        &mut self,
+    ) -> Result<Nonce<<Aes256Gcm as AeadCore>::NonceSize>, CryptoError> {
+        if self.next + NONCE_LEN > self.buffer.len() {
+            let batch = (self.buffer.len() / NONCE_LEN * 2).clamp(1, MAX_NONCE_BATCH);
+            self.buffer.resize(batch * NONCE_LEN, 0);
+            OsRng
+                .try_fill_bytes(&mut self.buffer)
+                .map_err(|_| CryptoError::SealFailed("the operating system gave no randomness"))?;
+            self.next = 0;
+        }
+        let bytes = self
+            .buffer
+            .get(self.next..self.next + NONCE_LEN)
+            .ok_or(CryptoError::SealFailed("nonce batch out of range"))?;
+        self.next += NONCE_LEN;
+        Ok(*Nonce::from_slice(bytes))
     }
 }
 
@@ -166,6 +235,11 @@ pub(crate) struct SealedView<'a> {
 impl SealedView<'_> {
     pub(crate) fn wrapped(&self) -> &[u8] {
         self.wrapped
+    }
+
+    /// The size of the original Payload (parse() checked the ciphertext holds a tag).
+    pub(crate) fn opened_len(&self) -> usize {
+        self.ciphertext.len().saturating_sub(TAG_LEN)
     }
 
     pub(crate) fn envelope_ref(&self) -> EnvelopeRef {
@@ -293,6 +367,20 @@ impl Opener {
         view: &SealedView<'_>,
         namespace: &str,
     ) -> Result<Vec<u8>, CryptoError> {
+        let mut out = Vec::with_capacity(view.opened_len());
+        self.open_into(view, namespace, &mut out)?;
+        Ok(out)
+    }
+
+    /// Opens a parsed envelope, appending the original serialized Payload (exactly
+    /// [`SealedView::opened_len`] bytes) to `out`, decrypted in place there. On error `out` is
+    /// left as it was: nothing unauthenticated stays behind.
+    pub(crate) fn open_into(
+        &self,
+        view: &SealedView<'_>,
+        namespace: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
         let cannot_open = |reason| CryptoError::CannotOpen {
             key_id: self.data_key_id.clone(),
             namespace: namespace.to_owned(),
@@ -317,16 +405,26 @@ impl Opener {
             return Err(CryptoError::MalformedEnvelope("the nonce is not 12 bytes"));
         }
         let (body, tag) = view.ciphertext.split_at(body_len);
-        let mut out = body.to_vec();
-        self.cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(view.nonce),
-                &self.aad,
-                &mut out,
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| cannot_open(OpenFailure::Authentication))?;
-        Ok(out)
+        let start = out.len();
+        out.extend_from_slice(body);
+        let opened = match out.get_mut(start..) {
+            Some(buffer) => self
+                .cipher
+                .decrypt_in_place_detached(
+                    Nonce::from_slice(view.nonce),
+                    &self.aad,
+                    buffer,
+                    Tag::from_slice(tag),
+                )
+                .map_err(|_| cannot_open(OpenFailure::Authentication)),
+            None => Err(CryptoError::MalformedEnvelope(
+                "output buffer shorter than written",
+            )),
+        };
+        if opened.is_err() {
+            out.truncate(start);
+        }
+        opened
     }
 }
 
@@ -382,7 +480,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    #[inline]
     fn varint(&mut self) -> Result<u64, WireFailure> {
+        // Tags and short lengths are one byte.
+        if let Some(&byte) = self.buf.get(self.pos) {
+            if byte < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(byte));
+            }
+        }
+        self.varint_slow()
+    }
+
+    fn varint_slow(&mut self) -> Result<u64, WireFailure> {
         let mut value = 0u64;
         for shift in (0..70).step_by(7) {
             let byte = *self.buf.get(self.pos).ok_or(WireFailure)?;
@@ -406,6 +516,7 @@ impl<'a> Fields<'a> {
         Ok(bytes)
     }
 
+    #[inline]
     fn field(&mut self) -> Result<(u64, Value<'a>), WireFailure> {
         let key = self.varint()?;
         let number = key >> 3;
@@ -468,6 +579,7 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u64, Value<'a>), WireFailure>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
@@ -550,6 +662,60 @@ mod tests {
             opener(b"wrapped-key-bytes").open(&view, "ns").unwrap(),
             original
         );
+    }
+
+    /// `seal_into` appends exactly `sealed_len` bytes, which prost reads as the envelope, and
+    /// `open_into` appends the original; on failure neither leaves anything behind.
+    #[test]
+    fn seal_into_and_open_into_append_in_place() {
+        let sealer = Sealer::new(cipher(), "ns", "k1", b"wrapped-key-bytes");
+        let original = plain_payload(b"{\"hello\":2}");
+        let mut nonces = Nonces::new();
+        let mut out = b"prefix".to_vec();
+        let nonce = nonces.next_nonce().unwrap();
+        sealer.seal_into(&original, &nonce, &mut out).unwrap();
+        assert_eq!(&out[..6], b"prefix");
+        let sealed = &out[6..];
+        assert_eq!(sealed.len(), sealer.sealed_len(original.len()));
+        let payload = Payload::decode(sealed).unwrap();
+        let envelope = Envelope::decode(payload.data.as_slice()).unwrap();
+        assert_eq!(envelope.nonce, nonce.as_slice());
+        assert_eq!(envelope.encode_to_vec(), payload.data);
+
+        let view = parse(sealed).unwrap().unwrap();
+        assert_eq!(view.opened_len(), original.len());
+        let mut opened = b"before".to_vec();
+        opener(b"wrapped-key-bytes")
+            .open_into(&view, "ns", &mut opened)
+            .unwrap();
+        assert_eq!(&opened[..6], b"before");
+        assert_eq!(&opened[6..], original.as_slice());
+
+        // Wrong namespace: authentication fails, and the buffer is as it was.
+        let wrong = Opener::new(Arc::new(cipher()), "other", "k1", b"wrapped-key-bytes");
+        let mut untouched = b"before".to_vec();
+        assert!(wrong.open_into(&view, "other", &mut untouched).is_err());
+        assert_eq!(untouched, b"before");
+    }
+
+    /// Nonces: each one handed out once, drawn in growing batches (1, 2, 4, … 256).
+    #[test]
+    fn nonces_are_distinct_and_batched() {
+        let mut nonces = Nonces::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut batches = Vec::new();
+        for _ in 0..2000 {
+            let nonce = nonces.next_nonce().unwrap();
+            assert!(seen.insert(nonce.to_vec()), "a nonce repeated");
+            if nonces.next == NONCE_LEN {
+                batches.push(nonces.buffer.len() / NONCE_LEN);
+            }
+        }
+        assert_eq!(batches[..10], [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        // A call that seals one payload draws 12 bytes, as one getrandom per nonce did.
+        let mut single = Nonces::new();
+        single.next_nonce().unwrap();
+        assert_eq!(single.buffer.len(), NONCE_LEN);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use aes_gcm::{Aes256Gcm, Key, KeyInit};
 use moka::future::Cache;
 
-use super::envelope::{self, data_key_id, EnvelopeRef, Opener, SealedView, Sealer};
+use super::envelope::{self, data_key_id, EnvelopeRef, Nonces, Opener, SealedView, Sealer};
 use super::error::{CryptoError, OpenFailure};
 use super::metrics::CryptoMetrics;
 use super::provider::{KeyProvider, ProviderError};
@@ -388,19 +388,45 @@ impl SealingKey {
     /// Seals a serialized Payload; returns the serialized sealed Payload. Each call counts
     /// towards the key's rotation.
     pub fn seal(&self, payload: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let sealed = self
+            .count_use()
+            .and_then(|()| self.key.sealer.seal(payload));
+        self.count(&sealed);
+        sealed
+    }
+
+    /// Like [`SealingKey::seal`], but appends the sealed Payload (exactly
+    /// [`SealingKey::sealed_len`] bytes) to `out`, encrypting in place there, with a nonce
+    /// from `nonces`. On error `out` is left as it was.
+    pub fn seal_into(
+        &self,
+        payload: &[u8],
+        nonces: &mut Nonces,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        let sealed = self.count_use().and_then(|()| {
+            let nonce = nonces.next_nonce()?;
+            self.key.sealer.seal_into(payload, &nonce, out)
+        });
+        self.count(&sealed);
+        sealed
+    }
+
+    fn count_use(&self) -> Result<(), CryptoError> {
         let previous_uses = self.key.uses.fetch_add(1, Ordering::Relaxed);
-        let sealed = if previous_uses >= NONCE_SAFETY_LIMIT {
-            Err(CryptoError::SealFailed(
+        if previous_uses >= NONCE_SAFETY_LIMIT {
+            return Err(CryptoError::SealFailed(
                 "data key used past the random-nonce safety bound",
-            ))
-        } else {
-            self.key.sealer.seal(payload)
-        };
+            ));
+        }
+        Ok(())
+    }
+
+    fn count<T>(&self, sealed: &Result<T, CryptoError>) {
         match sealed {
             Ok(_) => self.metrics.seals(),
             Err(_) => self.metrics.seal_failures(),
         }
-        sealed
     }
 
     /// The size [`SealingKey::seal`] returns for a payload of `payload_len` bytes, so a caller
@@ -467,6 +493,25 @@ impl OpeningKeys {
         opened.map(Some)
     }
 
+    /// Opens a payload sealed by portcullis, appending the original Payload to `out`
+    /// (exactly as many bytes as [`crate::crypto::envelope::opened_len`] said), decrypted in
+    /// place there. A payload that is not sealed by portcullis is an error, as in
+    /// [`OpeningKeys::open`]. On error `out` is left as it was.
+    pub fn open_into(&self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), CryptoError> {
+        let opened = match envelope::parse(payload) {
+            Ok(Some(view)) => match self.keys.get(view.wrapped()) {
+                Some(opener) => opener.open_into(&view, &self.namespace, out),
+                None => Err(self.not_resolved(&view)),
+            },
+            Ok(None) => Err(CryptoError::MalformedEnvelope(
+                "the payload is not sealed by portcullis",
+            )),
+            Err(e) => Err(e),
+        };
+        self.count(&opened);
+        opened
+    }
+
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
@@ -482,15 +527,19 @@ impl OpeningKeys {
     fn open_view(&self, view: &SealedView<'_>) -> Result<Vec<u8>, CryptoError> {
         match self.keys.get(view.wrapped()) {
             Some(opener) => opener.open(view, &self.namespace),
-            None => Err(CryptoError::CannotOpen {
-                key_id: data_key_id(view.wrapped()),
-                namespace: self.namespace.clone(),
-                reason: OpenFailure::KeyNotResolved,
-            }),
+            None => Err(self.not_resolved(view)),
         }
     }
 
-    fn count(&self, opened: &Result<Vec<u8>, CryptoError>) {
+    fn not_resolved(&self, view: &SealedView<'_>) -> CryptoError {
+        CryptoError::CannotOpen {
+            key_id: data_key_id(view.wrapped()),
+            namespace: self.namespace.clone(),
+            reason: OpenFailure::KeyNotResolved,
+        }
+    }
+
+    fn count<T>(&self, opened: &Result<T, CryptoError>) {
         match opened {
             Ok(_) => self.metrics.opens(),
             Err(_) => self.metrics.open_failures(),

@@ -6,6 +6,7 @@
 //!   `local` provider (a keyring file), [`aws_kms`] the `aws-kms` provider (AWS KMS).
 //! - [`manager`]: per-namespace data keys, rotation, single-flight generation and the cache of
 //!   unwrapped keys, with sync [`SealingKey::seal`] and [`OpeningKeys::open`] for the walker.
+//! - [`message`]: sealing and opening every payload of a whole message through the walker.
 //!
 //! Fail closed: every failure is an error; there is no path that returns plaintext instead.
 
@@ -15,8 +16,10 @@ pub mod envelope;
 pub mod error;
 pub mod keyring;
 pub mod manager;
+pub mod message;
 pub mod metrics;
 pub mod provider;
+pub mod timed;
 
 /// Types generated from proto/portcullis/v1/envelope.proto.
 pub mod proto {
@@ -30,6 +33,7 @@ pub use keyring::{Keyring, KeyringError, LocalKeyProvider};
 pub use manager::{
     Clock, DataKeyManager, DataKeyPolicy, OpeningKeys, SealingKey, SystemClock, NONCE_SAFETY_LIMIT,
 };
+pub use message::{plan_open, seal_message, OpenOptions, OpenPlan};
 pub use metrics::{CryptoMetrics, CryptoMetricsSnapshot};
 pub use provider::{DataKeyMaterial, KeyProvider, ProviderError};
 

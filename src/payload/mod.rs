@@ -1,10 +1,11 @@
-//! Wire-level protobuf access: reading fields without decoding whole messages, and the walker
-//! that finds and rewrites every Payload.
+//! Wire-level protobuf access: reading fields without decoding whole messages, the walker
+//! that finds and rewrites every Payload, and the rewriter of namespace names.
 
+pub mod namespaces;
 pub mod walker;
 pub mod wire;
 
 pub use walker::{
-    rewrite, rewrite_status_details, rewrite_with, visit_payloads, FailureMode, PayloadContext,
-    PayloadIndex, PayloadVisitor, WalkError, WalkOptions,
+    plan_named, rewrite, rewrite_status_details, rewrite_with, visit_payloads, FailureMode,
+    PayloadContext, PayloadIndex, PayloadVisitor, RewritePlan, Visit, WalkError, WalkOptions,
 };

@@ -121,6 +121,18 @@ impl WalkError {
     }
 }
 
+/// What a visitor does with a payload found in the input (see [`PayloadVisitor::visit`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Visit {
+    /// Leave it as it is.
+    Keep,
+    /// Replace it with these bytes (a serialized Payload).
+    Replace(Vec<u8>),
+    /// Replace it with exactly this many bytes, which [`PayloadVisitor::write`] appends to the
+    /// output once the walk is over.
+    Deferred(usize),
+}
+
 /// Receives every Payload found by the walker.
 pub trait PayloadVisitor {
     /// `payload` is the serialized `temporal.api.common.v1.Payload`. Return the serialized
@@ -130,6 +142,29 @@ pub trait PayloadVisitor {
         ctx: &PayloadContext<'_>,
         payload: &[u8],
     ) -> Result<Option<Vec<u8>>, WalkError>;
+
+    /// Like [`PayloadVisitor::payload`], for a payload that is part of the input. A visitor
+    /// that knows the size of its replacement up front may answer [`Visit::Deferred`]: the
+    /// walker then sizes the output exactly and calls [`PayloadVisitor::write`] to produce the
+    /// replacement straight into it, with no buffer per payload and no second copy. Payloads
+    /// the walker builds itself, and those whose replacement it must read (failure attributes
+    /// in [`FailureMode::Decode`]), always go through [`PayloadVisitor::payload`].
+    fn visit(&mut self, ctx: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
+        Ok(match self.payload(ctx, payload)? {
+            Some(bytes) => Visit::Replace(bytes),
+            None => Visit::Keep,
+        })
+    }
+
+    /// Appends the replacement of `payload` announced by [`Visit::Deferred`]: exactly the
+    /// announced number of bytes (the walker checks, and fails otherwise). Called once per
+    /// deferred payload, in input order, after the walk.
+    fn write(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), WalkError> {
+        let _ = (payload, out);
+        Err(WalkError::Internal(
+            "the visitor deferred a payload but cannot write it",
+        ))
+    }
 }
 
 impl<F> PayloadVisitor for F
@@ -160,6 +195,18 @@ enum Segment<'a> {
 struct PathNode<'a> {
     parent: Option<&'a PathNode<'a>>,
     segment: Segment<'a>,
+    /// This is the `encoded_attributes` field of a `temporal.api.failure.v1.Failure`.
+    failure_attributes: bool,
+}
+
+impl<'a> PathNode<'a> {
+    fn field(parent: Option<&'a PathNode<'a>>, name: &'a str) -> Self {
+        PathNode {
+            parent,
+            segment: Segment::Field(name),
+            failure_attributes: false,
+        }
+    }
 }
 
 struct Path<'a> {
@@ -216,6 +263,12 @@ impl PayloadContext<'_> {
     pub fn is_encoded_failure_attributes(&self) -> bool {
         self.encoded_failure_attributes
     }
+
+    /// True when the payload is the `encoded_attributes` of a `temporal.api.failure.v1.Failure`
+    /// (the payload [`FailureMode::Encode`] and [`FailureMode::Decode`] act on).
+    pub fn is_failure_attributes(&self) -> bool {
+        self.path.node.is_some_and(|n| n.failure_attributes)
+    }
 }
 
 impl fmt::Display for PayloadContext<'_> {
@@ -261,6 +314,23 @@ pub fn rewrite_named(
     visitor: &mut dyn PayloadVisitor,
     options: &WalkOptions,
 ) -> Result<Option<Vec<u8>>, WalkError> {
+    match plan_named(index, full_name, input, visitor, options)? {
+        Some(plan) => plan.apply(input, visitor).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The first half of [`rewrite_named`]: walks `input` and returns what would change, without
+/// writing anything. [`RewritePlan::apply`] writes the output later, possibly with another
+/// visitor (e.g. one that holds the keys the first walk found were needed). `None`: nothing
+/// changes.
+pub fn plan_named(
+    index: &PayloadIndex,
+    full_name: &str,
+    input: &[u8],
+    visitor: &mut dyn PayloadVisitor,
+    options: &WalkOptions,
+) -> Result<Option<RewritePlan>, WalkError> {
     let id = index
         .id(full_name)
         .ok_or_else(|| WalkError::UnknownMessage(full_name.to_string()))?;
@@ -281,7 +351,103 @@ pub fn rewrite_named(
     if walk.edits.is_empty() {
         return Ok(None);
     }
-    apply(input, &walk.edits, delta).map(Some)
+    let output_len = input
+        .len()
+        .checked_add_signed(delta)
+        .ok_or(WalkError::Internal("negative output length"))?;
+    Ok(Some(RewritePlan {
+        edits: walk.edits,
+        input_len: input.len(),
+        output_len,
+    }))
+}
+
+/// The edits one walk computed for its input (see [`plan_named`]).
+#[derive(Debug)]
+pub struct RewritePlan {
+    edits: Vec<Edit>,
+    input_len: usize,
+    output_len: usize,
+}
+
+impl RewritePlan {
+    /// A plan from edits computed elsewhere in the crate (sorted, non-overlapping), for an
+    /// input of `input_len` bytes that the edits grow by `delta`.
+    pub(crate) fn from_edits(
+        edits: Vec<Edit>,
+        input_len: usize,
+        delta: isize,
+    ) -> Result<RewritePlan, WalkError> {
+        let output_len = input_len
+            .checked_add_signed(delta)
+            .ok_or(WalkError::Internal("negative output length"))?;
+        Ok(RewritePlan {
+            edits,
+            input_len,
+            output_len,
+        })
+    }
+
+    /// The size of the output, exactly.
+    pub fn output_len(&self) -> usize {
+        self.output_len
+    }
+
+    /// How many payloads `writer` will be asked to write.
+    pub fn deferred(&self) -> usize {
+        self.edits
+            .iter()
+            .filter(|e| matches!(e.with, Replacement::Deferred(_)))
+            .count()
+    }
+
+    /// Writes the output: `input` (the very bytes the plan was computed from) with the edits
+    /// applied. Deferred payloads are written by `writer`, straight into the output buffer,
+    /// which is allocated once at its final size.
+    pub fn apply(
+        &self,
+        input: &[u8],
+        writer: &mut dyn PayloadVisitor,
+    ) -> Result<Vec<u8>, WalkError> {
+        if input.len() != self.input_len {
+            return Err(WalkError::Internal(
+                "a rewrite plan applied to another input",
+            ));
+        }
+        let mut out = Vec::with_capacity(self.output_len);
+        let mut cursor = 0;
+        for edit in &self.edits {
+            let kept = input
+                .get(cursor..edit.start)
+                .ok_or(WalkError::Internal("edits out of order"))?;
+            out.extend_from_slice(kept);
+            match &edit.with {
+                Replacement::Bytes(bytes) => out.extend_from_slice(bytes),
+                Replacement::Varint(value) => put_varint(&mut out, *value),
+                Replacement::Deferred(len) => {
+                    let payload = input
+                        .get(edit.start..edit.end)
+                        .ok_or(WalkError::Internal("deferred payload out of range"))?;
+                    let before = out.len();
+                    writer.write(payload, &mut out)?;
+                    if out.len().checked_sub(before) != Some(*len) {
+                        return Err(WalkError::Internal(
+                            "a deferred payload was written at another length than announced",
+                        ));
+                    }
+                }
+            }
+            cursor = edit.end;
+        }
+        let rest = input
+            .get(cursor..)
+            .ok_or(WalkError::Internal("edit past the end"))?;
+        out.extend_from_slice(rest);
+        if out.len() != self.output_len {
+            return Err(WalkError::Internal("output length differs from the plan"));
+        }
+        Ok(out)
+    }
 }
 
 /// Calls `f` for every Payload of `input` without changing anything (a "collect" pass, e.g.
@@ -336,41 +502,21 @@ pub fn rewrite_status_details_with(
 
 /// What to put in place of a byte range of the input.
 #[derive(Debug)]
-enum Replacement {
+pub(crate) enum Replacement {
     Bytes(Vec<u8>),
     /// A length prefix.
     Varint(u64),
+    /// A payload the visitor writes when the plan is applied, this many bytes long.
+    Deferred(usize),
 }
 
 /// Replace `input[start..end]` (an empty range inserts). Edits are kept sorted by position and
 /// never overlap.
 #[derive(Debug)]
-struct Edit {
-    start: usize,
-    end: usize,
-    with: Replacement,
-}
-
-fn apply(input: &[u8], edits: &[Edit], delta: isize) -> Result<Vec<u8>, WalkError> {
-    let capacity = input.len().saturating_add_signed(delta);
-    let mut out = Vec::with_capacity(capacity);
-    let mut cursor = 0;
-    for edit in edits {
-        let kept = input
-            .get(cursor..edit.start)
-            .ok_or(WalkError::Internal("edits out of order"))?;
-        out.extend_from_slice(kept);
-        match &edit.with {
-            Replacement::Bytes(bytes) => out.extend_from_slice(bytes),
-            Replacement::Varint(value) => put_varint(&mut out, *value),
-        }
-        cursor = edit.end;
-    }
-    let rest = input
-        .get(cursor..)
-        .ok_or(WalkError::Internal("edit past the end"))?;
-    out.extend_from_slice(rest);
-    Ok(out)
+pub(crate) struct Edit {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    pub(crate) with: Replacement,
 }
 
 /// A field a Failure walk treats specially (see `failure.rs`).
@@ -397,7 +543,7 @@ struct Walk<'a> {
     edits: Vec<Edit>,
 }
 
-fn delta_of(new: usize, old: usize) -> isize {
+pub(crate) fn delta_of(new: usize, old: usize) -> isize {
     // Both are lengths of live buffers, so they fit in isize.
     new as isize - old as isize
 }
@@ -430,19 +576,31 @@ impl<'a> Walk<'a> {
         }
     }
 
+    fn context<'n>(
+        &self,
+        node: Option<&'n PathNode<'n>>,
+        encoded_failure_attributes: bool,
+    ) -> PayloadContext<'n>
+    where
+        'a: 'n,
+    {
+        PayloadContext {
+            path: Path {
+                root: self.root,
+                node,
+            },
+            encoded_failure_attributes,
+        }
+    }
+
+    /// Hands a payload to the visitor and returns its replacement at once.
     fn visit(
         &mut self,
         node: Option<&PathNode<'_>>,
         payload: &[u8],
         encoded_failure_attributes: bool,
     ) -> Result<Option<Vec<u8>>, WalkError> {
-        let ctx = PayloadContext {
-            path: Path {
-                root: self.root,
-                node,
-            },
-            encoded_failure_attributes,
-        };
+        let ctx = self.context(node, encoded_failure_attributes);
         self.visitor.payload(&ctx, payload)
     }
 
@@ -468,16 +626,18 @@ impl<'a> Walk<'a> {
             .ok_or(WalkError::Internal("message id out of range"))?;
         match plan.kind {
             MessageKind::Payload => {
-                let Some(new) = self.visit(node, buf, false)? else {
-                    return Ok(0);
+                let ctx = self.context(node, false);
+                let (len, with) = match self.visitor.visit(&ctx, buf)? {
+                    Visit::Keep => return Ok(0),
+                    Visit::Replace(new) => (new.len(), Replacement::Bytes(new)),
+                    Visit::Deferred(len) => (len, Replacement::Deferred(len)),
                 };
-                let delta = delta_of(new.len(), buf.len());
                 self.edits.push(Edit {
                     start: base,
                     end: base + buf.len(),
-                    with: Replacement::Bytes(new),
+                    with,
                 });
-                Ok(delta)
+                Ok(delta_of(len, buf.len()))
             }
             MessageKind::Any => self.walk_any(base, buf, depth, node),
             MessageKind::DataBlob => self.walk_blob(BlobRule::Refuse, base, buf, depth, node),
@@ -617,10 +777,12 @@ impl<'a> Walk<'a> {
             let Some(fp) = plan.field(field.number) else {
                 continue;
             };
-            let child = PathNode {
-                parent: node,
-                segment: Segment::Field(&fp.name),
-            };
+            let mut child = PathNode::field(node, &fp.name);
+            child.failure_attributes = plan.kind == MessageKind::Failure
+                && self
+                    .index
+                    .failure
+                    .is_some_and(|f| f.encoded_attributes == field.number);
             if field.wire_type != WireType::Len {
                 return Err(self.malformed(
                     Some(&child),
@@ -696,6 +858,7 @@ impl<'a> Walk<'a> {
         let child = PathNode {
             parent: node,
             segment: Segment::AnyValue(&plan.name),
+            failure_attributes: false,
         };
         let mut delta = 0;
         for field in wire::fields(buf) {
@@ -772,6 +935,7 @@ impl<'a> Walk<'a> {
         let child = PathNode {
             parent: node,
             segment: Segment::BlobData,
+            failure_attributes: false,
         };
         let mut delta = 0;
         for field in wire::fields(buf) {

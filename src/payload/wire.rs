@@ -14,6 +14,7 @@ pub enum WireType {
 }
 
 impl WireType {
+    #[inline]
     fn from_bits(bits: u64) -> Option<WireType> {
         Some(match bits {
             0 => WireType::Varint,
@@ -76,7 +77,19 @@ pub struct Field<'a> {
     pub tag_len: usize,
 }
 
+#[inline]
 pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
+    // Tags and most lengths are one byte.
+    if let Some(&byte) = buf.get(*pos) {
+        if byte < 0x80 {
+            *pos += 1;
+            return Ok(u64::from(byte));
+        }
+    }
+    read_varint_slow(buf, pos)
+}
+
+fn read_varint_slow(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
     let mut value: u64 = 0;
     for i in 0..10 {
         let byte = *buf.get(*pos).ok_or(WireError::Truncated)?;
@@ -89,6 +102,7 @@ pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
     Err(WireError::VarintTooLong)
 }
 
+#[inline]
 fn take<'a>(buf: &'a [u8], pos: &mut usize, len: usize) -> Result<&'a [u8], WireError> {
     let end = pos.checked_add(len).ok_or(WireError::Truncated)?;
     let slice = buf.get(*pos..end).ok_or(WireError::Truncated)?;
@@ -96,6 +110,7 @@ fn take<'a>(buf: &'a [u8], pos: &mut usize, len: usize) -> Result<&'a [u8], Wire
     Ok(slice)
 }
 
+#[inline]
 fn read_tag(buf: &[u8], pos: &mut usize) -> Result<(u32, WireType), WireError> {
     let tag = read_varint(buf, pos)?;
     let wire_type = WireType::from_bits(tag & 7).ok_or(WireError::InvalidWireType(tag & 7))?;
@@ -160,6 +175,8 @@ pub fn fields(buf: &[u8]) -> Fields<'_> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<Field<'a>, WireError>;
 
+    // Inlined: the walker reads every field of every message it descends into through this.
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
@@ -171,25 +188,33 @@ impl<'a> Iterator for Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    #[inline(always)]
     fn read_field(&mut self) -> Result<Field<'a>, WireError> {
         let buf = self.buf;
         let start = self.pos;
         let (number, wire_type) = read_tag(buf, &mut self.pos)?;
         let value_start = self.pos;
         let tag_len = value_start - start;
-        let value = if wire_type == WireType::Len {
-            let len = usize::try_from(read_varint(buf, &mut self.pos)?)
-                .map_err(|_| WireError::Truncated)?;
-            take(buf, &mut self.pos, len)?
-        } else {
-            skip_value(buf, &mut self.pos, number, wire_type, 0)?;
-            &buf[value_start..self.pos]
+        let value = match wire_type {
+            WireType::Len => {
+                let len = usize::try_from(read_varint(buf, &mut self.pos)?)
+                    .map_err(|_| WireError::Truncated)?;
+                take(buf, &mut self.pos, len)?
+            }
+            WireType::Varint => {
+                read_varint(buf, &mut self.pos)?;
+                buf.get(value_start..self.pos).ok_or(WireError::Truncated)?
+            }
+            _ => {
+                skip_value(buf, &mut self.pos, number, wire_type, 0)?;
+                buf.get(value_start..self.pos).ok_or(WireError::Truncated)?
+            }
         };
         Ok(Field {
             number,
             wire_type,
             value,
-            raw: &buf[start..self.pos],
+            raw: buf.get(start..self.pos).ok_or(WireError::Truncated)?,
             offset: start,
             tag_len,
         })

@@ -64,23 +64,21 @@ where
         + 'static,
 {
     async fn handle(self, request: Request<Incoming>) -> Response<GrpcBody> {
-        let started = std::time::Instant::now();
         let path = request.uri().path().to_string();
         let respond_gzip =
             request_is_gzip(request.headers()) && headers::accepts_gzip(request.headers());
+        // Calls that reach the pipeline are logged (and measured) by its telemetry layer, inside
+        // the call's span; only requests refused before that are logged here.
         let result = match read_call(request, self.peer.clone(), self.max_request_bytes).await {
             Ok(call) => self.pipeline.oneshot(call).await,
-            Err(error) => Err(error),
+            Err(error) => {
+                tracing::info!(method = %path, code = ?error.code(), error = %error, peer = %self.peer.remote, "request refused");
+                Err(error)
+            }
         };
         match result {
-            Ok(response) => {
-                tracing::debug!(method = %path, elapsed_us = started.elapsed().as_micros() as u64, "forwarded");
-                success_response(response, respond_gzip)
-            }
-            Err(error) => {
-                tracing::info!(method = %path, code = ?error.code(), error = %error, peer = %self.peer.remote, "call failed in proxy");
-                error_response(&error)
-            }
+            Ok(response) => success_response(response, respond_gzip),
+            Err(error) => error_response(&error),
         }
     }
 }

@@ -17,9 +17,9 @@ use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::crypto::aws_kms::AwsKmsProvider;
 use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
 use crate::crypto::keyring::ReloadingLocalProvider;
-use crate::crypto::{inspect, CryptoError, DataKeyManager, KeyProvider};
+use crate::crypto::{message, CryptoError, DataKeyManager, KeyProvider, OpenOptions};
 use crate::error::ProxyError;
-use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError, WalkOptions};
+use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError};
 
 const STATUS_DETAILS: &str = "grpc-status-details-bin";
 
@@ -36,6 +36,16 @@ pub struct Encryption {
     upstream_max_request_bytes: usize,
     /// Keyrings that can be reloaded, with the manager whose data keys they wrap.
     reloadable: Vec<(Arc<ReloadingLocalProvider>, Arc<DataKeyManager>)>,
+    /// Every configured key by name, for metrics and readiness probes.
+    keys: Vec<ConfiguredKey>,
+}
+
+/// One `[encryption.keys.NAME]`: its manager and its (timed) provider.
+struct ConfiguredKey {
+    name: String,
+    manager: Arc<DataKeyManager>,
+    provider: Arc<dyn KeyProvider>,
+    stats: Arc<crate::telemetry::ProviderStats>,
 }
 
 fn namespace_managers(
@@ -80,6 +90,7 @@ impl Encryption {
     ) -> Result<Encryption, EncryptionSetupError> {
         let mut by_key: HashMap<String, Arc<DataKeyManager>> = HashMap::new();
         let mut reloadable = Vec::new();
+        let mut keys = Vec::new();
         for (name, key) in &config.keys {
             let key_error = |reason: String| EncryptionSetupError::Key {
                 name: name.clone(),
@@ -101,10 +112,19 @@ impl Encryption {
                         (Arc::new(provider), None)
                     }
                 };
+            let timed = crate::crypto::timed::TimedProvider::new(provider);
+            let stats = timed.stats().clone();
+            let provider: Arc<dyn KeyProvider> = Arc::new(timed);
             let manager = Arc::new(
-                DataKeyManager::new(provider, config.policy())
+                DataKeyManager::new(provider.clone(), config.policy())
                     .map_err(|e| key_error(e.to_string()))?,
             );
+            keys.push(ConfiguredKey {
+                name: name.clone(),
+                manager: manager.clone(),
+                provider,
+                stats,
+            });
             if let Some(local) = local {
                 reloadable.push((local, manager.clone()));
             }
@@ -132,6 +152,7 @@ impl Encryption {
             on_open_failure: config.on_open_failure,
             upstream_max_request_bytes: config.upstream_max_request_bytes,
             reloadable,
+            keys,
         })
     }
 
@@ -163,6 +184,26 @@ impl Encryption {
             .or(self.default_manager.as_ref())
             .cloned()
             .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))
+    }
+
+    /// Metrics of every configured key, by name.
+    pub fn key_stats(&self) -> Vec<crate::telemetry::KeyStats> {
+        self.keys
+            .iter()
+            .map(|k| crate::telemetry::KeyStats {
+                name: k.name.clone(),
+                crypto: k.manager.metrics().clone(),
+                provider: k.stats.clone(),
+            })
+            .collect()
+    }
+
+    /// Every configured key's provider and data key manager, by name (readiness, `check`).
+    pub fn key_providers(&self) -> Vec<(String, Arc<dyn KeyProvider>, Arc<DataKeyManager>)> {
+        self.keys
+            .iter()
+            .map(|k| (k.name.clone(), k.provider.clone(), k.manager.clone()))
+            .collect()
     }
 
     /// All data key managers (for metrics).
@@ -209,17 +250,13 @@ impl Encryption {
             .sealing_key(namespace)
             .await
             .map_err(crypto_error)?;
-        let mut visitor = |_: &walker::PayloadContext<'_>, payload: &[u8]| {
-            key.seal(payload).map(Some).map_err(WalkError::visitor)
-        };
-        let options = WalkOptions::with_failures(if self.encode_failures {
+        let failures = if self.encode_failures {
             FailureMode::Encode
         } else {
             FailureMode::Keep
-        });
-        let sealed =
-            walker::rewrite_named(self.index, message_type, message, &mut visitor, &options)
-                .map_err(|e| walk_error(e, message_type, true))?;
+        };
+        let sealed = message::seal_message(self.index, message_type, message, &key, failures)
+            .map_err(|e| walk_error(e, message_type, true))?;
         match sealed {
             Some(sealed) if sealed.len() > self.upstream_max_request_bytes => {
                 Err(ProxyError::MessageTooLarge {
@@ -246,30 +283,18 @@ impl Encryption {
         if self.index.reaches(message_type) == Some(false) {
             return Ok(None);
         }
-        let mut refs = Vec::new();
-        let pass_through = self.on_open_failure == OpenFailurePolicy::PassThrough;
-        // `inspect`, not `envelope_info`: a payload marked as ours but malformed must fail the
-        // call (unless configured to pass through), not slip by unopened.
-        let mut collect = |_: &walker::PayloadContext<'_>, payload: &[u8]| {
-            match inspect(payload) {
-                Ok(Some(reference)) => refs.push(reference),
-                Ok(None) => {}
-                Err(_) if pass_through => {}
-                Err(e) => return Err(WalkError::visitor(e)),
-            }
-            Ok(None)
+        let options = OpenOptions {
+            decode_failures: self.encode_failures,
+            // Otherwise a payload marked as ours but malformed fails the call, rather than
+            // slipping by unopened.
+            pass_through: self.on_open_failure == OpenFailurePolicy::PassThrough,
         };
-        walker::rewrite_named(
-            self.index,
-            message_type,
-            message,
-            &mut collect,
-            &WalkOptions::default(),
-        )
-        .map_err(|e| walk_error(e, message_type, false))?;
-        if refs.is_empty() {
+        let plan = message::plan_open(self.index, message_type, message, options)
+            .map_err(|e| walk_error(e, message_type, false))?;
+        if plan.refs().is_empty() {
             return Ok(None);
         }
+        let refs = plan.refs().iter().cloned();
         let keys = match self.manager(namespace)?.opening_keys(namespace, refs).await {
             Ok(keys) => keys,
             Err(e)
@@ -280,22 +305,7 @@ impl Encryption {
             }
             Err(e) => return Err(crypto_error(e)),
         };
-        let mut visitor =
-            |_: &walker::PayloadContext<'_>, payload: &[u8]| match keys.open_if_sealed(payload) {
-                Ok(opened) => Ok(opened),
-                Err(CryptoError::CannotOpen { .. } | CryptoError::MalformedEnvelope(_))
-                    if pass_through =>
-                {
-                    Ok(None)
-                }
-                Err(e) => Err(WalkError::visitor(e)),
-            };
-        let options = WalkOptions::with_failures(if self.encode_failures {
-            FailureMode::Decode
-        } else {
-            FailureMode::Keep
-        });
-        walker::rewrite_named(self.index, message_type, message, &mut visitor, &options)
+        plan.open(self.index, message_type, message, &keys)
             .map_err(|e| walk_error(e, message_type, false))
     }
 

@@ -3,7 +3,8 @@
 //! [`GrpcResponse`] or [`ProxyError`] back into HTTP/2.
 //!
 //! ```text
-//! GrpcEdge → AuthnService → NamespaceService → AuthzService → EncryptService → Forwarder
+//! GrpcEdge → AuthnService → NamespaceService → AuthzService → EncryptService
+//!          → TranslateService → Forwarder
 //! ```
 
 mod authn;
@@ -11,6 +12,7 @@ mod edge;
 pub mod encrypt;
 mod forward;
 mod namespace;
+pub mod translate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,7 @@ pub use edge::GrpcEdge;
 pub use encrypt::{EncryptLayer, Encryption};
 pub use forward::Forwarder;
 pub use namespace::{NamespaceLayer, NamespaceService};
+pub use translate::{NamespaceTranslation, TranslateLayer, TranslationStore};
 
 use crate::error::ProxyError;
 use crate::schema::MethodInfo;

@@ -1,6 +1,7 @@
 //! rustls configurations: the client-facing server (mTLS) and the upstream clients.
 
 pub mod pki;
+pub mod reload;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::ServerTls;
+pub use reload::ReloadableServerConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

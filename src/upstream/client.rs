@@ -542,6 +542,33 @@ impl Upstream {
         Ok((send, broken))
     }
 
+    /// Connects as a call would (TCP, TLS with the current client certificate, HTTP/2 preface)
+    /// and closes again: for readiness probes and `portcullis check`.
+    pub async fn probe(self: &Arc<Self>, timeout: Duration) -> Result<String, String> {
+        match tokio::time::timeout(timeout, self.connect()).await {
+            Ok(Ok(connection)) => Ok(match (&self.settings.tls, &connection.serial) {
+                (None, _) => "TCP connect (h2c)".to_string(),
+                (Some(_), None) => "TCP connect and TLS handshake".to_string(),
+                (Some(_), Some(serial)) => {
+                    format!("TCP connect and TLS handshake (client certificate {serial})")
+                }
+            }),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    }
+
+    /// Connections in the pool (open, or being retired with calls still on them are not
+    /// counted).
+    pub fn open_connections(&self) -> usize {
+        let now = SystemTime::now();
+        self.lock_pool()
+            .connections
+            .iter()
+            .filter(|c| c.usable(now))
+            .count()
+    }
+
     /// Drops connections that take no new calls from the pool.
     fn prune(&self) {
         let now = SystemTime::now();

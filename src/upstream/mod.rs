@@ -235,6 +235,35 @@ impl UpstreamGroup {
         ))
     }
 
+    /// An endpoint that stands for the block in probes: the block's own, or for a template the
+    /// one of `sample_namespace` (None: no namespace to fill in yet).
+    fn representative(&self, sample_namespace: Option<&str>) -> Option<Arc<Upstream>> {
+        match &self.fixed {
+            Some(fixed) => Some(fixed.clone()),
+            None => sample_namespace.and_then(|ns| self.for_namespace(ns).ok()),
+        }
+    }
+
+    /// Open connections over all its endpoints.
+    pub fn open_connections(&self) -> usize {
+        match &self.fixed {
+            Some(fixed) => fixed.open_connections(),
+            None => match self.instances.lock() {
+                Ok(guard) => guard.values().map(|u| u.open_connections()).sum(),
+                Err(poisoned) => poisoned
+                    .into_inner()
+                    .values()
+                    .map(|u| u.open_connections())
+                    .sum(),
+            },
+        }
+    }
+
+    /// The block's current client certificate (expired or not).
+    pub fn client_certificate(&self) -> Option<Arc<ClientCredential>> {
+        self.credentials.cert.as_ref().and_then(|c| c.peek())
+    }
+
     /// Seconds until the block's client certificate expires (negative once it has); None when
     /// it presents no certificate.
     pub fn seconds_until_expiry(&self) -> Option<f64> {
@@ -257,7 +286,8 @@ impl UpstreamGroup {
 #[derive(Debug)]
 pub struct Router {
     groups: BTreeMap<String, Arc<UpstreamGroup>>,
-    namespaces: HashMap<String, Arc<UpstreamGroup>>,
+    /// Client-facing name → (group, the name its upstream knows it by, which fills templates).
+    namespaces: HashMap<String, (Arc<UpstreamGroup>, String)>,
     system: (Arc<UpstreamGroup>, Option<String>),
     default: Option<Arc<UpstreamGroup>>,
 }
@@ -286,7 +316,8 @@ impl Router {
         };
         let mut namespaces = HashMap::new();
         for ns in &config.namespaces {
-            namespaces.insert(ns.name.clone(), lookup(&ns.upstream)?);
+            let upstream_name = ns.upstream_namespace.clone().unwrap_or(ns.name.clone());
+            namespaces.insert(ns.name.clone(), (lookup(&ns.upstream)?, upstream_name));
         }
         Ok(Router {
             system: (
@@ -308,12 +339,35 @@ impl Router {
         Router::build(config, None)
     }
 
+    /// The endpoint for a client-facing namespace. A template is filled with the name the
+    /// upstream knows the namespace by (`upstream_namespace`, when it is translated).
     pub fn for_namespace(&self, namespace: &str) -> Result<Arc<Upstream>, ProxyError> {
-        self.namespaces
-            .get(namespace)
-            .or(self.default.as_ref())
-            .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))?
-            .for_namespace(namespace)
+        match self.namespaces.get(namespace) {
+            Some((group, upstream_name)) => group.for_namespace(upstream_name),
+            None => self
+                .default
+                .as_ref()
+                .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))?
+                .for_namespace(namespace),
+        }
+    }
+
+    /// A namespace to fill the block's template with for probes: the system namespace, or
+    /// the first namespace routed to it.
+    fn sample_namespace(&self, group: &str) -> Option<&str> {
+        if self.system.0.name() == group {
+            if let Some(ns) = &self.system.1 {
+                return Some(ns);
+            }
+        }
+        let mut routed: Vec<&String> = self
+            .namespaces
+            .values()
+            .filter(|(g, _)| g.name() == group)
+            .map(|(_, name)| name)
+            .collect();
+        routed.sort();
+        routed.first().map(|s| s.as_str())
     }
 
     pub fn system(&self) -> Result<Arc<Upstream>, ProxyError> {
@@ -398,6 +452,54 @@ impl Upstreams {
             .collect()
     }
 
+    /// Probes upstream `name` the way a call connects (see [`Upstream::probe`]). A template
+    /// is probed at the endpoint of its system namespace or first routed namespace.
+    pub async fn probe(&self, name: &str, timeout: Duration) -> Result<String, String> {
+        let router = self.router();
+        let group = router
+            .groups
+            .get(name)
+            .ok_or_else(|| format!("no upstream {name:?}"))?;
+        let endpoint = group
+            .representative(router.sample_namespace(name))
+            .ok_or_else(|| "a template with no namespace routed to it yet".to_string())?;
+        drop(router);
+        endpoint.probe(timeout).await
+    }
+
+    /// Upstream names and the address that stands for each (templates: filled in as in
+    /// [`Upstreams::probe`], or left with the placeholder).
+    pub fn addresses(&self) -> Vec<(String, String)> {
+        let router = self.router();
+        router
+            .groups
+            .values()
+            .map(|g| {
+                let address = g
+                    .representative(router.sample_namespace(g.name()))
+                    .map(|u| u.address.clone())
+                    .unwrap_or_else(|| g.config.address.clone());
+                (g.name().to_string(), address)
+            })
+            .collect()
+    }
+
+    /// Open connections of upstream `name` (0 when there is no such upstream).
+    pub fn open_connections(&self, name: &str) -> usize {
+        self.router()
+            .groups
+            .get(name)
+            .map_or(0, |g| g.open_connections())
+    }
+
+    /// The current client certificate of upstream `name`.
+    pub fn client_certificate(&self, name: &str) -> Option<Arc<ClientCredential>> {
+        self.router()
+            .groups
+            .get(name)
+            .and_then(|g| g.client_certificate())
+    }
+
     /// Seconds until the client certificate of upstream `name` expires.
     pub fn seconds_until_expiry(&self, name: &str) -> Option<f64> {
         self.router()
@@ -447,7 +549,11 @@ fn describe_changes(old: &Router, new: &Router) -> String {
     let mut moved: Vec<&String> = new
         .namespaces
         .iter()
-        .filter(|(k, g)| old.namespaces.get(*k).is_some_and(|o| o.name() != g.name()))
+        .filter(|(k, (g, n))| {
+            old.namespaces
+                .get(*k)
+                .is_some_and(|(o, on)| o.name() != g.name() || on != n)
+        })
         .map(|(k, _)| k)
         .collect();
     moved.sort();
@@ -505,9 +611,18 @@ mod tests {
             default_upstream = "cloud"
             [[namespaces]]
             name = "orders"
-            upstream = "local""#,
+            upstream = "local"
+            [[namespaces]]
+            name = "billing"
+            upstream = "cloud"
+            upstream_namespace = "billing-prod""#,
         );
         let router = Router::from_config(&c).unwrap();
+        // A translated namespace's endpoint is its upstream name's.
+        assert_eq!(
+            router.for_namespace("billing").unwrap().address,
+            "billing-prod.a1b2c.tmprl.cloud:7233"
+        );
         let payments = router.for_namespace("payments").unwrap();
         assert_eq!(payments.address, "payments.a1b2c.tmprl.cloud:7233");
         assert_eq!(payments.name, "cloud[payments]");
@@ -516,8 +631,8 @@ mod tests {
             &router.for_namespace("payments").unwrap()
         ));
         assert_eq!(
-            router.for_namespace("billing").unwrap().address,
-            "billing.a1b2c.tmprl.cloud:7233"
+            router.for_namespace("refunds").unwrap().address,
+            "refunds.a1b2c.tmprl.cloud:7233"
         );
         assert_eq!(
             router.for_namespace("orders").unwrap().address,

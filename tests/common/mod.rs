@@ -6,6 +6,7 @@ pub mod browser;
 pub mod jwt;
 pub mod moto;
 pub mod nginx;
+pub mod ops;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

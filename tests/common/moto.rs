@@ -91,11 +91,11 @@ impl Moto {
 
     /// Creates a symmetric key (and an alias for it); returns its ARN.
     pub async fn create_key(&self, alias: Option<&str>) -> String {
-        let client = self
-            .config("unused")
-            .sdk_client()
-            .await
-            .expect("KMS client");
+        // Set-up is not what is measured: give moto time on a loaded machine (its first
+        // request is slow), unlike the tight timeout the tests put on the proxy's calls.
+        let mut config = self.config("unused");
+        config.timeout = Duration::from_secs(20);
+        let client = config.sdk_client().await.expect("KMS client");
         let created = client.create_key().send().await;
         let arn = created
             .unwrap_or_else(|e| panic!("CreateKey: {e:?}\n{}", self.log_text()))

@@ -159,6 +159,7 @@ impl<'a> Walk<'a> {
         let child = PathNode {
             parent: node,
             segment: Segment::Field(ENCODED_ATTRIBUTES),
+            failure_attributes: true,
         };
         let payload =
             encode_attributes(message, stack_trace).map_err(|e| WalkError::FailureAttributes {
@@ -221,6 +222,7 @@ impl<'a> Walk<'a> {
         let child = PathNode {
             parent: node,
             segment: Segment::Field(ENCODED_ATTRIBUTES),
+            failure_attributes: true,
         };
         let opened = self.visit(Some(&child), encoded, false)?;
         let restored = match opened.as_deref() {

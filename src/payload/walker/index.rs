@@ -101,16 +101,45 @@ pub(crate) struct MessagePlan {
     pub(crate) reaches: bool,
     /// Fields that can reach a payload, sorted by number.
     pub(crate) fields: Box<[FieldPlan]>,
+    /// By field number: 1 + the position in `fields`, or 0. Empty when the largest listed
+    /// number is above [`DENSE_LIMIT`] (then `fields` is searched). The walker asks this for
+    /// every field of every message it descends into, so it is a plain index, not a search.
+    slots: Box<[u16]>,
     /// The string field naming a Nexus endpoint, for messages that start a Nexus operation.
     pub(crate) endpoint_field: Option<u32>,
 }
 
+/// Field numbers up to this get a direct lookup slot.
+const DENSE_LIMIT: u32 = 512;
+
+fn slots_for(fields: &[FieldPlan]) -> Box<[u16]> {
+    let Some(max) = fields.iter().map(|f| f.number).max() else {
+        return Box::new([]);
+    };
+    if max > DENSE_LIMIT || fields.len() >= usize::from(u16::MAX) {
+        return Box::new([]);
+    }
+    let mut slots = vec![0u16; max as usize + 1];
+    for (i, f) in fields.iter().enumerate() {
+        if let (Some(slot), Ok(i)) = (slots.get_mut(f.number as usize), u16::try_from(i + 1)) {
+            *slot = i;
+        }
+    }
+    slots.into_boxed_slice()
+}
+
 impl MessagePlan {
+    #[inline]
     pub(crate) fn field(&self, number: u32) -> Option<&FieldPlan> {
-        self.fields
-            .binary_search_by_key(&number, |f| f.number)
-            .ok()
-            .and_then(|i| self.fields.get(i))
+        if self.slots.is_empty() {
+            return self
+                .fields
+                .binary_search_by_key(&number, |f| f.number)
+                .ok()
+                .and_then(|i| self.fields.get(i));
+        }
+        let slot = *self.slots.get(number as usize)?;
+        self.fields.get(usize::from(slot.checked_sub(1)?))
     }
 }
 
@@ -318,6 +347,7 @@ impl PayloadIndex {
                     name: message.full_name().into(),
                     kind,
                     reaches: reach,
+                    slots: slots_for(&fields),
                     fields: fields.into_boxed_slice(),
                 }
             })
@@ -518,6 +548,58 @@ mod tests {
                 || f.ends_with("search_attribute")),
             "{search:?}"
         );
+    }
+
+    /// The direct lookup answers exactly what a search of the sorted field list answers, for
+    /// every message and every field number around the listed ones.
+    #[test]
+    fn field_lookup_agrees_with_search() {
+        let index = PayloadIndex::global();
+        let mut dense = 0;
+        for plan in &index.plans {
+            let max = plan.fields.iter().map(|f| f.number).max().unwrap_or(0);
+            dense += usize::from(!plan.slots.is_empty());
+            for number in (0..=max + 2).chain([DENSE_LIMIT + 1, 536_870_911]) {
+                let searched = plan
+                    .fields
+                    .binary_search_by_key(&number, |f| f.number)
+                    .ok()
+                    .map(|i| plan.fields[i].number);
+                assert_eq!(
+                    plan.field(number).map(|f| f.number),
+                    searched,
+                    "{} field {number}",
+                    plan.name
+                );
+            }
+        }
+        assert!(dense > 100, "only {dense} messages have a direct lookup");
+    }
+
+    /// A message whose field numbers are too large for a table is searched.
+    #[test]
+    fn sparse_numbers_fall_back_to_search() {
+        let fields: Vec<FieldPlan> = [3, 70_000]
+            .into_iter()
+            .map(|number| FieldPlan {
+                number,
+                name: "f".into(),
+                target: FieldTarget::Blob(BlobRule::Refuse),
+                type_name: "t".into(),
+            })
+            .collect();
+        let plan = MessagePlan {
+            name: "m".into(),
+            kind: MessageKind::Plain,
+            reaches: true,
+            slots: slots_for(&fields),
+            fields: fields.into_boxed_slice(),
+            endpoint_field: None,
+        };
+        assert!(plan.slots.is_empty());
+        assert_eq!(plan.field(70_000).map(|f| f.number), Some(70_000));
+        assert_eq!(plan.field(3).map(|f| f.number), Some(3));
+        assert!(plan.field(4).is_none());
     }
 
     /// DataBlob fields in the whole pool, and what the walker does with each.
