@@ -51,7 +51,8 @@ async fn a_long_poll_held_past_sixty_seconds_completes_normally() {
     let held = started.elapsed();
     assert!(response.get_ref().task_token.is_empty());
     assert!(
-        held >= Duration::from_secs(65),
+        // Past any 60 s idle timer; under heavy load the server has answered as early as 64.6 s.
+        held >= Duration::from_secs(62),
         "the poll came back early ({held:?}): something cut it"
     );
 
