@@ -513,10 +513,7 @@ impl Walk<'_, '_> {
                 type_url = Some(field.value);
             }
         }
-        let Some(name) = type_url
-            .and_then(|url| std::str::from_utf8(url).ok())
-            .and_then(|url| url.rsplit('/').next())
-        else {
+        let Some(name) = wire::any_message_name(type_url) else {
             return Ok(0);
         };
         let index = self.index;

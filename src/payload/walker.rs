@@ -841,11 +841,7 @@ impl<'a> Walk<'a> {
                 }
             }
         }
-        // `type.googleapis.com/temporal.api.update.v1.Request`: the name follows the last '/'.
-        let Some(name) = type_url
-            .and_then(|url| std::str::from_utf8(url).ok())
-            .and_then(|url| url.rsplit('/').next())
-        else {
+        let Some(name) = wire::any_message_name(type_url) else {
             return Ok(0);
         };
         let index = self.index;

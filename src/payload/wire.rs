@@ -246,6 +246,14 @@ pub fn validate_and_find_string(
 }
 
 /// Appends a length-delimited field.
+/// The message name an `Any`'s type URL names: `type.googleapis.com/temporal.api.update.v1.Request`
+/// → `temporal.api.update.v1.Request` (the name follows the last '/').
+pub fn any_message_name(type_url: Option<&[u8]>) -> Option<&str> {
+    type_url
+        .and_then(|url| std::str::from_utf8(url).ok())
+        .and_then(|url| url.rsplit('/').next())
+}
+
 pub fn put_len_field(out: &mut Vec<u8>, number: u32, value: &[u8]) {
     put_varint(out, (u64::from(number) << 3) | 2);
     put_varint(out, value.len() as u64);
