@@ -25,6 +25,11 @@ impl GrpcBody {
     pub fn empty() -> Self {
         GrpcBody::default()
     }
+
+    /// The data frame and the trailers still to be sent.
+    pub fn into_parts(self) -> (Option<Bytes>, Option<HeaderMap>) {
+        (self.data, self.trailers)
+    }
 }
 
 impl Body for GrpcBody {
@@ -48,4 +53,53 @@ impl Body for GrpcBody {
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
     }
+}
+
+/// Why reading an HTTP/2 body failed.
+#[derive(Debug)]
+pub enum BodyError {
+    /// More than the limit arrived.
+    TooLarge,
+    /// The stream or the connection broke off.
+    Interrupted(String),
+}
+
+/// Reads a whole HTTP/2 body (at most `limit` bytes) and its trailers, giving the flow-control
+/// window back as data is consumed. A body of one DATA frame is returned without a copy.
+pub async fn collect_h2(
+    stream: &mut h2::RecvStream,
+    limit: usize,
+) -> Result<(Bytes, HeaderMap), BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.data().await {
+        let chunk = chunk.map_err(|e| BodyError::Interrupted(e.to_string()))?;
+        let len = chunk.len();
+        total += len;
+        if total > limit {
+            return Err(BodyError::TooLarge);
+        }
+        // A failure here only means the stream is already gone, which the next read reports.
+        let _ = stream.flow_control().release_capacity(len);
+        match &first {
+            None if rest.is_empty() => first = Some(chunk),
+            _ => {
+                if let Some(f) = first.take() {
+                    rest.extend_from_slice(&f);
+                }
+                rest.extend_from_slice(&chunk);
+            }
+        }
+    }
+    let trailers = stream
+        .trailers()
+        .await
+        .map_err(|e| BodyError::Interrupted(e.to_string()))?
+        .unwrap_or_default();
+    let body = match first {
+        Some(only) => only,
+        None => Bytes::from(rest),
+    };
+    Ok((body, trailers))
 }
