@@ -187,7 +187,7 @@ async fn run() {
             parse += t.elapsed();
             let t = Instant::now();
             let opened = sealer
-                .open("default", json::PAYLOADS, &encoded)
+                .open("default", json::PAYLOADS, &Bytes::from(encoded))
                 .await
                 .expect("open")
                 .expect("opened");

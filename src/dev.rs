@@ -341,6 +341,7 @@ fn dev_config(
                 require_client_cert: true,
             }),
             plaintext: false,
+            workers: None,
         },
         limits: Default::default(),
         upstreams,

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -20,6 +18,7 @@ use crate::authz::{AuditLog, AuthzLayer, BearerVerifier, PolicyStore};
 use crate::codec::{CodecDeps, CodecOptions, RunningCodec};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
+use crate::proxy::connection::{self, ConnectionSettings};
 use crate::proxy::{
     AuthnLayer, EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse,
     NamespaceLayer, NamespaceTranslation, TranslateLayer, TranslationStore,
@@ -30,6 +29,7 @@ use crate::telemetry::{
 };
 use crate::tls::{PeerInfo, ReloadableServerConfig};
 use crate::upstream::Upstreams;
+use crate::workers::{self, Workers};
 
 /// The call pipeline behind the edge, type-erased so stages can be added without touching the
 /// server.
@@ -462,10 +462,22 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         telemetry: telemetry.clone(),
         max_request_bytes: config.limits.max_request_bytes,
         handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
+        connection: ConnectionSettings {
+            handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
+            ..ConnectionSettings::default()
+        },
         grace: Duration::from_secs(config.limits.shutdown_grace_seconds),
         grace_over,
     };
-    let task = tokio::spawn(accept_loop(listener, settings, shutdown_rx));
+    let workers = Workers::start(
+        "portcullis-serve",
+        config
+            .listener
+            .workers
+            .unwrap_or_else(workers::default_count),
+    )
+    .context("cannot start the serving threads")?;
+    let task = tokio::spawn(accept_loop(listener, settings, workers, shutdown_rx));
     Ok(RunningProxy {
         local_addr,
         upstreams,
@@ -555,6 +567,7 @@ struct ServeSettings {
     telemetry: Arc<Telemetry>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
+    connection: ConnectionSettings,
     grace: Duration,
     /// Set when the grace period is over: running calls end with UNAVAILABLE.
     grace_over: watch::Sender<bool>,
@@ -563,10 +576,12 @@ struct ServeSettings {
 async fn accept_loop(
     listener: Listener,
     settings: ServeSettings,
+    workers: Workers,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let settings = Arc::new(settings);
-    let graceful = GracefulShutdown::new();
+    // Tells every connection to send GOAWAY and finish the calls it has.
+    let (closing, closing_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -577,9 +592,9 @@ async fn accept_loop(
         match accepted {
             Ok((io, remote)) => {
                 let settings = settings.clone();
-                let watcher = graceful.watcher();
-                connections.spawn(async move {
-                    serve_connection(io, remote, settings, watcher).await;
+                let closing = closing_rx.clone();
+                workers.spawn_connection(&mut connections, async move {
+                    serve_connection(io, remote, settings, closing).await;
                 });
             }
             Err(e) => {
@@ -593,44 +608,73 @@ async fn accept_loop(
         let _ = std::fs::remove_file(path);
     }
     drop(listener);
-    let drained = graceful.shutdown();
-    tokio::pin!(drained);
-    if tokio::time::timeout(settings.grace, &mut drained)
-        .await
-        .is_err()
-    {
+    let _ = closing.send(true);
+    let drained = tokio::time::timeout(settings.grace, drain(&mut connections)).await;
+    if drained.is_err() {
         tracing::warn!(grace = ?settings.grace, "in-flight calls still running after the grace period: ending them with UNAVAILABLE");
         let _ = settings.grace_over.send(true);
         // Let those answers reach their callers before the connections close.
-        let _ = tokio::time::timeout(Duration::from_secs(2), &mut drained).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain(&mut connections)).await;
     }
     connections.shutdown().await;
+    // Stops the serving threads (off the runtime: it joins them).
+    let _ = tokio::task::spawn_blocking(move || drop(workers)).await;
+}
+
+async fn drain(connections: &mut JoinSet<()>) {
+    while connections.join_next().await.is_some() {}
 }
 
 type BoxedIo = Box<dyn AsyncIo>;
 trait AsyncIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncIo for T {}
 
-async fn accept(listener: &Listener) -> std::io::Result<(BoxedIo, String)> {
+/// An accepted socket, not yet registered with any runtime: the serving thread that takes it
+/// registers it with its own.
+enum Accepted {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Accepted {
+    fn register(self) -> std::io::Result<BoxedIo> {
+        Ok(match self {
+            Accepted::Tcp(stream) => Box::new(tokio::net::TcpStream::from_std(stream)?),
+            Accepted::Unix(stream) => Box::new(tokio::net::UnixStream::from_std(stream)?),
+        })
+    }
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Accepted, String)> {
     match listener {
         Listener::Tcp(l) => {
             let (stream, addr) = l.accept().await?;
             let _ = stream.set_nodelay(true);
-            Ok((Box::new(stream), addr.to_string()))
+            Ok((Accepted::Tcp(stream.into_std()?), addr.to_string()))
         }
         Listener::Unix(l, path) => {
             let (stream, _) = l.accept().await?;
-            Ok((Box::new(stream), format!("unix:{}", path.display())))
+            Ok((
+                Accepted::Unix(stream.into_std()?),
+                format!("unix:{}", path.display()),
+            ))
         }
     }
 }
 
 async fn serve_connection(
-    io: BoxedIo,
+    accepted: Accepted,
     remote: String,
     settings: Arc<ServeSettings>,
-    watcher: hyper_util::server::graceful::Watcher,
+    closing: watch::Receiver<bool>,
 ) {
+    let io = match accepted.register() {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::warn!(peer = %remote, error = %e, "cannot take the accepted connection");
+            return;
+        }
+    };
     let (io, peer): (BoxedIo, PeerInfo) = match &settings.tls {
         Some(tls) => {
             // The current configuration: a reloaded certificate applies from the next handshake.
@@ -667,19 +711,8 @@ async fn serve_connection(
         Arc::new(peer),
         settings.max_request_bytes,
     );
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        // Detect dead peers; never an idle timeout (long polls sit quietly for ~70 s).
-        .keep_alive_interval(Some(Duration::from_secs(60)))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .adaptive_window(true)
-        .max_frame_size(1 << 20)
-        .max_concurrent_streams(1000)
-        .max_header_list_size(64 * 1024);
-    let connection = builder.serve_connection(TokioIo::new(io), edge);
     settings.telemetry.connection_opened();
-    if let Err(e) = watcher.watch(connection).await {
+    if let Err(e) = connection::serve(io, edge, &settings.connection, closing).await {
         tracing::debug!(error = %e, "connection closed with error");
     }
     settings.telemetry.connection_closed();

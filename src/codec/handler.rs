@@ -294,15 +294,16 @@ impl PeerService {
         };
         audit(Some(count));
         let encryption = &service.deps.encryption;
+        let encoded = Bytes::from(encoded);
         let result = match operation {
             Operation::Decode => encryption.open(&namespace, json::PAYLOADS, &encoded).await,
             Operation::Encode => encryption
-                .seal(&namespace, json::PAYLOADS, &Bytes::from(encoded.clone()))
+                .seal(&namespace, json::PAYLOADS, &encoded)
                 .await
                 .map(|sealed| sealed.map(|b| b.to_vec())),
         };
         let output = match result {
-            Ok(Some(changed)) => changed,
+            Ok(Some(changed)) => Bytes::from(changed),
             Ok(None) => encoded,
             Err(e) => {
                 tracing::info!(namespace, operation = operation.audit_method(), error = %e, "codec request failed");

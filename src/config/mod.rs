@@ -66,6 +66,10 @@ pub struct ListenerConfig {
     /// Serve without TLS. Allowed only on a loopback address or a Unix socket (sidecar use).
     #[serde(default)]
     pub plaintext: bool,
+    /// Threads serving client connections (each connection and its calls stay on one).
+    /// Default: one per core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
 }
 
 /// `[admin]`: a plain-HTTP listener with `/metrics`, `/healthz` and `/readyz`.

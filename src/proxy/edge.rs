@@ -1,26 +1,24 @@
 //! The HTTP/2 edge: routes by path, reads and unframes the unary request, and writes the answer.
 //! Every [`ProxyError`] becomes a gRPC status here, and only here.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use h2::RecvStream;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tower::{Service, ServiceExt};
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::error::ProxyError;
+use crate::grpc::body::{collect_h2, BodyError};
 use crate::grpc::frame::{self, Direction, Encoding, HEADER_LEN};
 use crate::grpc::headers::{self, GRPC_ENCODING, GRPC_TIMEOUT};
 use crate::grpc::GrpcBody;
 use crate::schema::Schema;
 use crate::tls::PeerInfo;
 
-/// Per-connection hyper service in front of the call pipeline `S`.
+/// Per-connection front of the call pipeline `S`: HTTP/2 request in, gRPC response out.
 #[derive(Clone)]
 pub struct GrpcEdge<S> {
     pipeline: S,
@@ -38,24 +36,6 @@ impl<S> GrpcEdge<S> {
     }
 }
 
-impl<S> hyper::service::Service<Request<Incoming>> for GrpcEdge<S>
-where
-    S: Service<GrpcRequest, Response = GrpcResponse, Error = ProxyError, Future = CallFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response<GrpcBody>;
-    type Error = std::convert::Infallible;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Response<GrpcBody>, std::convert::Infallible>> + Send>>;
-
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let edge = self.clone();
-        Box::pin(async move { Ok(edge.handle(request).await) })
-    }
-}
-
 impl<S> GrpcEdge<S>
 where
     S: Service<GrpcRequest, Response = GrpcResponse, Error = ProxyError, Future = CallFuture>
@@ -63,7 +43,8 @@ where
         + Send
         + 'static,
 {
-    async fn handle(self, request: Request<Incoming>) -> Response<GrpcBody> {
+    /// Answers one HTTP/2 request: every outcome, success or error, is a gRPC response.
+    pub async fn handle(self, request: Request<RecvStream>) -> Response<GrpcBody> {
         let path = request.uri().path().to_string();
         let respond_gzip =
             request_is_gzip(request.headers()) && headers::accepts_gzip(request.headers());
@@ -84,7 +65,7 @@ where
 }
 
 async fn read_call(
-    request: Request<Incoming>,
+    request: Request<RecvStream>,
     peer: Arc<PeerInfo>,
     limit: usize,
 ) -> Result<GrpcRequest, ProxyError> {
@@ -125,15 +106,15 @@ async fn read_call(
     })
 }
 
-async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, limit + HEADER_LEN).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::MessageTooLarge {
+async fn read_body(mut body: RecvStream, limit: usize) -> Result<Bytes, ProxyError> {
+    match collect_h2(&mut body, limit + HEADER_LEN).await {
+        Ok((data, _trailers)) => Ok(data),
+        Err(BodyError::TooLarge) => Err(ProxyError::MessageTooLarge {
             what: "request",
             size: format!("more than {limit} bytes"),
             limit,
         }),
-        Err(e) => Err(ProxyError::RequestBody(e.to_string())),
+        Err(BodyError::Interrupted(e)) => Err(ProxyError::RequestBody(e)),
     }
 }
 

@@ -23,6 +23,23 @@ use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError};
 
 const STATUS_DETAILS: &str = "grpc-status-details-bin";
 
+/// Messages at least this large are sealed and opened on a blocking thread: a serving thread
+/// runs every call of its connections and must not stall them for milliseconds.
+const OFF_THREAD_BYTES: usize = 256 * 1024;
+
+/// Runs `work` here when `size` is small, else on tokio's blocking pool.
+async fn off_thread_if_large<T: Send + 'static>(
+    size: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ProxyError> {
+    if size < OFF_THREAD_BYTES {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ProxyError::Encryption(format!("the sealing task failed: {e}")))
+}
+
 /// Data key managers per namespace, and how to seal.
 pub struct Encryption {
     index: &'static PayloadIndex,
@@ -239,7 +256,7 @@ impl Encryption {
     pub async fn seal(
         &self,
         namespace: &str,
-        message_type: &str,
+        message_type: &'static str,
         message: &Bytes,
     ) -> Result<Option<Bytes>, ProxyError> {
         if self.index.reaches(message_type) == Some(false) {
@@ -255,8 +272,12 @@ impl Encryption {
         } else {
             FailureMode::Keep
         };
-        let sealed = message::seal_message(self.index, message_type, message, &key, failures)
-            .map_err(|e| walk_error(e, message_type, true))?;
+        let (index, plain) = (self.index, message.clone());
+        let sealed = off_thread_if_large(message.len(), move || {
+            message::seal_message(index, message_type, &plain, &key, failures)
+        })
+        .await?
+        .map_err(|e| walk_error(e, message_type, true))?;
         match sealed {
             Some(sealed) if sealed.len() > self.upstream_max_request_bytes => {
                 Err(ProxyError::MessageTooLarge {
@@ -277,8 +298,8 @@ impl Encryption {
     pub async fn open(
         &self,
         namespace: &str,
-        message_type: &str,
-        message: &[u8],
+        message_type: &'static str,
+        message: &Bytes,
     ) -> Result<Option<Vec<u8>>, ProxyError> {
         if self.index.reaches(message_type) == Some(false) {
             return Ok(None);
@@ -289,8 +310,12 @@ impl Encryption {
             // slipping by unopened.
             pass_through: self.on_open_failure == OpenFailurePolicy::PassThrough,
         };
-        let plan = message::plan_open(self.index, message_type, message, options)
-            .map_err(|e| walk_error(e, message_type, false))?;
+        let (index, sealed) = (self.index, message.clone());
+        let plan = off_thread_if_large(message.len(), move || {
+            message::plan_open(index, message_type, &sealed, options)
+        })
+        .await?
+        .map_err(|e| walk_error(e, message_type, false))?;
         if plan.refs().is_empty() {
             return Ok(None);
         }
@@ -305,8 +330,12 @@ impl Encryption {
             }
             Err(e) => return Err(crypto_error(e)),
         };
-        plan.open(self.index, message_type, message, &keys)
-            .map_err(|e| walk_error(e, message_type, false))
+        let sealed = message.clone();
+        off_thread_if_large(message.len(), move || {
+            plan.open(index, message_type, &sealed, &keys)
+        })
+        .await?
+        .map_err(|e| walk_error(e, message_type, false))
     }
 
     /// Opens payloads inside `grpc-status-details-bin` (QueryFailedFailure, …), in place.
@@ -322,7 +351,10 @@ impl Encryption {
             // Not ours to judge: pass details we cannot parse through untouched.
             return Ok(());
         };
-        if let Some(opened) = self.open(namespace, walker::GRPC_STATUS, &raw).await? {
+        if let Some(opened) = self
+            .open(namespace, walker::GRPC_STATUS, &Bytes::from(raw))
+            .await?
+        {
             if let Ok(value) = HeaderValue::from_str(&STANDARD_NO_PAD.encode(opened)) {
                 headers.insert(STATUS_DETAILS, value);
             }

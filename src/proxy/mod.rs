@@ -8,6 +8,7 @@
 //! ```
 
 mod authn;
+pub mod connection;
 mod edge;
 pub mod encrypt;
 mod forward;

@@ -70,9 +70,8 @@ pub struct Upstream {
     settings: ConnectSettings,
     scheme: Scheme,
     authority: Authority,
-    pool: Mutex<Pool>,
-    /// Held while connecting: one connection attempt at a time.
-    connecting: tokio::sync::Mutex<()>,
+    /// Connections per serving thread (see [`Upstream::shard`]).
+    shards: Box<[Shard]>,
     next_id: AtomicU64,
     /// Replaces the caller's `authorization` header.
     api_key: Option<Arc<ApiKey>>,
@@ -84,6 +83,24 @@ impl std::fmt::Debug for Upstream {
             .field("name", &self.name)
             .field("address", &self.address)
             .finish()
+    }
+}
+
+/// One serving thread's connections: a call uses connections driven on its own thread, so
+/// neither the request nor the answer has to wake another thread.
+#[derive(Default)]
+struct Shard {
+    pool: Mutex<Pool>,
+    /// Held while connecting: one connection attempt at a time.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Shard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        match self.pool.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 }
 
@@ -149,49 +166,12 @@ pub struct UpstreamBody {
     _active: ActiveCall,
 }
 
-#[derive(Debug)]
-pub enum BodyError {
-    TooLarge,
-    Interrupted(String),
-}
+pub use crate::grpc::body::BodyError;
 
 impl UpstreamBody {
     /// Reads the whole body (at most `limit` bytes) and the trailers.
     pub async fn collect(mut self, limit: usize) -> Result<(Bytes, HeaderMap), BodyError> {
-        let mut first: Option<Bytes> = None;
-        let mut rest: Vec<u8> = Vec::new();
-        let mut total = 0usize;
-        while let Some(chunk) = self.stream.data().await {
-            let chunk = chunk.map_err(|e| BodyError::Interrupted(e.to_string()))?;
-            let len = chunk.len();
-            total += len;
-            if total > limit {
-                return Err(BodyError::TooLarge);
-            }
-            // Give the window back as the data is consumed; a failure here only means the
-            // stream is already gone, which the next read reports.
-            let _ = self.stream.flow_control().release_capacity(len);
-            match &first {
-                None if rest.is_empty() => first = Some(chunk),
-                _ => {
-                    if let Some(f) = first.take() {
-                        rest.extend_from_slice(&f);
-                    }
-                    rest.extend_from_slice(&chunk);
-                }
-            }
-        }
-        let trailers = self
-            .stream
-            .trailers()
-            .await
-            .map_err(|e| BodyError::Interrupted(e.to_string()))?
-            .unwrap_or_default();
-        let body = match first {
-            Some(only) => only,
-            None => Bytes::from(rest),
-        };
-        Ok((body, trailers))
+        crate::grpc::body::collect_h2(&mut self.stream, limit).await
     }
 }
 
@@ -223,8 +203,10 @@ impl Upstream {
             settings,
             scheme,
             authority,
-            pool: Mutex::default(),
-            connecting: tokio::sync::Mutex::new(()),
+            // Shard 0 for every thread that is not a serving thread (control runtime, probes).
+            shards: (0..=crate::workers::default_count())
+                .map(|_| Shard::default())
+                .collect(),
             next_id: AtomicU64::new(1),
             api_key,
         }
@@ -310,7 +292,7 @@ impl Upstream {
             return Ok(connection);
         }
         let waiting_since = Instant::now();
-        let _guard = self.connecting.lock().await;
+        let _guard = self.shard().connecting.lock().await;
         // Someone else may have connected (or failed) while this call waited.
         if let Some(connection) = self.pick() {
             return Ok(connection);
@@ -333,11 +315,17 @@ impl Upstream {
         }
     }
 
+    /// The current thread's connections.
+    fn shard(&self) -> &Shard {
+        let index = match crate::workers::current_shard() {
+            Some(worker) if self.shards.len() > 1 => 1 + worker % (self.shards.len() - 1),
+            _ => 0,
+        };
+        &self.shards[index]
+    }
+
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
-        match self.pool.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.shard().lock()
     }
 
     fn add(&self, connection: Arc<Connection>) {
@@ -402,7 +390,7 @@ impl Upstream {
     /// Adds one connection in the background (pool short, or a new certificate to move to).
     async fn warm(self: Arc<Self>) {
         let result = {
-            let _guard = self.connecting.lock().await;
+            let _guard = self.shard().connecting.lock().await;
             self.connect().await
         };
         let mut pool = self.lock_pool();
@@ -562,17 +550,25 @@ impl Upstream {
     /// counted).
     pub fn open_connections(&self) -> usize {
         let now = SystemTime::now();
-        self.lock_pool()
-            .connections
+        self.shards
             .iter()
-            .filter(|c| c.usable(now))
-            .count()
+            .map(|shard| {
+                shard
+                    .lock()
+                    .connections
+                    .iter()
+                    .filter(|c| c.usable(now))
+                    .count()
+            })
+            .sum()
     }
 
     /// Drops connections that take no new calls from the pool.
     fn prune(&self) {
         let now = SystemTime::now();
-        self.lock_pool().connections.retain(|c| c.usable(now));
+        for shard in self.shards.iter() {
+            shard.lock().connections.retain(|c| c.usable(now));
+        }
     }
 
     /// Seconds until the client certificate expires (None without one). Negative once expired.
