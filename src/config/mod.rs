@@ -489,6 +489,11 @@ impl Config {
         if self.limits.max_request_bytes == 0 || self.limits.max_response_bytes == 0 {
             return invalid("limits must be positive".into());
         }
+        if let Some(workers) = self.listener.workers {
+            if !(1..=256).contains(&workers) {
+                return invalid(format!("listener.workers must be 1-256, not {workers}"));
+            }
+        }
         if let Some(admin) = &self.admin {
             if admin.listen.parse::<SocketAddr>().is_err() {
                 return invalid(format!("admin.listen {:?} is not IP:PORT", admin.listen));
@@ -750,6 +755,25 @@ mod tests {
         assert_eq!(c.limits.max_request_bytes, 4 * 1024 * 1024);
         assert!(c.listener.tls.as_ref().unwrap().require_client_cert);
         assert_eq!(c.namespaces[0].upstream, "local");
+    }
+
+    #[test]
+    fn serving_threads_are_bounded() {
+        let with = |n: &str| {
+            MINIMAL.replace(
+                "address = \"127.0.0.1:7443\"",
+                &format!("address = \"127.0.0.1:7443\"\n        workers = {n}"),
+            )
+        };
+        assert_eq!(
+            Config::from_toml(&with("3")).unwrap().listener.workers,
+            Some(3)
+        );
+        assert_eq!(Config::from_toml(MINIMAL).unwrap().listener.workers, None);
+        for bad in ["0", "1000"] {
+            let err = Config::from_toml(&with(bad)).unwrap_err().to_string();
+            assert!(err.contains("listener.workers must be 1-256"), "{err}");
+        }
     }
 
     #[test]
