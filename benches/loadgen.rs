@@ -3,7 +3,10 @@
 //! ```text
 //! cargo bench --bench loadgen -- [--target fake|dev|both] [--concurrency N] [--duration SECS]
 //!     [--mix NAME=WEIGHT,...] [--payload-bytes N] [--moderate N] [--warmup SECS] [--connections N]
+//!     [--stages] [--rotation SECS] [--baselines]
 //! ```
+//!
+//! `--help` lists every option.
 //!
 //! The client is an mTLS (or, for direct baselines, plaintext h2c) HTTP/2 client built on hyper
 //! and rustls that sends raw gRPC unary calls: 5-byte framing around prost-encoded Temporal
@@ -15,11 +18,22 @@
 //!   numbers show the proxy's own cost. Paths: `direct-h2c` (plaintext to the fake),
 //!   `direct-mtls` (mTLS to an mTLS fake, the same client TLS cost as through the proxy) and
 //!   `proxy-mtls` (mTLS to the in-process proxy, which forwards in h2c to the fake).
+//!   `--baselines` adds two reference paths, measured at every concurrency point like the
+//!   proxy, to show what any intermediary costs on this machine: `relay-tcp` (a TCP byte relay,
+//!   `copy_bidirectional` with TCP_NODELAY, on its own runtime of `relay` threads, one per core,
+//!   in front of the mTLS fake: mTLS end to end, two extra loopback hops, no processing) and
+//!   `nginx-grpc` (`/usr/sbin/nginx`, a master and one worker process per core, terminating mTLS
+//!   like the proxy and `grpc_pass`ing in h2c to the fake over kept-alive connections). Both are
+//!   compared with the direct rows, and every proxy row with `nginx-grpc`; the latency goal
+//!   applies to proxy vs direct only. Without nginx, `--baselines` fails at once.
 //! * `dev`: a real Temporal dev server (`temporal server start-dev`). Paths: `direct-h2c` and
 //!   `proxy-mtls`.
 //!
 //! The load generator, the proxy and the fake upstream run on separate tokio runtimes (as they
-//! would in separate processes) in this one process; they share the machine's cores.
+//! would in separate processes) in this one process; they share the machine's cores. CPU per
+//! call is read from `/proc` by thread name (and per child process tree): the proxy column counts
+//! the proxy's threads, the relay's threads and nginx's processes; the upstream column the fake's
+//! threads or the dev server's processes.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -92,6 +106,9 @@ struct Args {
     /// Fake target: also measure the proxy forwarding over mTLS with a static client
     /// certificate and with issued certificates living this many seconds, in the same run.
     rotation: Option<u64>,
+    /// Fake target: also measure reference paths through other intermediaries in the same run
+    /// (`relay-tcp` and `nginx-grpc`), to show what any proxy costs on this machine.
+    baselines: bool,
 }
 
 const USAGE: &str = "\
@@ -112,6 +129,11 @@ usage: cargo bench --bench loadgen -- [options]
   --proxy-threads N        worker threads for the proxy's runtime (default: one per core, like the binary)
   --rotation SECS          fake target: also measure the proxy speaking mTLS to the upstream with a
                            static client certificate, and with issued ones living SECS seconds
+  --baselines              fake target: also measure two reference paths in the same run, to show
+                           what any proxy costs on this machine: relay-tcp (a TCP byte relay, mTLS
+                           end to end to the mTLS fake) and nginx-grpc (nginx at /usr/sbin/nginx
+                           terminating mTLS, grpc_pass to the h2c fake); compared with the direct
+                           rows, and each proxy row with nginx-grpc
   --bench                  ignored (cargo passes it)";
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -129,6 +151,7 @@ fn parse_args() -> anyhow::Result<Args> {
         stages: false,
         proxy_threads: None,
         rotation: None,
+        baselines: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -185,6 +208,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     Some(count(value("--proxy-threads")?, "--proxy-threads")?.max(1))
             }
             "--stages" => args.stages = true,
+            "--baselines" => args.baselines = true,
             "--rotation" => {
                 args.rotation = Some(count(value("--rotation")?, "--rotation")?.max(2) as u64)
             }
@@ -211,6 +235,9 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     if args.duration.is_zero() {
         bail!("--duration must be positive");
+    }
+    if args.baselines && args.target == Target::Dev {
+        bail!("--baselines measures the fake target only: use --target fake (or both)");
     }
     Ok(args)
 }
@@ -852,10 +879,247 @@ impl FakeUpstream {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Baselines (`--baselines`): other intermediaries on the same path, for reference
+
+/// A minimal TCP byte relay: every accepted connection is copied both ways to `upstream`, with
+/// no parsing at all (TCP_NODELAY on both sides). Runs on its own runtime, whose threads are
+/// named `relay…` so their CPU counts as the proxy's. Stops when dropped.
+struct TcpRelay {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TcpRelay {
+    fn start(handle: &Handle, upstream: SocketAddr) -> anyhow::Result<TcpRelay> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let task = handle.spawn(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("loadgen: TCP relay cannot listen: {e}");
+                    return;
+                }
+            };
+            // Dropping this set (when the task is aborted) aborts every connection.
+            let mut connections = JoinSet::new();
+            loop {
+                while connections.try_join_next().is_some() {}
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                connections.spawn(async move {
+                    let mut outbound = match TcpStream::connect(upstream).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("loadgen: TCP relay cannot connect to {upstream}: {e}");
+                            return;
+                        }
+                    };
+                    if let Err(e) = inbound
+                        .set_nodelay(true)
+                        .and_then(|()| outbound.set_nodelay(true))
+                    {
+                        eprintln!("loadgen: TCP relay cannot set TCP_NODELAY: {e}");
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        Ok(TcpRelay { addr, task })
+    }
+}
+
+const NGINX: &str = "/usr/sbin/nginx";
+
+/// Child processes whose CPU (with their descendants') counts as the proxy's, not the
+/// upstream's: the nginx baseline's master process.
+static PROXY_PROCESSES: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// nginx (Debian `nginx-light`) terminating mTLS like the proxy and passing gRPC in h2c to an
+/// upstream over kept-alive connections. A master and `workers` worker processes; stopped (and
+/// its temp dir removed) when dropped, also on error paths.
+struct NginxBaseline {
+    child: std::process::Child,
+    addr: SocketAddr,
+    error_log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NginxBaseline {
+    async fn start(
+        pki: &Pki,
+        upstream: SocketAddr,
+        workers: usize,
+    ) -> anyhow::Result<NginxBaseline> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path();
+        let port = portcullis::dev::free_port()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let error_log = root.join("error.log");
+        // As root, nginx would run its workers as an unprivileged user that cannot read the
+        // temp dirs (certificates, this config).
+        let user = if rustix::process::geteuid().is_root() {
+            "user root;"
+        } else {
+            ""
+        };
+        let config = format!(
+            r#"
+daemon off;
+master_process on;
+worker_processes {workers};
+{user}
+pid {root}/nginx.pid;
+error_log {error_log} warn;
+events {{ worker_connections 1024; }}
+http {{
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    access_log off;
+    client_max_body_size 16m;
+    keepalive_timeout 120s;
+    # The client keeps its one connection for the whole measurement (like a gRPC channel):
+    # nginx's default (1000 requests, then GOAWAY) would break it.
+    keepalive_requests 1000000000;
+    # nginx speaks HTTP/2 to a grpc:// upstream (there is no version to choose), one call per
+    # upstream connection; `keepalive` keeps up to 16 idle ones per worker for reuse, without
+    # closing them after 1000 requests (the default).
+    upstream fake {{
+        server {upstream};
+        keepalive 16;
+        keepalive_requests 1000000000;
+        keepalive_timeout 120s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_verify_client on;
+        ssl_client_certificate {ca};
+        ssl_verify_depth 2;
+        location / {{
+            grpc_pass grpc://fake;
+            grpc_read_timeout 60s;
+            grpc_send_timeout 60s;
+        }}
+    }}
+}}
+"#,
+            root = root.display(),
+            error_log = error_log.display(),
+            cert = pki.server_cert.display(),
+            key = pki.server_key.display(),
+            ca = pki.ca.display(),
+        );
+        let config_path = root.join("nginx.conf");
+        std::fs::write(&config_path, config)?;
+        let child = std::process::Command::new(NGINX)
+            .arg("-c")
+            .arg(&config_path)
+            .arg("-p")
+            .arg(root)
+            // Errors before the config is read (the build's default is stderr) go here too.
+            .arg("-e")
+            .arg(&error_log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {NGINX}"))?;
+        if let Ok(mut pids) = PROXY_PROCESSES.lock() {
+            pids.push(child.id());
+        }
+        // From here on, dropping `nginx` stops it.
+        let mut nginx = NginxBaseline {
+            child,
+            addr,
+            error_log,
+            _dir: dir,
+        };
+        nginx.wait_ready().await?;
+        Ok(nginx)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "nginx exited ({status}) at start; its error log:\n{}",
+                    self.error_log()
+                );
+            }
+            if TcpStream::connect(self.addr).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "nginx did not accept connections on {} within 10 s; its error log:\n{}",
+                    self.addr,
+                    self.error_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn error_log(&self) -> String {
+        match std::fs::read_to_string(&self.error_log) {
+            Ok(text) if !text.trim().is_empty() => text,
+            _ => "(empty)".into(),
+        }
+    }
+}
+
+impl Drop for NginxBaseline {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        if let Ok(mut pids) = PROXY_PROCESSES.lock() {
+            pids.retain(|p| *p != pid);
+        }
+        let workers = descendants(pid);
+        // SIGTERM: the master stops its workers, waits for them and exits.
+        if let Some(master) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(master, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // It did not stop in time: kill the master, then its orphaned workers.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for worker in workers {
+            if let Some(worker) = rustix::process::Pid::from_raw(worker as i32) {
+                let _ = rustix::process::kill_process(worker, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // CPU accounting (from /proc, by thread name; 10 ms tick resolution, fine over seconds)
 
-/// CPU seconds used so far by: this process's load-generator threads, the proxy's runtime
-/// threads, the fake upstream's threads plus child processes (the Temporal dev server).
+/// CPU seconds used so far by: this process's load-generator threads; the proxy's runtime
+/// threads, the TCP relay's threads and the nginx baseline's processes (`PROXY_PROCESSES`);
+/// the fake upstream's threads plus other child processes (the Temporal dev server). A child
+/// process counts with all its descendants.
 #[derive(Debug, Clone, Copy, Default)]
 struct CpuSample {
     loadgen: f64,
@@ -874,13 +1138,57 @@ fn ticks_from_stat(stat: &str) -> Option<(String, u64)> {
     Some((name, utime + stime))
 }
 
+/// The pids of a process's children (from every one of its threads).
+fn children(pid: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// Every descendant of a process (children, their children, …).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(pid) = queue.pop() {
+        for child in children(&pid.to_string()) {
+            if !out.contains(&child) {
+                out.push(child);
+                queue.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// CPU ticks used so far by a process (all its threads) and its living descendants.
+fn process_tree_ticks(pid: u32) -> u64 {
+    std::iter::once(pid)
+        .chain(descendants(pid))
+        .filter_map(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| ticks_from_stat(&s))
+        })
+        .map(|(_, ticks)| ticks)
+        .sum()
+}
+
 fn cpu_sample() -> CpuSample {
     const TICK: f64 = 0.01; // USER_HZ is 100 on Linux
     let mut sample = CpuSample::default();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return sample;
     };
-    let mut children = Vec::new();
     for task in tasks.flatten() {
         let dir = task.path();
         if let Some((name, ticks)) = std::fs::read_to_string(dir.join("stat"))
@@ -888,8 +1196,9 @@ fn cpu_sample() -> CpuSample {
             .and_then(|s| ticks_from_stat(&s))
         {
             let seconds = ticks as f64 * TICK;
-            // The proxy's runtime threads and its helper threads (audit writer, …).
-            if name.starts_with("portcullis") {
+            // The proxy's runtime threads and its helper threads (audit writer, …), and the
+            // TCP relay's.
+            if name.starts_with("portcullis") || name.starts_with("relay") {
                 sample.proxy += seconds;
             } else if name.starts_with("fake-upstream") {
                 sample.upstream += seconds;
@@ -897,17 +1206,18 @@ fn cpu_sample() -> CpuSample {
                 sample.loadgen += seconds;
             }
         }
-        if let Ok(list) = std::fs::read_to_string(dir.join("children")) {
-            children.extend(list.split_whitespace().map(str::to_string));
-        }
     }
-    for pid in children {
-        // A process's stat counts all its threads.
-        if let Some((_, ticks)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| ticks_from_stat(&s))
-        {
-            sample.upstream += ticks as f64 * TICK;
+    let proxy_processes = PROXY_PROCESSES
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    for pid in children("self") {
+        // A process's stat counts all its threads (not its children: they are added).
+        let seconds = process_tree_ticks(pid) as f64 * TICK;
+        if proxy_processes.contains(&pid) {
+            sample.proxy += seconds;
+        } else {
+            sample.upstream += seconds;
         }
     }
     sample
@@ -1281,9 +1591,29 @@ async fn run_fake(
     client_tls: &Arc<rustls::ClientConfig>,
     proxy_rt: &Handle,
     fake_rt: &Handle,
+    relay_rt: Option<&Handle>,
 ) -> anyhow::Result<Vec<Row>> {
     let plain = FakeUpstream::start(fake_rt, None)?;
     let mtls = FakeUpstream::start(fake_rt, Some(&pki.server_tls()))?;
+    // `--baselines`: (path label, endpoint, what keeps it running).
+    let mut baselines: Vec<(&'static str, Endpoint, Box<dyn std::any::Any + Send>)> = Vec::new();
+    if let Some(relay_rt) = relay_rt {
+        // mTLS end to end: the client's TLS session is with the mTLS fake (its certificate is
+        // for localhost, the name the client checks), the relay only copies bytes.
+        let relay = TcpRelay::start(relay_rt, mtls.addr)?;
+        let endpoint = Endpoint {
+            addr: relay.addr,
+            tls: Some(client_tls.clone()),
+        };
+        baselines.push((RELAY_PATH, endpoint, Box::new(relay)));
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let nginx = NginxBaseline::start(pki, plain.addr, workers).await?;
+        let endpoint = Endpoint {
+            addr: nginx.addr,
+            tls: Some(client_tls.clone()),
+        };
+        baselines.push((NGINX_PATH, endpoint, Box::new(nginx)));
+    }
     let proxy = start_proxy(
         proxy_rt,
         pki,
@@ -1384,6 +1714,9 @@ async fn run_fake(
                 )
                 .await?,
             );
+            for (label, endpoint, _) in &baselines {
+                rows.push(measure(args, requests, "fake", label, endpoint, concurrency).await?);
+            }
             rows.push(measure(args, requests, "fake", "proxy-mtls", &proxied, concurrency).await?);
             for (label, _, addr) in &extra {
                 let endpoint = Endpoint {
@@ -1400,6 +1733,7 @@ async fn run_fake(
     for (_, proxy, _) in extra {
         stop_proxy(proxy_rt, proxy).await;
     }
+    drop(baselines);
     drop((plain, mtls));
     outcome.map(|()| rows)
 }
@@ -1516,6 +1850,61 @@ async fn wait_until_ready(endpoint: &Endpoint) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Report
 
+/// The `--baselines` paths: other intermediaries, measured for reference.
+const RELAY_PATH: &str = "relay-tcp";
+const NGINX_PATH: &str = "nginx-grpc";
+
+/// What a comparison row compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Comparison {
+    /// A proxy row against a direct row: the only one the latency goal applies to.
+    ProxyVsDirect,
+    /// A reference path (`relay-tcp`, `nginx-grpc`) against a direct row.
+    BaselineVsDirect,
+    /// A proxy row against `nginx-grpc`.
+    ProxyVsNginx,
+}
+
+impl Comparison {
+    fn name(self) -> &'static str {
+        match self {
+            Comparison::ProxyVsDirect => "proxy-vs-direct",
+            Comparison::BaselineVsDirect => "baseline-vs-direct",
+            Comparison::ProxyVsNginx => "proxy-vs-nginx",
+        }
+    }
+}
+
+/// Every comparison, in row order: each proxy or reference row against the direct rows of the
+/// same target and concurrency, then each proxy row against `nginx-grpc` when measured. Rows
+/// without a successful call (all errors) have no latency to compare.
+fn comparisons(rows: &[Row]) -> Vec<(Comparison, &Row, &Row)> {
+    let measured: Vec<&Row> = rows.iter().filter(|r| r.requests > 0).collect();
+    let mut out = Vec::new();
+    for &subject in &measured {
+        let kind = if subject.path.starts_with("proxy") {
+            Comparison::ProxyVsDirect
+        } else if subject.path == RELAY_PATH || subject.path == NGINX_PATH {
+            Comparison::BaselineVsDirect
+        } else {
+            continue;
+        };
+        let same_point = measured
+            .iter()
+            .copied()
+            .filter(|r| r.target == subject.target && r.concurrency == subject.concurrency);
+        for direct in same_point.clone().filter(|r| r.path.starts_with("direct")) {
+            out.push((kind, subject, direct));
+        }
+        if kind == Comparison::ProxyVsDirect {
+            for nginx in same_point.filter(|r| r.path == NGINX_PATH) {
+                out.push((Comparison::ProxyVsNginx, subject, nginx));
+            }
+        }
+    }
+    out
+}
+
 fn print_report(args: &Args, rows: &[Row]) {
     println!();
     println!(
@@ -1531,8 +1920,9 @@ fn print_report(args: &Args, rows: &[Row]) {
             .map_or_else(|| "one per core".to_string(), |n| n.to_string())
     );
     println!();
+    let path_width = rows.iter().map(|r| r.path.len()).max().unwrap_or(0).max(12);
     println!(
-        "{:<6} {:>5} {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}   {:>22}",
+        "{:<6} {:>5} {:<path_width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}   {:>22}",
         "target",
         "conc",
         "path",
@@ -1546,59 +1936,83 @@ fn print_report(args: &Args, rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:<6} {:>5} {:<12} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>7}   {:>8.0}{:>7.0}{:>7.0}",
+            "{:<6} {:>5} {:<path_width$} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>7}   {:>8.0}{:>7.0}{:>7.0}",
             r.target, r.concurrency, r.path, r.rps, r.p50, r.p90, r.p99, r.p999, r.errors,
             r.cpu_loadgen_us, r.cpu_proxy_us, r.cpu_upstream_us
         );
     }
     println!("(CPU µs/call: lg = load generator, px = proxy, up = upstream: fake threads or the dev server process)");
+    if rows
+        .iter()
+        .any(|r| r.path == RELAY_PATH || r.path == NGINX_PATH)
+    {
+        println!(
+            "(reference paths: {RELAY_PATH} = TCP byte relay, mTLS end to end to the mTLS fake; \
+             {NGINX_PATH} = nginx terminating mTLS, grpc_pass in h2c to the fake; \
+             their px column is the relay's threads / nginx's processes)"
+        );
+    }
     println!();
+    let comparisons = comparisons(rows);
+    let label = |subject: &Row, baseline: &Row| format!("{} vs {}", subject.path, baseline.path);
+    let label_width = comparisons
+        .iter()
+        .map(|(_, s, b)| label(s, b).len())
+        .max()
+        .unwrap_or(0)
+        .max(26);
     println!(
-        "{:<6} {:>5} {:<26} {:>12} {:>12} {:>10}  goal (p50 < 100 µs, p99 < 1 ms)",
+        "{:<6} {:>5} {:<label_width$} {:>12} {:>12} {:>10}  goal (p50 < 100 µs, p99 < 1 ms)",
         "target", "conc", "comparison", "Δp50 µs", "Δp99 µs", "rps ratio"
     );
     let mut summaries = Vec::new();
-    for proxy in rows.iter().filter(|r| r.path.starts_with("proxy")) {
-        for direct in rows.iter().filter(|r| {
-            r.path.starts_with("direct")
-                && r.target == proxy.target
-                && r.concurrency == proxy.concurrency
-        }) {
-            let d50 = proxy.p50 - direct.p50;
-            let d99 = proxy.p99 - direct.p99;
-            let ratio = if direct.rps > 0.0 {
-                proxy.rps / direct.rps
-            } else {
-                0.0
-            };
-            let goal = match (proxy.target, d50 < 100.0 && d99 < 1000.0) {
-                ("fake", true) => "met",
-                ("fake", false) => "NOT met",
-                _ => "(n/a: upstream cost dominates)",
-            };
-            println!(
-                "{:<6} {:>5} {:<26} {:>+12.0} {:>+12.0} {:>10.3}  {}",
-                proxy.target,
-                proxy.concurrency,
-                format!("{} vs {}", proxy.path, direct.path),
-                d50,
-                d99,
-                ratio,
-                goal
-            );
-            summaries.push(json!({
-                "kind": "added",
-                "target": proxy.target,
-                "concurrency": proxy.concurrency,
-                "proxy_path": proxy.path,
-                "baseline_path": direct.path,
-                "p50_added_us": round(d50, 1),
-                "p99_added_us": round(d99, 1),
-                "throughput_ratio": round(ratio, 4),
-                "proxy_cpu_us_per_call": round(proxy.cpu_proxy_us, 1),
-                "goal_met": d50 < 100.0 && d99 < 1000.0,
-            }));
-        }
+    for (kind, subject, baseline) in comparisons {
+        let d50 = subject.p50 - baseline.p50;
+        let d99 = subject.p99 - baseline.p99;
+        let ratio = if baseline.rps > 0.0 {
+            subject.rps / baseline.rps
+        } else {
+            0.0
+        };
+        // The goal is about what the proxy adds to a direct connection, on the fake target.
+        let met = d50 < 100.0 && d99 < 1000.0;
+        let goal = match (kind, subject.target, met) {
+            (Comparison::ProxyVsDirect, "fake", true) => "met",
+            (Comparison::ProxyVsDirect, "fake", false) => "NOT met",
+            (Comparison::ProxyVsDirect, _, _) => "(n/a: upstream cost dominates)",
+            (Comparison::BaselineVsDirect, _, _) => "(n/a: reference path, not the proxy)",
+            (Comparison::ProxyVsNginx, _, _) => "(n/a: not against direct)",
+        };
+        println!(
+            "{:<6} {:>5} {:<label_width$} {:>+12.0} {:>+12.0} {:>10.3}  {}",
+            subject.target,
+            subject.concurrency,
+            label(subject, baseline),
+            d50,
+            d99,
+            ratio,
+            goal
+        );
+        summaries.push(json!({
+            "kind": "added",
+            "comparison": kind.name(),
+            "target": subject.target,
+            "concurrency": subject.concurrency,
+            "proxy_path": subject.path,
+            "baseline_path": baseline.path,
+            "p50_added_us": round(d50, 1),
+            "p99_added_us": round(d99, 1),
+            "throughput_ratio": round(ratio, 4),
+            "proxy_cpu_us_per_call": round(subject.cpu_proxy_us, 1),
+            "baseline_proxy_cpu_us_per_call": round(baseline.cpu_proxy_us, 1),
+            "goal_met": (kind == Comparison::ProxyVsDirect).then_some(met),
+        }));
+    }
+    for r in rows.iter().filter(|r| r.requests == 0) {
+        println!(
+            "(not compared: {} c={} {} has no successful call)",
+            r.target, r.concurrency, r.path
+        );
     }
     println!();
     for r in rows {
@@ -1649,12 +2063,23 @@ fn real_main() -> anyhow::Result<()> {
     } else {
         None
     };
+    if args.baselines && !Path::new(NGINX).is_file() {
+        bail!(
+            "--baselines needs nginx, and {NGINX} is missing. Install it with \
+             `apt-get install nginx-light` (or `bash scripts/setup.sh`), or run without --baselines"
+        );
+    }
     let load_start = load_average();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Separate runtimes, as separate processes would have; all share the machine's cores.
     let client_rt = runtime("loadgen-client", threads)?;
     let proxy_rt = runtime("portcullis", args.proxy_threads.unwrap_or(threads))?;
     let fake_rt = runtime("fake-upstream", threads)?;
+    // `--baselines`: the TCP relay's runtime, one worker per core like the proxy's by default.
+    let relay_rt = match args.baselines {
+        true => Some(runtime("relay", threads)?),
+        false => None,
+    };
     let pki = Pki::generate()?;
     let client_tls = pki.client_config()?;
     let requests = Arc::new(Requests::new(args.payload_bytes));
@@ -1670,6 +2095,7 @@ fn real_main() -> anyhow::Result<()> {
                     &client_tls,
                     proxy_rt.handle(),
                     fake_rt.handle(),
+                    relay_rt.as_ref().map(|r| r.handle()),
                 )
                 .await?,
             );
@@ -1692,6 +2118,9 @@ fn real_main() -> anyhow::Result<()> {
     client_rt.shutdown_timeout(Duration::from_secs(2));
     proxy_rt.shutdown_timeout(Duration::from_secs(2));
     fake_rt.shutdown_timeout(Duration::from_secs(2));
+    if let Some(relay_rt) = relay_rt {
+        relay_rt.shutdown_timeout(Duration::from_secs(2));
+    }
     let rows = result?;
     print_report(&args, &rows);
     println!(
