@@ -126,7 +126,8 @@ usage: cargo bench --bench loadgen -- [options]
   --encryption on|off      payload encryption in the proxy (default on, a local keyring)
   --stages                 fake target: also measure proxies without encryption, without
                            authorization, and with neither, in the same run
-  --proxy-threads N        worker threads for the proxy's runtime (default: one per core, like the binary)
+  --proxy-threads N        the proxy's serving threads (listener.workers) and control runtime threads
+                           (default: one per core, like the binary)
   --rotation SECS          fake target: also measure the proxy speaking mTLS to the upstream with a
                            static client certificate, and with issued ones living SECS seconds
   --baselines              fake target: also measure two reference paths in the same run, to show
@@ -1226,6 +1227,9 @@ fn cpu_sample() -> CpuSample {
 // ---------------------------------------------------------------------------------------------
 // The proxy under test
 
+/// `--proxy-threads`, for every proxy the run starts.
+static PROXY_WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 async fn start_proxy(
     handle: &Handle,
     pki: &Pki,
@@ -1235,10 +1239,15 @@ async fn start_proxy(
     encryption: bool,
     authorization_on: bool,
 ) -> anyhow::Result<RunningProxy> {
+    let workers = PROXY_WORKERS
+        .get()
+        .map(|n| format!("workers = {n}"))
+        .unwrap_or_default();
     let text = format!(
         r#"
 [listener]
 address = "127.0.0.1:0"
+{workers}
 
 [listener.tls]
 cert = "{cert}"
@@ -2073,6 +2082,9 @@ fn real_main() -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Separate runtimes, as separate processes would have; all share the machine's cores.
     let client_rt = runtime("loadgen-client", threads)?;
+    if let Some(n) = args.proxy_threads {
+        let _ = PROXY_WORKERS.set(n);
+    }
     let proxy_rt = runtime("portcullis", args.proxy_threads.unwrap_or(threads))?;
     let fake_rt = runtime("fake-upstream", threads)?;
     // `--baselines`: the TCP relay's runtime, one worker per core like the proxy's by default.
