@@ -29,7 +29,7 @@ use crate::telemetry::{
 };
 use crate::tls::{PeerInfo, ReloadableServerConfig};
 use crate::upstream::Upstreams;
-use crate::workers::{self, Workers};
+use crate::workers::Workers;
 
 /// The call pipeline behind the edge, type-erased so stages can be added without touching the
 /// server.
@@ -461,7 +461,6 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         tls,
         telemetry: telemetry.clone(),
         max_request_bytes: config.limits.max_request_bytes,
-        handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
         connection: ConnectionSettings {
             handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
             ..ConnectionSettings::default()
@@ -469,14 +468,8 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         grace: Duration::from_secs(config.limits.shutdown_grace_seconds),
         grace_over,
     };
-    let workers = Workers::start(
-        "portcullis-serve",
-        config
-            .listener
-            .workers
-            .unwrap_or_else(workers::default_count),
-    )
-    .context("cannot start the serving threads")?;
+    let workers = Workers::start("portcullis-serve", config.listener.serving_threads())
+        .context("cannot start the serving threads")?;
     let task = tokio::spawn(accept_loop(listener, settings, workers, shutdown_rx));
     Ok(RunningProxy {
         local_addr,
@@ -566,7 +559,6 @@ struct ServeSettings {
     tls: Option<Arc<ReloadableServerConfig>>,
     telemetry: Arc<Telemetry>,
     max_request_bytes: usize,
-    handshake_timeout: Duration,
     connection: ConnectionSettings,
     grace: Duration,
     /// Set when the grace period is over: running calls end with UNAVAILABLE.
@@ -679,7 +671,9 @@ async fn serve_connection(
         Some(tls) => {
             // The current configuration: a reloaded certificate applies from the next handshake.
             let acceptor = TlsAcceptor::from(tls.current());
-            match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(io)).await {
+            match tokio::time::timeout(settings.connection.handshake_timeout, acceptor.accept(io))
+                .await
+            {
                 Ok(Ok(stream)) => {
                     let peer =
                         PeerInfo::from_certificates(remote, stream.get_ref().1.peer_certificates());

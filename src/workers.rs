@@ -73,10 +73,6 @@ impl Workers {
         Ok(Workers { workers })
     }
 
-    pub fn count(&self) -> usize {
-        self.workers.len()
-    }
-
     /// Runs a connection's task on the least-loaded serving thread. The task must register its
     /// socket there (e.g. `TcpStream::from_std` at its start), so its I/O stays on that thread.
     pub fn spawn_connection<F>(&self, set: &mut JoinSet<()>, task: F)

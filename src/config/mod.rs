@@ -72,6 +72,13 @@ pub struct ListenerConfig {
     pub workers: Option<usize>,
 }
 
+impl ListenerConfig {
+    /// `workers`, or one per core.
+    pub fn serving_threads(&self) -> usize {
+        self.workers.unwrap_or_else(crate::workers::default_count)
+    }
+}
+
 /// `[admin]`: a plain-HTTP listener with `/metrics`, `/healthz` and `/readyz`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -20,13 +20,9 @@ use tower::Service;
 
 use super::{CallFuture, GrpcEdge, GrpcRequest, GrpcResponse};
 use crate::error::ProxyError;
+use crate::grpc::h2_settings::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::grpc::GrpcBody;
 
-/// HTTP/2 windows: a whole default-size request fits in one stream window, so a unary call
-/// needs no window-update round trip on a fast network.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-const MAX_FRAME: u32 = 1 << 20;
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 

@@ -28,12 +28,8 @@ use tokio::time::Instant;
 
 use super::credentials::{ApiKey, CertCell, ClientCredential, CredentialError, FixedClientCert};
 use crate::error::ProxyError;
+use crate::grpc::h2_settings::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
-/// HTTP/2 windows: a whole default-size request or response chunk fits in one stream window,
-/// so a unary call needs no window-update round trip on a fast network.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-const MAX_FRAME: u32 = 1 << 20;
 /// Keep-alive pings detect dead peers; there is deliberately no idle timeout (long polls sit
 /// quietly for ~70 s).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -53,6 +49,8 @@ pub struct ConnectSettings {
     pub connect_timeout: Duration,
     /// Connections kept open (calls are spread over them); at least 1.
     pub connections: usize,
+    /// The proxy's serving threads: each gets its own connections.
+    pub serving_threads: usize,
 }
 
 pub struct TlsSettings {
@@ -197,6 +195,9 @@ impl Upstream {
         } else {
             Scheme::HTTP
         };
+        let shards = (0..=settings.serving_threads)
+            .map(|_| Shard::default())
+            .collect();
         Upstream {
             name,
             address,
@@ -204,9 +205,7 @@ impl Upstream {
             scheme,
             authority,
             // Shard 0 for every thread that is not a serving thread (control runtime, probes).
-            shards: (0..=crate::workers::default_count())
-                .map(|_| Shard::default())
-                .collect(),
+            shards,
             next_id: AtomicU64::new(1),
             api_key,
         }

@@ -88,6 +88,8 @@ pub struct UpstreamGroup {
     name: String,
     config: UpstreamConfig,
     limits: Limits,
+    /// The proxy's serving threads (one connection pool each).
+    serving_threads: usize,
     tls: Option<Arc<rustls::ClientConfig>>,
     credentials: Credentials,
     /// The endpoint, for a plain block; endpoints by namespace, for a template.
@@ -109,6 +111,7 @@ impl UpstreamGroup {
         name: &str,
         config: &UpstreamConfig,
         limits: &Limits,
+        serving_threads: usize,
     ) -> Result<UpstreamGroup, UpstreamError> {
         let credentials = Credentials::start(name, config)?;
         let tls = match &config.tls {
@@ -129,6 +132,7 @@ impl UpstreamGroup {
             name: name.to_string(),
             config: config.clone(),
             limits: limits.clone(),
+            serving_threads,
             tls,
             credentials,
             fixed: None,
@@ -230,6 +234,7 @@ impl UpstreamGroup {
                 tls,
                 connect_timeout: Duration::from_secs(self.limits.upstream_connect_timeout_seconds),
                 connections: self.config.connections,
+                serving_threads: self.serving_threads,
             },
             self.credentials.api_key.clone(),
         ))
@@ -303,7 +308,12 @@ impl Router {
                 .cloned();
             let group = match kept {
                 Some(group) => group,
-                None => Arc::new(UpstreamGroup::new(name, upstream, &config.limits)?),
+                None => Arc::new(UpstreamGroup::new(
+                    name,
+                    upstream,
+                    &config.limits,
+                    config.listener.serving_threads(),
+                )?),
             };
             groups.insert(name.clone(), group);
         }
