@@ -14,7 +14,7 @@ use portcullis::crypto::{
 };
 use portcullis::payload::walker::{
     rewrite, rewrite_with, FailureMode, PayloadContext, PayloadIndex, PayloadVisitor, Visit,
-    WalkError, WalkOptions,
+    WalkError, WalkLimits, WalkOptions,
 };
 use portcullis::schema::Schema;
 use prost::Message as _;
@@ -267,6 +267,7 @@ fn bench(c: &mut Criterion) {
             black_box(&bytes),
             &key,
             FailureMode::Encode,
+            WalkLimits::default(),
         )
     };
     // The previous way, for comparison in the same run: one sealed Vec per payload, copied
@@ -321,6 +322,7 @@ fn bench(c: &mut Criterion) {
     let open_options = OpenOptions {
         decode_failures: true,
         pass_through: false,
+        limits: WalkLimits::default(),
     };
     let open_page = || {
         let plan = plan_open(index, page_type, black_box(&sealed_page), open_options)?;

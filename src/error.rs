@@ -25,6 +25,10 @@ pub enum ProxyError {
         size: String,
         limit: usize,
     },
+    #[error("{message} holds more than {limit} payloads")]
+    TooManyPayloads { message: String, limit: usize },
+    #[error("the proxy is at capacity: {0}")]
+    Overloaded(String),
     #[error("invalid grpc-timeout header {0:?}")]
     InvalidTimeout(String),
     #[error("namespace is required for {0}")]
@@ -81,7 +85,9 @@ impl ProxyError {
                 Code::InvalidArgument
             }
             MissingNamespace(_) | NamespaceMismatch { .. } => Code::InvalidArgument,
-            MessageTooLarge { .. } => Code::ResourceExhausted,
+            MessageTooLarge { .. } | TooManyPayloads { .. } | Overloaded(_) => {
+                Code::ResourceExhausted
+            }
             UnknownNamespace(_) => Code::NotFound,
             NoSystemUpstream(_) => Code::Unimplemented,
             UpstreamUnavailable { .. } | UpstreamCredentials { .. } | ShuttingDown => {

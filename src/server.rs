@@ -20,8 +20,8 @@ use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
 use crate::proxy::connection::{self, ConnectionSettings};
 use crate::proxy::{
-    AuthnLayer, EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse,
-    NamespaceLayer, NamespaceTranslation, TranslateLayer, TranslationStore,
+    AuthnLayer, EncryptLayer, Encryption, EncryptionLimits, Forwarder, GrpcEdge, GrpcRequest,
+    GrpcResponse, NamespaceLayer, NamespaceTranslation, TranslateLayer, TranslationStore,
 };
 use crate::telemetry::readiness::{self, ProbeTargets};
 use crate::telemetry::{
@@ -77,7 +77,8 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
                 &namespace_keys(config),
                 config.routing.default_upstream.is_some(),
             )
-            .await?,
+            .await?
+            .with_limits(encryption_limits(config)),
         );
         pipeline = BoxCloneSyncService::new(EncryptLayer::new(encryption.clone()).layer(pipeline));
         Some(encryption)
@@ -122,6 +123,16 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         translation,
         upstreams,
     })
+}
+
+fn encryption_limits(config: &Config) -> EncryptionLimits {
+    let limits = &config.limits;
+    EncryptionLimits {
+        max_payloads: limits.max_payloads_per_message,
+        max_response_bytes: limits.max_response_bytes,
+        off_thread_budget_bytes: limits.crypto_budget_bytes,
+        off_thread_wait: Duration::from_secs(limits.crypto_wait_seconds),
+    }
 }
 
 fn namespace_keys(config: &Config) -> Vec<(String, Option<String>)> {

@@ -436,3 +436,181 @@ async fn check_reports_certificates_keys_and_upstreams() {
     assert!(out.contains("FAIL server certificate"), "{out}");
     assert!(out.contains("checks failed"), "{out}");
 }
+
+/// Peak and current resident memory of a process, in KiB (`VmHWM`, `VmRSS`).
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// `portcullis serve` as its own process, so its memory can be read on its own.
+async fn serve_process(config: &portcullis::config::Config, dir: &Path) -> (Child, String) {
+    let port = portcullis::dev::free_port().expect("port");
+    let mut config = config.clone();
+    config.listener.address = format!("127.0.0.1:{port}");
+    let config_path = dir.join("portcullis.toml");
+    std::fs::write(&config_path, config.to_toml()).expect("write config");
+    let proxy = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start portcullis serve");
+    let address = format!("127.0.0.1:{port}");
+    wait_for_port(&address).await;
+    (proxy, address)
+}
+
+/// A QueryWorkflow whose arguments are `count` empty payloads: 2 bytes each on the wire, an
+/// envelope of about 150 bytes each once sealed.
+fn empty_payload_query(count: usize) -> Vec<u8> {
+    use prost::Message;
+    use temporalio_protos::protos::temporal::api::common::v1::{
+        Payload, Payloads, WorkflowExecution,
+    };
+    use temporalio_protos::protos::temporal::api::query::v1::WorkflowQuery;
+    wf::QueryWorkflowRequest {
+        namespace: "default".into(),
+        execution: Some(WorkflowExecution {
+            workflow_id: "amplify".into(),
+            ..Default::default()
+        }),
+        query: Some(WorkflowQuery {
+            query_type: "q".into(),
+            query_args: Some(Payloads {
+                payloads: vec![Payload::default(); count],
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn gzip_frame(message: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(message).expect("gzip");
+    let compressed = gz.finish().expect("gzip");
+    let mut out = vec![1u8];
+    out.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+    out.extend_from_slice(&compressed);
+    out
+}
+
+/// Issue 12: sealing must not amplify. A reader's QueryWorkflow holding two million empty
+/// payloads (4 MB, or 12 KB gzipped) would seal into ~300 MB; the proxy refuses it while it
+/// plans, before allocating, and its peak memory barely moves. Twenty at once leave it serving a
+/// real workflow load (Python SDK worker and starters) at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_amplification_is_refused_without_growing_memory() {
+    let server = DevServer::start(&[]).await;
+    let pki = Pki::new();
+    let reader = pki.client_cert("reader");
+    let config = proxy_config_with_authz(
+        &pki,
+        &server.address(),
+        &["default"],
+        r#"
+audit_log = "off"
+system.admins = ["test-client"]
+[[namespaces]]
+name = "default"
+readers = ["reader"]
+"#,
+    );
+    let (proxy, address) = serve_process(&config, pki.dir.path()).await;
+    let pid = proxy.id().expect("pid");
+    let socket = address.parse().expect("addr");
+    let raw = RawClient::new(socket, &pki, &reader);
+    let query = format!("{WORKFLOW_SERVICE}/QueryWorkflow");
+
+    // Warm up: a small query seals and reaches the server (which does not know the workflow).
+    let small = raw
+        .call(&query, &[], grpc_frame(&empty_payload_query(10)))
+        .await;
+    assert_eq!(small.grpc_status(), Some(5), "{}", small.grpc_message());
+    let (baseline, _) = memory_kib(pid);
+
+    let message = empty_payload_query(2_000_000);
+    assert!(message.len() < 4 << 20, "within max_request_bytes");
+    let gzipped = gzip_frame(&message);
+    assert!(gzipped.len() < 64 * 1024, "{} bytes gzipped", gzipped.len());
+    for (what, body) in [("plain", grpc_frame(&message)), ("gzip", gzipped.clone())] {
+        let headers: &[(&str, &str)] = if what == "gzip" {
+            &[("grpc-encoding", "gzip")]
+        } else {
+            &[]
+        };
+        let answer = raw.call(&query, headers, body).await;
+        assert_eq!(
+            answer.grpc_status(),
+            Some(8),
+            "{what}: {}",
+            answer.grpc_message()
+        );
+        assert!(
+            answer.grpc_message().contains("sealed request"),
+            "{what}: {}",
+            answer.grpc_message()
+        );
+    }
+    let (peak, _) = memory_kib(pid);
+    let grown_mib = (peak.saturating_sub(baseline)) as f64 / 1024.0;
+    eprintln!("amplification: VmHWM {baseline} KiB before, {peak} KiB after one plain and one gzip call (+{grown_mib:.1} MiB)");
+    // The 4 MB request itself is read and decompressed; the ~300 MB of envelopes never exist.
+    assert!(grown_mib < 16.0, "peak RSS grew by {grown_mib:.1} MiB");
+
+    // Twenty at once, over and over, while a real workflow load runs through the proxy.
+    let args = {
+        let mut args = client_args(socket, &pki, &pki.client);
+        args.extend([
+            "--seconds".into(),
+            "8".into(),
+            "--starters".into(),
+            "2".into(),
+        ]);
+        args
+    };
+    let load = tokio::spawn(async move { run_python("steady_load.py", &args).await });
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        let mut calls = Vec::new();
+        for _ in 0..20 {
+            let (raw, query, body) = (
+                RawClient::new(socket, &pki, &reader),
+                query.clone(),
+                gzipped.clone(),
+            );
+            calls.push(tokio::spawn(async move {
+                raw.call(&query, &[("grpc-encoding", "gzip")], body).await
+            }));
+        }
+        for call in calls {
+            let answer = call.await.expect("join");
+            assert_eq!(answer.grpc_status(), Some(8), "{}", answer.grpc_message());
+            refused += 1;
+        }
+    }
+    let load = load.await.expect("join");
+    assert_eq!(
+        load["ok"], true,
+        "the workflow load failed under attack: {load}"
+    );
+    assert!(load["completed"].as_u64().unwrap_or(0) > 0, "{load}");
+    let (peak, _) = memory_kib(pid);
+    let grown_mib = (peak.saturating_sub(baseline)) as f64 / 1024.0;
+    eprintln!("amplification: {refused} parallel attack calls refused during the load; VmHWM +{grown_mib:.1} MiB in all");
+    assert!(grown_mib < 160.0, "peak RSS grew by {grown_mib:.1} MiB");
+}

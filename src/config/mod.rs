@@ -142,6 +142,16 @@ pub struct Limits {
     /// Connecting to an upstream that takes longer fails the call with UNAVAILABLE.
     #[serde(default = "default_connect")]
     pub upstream_connect_timeout_seconds: u64,
+    /// Payloads one request or response may hold (RESOURCE_EXHAUSTED beyond).
+    #[serde(default = "default_max_payloads")]
+    pub max_payloads_per_message: usize,
+    /// Bytes of large messages (256 KiB and up) being sealed or opened at once, off the
+    /// serving threads; more wait for room.
+    #[serde(default = "default_crypto_budget")]
+    pub crypto_budget_bytes: usize,
+    /// How long a large message waits for room in that budget before RESOURCE_EXHAUSTED.
+    #[serde(default = "default_crypto_wait")]
+    pub crypto_wait_seconds: u64,
 }
 
 impl Default for Limits {
@@ -152,6 +162,9 @@ impl Default for Limits {
             shutdown_grace_seconds: default_grace(),
             handshake_timeout_seconds: default_handshake(),
             upstream_connect_timeout_seconds: default_connect(),
+            max_payloads_per_message: default_max_payloads(),
+            crypto_budget_bytes: default_crypto_budget(),
+            crypto_wait_seconds: default_crypto_wait(),
         }
     }
 }
@@ -299,6 +312,15 @@ fn default_handshake() -> u64 {
     10
 }
 fn default_connect() -> u64 {
+    5
+}
+fn default_max_payloads() -> usize {
+    crate::payload::walker::DEFAULT_MAX_PAYLOADS
+}
+fn default_crypto_budget() -> usize {
+    64 * 1024 * 1024
+}
+fn default_crypto_wait() -> u64 {
     5
 }
 fn default_connections() -> usize {
@@ -493,8 +515,14 @@ impl Config {
         if self.authorization.identity.is_empty() {
             return invalid("authorization.identity must name at least one source".into());
         }
-        if self.limits.max_request_bytes == 0 || self.limits.max_response_bytes == 0 {
-            return invalid("limits must be positive".into());
+        let limits = &self.limits;
+        if limits.max_request_bytes == 0
+            || limits.max_response_bytes == 0
+            || limits.max_payloads_per_message == 0
+            || limits.crypto_budget_bytes < 1024
+            || limits.crypto_wait_seconds == 0
+        {
+            return invalid("limits must be positive (crypto_budget_bytes at least 1024)".into());
         }
         if let Some(workers) = self.listener.workers {
             if !(1..=256).contains(&workers) {

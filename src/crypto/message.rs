@@ -21,18 +21,20 @@ use super::error::CryptoError;
 use super::manager::{OpeningKeys, SealingKey};
 use crate::payload::walker::{
     self, FailureMode, PayloadContext, PayloadIndex, PayloadVisitor, RewritePlan, Visit, WalkError,
-    WalkOptions,
+    WalkLimits, WalkOptions,
 };
 
 /// Seals every payload of `message` (a serialized `message_type`) under `key`. With
 /// [`FailureMode::Encode`], Failure messages and stack traces are moved into sealed
-/// `encoded_attributes` first. `None`: nothing to seal.
+/// `encoded_attributes` first. `None`: nothing to seal. A message that sealing would push past
+/// `limits` is refused during the walk, before its output is allocated.
 pub fn seal_message(
     index: &PayloadIndex,
     message_type: &str,
     message: &[u8],
     key: &SealingKey,
     failures: FailureMode,
+    limits: WalkLimits,
 ) -> Result<Option<Vec<u8>>, WalkError> {
     let mut sealing = Sealing {
         key,
@@ -43,7 +45,7 @@ pub fn seal_message(
         message_type,
         message,
         &mut sealing,
-        &WalkOptions::with_failures(failures),
+        &WalkOptions::with_failures(failures).limited(limits),
     )
 }
 
@@ -82,6 +84,7 @@ pub struct OpenOptions {
     /// A sealed payload that cannot be opened (malformed, or its key will not unwrap) is left
     /// as it is instead of failing the call.
     pub pass_through: bool,
+    pub limits: WalkLimits,
 }
 
 /// The first half of opening a message: the data keys it needs, and (usually) its output,
@@ -117,7 +120,7 @@ pub fn plan_open(
         message_type,
         message,
         &mut collect,
-        &WalkOptions::default(),
+        &WalkOptions::default().limited(options.limits),
     )?;
     let rewalk =
         options.pass_through || (options.decode_failures && collect.sealed_failure_attributes);
@@ -168,7 +171,7 @@ impl OpenPlan {
                 message_type,
                 message,
                 &mut opening,
-                &WalkOptions::with_failures(failures),
+                &WalkOptions::with_failures(failures).limited(self.options.limits),
             );
         }
         match &self.plan {
@@ -358,6 +361,10 @@ mod tests {
     const STRICT: OpenOptions = OpenOptions {
         decode_failures: true,
         pass_through: false,
+        limits: WalkLimits {
+            max_payloads: crate::payload::walker::DEFAULT_MAX_PAYLOADS,
+            max_output: usize::MAX,
+        },
     };
 
     async fn open(
@@ -393,14 +400,106 @@ mod tests {
         count
     }
 
+    /// A QueryWorkflow request whose `query_args` holds `count` empty payloads: 2 bytes each on
+    /// the wire, an envelope of ~150 bytes each once sealed.
+    fn empty_payload_query(count: usize) -> Vec<u8> {
+        use temporalio_protos::temporal::api::query::v1::WorkflowQuery;
+        use temporalio_protos::temporal::api::workflowservice::v1::QueryWorkflowRequest;
+        QueryWorkflowRequest {
+            namespace: "ns".into(),
+            query: Some(WorkflowQuery {
+                query_type: "q".into(),
+                query_args: Some(Payloads {
+                    payloads: vec![Payload::default(); count],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    const QUERY: &str = "temporal.api.workflowservice.v1.QueryWorkflowRequest";
+
+    #[tokio::test]
+    async fn sealing_stops_as_soon_as_the_output_would_pass_the_limit() {
+        let manager = manager();
+        let key = manager.sealing_key("ns").await.unwrap();
+        let message = empty_payload_query(200_000);
+        let limits = WalkLimits {
+            max_payloads: 1_000_000,
+            max_output: 4 << 20,
+        };
+        let err =
+            seal_message(index(), QUERY, &message, &key, FailureMode::Keep, limits).unwrap_err();
+        let WalkError::OutputTooLarge { size, limit } = err else {
+            panic!("{err}");
+        };
+        assert_eq!(limit, 4 << 20);
+        // Refused on the first payload past the limit, not after sealing the rest.
+        assert!(size <= limit + 1024, "{size}");
+        // Nothing was sealed: the sizes come from the plan.
+        assert_eq!(manager.metrics().snapshot().seals, 0);
+
+        // Within the limit the same kind of message seals.
+        let small = empty_payload_query(100);
+        assert!(
+            seal_message(index(), QUERY, &small, &key, FailureMode::Keep, limits)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn too_many_payloads_are_refused_in_both_directions() {
+        let manager = manager();
+        let key = manager.sealing_key("ns").await.unwrap();
+        let limits = WalkLimits {
+            max_payloads: 1000,
+            max_output: usize::MAX,
+        };
+        let at_limit = empty_payload_query(1000);
+        let sealed = seal_message(index(), QUERY, &at_limit, &key, FailureMode::Keep, limits)
+            .unwrap()
+            .unwrap();
+        let over = empty_payload_query(1001);
+        let err = seal_message(index(), QUERY, &over, &key, FailureMode::Keep, limits).unwrap_err();
+        assert!(
+            matches!(err, WalkError::TooManyPayloads { limit: 1000 }),
+            "{err}"
+        );
+
+        let options = |max_payloads| OpenOptions {
+            decode_failures: false,
+            pass_through: false,
+            limits: WalkLimits {
+                max_payloads,
+                max_output: usize::MAX,
+            },
+        };
+        assert!(plan_open(index(), QUERY, &sealed, options(1000)).is_ok());
+        let err = plan_open(index(), QUERY, &sealed, options(999)).unwrap_err();
+        assert!(
+            matches!(err, WalkError::TooManyPayloads { limit: 999 }),
+            "{err}"
+        );
+    }
+
     #[tokio::test]
     async fn a_page_seals_and_opens_in_one_walk_each() {
         let manager = manager();
         let key = manager.sealing_key("ns").await.unwrap();
         let original = page(false);
-        let sealed = seal_message(index(), PAGE, &original, &key, FailureMode::Encode)
-            .unwrap()
-            .unwrap();
+        let sealed = seal_message(
+            index(),
+            PAGE,
+            &original,
+            &key,
+            FailureMode::Encode,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert!(!contains(&sealed, SECRET));
         assert_eq!(assert_sealed_with_prost(&sealed), 40);
         assert_eq!(manager.metrics().snapshot().seals, 40);
@@ -421,9 +520,16 @@ mod tests {
         let manager = manager();
         let key = manager.sealing_key("ns").await.unwrap();
         let original = page(true);
-        let sealed = seal_message(index(), PAGE, &original, &key, FailureMode::Encode)
-            .unwrap()
-            .unwrap();
+        let sealed = seal_message(
+            index(),
+            PAGE,
+            &original,
+            &key,
+            FailureMode::Encode,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert!(!contains(&sealed, SECRET));
         assert_eq!(assert_sealed_with_prost(&sealed), 41);
         let (opened, rewalked) = open(&manager, &sealed, STRICT).await.unwrap();
@@ -434,6 +540,7 @@ mod tests {
         let keep = OpenOptions {
             decode_failures: false,
             pass_through: false,
+            limits: WalkLimits::default(),
         };
         let (opened, rewalked) = open(&manager, &sealed, keep).await.unwrap();
         assert!(!rewalked);
@@ -470,9 +577,16 @@ mod tests {
             original
         );
 
-        let sealed = seal_message(index(), PAGE, &original, &key, FailureMode::Keep)
-            .unwrap()
-            .unwrap();
+        let sealed = seal_message(
+            index(),
+            PAGE,
+            &original,
+            &key,
+            FailureMode::Keep,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
         let plan = plan_open(index(), PAGE, &sealed, STRICT).unwrap();
         let keys = manager
             .opening_keys("ns", plan.refs().iter().cloned())
@@ -499,9 +613,16 @@ mod tests {
         let manager = manager();
         let key = manager.sealing_key("ns").await.unwrap();
         let original = page(false);
-        let mut sealed = seal_message(index(), PAGE, &original, &key, FailureMode::Keep)
-            .unwrap()
-            .unwrap();
+        let mut sealed = seal_message(
+            index(),
+            PAGE,
+            &original,
+            &key,
+            FailureMode::Keep,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
         // The last byte of the page is in the last payload's tag.
         let position = sealed.len() - b"next".len() - 3;
         sealed[position] ^= 1;
@@ -520,6 +641,7 @@ mod tests {
         let lenient = OpenOptions {
             decode_failures: true,
             pass_through: true,
+            limits: WalkLimits::default(),
         };
         let (opened, rewalked) = open(&manager, &sealed, lenient).await.unwrap();
         assert!(rewalked);
@@ -572,6 +694,7 @@ mod tests {
         let lenient = OpenOptions {
             decode_failures: true,
             pass_through: true,
+            limits: WalkLimits::default(),
         };
         let plan = plan_open(index(), PAGE, &message, lenient).unwrap();
         assert!(plan.refs().is_empty());

@@ -46,6 +46,11 @@ use index::{FieldTarget, MessageId, MessageKind, MessagePlan};
 /// Default limit on message nesting (each message-typed field descended into is one level).
 pub const DEFAULT_MAX_DEPTH: usize = 100;
 
+/// Default limit on the payloads one message may hold. Generous for real traffic (a history
+/// page or a workflow task holds hundreds to a few thousand), small enough that the walk's
+/// bookkeeping (one edit per payload) stays a few MB.
+pub const DEFAULT_MAX_PAYLOADS: usize = 100_000;
+
 /// The reserved name of the system Nexus endpoint, served by the Temporal server itself.
 pub const SYSTEM_NEXUS_ENDPOINT: &str = "__temporal_system";
 
@@ -72,6 +77,27 @@ pub enum FailureMode {
 pub struct WalkOptions {
     pub failures: FailureMode,
     pub max_depth: usize,
+    pub limits: WalkLimits,
+}
+
+/// Bounds on what one walk may build, checked while walking, so a small hostile message
+/// (a million empty payloads, each sealed into an envelope) is refused before the walk's
+/// bookkeeping or the output buffer grows with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkLimits {
+    /// Payloads found in the message ([`WalkError::TooManyPayloads`] beyond it).
+    pub max_payloads: usize,
+    /// Size of the rewritten message ([`WalkError::OutputTooLarge`] beyond it).
+    pub max_output: usize,
+}
+
+impl Default for WalkLimits {
+    fn default() -> Self {
+        WalkLimits {
+            max_payloads: DEFAULT_MAX_PAYLOADS,
+            max_output: usize::MAX,
+        }
+    }
 }
 
 impl Default for WalkOptions {
@@ -79,6 +105,7 @@ impl Default for WalkOptions {
         WalkOptions {
             failures: FailureMode::Keep,
             max_depth: DEFAULT_MAX_DEPTH,
+            limits: WalkLimits::default(),
         }
     }
 }
@@ -89,6 +116,11 @@ impl WalkOptions {
             failures,
             ..WalkOptions::default()
         }
+    }
+
+    pub fn limited(mut self, limits: WalkLimits) -> Self {
+        self.limits = limits;
+        self
     }
 }
 
@@ -108,6 +140,10 @@ pub enum WalkError {
     UnknownMessage(String),
     #[error("portcullis failure attributes at {path} are malformed: {reason}")]
     FailureAttributes { path: String, reason: String },
+    #[error("more than {limit} payloads in one message")]
+    TooManyPayloads { limit: usize },
+    #[error("the rewritten message would exceed {limit} bytes (at least {size} bytes)")]
+    OutputTooLarge { size: usize, limit: usize },
     #[error("payload visitor failed: {0}")]
     Visitor(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("walker invariant violated: {0}")]
@@ -346,6 +382,9 @@ pub fn plan_named(
         options: *options,
         root: &plan.name,
         edits: Vec::new(),
+        input_len: input.len(),
+        payloads: 0,
+        payload_growth: 0,
     };
     let delta = walk.walk_message(id, 0, input, 0, None)?;
     if walk.edits.is_empty() {
@@ -355,6 +394,12 @@ pub fn plan_named(
         .len()
         .checked_add_signed(delta)
         .ok_or(WalkError::Internal("negative output length"))?;
+    if output_len > options.limits.max_output {
+        return Err(WalkError::OutputTooLarge {
+            size: output_len,
+            limit: options.limits.max_output,
+        });
+    }
     Ok(Some(RewritePlan {
         edits: walk.edits,
         input_len: input.len(),
@@ -541,6 +586,12 @@ struct Walk<'a> {
     options: WalkOptions,
     root: &'a str,
     edits: Vec<Edit>,
+    input_len: usize,
+    /// Payloads found so far.
+    payloads: usize,
+    /// How much the payloads replaced so far grew the message (length prefixes aside: the
+    /// exact size is checked once the walk is over).
+    payload_growth: isize,
 }
 
 pub(crate) fn delta_of(new: usize, old: usize) -> isize {
@@ -593,6 +644,30 @@ impl<'a> Walk<'a> {
         }
     }
 
+    fn count_payload(&mut self) -> Result<(), WalkError> {
+        self.payloads += 1;
+        if self.payloads > self.options.limits.max_payloads {
+            return Err(WalkError::TooManyPayloads {
+                limit: self.options.limits.max_payloads,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses, as soon as it shows, an output that would not fit the limit: before the edits
+    /// of a million tiny payloads pile up.
+    fn grow(&mut self, delta: isize) -> Result<(), WalkError> {
+        self.payload_growth = self.payload_growth.saturating_add(delta);
+        let size = self.input_len.saturating_add_signed(self.payload_growth);
+        if size > self.options.limits.max_output {
+            return Err(WalkError::OutputTooLarge {
+                size,
+                limit: self.options.limits.max_output,
+            });
+        }
+        Ok(())
+    }
+
     /// Hands a payload to the visitor and returns its replacement at once.
     fn visit(
         &mut self,
@@ -600,6 +675,7 @@ impl<'a> Walk<'a> {
         payload: &[u8],
         encoded_failure_attributes: bool,
     ) -> Result<Option<Vec<u8>>, WalkError> {
+        self.count_payload()?;
         let ctx = self.context(node, encoded_failure_attributes);
         self.visitor.payload(&ctx, payload)
     }
@@ -626,18 +702,21 @@ impl<'a> Walk<'a> {
             .ok_or(WalkError::Internal("message id out of range"))?;
         match plan.kind {
             MessageKind::Payload => {
+                self.count_payload()?;
                 let ctx = self.context(node, false);
                 let (len, with) = match self.visitor.visit(&ctx, buf)? {
                     Visit::Keep => return Ok(0),
                     Visit::Replace(new) => (new.len(), Replacement::Bytes(new)),
                     Visit::Deferred(len) => (len, Replacement::Deferred(len)),
                 };
+                let delta = delta_of(len, buf.len());
+                self.grow(delta)?;
                 self.edits.push(Edit {
                     start: base,
                     end: base + buf.len(),
                     with,
                 });
-                Ok(delta_of(len, buf.len()))
+                Ok(delta)
             }
             MessageKind::Any => self.walk_any(base, buf, depth, node),
             MessageKind::DataBlob => self.walk_blob(BlobRule::Refuse, base, buf, depth, node),

@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD_NO_PAD};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
+use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
@@ -19,7 +21,7 @@ use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
 use crate::crypto::keyring::ReloadingLocalProvider;
 use crate::crypto::{message, CryptoError, DataKeyManager, KeyProvider, OpenOptions};
 use crate::error::ProxyError;
-use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError};
+use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError, WalkLimits};
 
 const STATUS_DETAILS: &str = "grpc-status-details-bin";
 
@@ -27,17 +29,82 @@ const STATUS_DETAILS: &str = "grpc-status-details-bin";
 /// runs every call of its connections and must not stall them for milliseconds.
 const OFF_THREAD_BYTES: usize = 256 * 1024;
 
-/// Runs `work` here when `size` is small, else on tokio's blocking pool.
-async fn off_thread_if_large<T: Send + 'static>(
-    size: usize,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ProxyError> {
-    if size < OFF_THREAD_BYTES {
-        return Ok(work());
+/// What sealing and opening may cost, from the `[limits]` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncryptionLimits {
+    /// Payloads in one message (request or response).
+    pub max_payloads: usize,
+    /// An opened response may not exceed this (the sealed request: `upstream_max_request_bytes`).
+    pub max_response_bytes: usize,
+    /// Bytes of large messages being sealed or opened off the serving threads at once.
+    pub off_thread_budget_bytes: usize,
+    /// How long a large message waits for its share of that budget.
+    pub off_thread_wait: Duration,
+}
+
+impl Default for EncryptionLimits {
+    fn default() -> Self {
+        EncryptionLimits {
+            max_payloads: walker::DEFAULT_MAX_PAYLOADS,
+            max_response_bytes: 128 * 1024 * 1024,
+            off_thread_budget_bytes: 64 * 1024 * 1024,
+            off_thread_wait: Duration::from_secs(5),
+        }
     }
-    tokio::task::spawn_blocking(work)
+}
+
+/// Bounds the memory of large messages sealed or opened on tokio's blocking pool: each takes
+/// its size (in KiB) from a semaphore first, so a burst of large calls queues (and after
+/// `wait`, fails with RESOURCE_EXHAUSTED) instead of holding ever more buffers and threads.
+struct OffThreadBudget {
+    kib: Arc<Semaphore>,
+    total_kib: u32,
+    wait: Duration,
+}
+
+impl OffThreadBudget {
+    fn new(bytes: usize, wait: Duration) -> OffThreadBudget {
+        let total_kib = u32::try_from(bytes / 1024).unwrap_or(u32::MAX).max(1);
+        OffThreadBudget {
+            kib: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+            wait,
+        }
+    }
+
+    /// Runs `work` here when `size` is small, else on the blocking pool within the budget. A
+    /// message larger than the whole budget runs alone.
+    async fn run<T: Send + 'static>(
+        &self,
+        size: usize,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ProxyError> {
+        if size < OFF_THREAD_BYTES {
+            return Ok(work());
+        }
+        let wanted = u32::try_from(size.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(self.total_kib);
+        let permit =
+            match tokio::time::timeout(self.wait, self.kib.clone().acquire_many_owned(wanted))
+                .await
+            {
+                Ok(Ok(permit)) => permit,
+                // The semaphore is never closed; a timeout means the budget stayed taken.
+                Ok(Err(_)) | Err(_) => {
+                    return Err(ProxyError::Overloaded(format!(
+                        "no room within {:?} to seal or open a message of {size} bytes (budget {} KiB for large messages)",
+                        self.wait, self.total_kib
+                    )))
+                }
+            };
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
         .await
         .map_err(|e| ProxyError::Encryption(format!("the sealing task failed: {e}")))
+    }
 }
 
 /// Data key managers per namespace, and how to seal.
@@ -55,6 +122,8 @@ pub struct Encryption {
     reloadable: Vec<(Arc<ReloadingLocalProvider>, Arc<DataKeyManager>)>,
     /// Every configured key by name, for metrics and readiness probes.
     keys: Vec<ConfiguredKey>,
+    limits: EncryptionLimits,
+    off_thread: OffThreadBudget,
 }
 
 /// One `[encryption.keys.NAME]`: its manager and its (timed) provider.
@@ -170,7 +239,20 @@ impl Encryption {
             upstream_max_request_bytes: config.upstream_max_request_bytes,
             reloadable,
             keys,
+            limits: EncryptionLimits::default(),
+            off_thread: OffThreadBudget::new(
+                EncryptionLimits::default().off_thread_budget_bytes,
+                EncryptionLimits::default().off_thread_wait,
+            ),
         })
+    }
+
+    /// Applies the `[limits]` that bound sealing and opening.
+    pub fn with_limits(mut self, limits: EncryptionLimits) -> Encryption {
+        self.off_thread =
+            OffThreadBudget::new(limits.off_thread_budget_bytes, limits.off_thread_wait);
+        self.limits = limits;
+        self
     }
 
     /// Reloads local keyrings when their files change (or on SIGHUP). When the primary key
@@ -272,26 +354,29 @@ impl Encryption {
         } else {
             FailureMode::Keep
         };
+        let limits = WalkLimits {
+            max_payloads: self.limits.max_payloads,
+            max_output: self.upstream_max_request_bytes,
+        };
         let (index, plain) = (self.index, message.clone());
-        let sealed = off_thread_if_large(message.len(), move || {
-            message::seal_message(index, message_type, &plain, &key, failures)
-        })
-        .await?
-        .map_err(|e| walk_error(e, message_type, true))?;
-        match sealed {
-            Some(sealed) if sealed.len() > self.upstream_max_request_bytes => {
-                Err(ProxyError::MessageTooLarge {
+        let sealed = self
+            .off_thread
+            .run(message.len(), move || {
+                message::seal_message(index, message_type, &plain, &key, failures, limits)
+            })
+            .await?
+            .map_err(|e| match e {
+                WalkError::OutputTooLarge { size, limit } => ProxyError::MessageTooLarge {
                     what: "sealed request",
                     size: format!(
-                        "{} bytes ({} before encryption)",
-                        sealed.len(),
+                        "at least {size} bytes ({} before encryption)",
                         message.len()
                     ),
-                    limit: self.upstream_max_request_bytes,
-                })
-            }
-            other => Ok(other.map(Bytes::from)),
-        }
+                    limit,
+                },
+                other => walk_error(other, message_type, true),
+            })?;
+        Ok(sealed.map(Bytes::from))
     }
 
     /// Opens every payload this proxy sealed in `message`; others are left exactly as they are.
@@ -309,13 +394,19 @@ impl Encryption {
             // Otherwise a payload marked as ours but malformed fails the call, rather than
             // slipping by unopened.
             pass_through: self.on_open_failure == OpenFailurePolicy::PassThrough,
+            limits: WalkLimits {
+                max_payloads: self.limits.max_payloads,
+                max_output: self.limits.max_response_bytes,
+            },
         };
         let (index, sealed) = (self.index, message.clone());
-        let plan = off_thread_if_large(message.len(), move || {
-            message::plan_open(index, message_type, &sealed, options)
-        })
-        .await?
-        .map_err(|e| walk_error(e, message_type, false))?;
+        let plan = self
+            .off_thread
+            .run(message.len(), move || {
+                message::plan_open(index, message_type, &sealed, options)
+            })
+            .await?
+            .map_err(|e| walk_error(e, message_type, false))?;
         if plan.refs().is_empty() {
             return Ok(None);
         }
@@ -331,11 +422,12 @@ impl Encryption {
             Err(e) => return Err(crypto_error(e)),
         };
         let sealed = message.clone();
-        off_thread_if_large(message.len(), move || {
-            plan.open(index, message_type, &sealed, &keys)
-        })
-        .await?
-        .map_err(|e| walk_error(e, message_type, false))
+        self.off_thread
+            .run(message.len(), move || {
+                plan.open(index, message_type, &sealed, &keys)
+            })
+            .await?
+            .map_err(|e| walk_error(e, message_type, false))
     }
 
     /// Opens payloads inside `grpc-status-details-bin` (QueryFailedFailure, …), in place.
@@ -375,6 +467,19 @@ fn crypto_error(error: CryptoError) -> ProxyError {
 
 fn walk_error(error: WalkError, message_type: &str, request: bool) -> ProxyError {
     match error {
+        WalkError::TooManyPayloads { limit } => ProxyError::TooManyPayloads {
+            message: message_type.to_string(),
+            limit,
+        },
+        WalkError::OutputTooLarge { size, limit } => ProxyError::MessageTooLarge {
+            what: if request {
+                "sealed request"
+            } else {
+                "opened response"
+            },
+            size: format!("at least {size} bytes"),
+            limit,
+        },
         WalkError::Visitor(inner) => match inner.downcast::<CryptoError>() {
             Ok(crypto) => ProxyError::Crypto(*crypto),
             Err(other) => ProxyError::Encryption(format!("{message_type}: {other}")),
@@ -471,5 +576,38 @@ where
                 .await?;
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn large_messages_wait_for_room_and_give_up_with_resource_exhausted() {
+        let budget = Arc::new(OffThreadBudget::new(1024 * 1024, Duration::from_millis(200)));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        // One message holds the whole budget until told to finish.
+        let holder = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                budget
+                    .run(1024 * 1024, move || {
+                        let _ = released.recv();
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Small messages never wait: they run on the caller's thread.
+        assert_eq!(budget.run(1000, || 7).await.unwrap(), 7);
+        let started = std::time::Instant::now();
+        let err = budget.run(512 * 1024, || ()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        // Room again; a message larger than the whole budget runs alone.
+        assert_eq!(budget.run(8 * 1024 * 1024, || 8).await.unwrap(), 8);
     }
 }

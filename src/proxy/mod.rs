@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 pub use authn::{AuthnLayer, AuthnService};
 pub use edge::GrpcEdge;
-pub use encrypt::{EncryptLayer, Encryption};
+pub use encrypt::{EncryptLayer, Encryption, EncryptionLimits};
 pub use forward::Forwarder;
 pub use namespace::{NamespaceLayer, NamespaceService};
 pub use translate::{NamespaceTranslation, TranslateLayer, TranslationStore};
