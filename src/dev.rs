@@ -384,6 +384,7 @@ fn dev_config(
                     },
                 })
                 .collect(),
+            deny: vec![],
         },
         encryption: EncryptionConfig {
             default_key: Some("local".into()),
@@ -405,7 +406,7 @@ fn dev_config(
             jwks_ca: None,
             jwks_refresh_seconds: 300,
             permissions_claim: "permissions".into(),
-            identity_prefix: String::new(),
+            identity_prefix: None,
             algorithms: vec!["ES256".into()],
             leeway_seconds: 30,
         }),

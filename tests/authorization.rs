@@ -18,17 +18,17 @@ identity = ["spiffe", "cn"]
 alpha-workers = ["spiffe://corp.example/ns/alpha/*"]
 
 [system]
-admins = ["root"]
+admins = ["cn:root"]
 
 [[namespaces]]
 name = "alpha"
 owner = "team-alpha"
-readers = ["reader-a"]
-writers = ["writer-a", "group:alpha-workers"]
+readers = ["cn:reader-a"]
+writers = ["cn:writer-a", "group:alpha-workers"]
 
 [[namespaces]]
 name = "beta"
-writers = ["writer-b"]
+writers = ["cn:writer-b"]
 "#;
 
 struct Setup {
@@ -287,7 +287,7 @@ async fn writers_readers_and_strangers_get_what_their_roles_allow() {
         .collect();
     let denial = events
         .iter()
-        .find(|e| e["identity"] == "stranger" && e["decision"] == "deny")
+        .find(|e| e["identity"] == "cn:stranger" && e["decision"] == "deny")
         .expect("the stranger's denial is audited");
     for field in [
         "time",
@@ -305,7 +305,7 @@ async fn writers_readers_and_strangers_get_what_their_roles_allow() {
     }
     assert!(events
         .iter()
-        .any(|e| e["identity"] == "writer-a" && e["decision"] == "allow"));
+        .any(|e| e["identity"] == "cn:writer-a" && e["decision"] == "allow"));
     setup.proxy.shutdown().await;
 }
 
@@ -338,6 +338,25 @@ async fn a_worker_identity_works_in_its_namespace_and_nowhere_else() {
         status
             .message()
             .contains("spiffe://corp.example/ns/alpha/worker-7"),
+        "{status:?}"
+    );
+
+    // Names of different kinds never meet: a certificate whose only name is a subject CN
+    // spelled like that SPIFFE ID is `cn:spiffe://…`, which the SPIFFE grant does not match.
+    let impostor = setup.cert("spiffe://corp.example/ns/alpha/worker-7");
+    let mut client = workflow_client(setup.address(), &setup.pki, &impostor).await;
+    let status = client
+        .describe_namespace(wf::DescribeNamespaceRequest {
+            namespace: "alpha".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a CN is not a SPIFFE ID");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("cn:spiffe://corp.example/ns/alpha/worker-7"),
         "{status:?}"
     );
     setup.proxy.shutdown().await;
@@ -426,14 +445,14 @@ async fn policy_file_changes_apply_without_restart_and_bad_files_are_refused() {
     let policy_file = pki.dir.path().join("policies.toml");
     std::fs::write(
         &policy_file,
-        "[[namespaces]]\nname = \"alpha\"\nreaders = [\"someone-else\"]\n",
+        "[[namespaces]]\nname = \"alpha\"\nreaders = [\"cn:someone-else\"]\n",
     )
     .expect("write");
     let mut config = proxy_config_with_authz(
         &pki,
         &server.address(),
         &["alpha"],
-        "audit_log = \"off\"\npolicy_file = \"policies.toml\"",
+        "audit_log = \"off\"\nidentity = [\"cn\"]\npolicy_file = \"policies.toml\"",
     );
     config.authorization.policy_file = Some(policy_file.clone());
     let config_path = pki.dir.path().join("portcullis.toml");
@@ -473,7 +492,7 @@ async fn policy_file_changes_apply_without_restart_and_bad_files_are_refused() {
     // Grant the newcomer: the next calls are allowed, no restart.
     std::fs::write(
         &policy_file,
-        "[[namespaces]]\nname = \"alpha\"\nreaders = [\"newcomer\"]\n",
+        "[[namespaces]]\nname = \"alpha\"\nreaders = [\"cn:newcomer\"]\n",
     )
     .expect("write");
     eventually(true).await;
@@ -496,7 +515,26 @@ async fn policy_file_changes_apply_without_restart_and_bad_files_are_refused() {
         .await
         .expect("old policy still in force");
 
-    // Revoking works the same way.
+    // The deny list beats the grant, without a restart.
+    std::fs::write(
+        &policy_file,
+        "deny = [\"cn:newcomer\"]\n[[namespaces]]\nname = \"alpha\"\nreaders = [\"cn:newcomer\"]\n",
+    )
+    .expect("write");
+    eventually(false).await;
+    let status = client
+        .describe_namespace(describe())
+        .await
+        .expect_err("denied");
+    assert!(status.message().contains("cn:newcomer"), "{status:?}");
+
+    // Revoking the grant works the same way.
+    std::fs::write(
+        &policy_file,
+        "[[namespaces]]\nname = \"alpha\"\nreaders = [\"cn:newcomer\"]\n",
+    )
+    .expect("write");
+    eventually(true).await;
     std::fs::write(
         &policy_file,
         "[[namespaces]]\nname = \"alpha\"\nreaders = []\n",

@@ -16,12 +16,12 @@ audit_log = "AUDIT"
 identity = ["spiffe", "cn"]
 
 [system]
-admins = ["root"]
+admins = ["cn:root"]
 
 # Policies apply to token identities too: bob reads alpha without any permission claim.
 [[namespaces]]
 name = "alpha"
-readers = ["bob"]
+readers = ["jwt:bob"]
 "#;
 
 /// Runs the CLI without a client certificate, optionally with `--api-key`.
@@ -145,6 +145,19 @@ async fn tokens_authenticate_callers_without_certificates() {
     let bob = issuer.token("bob", &[]);
     let (ok, text) = cli(address, &pki, Some(&bob), &strs(&describe(&workflow_id)));
     assert!(ok, "bob via policy: {text}");
+    // A token whose subject is spelled like a certificate's name is `jwt:root`, not the
+    // certificate identity `cn:root` that administers the cluster: it inherits nothing.
+    let root_token = issuer.token("root", &[]);
+    let (ok, text) = cli(
+        address,
+        &pki,
+        Some(&root_token),
+        &["operator", "cluster", "list"],
+    );
+    assert!(
+        !ok && text.contains("jwt:root") && text.contains("admin"),
+        "a token subject must not inherit a certificate's grants: {text}"
+    );
     // A system admin claim reaches OperatorService cluster methods.
     let admin = issuer.token("ops", &["temporal-system:admin"]);
     let (ok, text) = cli(
@@ -199,15 +212,19 @@ async fn tokens_authenticate_callers_without_certificates() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
-    assert!(events.iter().any(|e| e["identity"] == "carol@example.com"
-        && e["credential"] == "bearer"
-        && e["decision"] == "allow"));
-    assert!(events.iter().any(|e| e["identity"] == "dave@example.com"
-        && e["credential"] == "bearer"
-        && e["decision"] == "deny"));
     assert!(events
         .iter()
-        .any(|e| e["identity"] == "root" && e["credential"] == "certificate"));
+        .any(|e| e["identity"] == "jwt:carol@example.com"
+            && e["credential"] == "bearer"
+            && e["decision"] == "allow"));
+    assert!(events
+        .iter()
+        .any(|e| e["identity"] == "jwt:dave@example.com"
+            && e["credential"] == "bearer"
+            && e["decision"] == "deny"));
+    assert!(events
+        .iter()
+        .any(|e| e["identity"] == "cn:root" && e["credential"] == "certificate"));
     proxy.shutdown().await;
 }
 

@@ -24,12 +24,12 @@ audit_log = "AUDIT"
 identity = ["spiffe", "cn"]
 
 [system]
-admins = ["test-client"]
+admins = ["cn:test-client"]
 
 [[namespaces]]
 name = "alpha"
-readers = ["reader-a"]
-writers = ["writer-a"]
+readers = ["cn:reader-a"]
+writers = ["cn:writer-a"]
 "#;
 
 const UI_ORIGIN_ALLOWED: &str = "http://ui.allowed.test";
@@ -527,18 +527,18 @@ async fn the_cli_decodes_through_the_codec_server_for_readers_only() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let events = audit_events(&audit);
     assert!(events.iter().any(|e| e["method"] == "codec/decode"
-        && e["identity"] == "reader-token"
+        && e["identity"] == "jwt:reader-token"
         && e["namespace"] == "alpha"
         && e["decision"] == "allow"
         && e["count"] == 2));
     assert!(events.iter().any(|e| e["method"] == "codec/encode"
-        && e["identity"] == "writer-token"
+        && e["identity"] == "jwt:writer-token"
         && e["count"] == 2));
     assert!(events.iter().any(|e| e["method"] == "codec/encode"
-        && e["identity"] == "reader-token"
+        && e["identity"] == "jwt:reader-token"
         && e["decision"] == "deny"));
     assert!(events.iter().any(|e| e["method"] == "codec/decode"
-        && e["identity"] == "nobody"
+        && e["identity"] == "jwt:nobody"
         && e["decision"] == "deny"));
     proxy.shutdown().await;
 

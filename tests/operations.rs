@@ -687,7 +687,7 @@ async fn trace_logs_never_contain_payloads_or_key_material() {
         text.lines().any(|l| l.contains("call finished")
             && l.contains("\"method\":\"StartWorkflowExecution\"")
             && l.contains("\"namespace\":\"default\"")
-            && l.contains("\"identity\":\"test-client\"")
+            && l.contains("\"identity\":\"cn:test-client\"")
             && l.contains("\"total_us\"")),
         "no per-call line with method, namespace, identity and duration"
     );
@@ -830,7 +830,7 @@ async fn info_logs_name_the_failed_call() {
     for field in [
         "method=\"DescribeNamespace\"",
         "namespace=\"default\"",
-        "identity=\"stranger\"",
+        "identity=\"cn:stranger\"",
         "code=\"PERMISSION_DENIED\"",
         "total_us=",
         "may not call DescribeNamespace",

@@ -523,10 +523,11 @@ async fn payload_amplification_is_refused_without_growing_memory() {
         &["default"],
         r#"
 audit_log = "off"
-system.admins = ["test-client"]
+identity = ["cn"]
+system.admins = ["cn:test-client"]
 [[namespaces]]
 name = "default"
-readers = ["reader"]
+readers = ["cn:reader"]
 "#,
     );
     let (proxy, address) = serve_process(&config, pki.dir.path()).await;

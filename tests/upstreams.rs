@@ -126,7 +126,8 @@ shutdown_grace_seconds = 5
 
 [authorization]
 audit_log = "off"
-system.admins = ["test-client"]
+identity = ["spiffe", "dns", "email", "cn"]
+system.admins = ["cn:test-client"]
 
 [encryption]
 default_key = "local"

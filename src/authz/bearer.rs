@@ -23,7 +23,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::policy::{ClaimedRoles, Role};
+use super::policy::{ClaimedRoles, Role, JWT_PREFIX};
 
 /// Temporal's name for the cluster in permissions (`temporal-system:admin`).
 pub const SYSTEM_NAMESPACE: &str = "temporal-system";
@@ -60,10 +60,10 @@ pub struct BearerConfig {
     /// The claim holding `namespace:role` permissions.
     #[serde(default = "default_permissions_claim")]
     pub permissions_claim: String,
-    /// Prepended to `sub` to form the identity (e.g. "jwt:"), to keep token subjects apart from
-    /// certificate names in policies. Empty by default: `sub` is the identity.
-    #[serde(default)]
-    pub identity_prefix: String,
+    /// Gone: a token's identity is always `jwt:` + `sub`, so token subjects and certificate
+    /// names never meet. Kept only to refuse old configs with a message that says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_prefix: Option<String>,
     /// Accepted signature algorithms (asymmetric only).
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<String>,
@@ -124,6 +124,9 @@ impl BearerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.issuer.is_empty() {
             return Err("bearer.issuer must not be empty".into());
+        }
+        if self.identity_prefix.is_some() {
+            return Err("bearer.identity_prefix is no longer supported: a token's identity is always \"jwt:\" + its subject; write policy entries as \"jwt:SUBJECT\"".into());
         }
         if self.audience.is_empty() || self.audience.iter().any(String::is_empty) {
             return Err("bearer.audience must name at least one non-empty audience".into());
@@ -193,7 +196,7 @@ fn is_loopback_host(host: &str) -> bool {
 /// Who a verified token says the caller is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BearerIdentity {
-    /// `identity_prefix` + `sub`: the name policies and audit lines use.
+    /// `jwt:` + `sub`: the name policies and audit lines use.
     pub identity: String,
     pub roles: ClaimedRoles,
     /// `exp`, seconds since the epoch.
@@ -607,7 +610,7 @@ impl BearerVerifier {
             .map(roles_from_permissions)
             .unwrap_or_default();
         Ok(BearerIdentity {
-            identity: format!("{}{subject}", self.config.identity_prefix),
+            identity: format!("{JWT_PREFIX}{subject}"),
             roles,
             expires_at,
         })
@@ -809,7 +812,7 @@ mod tests {
             .sign(&claims(300, "portcullis", json!(["alpha:write"])))
             .unwrap();
         let who = verifier.verify(&good).await.unwrap();
-        assert_eq!(who.identity, "alice");
+        assert_eq!(who.identity, "jwt:alice");
         assert_eq!(who.roles.namespaces.get("alpha"), Some(&Role::Writer));
         let header = HeaderValue::from_str(&format!("bearer {good}")).unwrap();
         assert!(verifier.verify_header(&header).await.is_ok());

@@ -18,8 +18,8 @@ pub use access::{required_access, AccessLevel};
 pub use audit::{AuditEvent, AuditLog};
 pub use bearer::{BearerConfig, BearerError, BearerIdentity, BearerVerifier};
 pub use policy::{
-    default_identity_sources, identity_of, ClaimedRoles, Decision, Grants, IdentitySource,
-    NamespacePolicy, PolicyDocument, PolicyError, PolicySet, Role,
+    check_typed_entry, default_identity_sources, identity_of, ClaimedRoles, Decision, Grants,
+    IdentitySource, NamespacePolicy, PolicyDocument, PolicyError, PolicySet, Role,
 };
 
 use crate::config::Config;
@@ -38,7 +38,7 @@ pub fn caller_of<'a>(
     match &peer.token {
         Some(token) => (token.identity.clone(), Some(&token.roles), "bearer"),
         None if peer.has_certificate => (policies.identity_of(&peer.names), None, "certificate"),
-        None => (policies.identity_of(&peer.names), None, "none"),
+        None => (policy::ANONYMOUS.to_string(), None, "none"),
     }
 }
 
@@ -67,6 +67,9 @@ pub struct AuthorizationConfig {
     pub system: Grants,
     #[serde(default)]
     pub namespaces: Vec<NamespacePolicy>,
+    /// Identities refused everything, whatever they are granted (see [`PolicyDocument::deny`]).
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 fn default_audit() -> String {
@@ -74,13 +77,24 @@ fn default_audit() -> String {
 }
 
 impl AuthorizationConfig {
-    /// Inline policies plus the policy file and directory, compiled.
-    pub fn compile(&self) -> Result<PolicySet, PolicyError> {
-        let mut document = PolicyDocument {
+    fn inline_document(&self) -> PolicyDocument {
+        PolicyDocument {
             groups: self.groups.clone(),
             system: self.system.clone(),
             namespaces: self.namespaces.clone(),
-        };
+            deny: self.deny.clone(),
+        }
+    }
+
+    /// Checks the policies written in the section itself (not the policy file or directory,
+    /// which are read at start and on reload): a config with an invalid entry does not load.
+    pub fn validate_inline(&self) -> Result<(), PolicyError> {
+        PolicySet::compile(&self.inline_document()).map(|_| ())
+    }
+
+    /// Inline policies plus the policy file and directory, compiled.
+    pub fn compile(&self) -> Result<PolicySet, PolicyError> {
+        let mut document = self.inline_document();
         if let Some(path) = &self.policy_file {
             let file = policy::read_policy_file(path)?;
             for (name, members) in file.groups {
@@ -94,6 +108,7 @@ impl AuthorizationConfig {
             document.system.writers.extend(file.system.writers);
             document.system.admins.extend(file.system.admins);
             document.namespaces.extend(file.namespaces);
+            document.deny.extend(file.deny);
         }
         if let Some(dir) = &self.policy_dir {
             document.namespaces.extend(policy::read_policy_dir(dir)?);

@@ -49,33 +49,84 @@ pub enum IdentitySource {
     Cn,
 }
 
+/// SPIFFE ID, DNS name, email. The subject CN is free text that any certificate request can
+/// set, so it names a caller only where a config asks for it.
 pub fn default_identity_sources() -> Vec<IdentitySource> {
     vec![
         IdentitySource::Spiffe,
         IdentitySource::Dns,
         IdentitySource::Email,
-        IdentitySource::Cn,
     ]
 }
 
-/// The name a caller is known by. Callers without a certificate (plaintext sidecar listeners)
-/// are `anonymous`, which a policy can grant like any other name.
+/// Identities are typed: the kind of name is part of the name, so names of different kinds
+/// never meet. A SPIFFE ID is `spiffe://…` as it is; the other kinds carry a prefix. A policy
+/// entry must say which kind it matches.
+pub const SPIFFE_PREFIX: &str = "spiffe://";
+pub const DNS_PREFIX: &str = "dns:";
+pub const EMAIL_PREFIX: &str = "email:";
+pub const CN_PREFIX: &str = "cn:";
+/// A bearer token's subject.
+pub const JWT_PREFIX: &str = "jwt:";
+
+/// The name a caller with a verified certificate is known by: its first name of the configured
+/// kinds, typed (`spiffe://…`, `dns:…`, `email:…`, `cn:…`); [`UNNAMED_CERTIFICATE`] when it has
+/// none of them.
 pub fn identity_of(names: &CertificateNames, sources: &[IdentitySource]) -> String {
     for source in sources {
         let found = match source {
-            IdentitySource::Spiffe => names.spiffe.first(),
-            IdentitySource::Dns => names.dns.first(),
-            IdentitySource::Email => names.email.first(),
-            IdentitySource::Cn => names.common_name.as_ref(),
+            IdentitySource::Spiffe => names.spiffe.first().cloned(),
+            IdentitySource::Dns => names.dns.first().map(|n| format!("{DNS_PREFIX}{n}")),
+            IdentitySource::Email => names.email.first().map(|n| format!("{EMAIL_PREFIX}{n}")),
+            IdentitySource::Cn => names
+                .common_name
+                .as_ref()
+                .map(|n| format!("{CN_PREFIX}{n}")),
         };
         if let Some(name) = found {
-            return name.clone();
+            return name;
         }
     }
-    ANONYMOUS.to_string()
+    UNNAMED_CERTIFICATE.to_string()
 }
 
+/// Callers without any credential (plaintext sidecar listeners), which a policy can grant by
+/// this name.
 pub const ANONYMOUS: &str = "anonymous";
+
+/// A verified certificate without a name of any configured kind. No policy entry can match it
+/// (entries must be typed), so it holds no role anywhere.
+pub const UNNAMED_CERTIFICATE: &str = "unnamed-certificate";
+
+/// Checks that a policy entry (a name or a `*` pattern) says which kind of identity it matches.
+pub fn check_typed_entry(entry: &str) -> Result<(), String> {
+    if entry == ANONYMOUS {
+        return Ok(());
+    }
+    for prefix in [
+        SPIFFE_PREFIX,
+        DNS_PREFIX,
+        EMAIL_PREFIX,
+        CN_PREFIX,
+        JWT_PREFIX,
+    ] {
+        if let Some(rest) = entry.strip_prefix(prefix) {
+            if rest.is_empty() {
+                return Err(format!("{entry:?} names no identity after the kind"));
+            }
+            return Ok(());
+        }
+    }
+    let hint = if entry.contains('@') {
+        format!("email:{entry}")
+    } else {
+        format!("dns:{entry}\", \"cn:{entry}\" or \"jwt:{entry}")
+    };
+    Err(format!(
+        "{entry:?} does not say which kind of identity it matches: write \"{hint}\" \
+         (kinds: spiffe://…, dns:, email:, cn:, jwt:, or anonymous)"
+    ))
+}
 
 /// Roles a caller brings with it rather than holds by policy: the permissions claim of a
 /// verified bearer token. They add to what the policies grant the identity; they never remove.
@@ -135,6 +186,10 @@ pub struct PolicyDocument {
     pub system: Grants,
     #[serde(default)]
     pub namespaces: Vec<NamespacePolicy>,
+    /// Identities (names, patterns, groups) refused everything, whatever they are granted
+    /// here or claim in a token: e.g. a compromised workload until its certificate expires.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +210,7 @@ pub struct PolicySet {
     groups: HashMap<String, Vec<Pattern>>,
     system: CompiledGrants,
     namespaces: HashMap<String, CompiledGrants>,
+    denied: Vec<Subject>,
 }
 
 #[derive(Debug, Default)]
@@ -227,11 +283,39 @@ impl PolicySet {
                     "group {name:?}: groups cannot contain groups"
                 )));
             }
+            for member in members {
+                check_typed_entry(member)
+                    .map_err(|e| PolicyError::Invalid(format!("group {name:?}: {e}")))?;
+            }
             groups.insert(
                 name.clone(),
                 members.iter().map(|m| Pattern::new(m)).collect(),
             );
         }
+        let subjects = |entries: &[String], what: &str| -> Result<Vec<Subject>, PolicyError> {
+            let mut subjects = Vec::new();
+            for entry in entries {
+                if entry.is_empty() {
+                    return Err(PolicyError::Invalid(format!("{what}: empty identity")));
+                }
+                match entry.strip_prefix("group:") {
+                    Some(group) if groups.contains_key(group) => {
+                        subjects.push(Subject::Group(group.to_string()))
+                    }
+                    Some(group) => {
+                        return Err(PolicyError::Invalid(format!(
+                            "{what}: unknown group {group:?}"
+                        )))
+                    }
+                    None => {
+                        check_typed_entry(entry)
+                            .map_err(|e| PolicyError::Invalid(format!("{what}: {e}")))?;
+                        subjects.push(Subject::Pattern(Pattern::new(entry)))
+                    }
+                }
+            }
+            Ok(subjects)
+        };
         let compile_grants = |grants: &Grants, what: &str| -> Result<CompiledGrants, PolicyError> {
             let mut by_role = Vec::new();
             for (role, entries) in [
@@ -239,27 +323,11 @@ impl PolicySet {
                 (Role::Writer, &grants.writers),
                 (Role::Admin, &grants.admins),
             ] {
-                let mut subjects = Vec::new();
-                for entry in entries {
-                    if entry.is_empty() {
-                        return Err(PolicyError::Invalid(format!("{what}: empty identity")));
-                    }
-                    match entry.strip_prefix("group:") {
-                        Some(group) if groups.contains_key(group) => {
-                            subjects.push(Subject::Group(group.to_string()))
-                        }
-                        Some(group) => {
-                            return Err(PolicyError::Invalid(format!(
-                                "{what}: unknown group {group:?}"
-                            )))
-                        }
-                        None => subjects.push(Subject::Pattern(Pattern::new(entry))),
-                    }
-                }
-                by_role.push((role, subjects));
+                by_role.push((role, subjects(entries, what)?));
             }
             Ok(CompiledGrants { by_role })
         };
+        let denied = subjects(&document.deny, "deny")?;
         if !document.system.writers.is_empty() {
             return Err(PolicyError::Invalid(
                 "system: cluster roles are readers and admins (there are no cluster writers)"
@@ -287,6 +355,7 @@ impl PolicySet {
             groups,
             system,
             namespaces,
+            denied,
         })
     }
 
@@ -301,21 +370,28 @@ impl PolicySet {
         identity_of(names, &self.identity_sources)
     }
 
+    fn matches(&self, subject: &Subject, identity: &str) -> bool {
+        match subject {
+            Subject::Pattern(p) => p.matches(identity),
+            Subject::Group(g) => self
+                .groups
+                .get(g)
+                .is_some_and(|ps| ps.iter().any(|p| p.matches(identity))),
+        }
+    }
+
     fn highest_role(&self, grants: &CompiledGrants, identity: &str) -> Option<Role> {
         grants
             .by_role
             .iter()
             .rev()
-            .find(|(_, subjects)| {
-                subjects.iter().any(|subject| match subject {
-                    Subject::Pattern(p) => p.matches(identity),
-                    Subject::Group(g) => self
-                        .groups
-                        .get(g)
-                        .is_some_and(|ps| ps.iter().any(|p| p.matches(identity))),
-                })
-            })
+            .find(|(_, subjects)| subjects.iter().any(|s| self.matches(s, identity)))
             .map(|(role, _)| *role)
+    }
+
+    /// Whether the deny list names this identity: then it holds no role anywhere.
+    pub fn is_denied(&self, identity: &str) -> bool {
+        self.denied.iter().any(|s| self.matches(s, identity))
     }
 
     /// The identity's effective role in a namespace (its own grants and the system grants).
@@ -330,6 +406,9 @@ impl PolicySet {
         claimed: Option<&ClaimedRoles>,
         namespace: &str,
     ) -> Option<Role> {
+        if self.is_denied(identity) {
+            return None;
+        }
         let own = self
             .namespaces
             .get(namespace)
@@ -344,6 +423,9 @@ impl PolicySet {
     }
 
     pub fn system_role_for(&self, identity: &str, claimed: Option<&ClaimedRoles>) -> Option<Role> {
+        if self.is_denied(identity) {
+            return None;
+        }
         self.highest_role(&self.system, identity)
             .max(claimed.and_then(|c| c.system))
     }
@@ -367,6 +449,15 @@ impl PolicySet {
         namespace: Option<&str>,
         level: AccessLevel,
     ) -> Decision {
+        if self.is_denied(identity) {
+            // Even methods open to every authenticated caller.
+            return Decision {
+                allowed: false,
+                required: Role::required_for(level),
+                held: None,
+                reason: "identity is on the deny list",
+            };
+        }
         let Some(required) = Role::required_for(level) else {
             return Decision {
                 allowed: true,
@@ -442,22 +533,22 @@ mod tests {
         let doc: PolicyDocument = toml::from_str(
             r#"
             [groups]
-            auditors = ["alice@example.com", "spiffe://corp.example/audit/*"]
+            auditors = ["email:alice@example.com", "spiffe://corp.example/audit/*"]
 
             [system]
-            readers = ["monitoring"]
-            admins = ["root-admin"]
+            readers = ["dns:monitoring"]
+            admins = ["cn:root-admin"]
 
             [[namespaces]]
             name = "payments"
             owner = "team-payments"
             readers = ["group:auditors"]
             writers = ["spiffe://corp.example/ns/payments/*"]
-            admins = ["payments-admin"]
+            admins = ["dns:payments-admin"]
 
             [[namespaces]]
             name = "orders"
-            writers = ["orders-worker"]
+            writers = ["jwt:orders-worker"]
             "#,
         )
         .unwrap();
@@ -483,12 +574,12 @@ mod tests {
         let set = policies();
         let ns_identities = [
             (None, "stranger"),
-            (Some(Role::Reader), "alice@example.com"),
+            (Some(Role::Reader), "email:alice@example.com"),
             (
                 Some(Role::Writer),
                 "spiffe://corp.example/ns/payments/worker",
             ),
-            (Some(Role::Admin), "payments-admin"),
+            (Some(Role::Admin), "dns:payments-admin"),
         ];
         let levels = [
             AccessLevel::Open,
@@ -514,9 +605,9 @@ mod tests {
             }
         }
         let cluster_identities = [
-            (None, "payments-admin"),
-            (Some(Role::Reader), "monitoring"),
-            (Some(Role::Admin), "root-admin"),
+            (None, "dns:payments-admin"),
+            (Some(Role::Reader), "dns:monitoring"),
+            (Some(Role::Admin), "cn:root-admin"),
         ];
         for (role, identity) in cluster_identities {
             for level in levels {
@@ -538,7 +629,7 @@ mod tests {
         claimed.grant_namespace("orders", Role::Writer);
         claimed.grant_namespace("orders", Role::Reader);
         // The policy makes alice a reader in payments; the token adds orders.
-        let alice = "alice@example.com";
+        let alice = "email:alice@example.com";
         let read = |ns| {
             set.decide_for(
                 alice,
@@ -585,14 +676,14 @@ mod tests {
     fn system_roles_apply_in_every_namespace() {
         let set = policies();
         assert_eq!(
-            set.role_in_namespace("monitoring", "orders"),
+            set.role_in_namespace("dns:monitoring", "orders"),
             Some(Role::Reader)
         );
         assert_eq!(
-            set.role_in_namespace("root-admin", "anything"),
+            set.role_in_namespace("cn:root-admin", "anything"),
             Some(Role::Admin)
         );
-        assert_eq!(set.role_in_namespace("orders-worker", "payments"), None);
+        assert_eq!(set.role_in_namespace("jwt:orders-worker", "payments"), None);
     }
 
     #[test]
@@ -617,14 +708,130 @@ mod tests {
         let names = CertificateNames {
             spiffe: vec!["spiffe://corp/x".into()],
             dns: vec!["x.corp".into()],
-            email: vec![],
+            email: vec!["x@corp".into()],
             common_name: Some("x".into()),
         };
         assert_eq!(
             identity_of(&names, &default_identity_sources()),
             "spiffe://corp/x"
         );
-        assert_eq!(identity_of(&names, &[IdentitySource::Cn]), "x");
-        assert_eq!(identity_of(&names, &[IdentitySource::Email]), ANONYMOUS);
+        assert_eq!(identity_of(&names, &[IdentitySource::Dns]), "dns:x.corp");
+        assert_eq!(
+            identity_of(&names, &[IdentitySource::Email]),
+            "email:x@corp"
+        );
+        assert_eq!(identity_of(&names, &[IdentitySource::Cn]), "cn:x");
+        // The CN names a caller only when configured.
+        let cn_only = CertificateNames {
+            common_name: Some("spiffe://corp.example/platform/x".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            identity_of(&cn_only, &default_identity_sources()),
+            UNNAMED_CERTIFICATE
+        );
+        assert_eq!(
+            identity_of(&cn_only, &[IdentitySource::Spiffe, IdentitySource::Cn]),
+            "cn:spiffe://corp.example/platform/x"
+        );
+    }
+
+    /// A name of one kind never matches a grant of another, whatever its text.
+    #[test]
+    fn kinds_never_meet() {
+        let doc: PolicyDocument = toml::from_str(
+            r#"
+            [system]
+            admins = ["spiffe://corp.example/platform/*"]
+            [[namespaces]]
+            name = "payments"
+            writers = ["cn:payments-worker", "email:ops@corp.example"]
+            "#,
+        )
+        .unwrap();
+        let set = PolicySet::compile(&doc).unwrap();
+        let admin = |id: &str| set.system_role(id);
+        assert_eq!(admin("spiffe://corp.example/platform/x"), Some(Role::Admin));
+        // A CN or a token subject spelled like the SPIFFE ID is another identity.
+        assert_eq!(admin("cn:spiffe://corp.example/platform/x"), None);
+        assert_eq!(admin("jwt:spiffe://corp.example/platform/x"), None);
+        let writer = |id: &str| set.role_in_namespace(id, "payments");
+        assert_eq!(writer("cn:payments-worker"), Some(Role::Writer));
+        assert_eq!(writer("jwt:payments-worker"), None);
+        assert_eq!(writer("dns:payments-worker"), None);
+        assert_eq!(writer("email:ops@corp.example"), Some(Role::Writer));
+        assert_eq!(writer("jwt:ops@corp.example"), None);
+        assert_eq!(writer(UNNAMED_CERTIFICATE), None);
+    }
+
+    #[test]
+    fn untyped_entries_are_refused_with_the_fix() {
+        for (text, hint) in [
+            ("[system]\nadmins = [\"root\"]", "cn:root"),
+            ("[groups]\na = [\"alice@corp\"]", "email:alice@corp"),
+            ("deny = [\"mallory\"]", "jwt:mallory"),
+            ("[[namespaces]]\nname = \"a\"\nreaders = [\"*\"]", "kind"),
+            (
+                "[[namespaces]]\nname = \"a\"\nreaders = [\"dns:\"]",
+                "names no identity",
+            ),
+        ] {
+            let doc: PolicyDocument = toml::from_str(text).unwrap();
+            let err = PolicySet::compile(&doc).unwrap_err().to_string();
+            assert!(err.contains(hint), "{text}: {err}");
+        }
+        for ok in [
+            "anonymous",
+            "spiffe://x/*",
+            "dns:*.corp",
+            "email:*@corp",
+            "cn:x",
+            "jwt:sub",
+        ] {
+            assert!(check_typed_entry(ok).is_ok(), "{ok}");
+        }
+    }
+
+    /// The deny list beats every grant: namespace roles, system roles, a token's claims, and
+    /// even methods open to every caller.
+    #[test]
+    fn the_deny_list_beats_every_grant() {
+        let doc: PolicyDocument = toml::from_str(
+            r#"
+            deny = ["spiffe://corp.example/compromised/*", "group:gone"]
+            [groups]
+            gone = ["jwt:mallory"]
+            [system]
+            admins = ["spiffe://corp.example/*"]
+            [[namespaces]]
+            name = "payments"
+            admins = ["spiffe://corp.example/compromised/worker", "jwt:mallory"]
+            "#,
+        )
+        .unwrap();
+        let set = PolicySet::compile(&doc).unwrap();
+        let mut claims = ClaimedRoles::default();
+        claims.grant_system(Role::Admin);
+        for id in ["spiffe://corp.example/compromised/worker", "jwt:mallory"] {
+            for level in [AccessLevel::Open, AccessLevel::Read, AccessLevel::Admin] {
+                let d =
+                    set.decide_for(id, Some(&claims), Scope::Namespace, Some("payments"), level);
+                assert!(!d.allowed, "{id} {level:?}");
+                assert_eq!(d.reason, "identity is on the deny list");
+                assert!(
+                    !set.decide_for(id, Some(&claims), Scope::Cluster, None, level)
+                        .allowed
+                );
+            }
+            assert_eq!(
+                set.role_in_namespace_for(id, Some(&claims), "payments"),
+                None
+            );
+        }
+        // Everyone else keeps their grants.
+        assert_eq!(
+            set.system_role("spiffe://corp.example/platform/x"),
+            Some(Role::Admin)
+        );
     }
 }

@@ -515,6 +515,11 @@ impl Config {
         if self.authorization.identity.is_empty() {
             return invalid("authorization.identity must name at least one source".into());
         }
+        if !self.authorization.disabled {
+            if let Err(e) = self.authorization.validate_inline() {
+                return invalid(format!("authorization: {e}"));
+            }
+        }
         let limits = &self.limits;
         if limits.max_request_bytes == 0
             || limits.max_response_bytes == 0
@@ -778,7 +783,7 @@ mod tests {
         name = "default"
         upstream = "local"
         [authorization]
-        system.admins = ["ops"]
+        system.admins = ["spiffe://corp/ops"]
         [encryption]
         default_key = "main"
         keys.main = { provider = "local", keyring = "keyring.toml" }
@@ -858,7 +863,10 @@ mod tests {
 
     #[test]
     fn authorization_section_is_required() {
-        let without = MINIMAL.replace("[authorization]\n        system.admins = [\"ops\"]", "");
+        let without = MINIMAL.replace(
+            "[authorization]\n        system.admins = [\"spiffe://corp/ops\"]",
+            "",
+        );
         let err = Config::from_toml(&without).unwrap_err().to_string();
         assert!(err.contains("authorization"), "{err}");
     }

@@ -585,7 +585,10 @@ mod tests {
 
     #[tokio::test]
     async fn large_messages_wait_for_room_and_give_up_with_resource_exhausted() {
-        let budget = Arc::new(OffThreadBudget::new(1024 * 1024, Duration::from_millis(200)));
+        let budget = Arc::new(OffThreadBudget::new(
+            1024 * 1024,
+            Duration::from_millis(200),
+        ));
         let (release, released) = std::sync::mpsc::channel::<()>();
         // One message holds the whole budget until told to finish.
         let holder = {

@@ -121,6 +121,8 @@ impl Pki {
 }
 
 fn write_pair(dir: &Path, name: &str, issued: &IssuedCert) -> (PathBuf, PathBuf) {
+    // A CN may be any text (even a URI): keep it a single file name.
+    let name = name.replace(['/', ':'], "_");
     let cert = dir.join(format!("{name}.pem"));
     let key = dir.join(format!("{name}-key.pem"));
     std::fs::write(&cert, &issued.cert_pem).expect("write cert");
@@ -221,7 +223,7 @@ system_upstream = "temporal"
         ));
     }
     // The default test client administers everything; authorization tests bring their own.
-    text.push_str("\n[authorization]\naudit_log = \"off\"\nsystem.admins = [\"test-client\"]\n");
+    text.push_str("\n[authorization]\naudit_log = \"off\"\nidentity = [\"spiffe\", \"dns\", \"email\", \"cn\"]\nsystem.admins = [\"cn:test-client\"]\n");
     let keyring = pki.dir.path().join("keyring.toml");
     if !keyring.exists() {
         portcullis::crypto::Keyring::init(&keyring).expect("keyring");
