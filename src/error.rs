@@ -51,6 +51,8 @@ pub enum ProxyError {
     UpstreamCredentials { upstream: String, reason: String },
     #[error("upstream {upstream} answered with HTTP status {status}")]
     UpstreamHttpStatus { upstream: String, status: u16 },
+    #[error("upstream {upstream} reset the call ({code:?})")]
+    UpstreamReset { upstream: String, code: h2::Reason },
     #[error("upstream {upstream} sent a malformed response: {reason}")]
     UpstreamProtocol { upstream: String, reason: String },
     #[error("deadline of {0:?} exceeded in the proxy")]
@@ -95,6 +97,7 @@ impl ProxyError {
             }
             UpstreamHttpStatus { status, .. } => http_status_to_code(*status),
             UpstreamProtocol { .. } => Code::Internal,
+            UpstreamReset { code, .. } => reset_to_code(*code),
             DeadlineExceeded(_) => Code::DeadlineExceeded,
             RequestBody(_) => Code::Cancelled,
             PermissionDenied { .. } => Code::PermissionDenied,
@@ -115,6 +118,18 @@ impl ProxyError {
 
     pub fn to_status(&self) -> tonic::Status {
         tonic::Status::new(self.code(), format!("portcullis: {self}"))
+    }
+}
+
+/// gRPC's mapping of RST_STREAM codes received from a server (grpc/doc/PROTOCOL-HTTP2.md,
+/// "Errors"). A refused stream (not processed) is retried before it gets here.
+fn reset_to_code(code: h2::Reason) -> Code {
+    match code {
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
     }
 }
 

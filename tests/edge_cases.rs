@@ -344,6 +344,63 @@ async fn errors_and_details_from_the_upstream_pass_through() {
         Ok(response) => assert!(response.get_ref().task_token.is_empty()),
         Err(status) => assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}"),
     }
+
+    // A query nobody answers: the server resets the stream (RST_STREAM CANCEL) as the deadline
+    // runs out, a moment before the proxy's own timer. The caller hears DEADLINE_EXCEEDED, as
+    // gRPC prescribes, never UNAVAILABLE (which clients would retry). A raw client, because
+    // tonic would enforce the deadline itself.
+    client
+        .start_workflow_execution(wf::StartWorkflowExecutionRequest {
+            namespace: "default".into(),
+            workflow_id: "nobody-answers".into(),
+            workflow_type: Some(
+                temporalio_protos::protos::temporal::api::common::v1::WorkflowType {
+                    name: "Unserved".into(),
+                },
+            ),
+            task_queue: Some(
+                temporalio_protos::protos::temporal::api::taskqueue::v1::TaskQueue {
+                    name: "no-worker".into(),
+                    ..Default::default()
+                },
+            ),
+            request_id: "nobody-answers".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    let raw = RawClient::new(address, &pki, &pki.client);
+    let query = wf::QueryWorkflowRequest {
+        namespace: "default".into(),
+        execution: Some(
+            temporalio_protos::protos::temporal::api::common::v1::WorkflowExecution {
+                workflow_id: "nobody-answers".into(),
+                run_id: String::new(),
+            },
+        ),
+        query: Some(
+            temporalio_protos::protos::temporal::api::query::v1::WorkflowQuery {
+                query_type: "state".into(),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    for timeout in ["5S", "3S"] {
+        let answer = raw
+            .call(
+                &format!("{WORKFLOW_SERVICE}/QueryWorkflow"),
+                &[("grpc-timeout", timeout)],
+                grpc_frame(&query.encode_to_vec()),
+            )
+            .await;
+        assert_eq!(
+            answer.grpc_status(),
+            Some(Code::DeadlineExceeded as i32),
+            "query with {timeout}: {}",
+            answer.grpc_message()
+        );
+    }
     proxy.shutdown().await;
 }
 

@@ -62,6 +62,15 @@ pub enum BodyError {
     TooLarge,
     /// The stream or the connection broke off.
     Interrupted(String),
+    /// The peer reset the stream (RST_STREAM) with this code.
+    Reset(h2::Reason),
+}
+
+fn interrupted(error: h2::Error) -> BodyError {
+    match error.reason() {
+        Some(code) if error.is_reset() && error.is_remote() => BodyError::Reset(code),
+        _ => BodyError::Interrupted(error.to_string()),
+    }
 }
 
 /// Reads a whole HTTP/2 body (at most `limit` bytes) and its trailers, giving the flow-control
@@ -74,7 +83,7 @@ pub async fn collect_h2(
     let mut rest: Vec<u8> = Vec::new();
     let mut total = 0usize;
     while let Some(chunk) = stream.data().await {
-        let chunk = chunk.map_err(|e| BodyError::Interrupted(e.to_string()))?;
+        let chunk = chunk.map_err(interrupted)?;
         let len = chunk.len();
         total += len;
         if total > limit {
@@ -95,7 +104,7 @@ pub async fn collect_h2(
     let trailers = stream
         .trailers()
         .await
-        .map_err(|e| BodyError::Interrupted(e.to_string()))?
+        .map_err(interrupted)?
         .unwrap_or_default();
     let body = match first {
         Some(only) => only,

@@ -115,6 +115,9 @@ async fn read_body(mut body: RecvStream, limit: usize) -> Result<Bytes, ProxyErr
             limit,
         }),
         Err(BodyError::Interrupted(e)) => Err(ProxyError::RequestBody(e)),
+        Err(BodyError::Reset(code)) => Err(ProxyError::RequestBody(format!(
+            "the caller reset the stream ({code:?})"
+        ))),
     }
 }
 

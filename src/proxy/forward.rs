@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
 use http::HeaderValue;
@@ -65,6 +66,29 @@ impl Service<GrpcRequest> for Forwarder {
     }
 }
 
+/// An upstream that cancels a call (RST_STREAM CANCEL) as its deadline runs out does so a
+/// moment before the proxy's own timer fires (it counts from a deadline sent a moment later,
+/// rounded down): that is the caller's deadline passing.
+const DEADLINE_SLACK: Duration = Duration::from_millis(250);
+
+fn deadline_or(
+    error: ProxyError,
+    deadline: Option<(tokio::time::Instant, Duration)>,
+) -> ProxyError {
+    match (&error, deadline) {
+        (
+            ProxyError::UpstreamReset {
+                code: h2::Reason::CANCEL,
+                ..
+            },
+            Some((at, timeout)),
+        ) if at.saturating_duration_since(tokio::time::Instant::now()) <= DEADLINE_SLACK => {
+            ProxyError::DeadlineExceeded(timeout)
+        }
+        _ => error,
+    }
+}
+
 async fn forward(
     upstream: &Arc<Upstream>,
     request: GrpcRequest,
@@ -89,7 +113,10 @@ async fn forward(
     }
     let body = frame::encode(&request.message, Encoding::Identity);
 
-    let response = upstream.send(&request.method.path, &headers, body).await?;
+    let response = upstream
+        .send(&request.method.path, &headers, body)
+        .await
+        .map_err(|e| deadline_or(e, request.deadline))?;
     let parts = response.head;
     if parts.status != http::StatusCode::OK {
         return Err(ProxyError::UpstreamHttpStatus {
@@ -117,7 +144,12 @@ async fn forward(
                 address: upstream.address.clone(),
                 reason: format!("response interrupted: {reason}"),
             },
-        })?;
+            BodyError::Reset(code) => ProxyError::UpstreamReset {
+                upstream: upstream.name.clone(),
+                code,
+            },
+        })
+        .map_err(|e| deadline_or(e, request.deadline))?;
     let message = frame::decode_unary(&body, encoding, max_response_bytes, Direction::Response)
         .map_err(|e| match e {
             FrameError::Malformed(reason) => protocol_error(reason.to_string()),
@@ -132,4 +164,52 @@ async fn forward(
         message,
         trailers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn reset(code: h2::Reason) -> ProxyError {
+        ProxyError::UpstreamReset {
+            upstream: "u".into(),
+            code,
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_resets_map_as_grpc_prescribes() {
+        let now = tokio::time::Instant::now();
+        let timeout = Duration::from_secs(5);
+        let expiring = Some((now + Duration::from_millis(100), timeout));
+        let far = Some((now + Duration::from_secs(30), timeout));
+        // CANCEL at the deadline is the deadline; earlier, or without one, a cancellation.
+        assert_eq!(
+            deadline_or(reset(h2::Reason::CANCEL), expiring).code(),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(
+            deadline_or(reset(h2::Reason::CANCEL), far).code(),
+            Code::Cancelled
+        );
+        assert_eq!(
+            deadline_or(reset(h2::Reason::CANCEL), None).code(),
+            Code::Cancelled
+        );
+        for (code, expected) in [
+            (h2::Reason::REFUSED_STREAM, Code::Unavailable),
+            (h2::Reason::ENHANCE_YOUR_CALM, Code::ResourceExhausted),
+            (h2::Reason::INADEQUATE_SECURITY, Code::PermissionDenied),
+            (h2::Reason::INTERNAL_ERROR, Code::Internal),
+            (h2::Reason::PROTOCOL_ERROR, Code::Internal),
+            (h2::Reason::NO_ERROR, Code::Internal),
+        ] {
+            assert_eq!(
+                deadline_or(reset(code), expiring).code(),
+                expected,
+                "{code:?}"
+            );
+        }
+    }
 }

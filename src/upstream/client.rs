@@ -180,6 +180,8 @@ struct AttemptError {
     retry: bool,
     /// The connection itself failed: no new calls on it.
     dead: bool,
+    /// The upstream reset this stream (RST_STREAM) with this code.
+    reset: Option<h2::Reason>,
 }
 
 impl Upstream {
@@ -275,6 +277,12 @@ impl Upstream {
                         connection.broken.store(true, Ordering::Release);
                     }
                     tracing::debug!(upstream = %self.name, connection = connection.id, reason = %error.reason, retry = error.retry, "upstream call failed");
+                    if let (Some(code), false) = (error.reset, error.retry) {
+                        return Err(ProxyError::UpstreamReset {
+                            upstream: self.name.clone(),
+                            code,
+                        });
+                    }
                     if !error.retry {
                         return Err(self.unavailable(error.reason));
                     }
@@ -622,6 +630,15 @@ async fn attempt(
     }
 }
 
+/// The code of a RST_STREAM the upstream sent for one stream (not a connection failure).
+pub fn upstream_reset(error: &h2::Error) -> Option<h2::Reason> {
+    if error.is_reset() && error.is_remote() {
+        error.reason()
+    } else {
+        None
+    }
+}
+
 impl AttemptError {
     fn new(error: &h2::Error, stream_opened: bool) -> AttemptError {
         let dead = error.is_go_away() || error.is_io();
@@ -644,6 +661,7 @@ impl AttemptError {
             },
             retry,
             dead,
+            reset: upstream_reset(error),
         }
     }
 }
