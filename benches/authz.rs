@@ -11,14 +11,14 @@ use portcullis::schema::Scope;
 
 fn policy_set() -> PolicySet {
     let mut text = String::from(
-        "[groups]\nauditors = [\"alice@corp.example\", \"bob@corp.example\", \"spiffe://corp.example/audit/*\"]\n\
+        "[groups]\nauditors = [\"email:alice@corp.example\", \"email:bob@corp.example\", \"spiffe://corp.example/audit/*\"]\n\
          [system]\nreaders = [\"group:auditors\"]\nadmins = [\"spiffe://corp.example/platform/*\"]\n",
     );
     // 200 namespaces, each with a few grants, like a shared service in a large company.
     for i in 0..200 {
         text.push_str(&format!(
-            "[[namespaces]]\nname = \"ns-{i}\"\nreaders = [\"group:auditors\", \"reader-{i}\"]\n\
-             writers = [\"spiffe://corp.example/ns/ns-{i}/*\"]\nadmins = [\"admin-{i}\"]\n"
+            "[[namespaces]]\nname = \"ns-{i}\"\nreaders = [\"group:auditors\", \"cn:reader-{i}\"]\n\
+             writers = [\"spiffe://corp.example/ns/ns-{i}/*\"]\nadmins = [\"cn:admin-{i}\"]\n"
         ));
     }
     let document: PolicyDocument = toml::from_str(&text).expect("policy");

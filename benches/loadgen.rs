@@ -1289,11 +1289,11 @@ identity = ["spiffe", "dns", "email", "cn"]
 audit_log = "{audit}"
 
 [authorization.system]
-readers = ["loadgen-client"]
+readers = ["cn:loadgen-client"]
 
 [[authorization.namespaces]]
 name = "{NAMESPACE}"
-writers = ["loadgen-client"]
+writers = ["cn:loadgen-client"]
 "#
     );
     let authorization = if authorization_on {
