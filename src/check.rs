@@ -246,6 +246,34 @@ pub async fn run(path: &Path, options: &CheckOptions) -> CheckReport {
         }
     };
 
+    // The schema in force for the checks below (and for the pipeline built at the end).
+    match crate::api::install(&config.schema, &config.authorization.method_access) {
+        Ok(schema) => {
+            report.push(Severity::Ok, "schema", schema.summary());
+            if !schema.added_methods.is_empty() {
+                report.push(
+                    Severity::Ok,
+                    "schema",
+                    format!(
+                        "methods beyond the built-in API: {}",
+                        schema.added_methods.join(", ")
+                    ),
+                );
+            }
+            if !schema.added_payload_fields.is_empty() {
+                report.push(
+                    Severity::Ok,
+                    "schema",
+                    format!(
+                        "payload fields beyond the built-in API (sealed): {}",
+                        schema.added_payload_fields.join(", ")
+                    ),
+                );
+            }
+        }
+        Err(e) => report.push(Severity::Fail, "schema", e.to_string()),
+    }
+
     match &config.listener.tls {
         Some(tls) => {
             check_pem_certificates(&mut report, "server certificate", &tls.cert, true, options);

@@ -385,6 +385,7 @@ fn dev_config(
                 })
                 .collect(),
             deny: vec![],
+            method_access: Default::default(),
         },
         encryption: EncryptionConfig {
             default_key: Some("local".into()),
@@ -411,6 +412,7 @@ fn dev_config(
             leeway_seconds: 30,
         }),
         codec: None,
+        schema: Default::default(),
         source: None,
     }
 }

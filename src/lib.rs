@@ -1,6 +1,7 @@
 //! portcullis: an authenticating, encrypting gRPC proxy for Temporal.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod authz;
 pub mod check;
 pub mod codec;

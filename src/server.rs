@@ -321,6 +321,16 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         // Refuse before anything binds.
         crate::codec::check_options(codec, &options.codec)?;
     }
+    // Before anything reads the schema: the payload and namespace indexes follow it.
+    let schema = crate::api::install(&config.schema, &config.authorization.method_access)?;
+    if schema.sha256.is_some() {
+        tracing::info!(
+            schema = %schema.summary(),
+            added_methods = ?schema.added_methods,
+            added_payload_fields = ?schema.added_payload_fields,
+            "API schema from the configured descriptor set"
+        );
+    }
     let PipelineParts {
         pipeline,
         policies,
@@ -346,6 +356,16 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         translation.clone(),
     );
     let telemetry = Telemetry::new();
+    telemetry.set_schema(vec![
+        ("source", schema.source.to_string()),
+        ("sha256", schema.sha256.clone().unwrap_or_default()),
+        ("methods", schema.methods.to_string()),
+        ("added_methods", schema.added_methods.len().to_string()),
+        (
+            "added_payload_fields",
+            schema.added_payload_fields.len().to_string(),
+        ),
+    ]);
     let pipeline = instrument_pipeline(
         pipeline,
         &config,

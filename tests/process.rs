@@ -615,3 +615,181 @@ readers = ["cn:reader"]
     eprintln!("amplification: {refused} parallel attack calls refused during the load; VmHWM +{grown_mib:.1} MiB in all");
     assert!(grown_mib < 160.0, "peak RSS grew by {grown_mib:.1} MiB");
 }
+
+/// StartWorkflowExecution in `default` whose new field 999 (unknown to the built-in schema)
+/// holds a payload with `marker`.
+fn start_with_future_field(marker: &str) -> Vec<u8> {
+    use prost::Message;
+    use temporalio_protos::protos::temporal::api::common::v1::{Payload, Payloads, WorkflowType};
+    let mut message = wf::StartWorkflowExecutionRequest {
+        namespace: "default".into(),
+        workflow_id: "future".into(),
+        workflow_type: Some(WorkflowType { name: "W".into() }),
+        request_id: "future-1".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let future = Payloads {
+        payloads: vec![Payload {
+            metadata: [("encoding".to_string(), b"json/plain".to_vec())].into(),
+            data: format!("\"{marker}\"").into_bytes(),
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec();
+    portcullis::payload::wire::put_len_field(&mut message, FUTURE_PAYLOAD_FIELD, &future);
+    message
+}
+
+/// Issue 13: a descriptor set newer than the binary, from the config. It must keep every
+/// method and payload field of the built-in one (else refused, by `check` too); its new method
+/// is forwarded to the real server with the access level the config gives it, and its new
+/// payload field is sealed (with the built-in schema the same bytes pass as an unknown field).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_api_schema_forwards_new_methods_and_seals_new_payload_fields() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let newer = dir.join("temporal-api.binpb");
+    std::fs::write(&newer, newer_api_descriptor_set()).expect("write");
+    let older = dir.join("older-api.binpb");
+    std::fs::write(&older, descriptor_set_without_start_input()).expect("write");
+
+    let (_, report) = portcullis::api::load(&newer).expect("the newer set loads");
+    assert_eq!(report.added_methods, vec![FUTURE_METHOD.to_string()]);
+    for field in [
+        "temporal.api.workflowservice.v1.StartWorkflowExecutionRequest.future_input",
+        "temporal.api.workflowservice.v1.FutureMethodRequest.input",
+        "temporal.api.workflowservice.v1.FutureMethodResponse.output",
+    ] {
+        assert!(
+            report.added_payload_fields.iter().any(|f| f == field),
+            "{field} not reported: {report:?}"
+        );
+    }
+    let Err(refused) = portcullis::api::load(&older) else {
+        panic!("a set that drops a payload field was accepted");
+    };
+    assert!(
+        refused
+            .to_string()
+            .contains("StartWorkflowExecutionRequest field 5"),
+        "{refused}"
+    );
+
+    // Against the real server: the new method is forwarded, with its configured level.
+    let server = DevServer::start(&[]).await;
+    let (reader, writer) = (pki.client_cert("reader"), pki.client_cert("writer"));
+    let mut config = proxy_config_with_authz(
+        &pki,
+        &server.address(),
+        &["default"],
+        &format!(
+            r#"
+audit_log = "off"
+identity = ["cn"]
+system.admins = ["cn:test-client"]
+method_access = {{ "{FUTURE_METHOD}" = "write" }}
+[[namespaces]]
+name = "default"
+readers = ["cn:reader"]
+writers = ["cn:writer"]
+"#
+        ),
+    );
+    config.schema.descriptor_set = Some(newer.clone());
+    let config_path = dir.join("newer.toml");
+    std::fs::write(&config_path, config.to_toml()).expect("write");
+    let (ok, out) = check(&config_path, &["--offline", "--warn-days", "0"]).await;
+    assert!(
+        ok && out.contains("FutureMethod") && out.contains("future_input"),
+        "{out}"
+    );
+    let mut bad = config.clone();
+    bad.schema.descriptor_set = Some(older.clone());
+    let bad_path = dir.join("older.toml");
+    std::fs::write(&bad_path, bad.to_toml()).expect("write");
+    let (ok, out) = check(&bad_path, &["--offline", "--warn-days", "0"]).await;
+    assert!(!ok && out.contains("would no longer be sealed"), "{out}");
+
+    let (_proxy, address) = serve_process(&config, dir).await;
+    let socket = address.parse().expect("addr");
+    let future = {
+        use prost::Message;
+        wf::QueryWorkflowRequest {
+            namespace: "default".into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let as_reader = RawClient::new(socket, &pki, &reader)
+        .call(FUTURE_METHOD, &[], grpc_frame(&future))
+        .await;
+    assert_eq!(
+        as_reader.grpc_status(),
+        Some(7),
+        "{}",
+        as_reader.grpc_message()
+    );
+    assert!(
+        as_reader.grpc_message().contains("writer"),
+        "{}",
+        as_reader.grpc_message()
+    );
+    let as_writer = RawClient::new(socket, &pki, &writer)
+        .call(FUTURE_METHOD, &[], grpc_frame(&future))
+        .await;
+    // The server itself does not know it yet: its own UNIMPLEMENTED, not the proxy's.
+    assert_eq!(
+        as_writer.grpc_status(),
+        Some(12),
+        "{}",
+        as_writer.grpc_message()
+    );
+    assert!(
+        !as_writer.grpc_message().starts_with("portcullis:"),
+        "{}",
+        as_writer.grpc_message()
+    );
+    let unknown = RawClient::new(socket, &pki, &writer)
+        .call(
+            "/temporal.api.workflowservice.v1.WorkflowService/PastMethod",
+            &[],
+            grpc_frame(&future),
+        )
+        .await;
+    assert_eq!(unknown.grpc_status(), Some(12));
+    assert!(unknown
+        .grpc_message()
+        .starts_with("portcullis: unknown method"));
+
+    // The new payload field, at a recording upstream: sealed with the newer schema, and
+    // (the control) passed through as an unknown field with the built-in one.
+    for (schema, sealed) in [(Some(newer), true), (None, false)] {
+        let fake = FakeUpstream::start().await;
+        let mut config = proxy_config(&pki, &fake.address.to_string(), &["default"]);
+        config.schema.descriptor_set = schema;
+        let (mut proxy, address) = serve_process(&config, dir).await;
+        let marker = "future-field-marker-7c1";
+        let answer = RawClient::new(address.parse().expect("addr"), &pki, &pki.client)
+            .call(
+                &format!("{WORKFLOW_SERVICE}/StartWorkflowExecution"),
+                &[],
+                grpc_frame(&start_with_future_field(marker)),
+            )
+            .await;
+        assert_eq!(answer.grpc_status(), Some(0), "{}", answer.grpc_message());
+        let bodies = fake.bodies.lock().expect("lock").clone();
+        let (_, body) = bodies
+            .iter()
+            .find(|(path, _)| path.ends_with("/StartWorkflowExecution"))
+            .expect("the call reached the upstream");
+        let plain = body.windows(marker.len()).any(|w| w == marker.as_bytes());
+        assert_eq!(
+            plain,
+            !sealed,
+            "schema {schema:?}: marker in plaintext upstream: {plain}",
+            schema = sealed
+        );
+        let _ = proxy.kill().await;
+    }
+}

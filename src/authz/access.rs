@@ -4,7 +4,9 @@
 use crate::schema::{MethodInfo, Scope};
 
 /// What a caller must hold to call a method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AccessLevel {
     /// Any authenticated caller (GetSystemInfo, health checks).
@@ -203,6 +205,23 @@ pub fn classified_level(service: &str, method: &str) -> Option<AccessLevel> {
 
 /// What a call needs: its level, and whether the namespace's or the cluster's roles apply.
 /// A method Temporal has not classified needs cluster admin (fail closed).
+/// Checks a configured level for a method Temporal's table does not know (a newer API):
+/// `/package.Service/Method`, and never one the table classifies (its level is Temporal's).
+pub fn check_configured_method(path: &str) -> Result<(), String> {
+    let (service, method) = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
+        .ok_or_else(|| format!("{path:?} is not a method path (/package.Service/Method)"))?;
+    if let Some(level) = classified_level(service, method) {
+        return Err(format!(
+            "{path} already needs {} in Temporal's own table; only methods it does not know can be given a level",
+            level.as_str()
+        ));
+    }
+    Ok(())
+}
+
 pub fn required_access(method: &MethodInfo) -> (Scope, AccessLevel) {
     match classified_level(&method.service, &method.name) {
         Some(level) => (method.scope, level),

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod bearer;
 pub mod policy;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -70,6 +71,11 @@ pub struct AuthorizationConfig {
     /// Identities refused everything, whatever they are granted (see [`PolicyDocument::deny`]).
     #[serde(default)]
     pub deny: Vec<String>,
+    /// Access levels for methods of a newer API schema (`[schema]`) that Temporal's table,
+    /// built in, does not know: `"/package.Service/Method" = "read" | "write" | "admin" |
+    /// "open"`. Methods nobody classified need cluster admin.
+    #[serde(default)]
+    pub method_access: BTreeMap<String, AccessLevel>,
 }
 
 fn default_audit() -> String {
@@ -89,7 +95,8 @@ impl AuthorizationConfig {
     /// Checks the policies written in the section itself (not the policy file or directory,
     /// which are read at start and on reload): a config with an invalid entry does not load.
     pub fn validate_inline(&self) -> Result<(), PolicyError> {
-        PolicySet::compile(&self.inline_document()).map(|_| ())
+        self.finish(PolicySet::compile(&self.inline_document())?)
+            .map(|_| ())
     }
 
     /// Inline policies plus the policy file and directory, compiled.
@@ -113,7 +120,17 @@ impl AuthorizationConfig {
         if let Some(dir) = &self.policy_dir {
             document.namespaces.extend(policy::read_policy_dir(dir)?);
         }
-        PolicySet::compile(&document).map(|set| set.with_identity_sources(self.identity.clone()))
+        self.finish(PolicySet::compile(&document)?)
+    }
+
+    fn finish(&self, set: PolicySet) -> Result<PolicySet, PolicyError> {
+        for path in self.method_access.keys() {
+            access::check_configured_method(path)
+                .map_err(|e| PolicyError::Invalid(format!("method_access: {e}")))?;
+        }
+        Ok(set
+            .with_identity_sources(self.identity.clone())
+            .with_method_access(self.method_access.clone()))
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {
@@ -256,7 +273,7 @@ where
             // Everyone may list; the answer is cut down to what the caller may read.
             (Scope::Cluster, AccessLevel::Open)
         } else {
-            required_access(method)
+            policies.required_access(method)
         };
         let decision = policies.decide_for(
             &identity,

@@ -50,6 +50,9 @@ pub struct Config {
     /// The codec server for the Web UI and the CLI. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codec: Option<crate::codec::CodecConfig>,
+    /// Temporal's API schema: the built-in one, or a newer descriptor set.
+    #[serde(default)]
+    pub schema: crate::schema::SchemaConfig,
     /// The file this config was loaded from (for reloads).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -583,6 +586,9 @@ impl Config {
         }
         if let Some(codec) = &mut self.codec {
             codec.resolve_paths(base);
+        }
+        if let Some(descriptors) = &mut self.schema.descriptor_set {
+            fix(descriptors);
         }
         for upstream in self.upstreams.values_mut() {
             if let Some(tls) = &mut upstream.tls {

@@ -2,9 +2,11 @@
 //! table derived from it once at start-up.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use prost_reflect::{DescriptorPool, Kind, MessageDescriptor, MethodDescriptor};
+use serde::{Deserialize, Serialize};
 
 /// The compiled FileDescriptorSet of Temporal's API (see build.rs).
 pub static DESCRIPTOR_SET: &[u8] =
@@ -39,25 +41,104 @@ pub struct MethodInfo {
     pub streaming: bool,
 }
 
+/// The `[schema]` section: which description of Temporal's API the proxy runs with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// A binary `FileDescriptorSet` of Temporal's API (with its imports), newer than the one
+    /// built in: e.g. `buf build -o temporal-api.binpb` in temporalio/api. Unset: the built-in.
+    #[serde(default)]
+    pub descriptor_set: Option<PathBuf>,
+}
+
+/// Where the schema in force came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaOrigin {
+    /// Built into the binary (`temporalio-protos`).
+    Embedded,
+    /// A descriptor set loaded at start.
+    File { path: PathBuf, sha256: String },
+}
+
 /// All forwarded methods, by HTTP/2 path.
 pub struct Schema {
     pub pool: DescriptorPool,
     methods: HashMap<String, MethodInfo>,
+    pub origin: SchemaOrigin,
 }
 
-static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
-    // The descriptor set is produced by our own build; failing here is a build defect, not input.
-    Schema::from_descriptor_set(DESCRIPTOR_SET).expect("embedded Temporal descriptor set is valid")
-});
+/// The schema of this process: installed once at start (a newer descriptor set), or the
+/// embedded one from its first use on. Everything derived from it (the payload index, the
+/// namespace field index, the method table) is computed from whichever is in force.
+static SCHEMA: OnceLock<Schema> = OnceLock::new();
+
+const HEALTH_FILE: &str = "grpc/health/v1/health.proto";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("not a valid descriptor set: {0}")]
+    Invalid(String),
+    #[error("the API schema is process-wide and already in use ({0}); it can only be chosen before anything uses it")]
+    AlreadyInUse(String),
+}
 
 impl Schema {
-    /// The schema built from the embedded descriptor set.
+    /// The schema in force (the embedded one unless another was installed first).
     pub fn global() -> &'static Schema {
-        &SCHEMA
+        SCHEMA.get_or_init(Schema::embedded)
+    }
+
+    /// The schema built into the binary.
+    pub fn embedded() -> Schema {
+        // The descriptor set is produced by our own build; failing here is a build defect, not input.
+        Schema::from_descriptor_set(DESCRIPTOR_SET)
+            .expect("embedded Temporal descriptor set is valid")
+    }
+
+    /// A schema from a descriptor set given at run time. A set without `grpc.health.v1`
+    /// (Temporal's API repository does not carry it) gets the built-in health service.
+    pub fn from_runtime_set(bytes: &[u8], origin: SchemaOrigin) -> Result<Schema, SchemaError> {
+        let mut pool =
+            DescriptorPool::decode(bytes).map_err(|e| SchemaError::Invalid(e.to_string()))?;
+        if pool.get_service_by_name("grpc.health.v1.Health").is_none() {
+            let embedded = DescriptorPool::decode(DESCRIPTOR_SET)
+                .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+            if let Some(health) = embedded.get_file_by_name(HEALTH_FILE) {
+                pool.add_file_descriptor_proto(health.file_descriptor_proto().clone())
+                    .map_err(|e| SchemaError::Invalid(format!("adding {HEALTH_FILE}: {e}")))?;
+            }
+        }
+        let mut schema = Schema::from_pool(pool);
+        schema.origin = origin;
+        Ok(schema)
+    }
+
+    /// Makes `schema` the process's schema. Refused once anything used the schema, unless the
+    /// same one is in force already (a second proxy in one process with the same config).
+    pub fn install(schema: Schema) -> Result<&'static Schema, SchemaError> {
+        let wanted = schema.origin.clone();
+        if let Err(schema) = SCHEMA.set(schema) {
+            let current = Schema::global();
+            let same = match (&current.origin, &wanted) {
+                (SchemaOrigin::File { sha256: a, .. }, SchemaOrigin::File { sha256: b, .. }) => {
+                    a == b
+                }
+                (SchemaOrigin::Embedded, SchemaOrigin::Embedded) => true,
+                _ => false,
+            };
+            drop(schema);
+            if !same {
+                return Err(SchemaError::AlreadyInUse(current.origin.describe()));
+            }
+        }
+        Ok(Schema::global())
     }
 
     pub fn from_descriptor_set(bytes: &[u8]) -> Result<Schema, prost_reflect::DescriptorError> {
-        let pool = DescriptorPool::decode(bytes)?;
+        Ok(Schema::from_pool(DescriptorPool::decode(bytes)?))
+    }
+
+    fn from_pool(pool: DescriptorPool) -> Schema {
         let mut methods = HashMap::new();
         for service_name in FORWARDED_SERVICES {
             let Some(service) = pool.get_service_by_name(service_name) else {
@@ -68,7 +149,11 @@ impl Schema {
                 methods.insert(info.path.clone(), info);
             }
         }
-        Ok(Schema { pool, methods })
+        Schema {
+            pool,
+            methods,
+            origin: SchemaOrigin::Embedded,
+        }
     }
 
     pub fn method(&self, path: &str) -> Option<&MethodInfo> {
@@ -81,6 +166,17 @@ impl Schema {
 
     pub fn message(&self, full_name: &str) -> Option<MessageDescriptor> {
         self.pool.get_message_by_name(full_name)
+    }
+}
+
+impl SchemaOrigin {
+    pub fn describe(&self) -> String {
+        match self {
+            SchemaOrigin::Embedded => "the built-in API schema".into(),
+            SchemaOrigin::File { path, sha256 } => {
+                format!("descriptor set {} (sha256 {sha256})", path.display())
+            }
+        }
     }
 }
 

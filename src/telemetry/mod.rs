@@ -232,6 +232,8 @@ pub struct Telemetry {
     upstream_connections: RwLock<BTreeMap<String, ConnectionSource>>,
     keys: RwLock<Vec<KeyStats>>,
     upstream_targets: RwLock<Vec<(String, String)>>,
+    /// Labels of `portcullis_schema_info`: which API schema is in force.
+    schema: RwLock<Vec<(&'static str, String)>>,
     readiness: RwLock<Option<Arc<ReadinessReport>>>,
     draining: AtomicBool,
 }
@@ -263,6 +265,7 @@ impl Default for Telemetry {
             upstream_connections: RwLock::default(),
             keys: RwLock::default(),
             upstream_targets: RwLock::default(),
+            schema: RwLock::default(),
             readiness: RwLock::default(),
             draining: AtomicBool::new(false),
         }
@@ -374,6 +377,12 @@ impl Telemetry {
     }
 
     /// Upstreams the readiness prober checks: (name, HOST:PORT). Call again after a reload.
+    /// Which API schema is in force (`source`, `sha256`, `methods`, `added_methods`,
+    /// `added_payload_fields`), for `portcullis_schema_info`.
+    pub fn set_schema(&self, labels: Vec<(&'static str, String)>) {
+        *write(&self.schema) = labels;
+    }
+
     pub fn set_upstreams(&self, upstreams: Vec<(String, String)>) {
         *write(&self.upstream_targets) = upstreams;
     }
@@ -778,6 +787,17 @@ impl Collector for TelemetryCollector {
             MetricType::Info,
         )?;
         info.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+        let schema = read(&self.0.schema).clone();
+        if !schema.is_empty() {
+            let labels: Vec<(&str, &str)> = schema.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let mut info = encoder.encode_descriptor(
+                "portcullis_schema",
+                "The API schema in force: built in, or a descriptor set from [schema], and what it adds.",
+                None,
+                MetricType::Info,
+            )?;
+            info.encode_info(&labels)?;
+        }
         Ok(())
     }
 }
@@ -791,6 +811,7 @@ mod tests {
     fn labels_are_bounded_and_the_exposition_names_every_family() {
         let telemetry = Telemetry::new();
         telemetry.set_namespaces(["payments"]);
+        telemetry.set_schema(vec![("source", "embedded".into()), ("methods", "140".into())]);
         let schema = Schema::global();
         let start = schema
             .method("/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution")
@@ -837,6 +858,7 @@ mod tests {
             "portcullis_ready 0",
             "portcullis_upstream_connections{upstream=\"primary\"} 2",
             "portcullis_build_info{version=",
+            "portcullis_schema_info{source=\"embedded\"",
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }

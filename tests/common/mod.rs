@@ -500,6 +500,8 @@ pub struct FakeUpstream {
     /// calls whose stream the proxy cancelled.
     pub held: Arc<std::sync::atomic::AtomicUsize>,
     pub cancelled: Arc<std::sync::atomic::AtomicUsize>,
+    /// Every request body that arrived (path, framed body), in order.
+    pub bodies: Arc<std::sync::Mutex<Vec<(String, Bytes)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -518,23 +520,33 @@ impl FakeUpstream {
         let seen: Arc<std::sync::Mutex<Vec<HeaderMap>>> = Arc::default();
         let held: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let cancelled: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
-        let (recorder, held_counter, cancel_counter) =
-            (seen.clone(), held.clone(), cancelled.clone());
+        let bodies: Arc<std::sync::Mutex<Vec<(String, Bytes)>>> = Arc::default();
+        let (recorder, held_counter, cancel_counter, body_recorder) = (
+            seen.clone(),
+            held.clone(),
+            cancelled.clone(),
+            bodies.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (recorder, held, cancelled) = (
+                let (recorder, held, cancelled, bodies) = (
                     recorder.clone(),
                     held_counter.clone(),
                     cancel_counter.clone(),
+                    body_recorder.clone(),
                 );
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: Request<hyper::body::Incoming>| {
-                            let (recorder, held, cancelled) =
-                                (recorder.clone(), held.clone(), cancelled.clone());
+                            let (recorder, held, cancelled, bodies) = (
+                                recorder.clone(),
+                                held.clone(),
+                                cancelled.clone(),
+                                bodies.clone(),
+                            );
                             async move {
                                 recorder
                                     .lock()
@@ -554,7 +566,10 @@ impl FakeUpstream {
                                     held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                                     std::future::pending::<()>().await;
                                 }
-                                let _ = request.into_body().collect().await;
+                                let path = request.uri().path().to_string();
+                                if let Ok(body) = request.into_body().collect().await {
+                                    bodies.lock().expect("lock").push((path, body.to_bytes()));
+                                }
                                 let mut trailers = HeaderMap::new();
                                 trailers.insert("grpc-status", "0".parse().expect("value"));
                                 let body = http_body_util::StreamBody::new(
@@ -587,6 +602,7 @@ impl FakeUpstream {
             seen,
             held,
             cancelled,
+            bodies,
             task,
         }
     }
@@ -648,4 +664,94 @@ pub async fn tls_probe(
     } else {
         Err(format!("unexpected first frame {buf:?}"))
     }
+}
+
+/// The methods and fields [`newer_api_descriptor_set`] adds to Temporal's API.
+pub const FUTURE_METHOD: &str = "/temporal.api.workflowservice.v1.WorkflowService/FutureMethod";
+pub const FUTURE_PAYLOAD_FIELD: u32 = 999;
+
+/// The built-in descriptor set as a newer Temporal API might look: a WorkflowService method
+/// `FutureMethod` (a namespace and a payload in, a payload out) and a new payload field
+/// `StartWorkflowExecutionRequest.future_input` (Payloads, field 999).
+pub fn newer_api_descriptor_set() -> Vec<u8> {
+    use prost::Message as _;
+    use prost_reflect::prost_types::{
+        field_descriptor_proto::{Label, Type},
+        DescriptorProto, FieldDescriptorProto, FileDescriptorSet, MethodDescriptorProto,
+    };
+    let mut set = FileDescriptorSet::decode(portcullis::schema::DESCRIPTOR_SET).expect("set");
+    let field =
+        |name: &str, number: i32, kind: Type, type_name: Option<&str>| FieldDescriptorProto {
+            name: Some(name.into()),
+            number: Some(number),
+            label: Some(Label::Optional as i32),
+            r#type: Some(kind as i32),
+            type_name: type_name.map(str::to_string),
+            json_name: Some(name.into()),
+            ..Default::default()
+        };
+    const PAYLOADS: &str = ".temporal.api.common.v1.Payloads";
+    for file in &mut set.file {
+        match file.name() {
+            "temporal/api/workflowservice/v1/request_response.proto" => {
+                file.message_type.push(DescriptorProto {
+                    name: Some("FutureMethodRequest".into()),
+                    field: vec![
+                        field("namespace", 1, Type::String, None),
+                        field("input", 2, Type::Message, Some(PAYLOADS)),
+                    ],
+                    ..Default::default()
+                });
+                file.message_type.push(DescriptorProto {
+                    name: Some("FutureMethodResponse".into()),
+                    field: vec![field("output", 1, Type::Message, Some(PAYLOADS))],
+                    ..Default::default()
+                });
+                let start = file
+                    .message_type
+                    .iter_mut()
+                    .find(|m| m.name() == "StartWorkflowExecutionRequest")
+                    .expect("StartWorkflowExecutionRequest");
+                start.field.push(field(
+                    "future_input",
+                    FUTURE_PAYLOAD_FIELD as i32,
+                    Type::Message,
+                    Some(PAYLOADS),
+                ));
+            }
+            "temporal/api/workflowservice/v1/service.proto" => {
+                let service = file
+                    .service
+                    .iter_mut()
+                    .find(|s| s.name() == "WorkflowService")
+                    .expect("WorkflowService");
+                service.method.push(MethodDescriptorProto {
+                    name: Some("FutureMethod".into()),
+                    input_type: Some(".temporal.api.workflowservice.v1.FutureMethodRequest".into()),
+                    output_type: Some(
+                        ".temporal.api.workflowservice.v1.FutureMethodResponse".into(),
+                    ),
+                    ..Default::default()
+                });
+            }
+            _ => {}
+        }
+    }
+    set.encode_to_vec()
+}
+
+/// The built-in descriptor set without `StartWorkflowExecutionRequest.input`: an older or
+/// altered API under which that payload would pass unsealed.
+pub fn descriptor_set_without_start_input() -> Vec<u8> {
+    use prost::Message as _;
+    use prost_reflect::prost_types::FileDescriptorSet;
+    let mut set = FileDescriptorSet::decode(portcullis::schema::DESCRIPTOR_SET).expect("set");
+    for file in &mut set.file {
+        for message in &mut file.message_type {
+            if message.name() == "StartWorkflowExecutionRequest" {
+                message.field.retain(|f| f.name() != "input");
+            }
+        }
+    }
+    set.encode_to_vec()
 }
