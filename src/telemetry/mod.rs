@@ -811,7 +811,10 @@ mod tests {
     fn labels_are_bounded_and_the_exposition_names_every_family() {
         let telemetry = Telemetry::new();
         telemetry.set_namespaces(["payments"]);
-        telemetry.set_schema(vec![("source", "embedded".into()), ("methods", "140".into())]);
+        telemetry.set_schema(vec![
+            ("source", "embedded".into()),
+            ("methods", "140".into()),
+        ]);
         let schema = Schema::global();
         let start = schema
             .method("/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution")

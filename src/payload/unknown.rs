@@ -1,0 +1,201 @@
+//! Finds the first field of a message that the API schema in force does not know.
+//!
+//! The payload walker copies unknown fields verbatim: that keeps a newer client's fields intact,
+//! but a field the schema does not know could hold a payload, which then goes upstream unsealed.
+//! A namespace that must never see plaintext checks its requests with this first, and refuses
+//! what it cannot vouch for. The walk descends into every message-typed field (map entries
+//! included) and into `google.protobuf.Any` values whose type the schema knows; an `Any` of an
+//! unknown type counts as unknown. It reads without allocating (except for the path it reports).
+
+use prost_reflect::{Kind, MessageDescriptor};
+
+use super::walker::DEFAULT_MAX_DEPTH;
+use super::wire::{self, WireError, WireType};
+use crate::schema::Schema;
+
+const ANY: &str = "google.protobuf.Any";
+
+/// Why a message cannot be vouched for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownField {
+    #[error("field {number} of {path} is not in the API schema in force")]
+    Field { path: String, number: u32 },
+    #[error("{path} holds a google.protobuf.Any of type {type_url:?}, which the API schema in force does not know")]
+    AnyType { path: String, type_url: String },
+    #[error("malformed protobuf at {path}: {reason}")]
+    Malformed { path: String, reason: String },
+    #[error("{path} is nested deeper than {limit} messages")]
+    TooDeep { path: String, limit: usize },
+}
+
+/// Ok when the schema in force knows every field of `message` (a serialized `message_type`);
+/// else the first field it does not know.
+pub fn ensure_known(message_type: &str, message: &[u8]) -> Result<(), UnknownField> {
+    let Some(descriptor) = Schema::global().message(message_type) else {
+        return Err(UnknownField::AnyType {
+            path: message_type.to_string(),
+            type_url: message_type.to_string(),
+        });
+    };
+    check(&descriptor, message, 0, &mut || message_type.to_string())
+}
+
+fn check(
+    descriptor: &MessageDescriptor,
+    buf: &[u8],
+    depth: usize,
+    path: &mut dyn FnMut() -> String,
+) -> Result<(), UnknownField> {
+    if depth > DEFAULT_MAX_DEPTH {
+        return Err(UnknownField::TooDeep {
+            path: path(),
+            limit: DEFAULT_MAX_DEPTH,
+        });
+    }
+    let malformed = |path: &mut dyn FnMut() -> String, e: WireError| UnknownField::Malformed {
+        path: path(),
+        reason: e.to_string(),
+    };
+    let is_any = descriptor.full_name() == ANY;
+    let mut any_type: Option<&[u8]> = None;
+    let mut any_value: Option<&[u8]> = None;
+    for field in wire::fields(buf) {
+        let field = field.map_err(|e| malformed(path, e))?;
+        let Some(known) = descriptor.get_field(field.number) else {
+            return Err(UnknownField::Field {
+                path: path(),
+                number: field.number,
+            });
+        };
+        if is_any {
+            match field.number {
+                1 => any_type = Some(field.value),
+                2 => any_value = Some(field.value),
+                _ => {}
+            }
+            continue;
+        }
+        if let Kind::Message(child) = known.kind() {
+            if field.wire_type != WireType::Len {
+                return Err(malformed(
+                    path,
+                    WireError::UnexpectedWireType {
+                        field: field.number,
+                    },
+                ));
+            }
+            let mut child_path = || format!("{}.{}", path(), known.name());
+            check(&child, field.value, depth + 1, &mut child_path)?;
+        }
+    }
+    if is_any && any_value.is_some_and(|v| !v.is_empty()) {
+        let url = any_type.unwrap_or_default();
+        let inner =
+            wire::any_message_name(Some(url)).and_then(|name| Schema::global().message(name));
+        let Some(inner) = inner else {
+            return Err(UnknownField::AnyType {
+                path: path(),
+                type_url: String::from_utf8_lossy(url).into_owned(),
+            });
+        };
+        let mut inner_path = || format!("{}<{}>", path(), inner.full_name());
+        check(
+            &inner,
+            any_value.unwrap_or_default(),
+            depth + 1,
+            &mut inner_path,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use temporalio_protos::temporal::api::common::v1::{Payload, Payloads};
+    use temporalio_protos::temporal::api::workflowservice::v1::StartWorkflowExecutionRequest;
+
+    use super::*;
+
+    const START: &str = "temporal.api.workflowservice.v1.StartWorkflowExecutionRequest";
+
+    fn start() -> Vec<u8> {
+        StartWorkflowExecutionRequest {
+            namespace: "ns".into(),
+            input: Some(Payloads {
+                payloads: vec![Payload {
+                    metadata: [("encoding".to_string(), b"json/plain".to_vec())].into(),
+                    data: b"1".to_vec(),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn known_messages_pass_and_unknown_fields_are_named_wherever_they_hide() {
+        assert_eq!(ensure_known(START, &start()), Ok(()));
+        // At the top.
+        let mut top = start();
+        wire::put_len_field(&mut top, 999, b"anything");
+        let err = ensure_known(START, &top).unwrap_err();
+        assert_eq!(
+            err,
+            UnknownField::Field {
+                path: START.into(),
+                number: 999
+            }
+        );
+        // Inside a payload (Payload field 3+ is not in the schema).
+        let payload = Payload {
+            data: b"x".to_vec(),
+            ..Default::default()
+        };
+        let mut payload = payload.encode_to_vec();
+        wire::put_len_field(&mut payload, 77, b"hidden");
+        let mut payloads = Vec::new();
+        wire::put_len_field(&mut payloads, 1, &payload);
+        let mut nested = Vec::new();
+        wire::put_len_field(&mut nested, 1, b"ns");
+        wire::put_len_field(&mut nested, 5, &payloads);
+        let err = ensure_known(START, &nested).unwrap_err();
+        assert!(
+            matches!(&err, UnknownField::Field { path, number: 77 } if path.ends_with(".input.payloads")),
+            "{err}"
+        );
+        // Malformed input is an error, not a pass.
+        assert!(matches!(
+            ensure_known(START, &[0x0a, 0x09, b'x']),
+            Err(UnknownField::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn any_values_are_checked_by_their_type() {
+        const STATUS: &str = "google.rpc.Status";
+        let any = |type_url: &str, value: &[u8]| {
+            let mut any = Vec::new();
+            wire::put_len_field(&mut any, 1, type_url.as_bytes());
+            wire::put_len_field(&mut any, 2, value);
+            let mut status = Vec::new();
+            wire::put_len_field(&mut status, 3, &any);
+            status
+        };
+        let known = any(&format!("type.googleapis.com/{START}"), &start());
+        assert_eq!(ensure_known(STATUS, &known), Ok(()));
+        let unknown = any("type.googleapis.com/future.v1.Thing", b"\x0a\x01x");
+        assert!(matches!(
+            ensure_known(STATUS, &unknown),
+            Err(UnknownField::AnyType { .. })
+        ));
+        let mut bad_inner = start();
+        wire::put_len_field(&mut bad_inner, 500, b"");
+        let hidden = any(&format!("type.googleapis.com/{START}"), &bad_inner);
+        assert!(matches!(
+            ensure_known(STATUS, &hidden),
+            Err(UnknownField::Field { number: 500, .. })
+        ));
+    }
+}
