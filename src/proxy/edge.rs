@@ -256,9 +256,12 @@ async fn read_call(
 
 /// Reads a request body of at most `limit` message bytes. Each chunk is reserved against the
 /// budgets before its flow-control capacity goes back to the caller, so the caller can never
-/// have more in flight than the budgets allow. A body of one DATA frame is returned without a
-/// copy; a longer one is gathered into one buffer sized from the frame's declared length
-/// (memory is only touched as bytes arrive).
+/// have more in flight than the budgets allow (plus what one HTTP/2 connection window lets it
+/// send before the next read). A body of one DATA frame is returned without a copy; a longer
+/// one is kept as its chunks and joined once at the end into a buffer of its exact size, the
+/// join reserved too. (Growing a buffer as chunks arrive, or sizing it from the declared
+/// length up front, measured worse under a flood: partly touched large buffers fragment the
+/// heap.)
 async fn read_body(
     body: &mut RecvStream,
     limit: usize,
@@ -270,8 +273,7 @@ async fn read_body(
         limit,
     };
     let wire_limit = limit + HEADER_LEN;
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<u8> = Vec::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|e| ProxyError::RequestBody(e.to_string()))?;
@@ -285,30 +287,23 @@ async fn read_body(
             .map_err(|scope: BudgetScope| reservation.refusal(scope))?;
         // A failure here only means the stream is already gone, which the next read reports.
         let _ = body.flow_control().release_capacity(len);
-        match first.take() {
-            None if rest.is_empty() => first = Some(chunk),
-            None => rest.extend_from_slice(&chunk),
-            Some(head) => {
-                let declared = declared_length(&head).map_or(0, |d| d.min(wire_limit));
-                rest.reserve_exact(declared.max(head.len() + len));
-                rest.extend_from_slice(&head);
-                rest.extend_from_slice(&chunk);
-            }
-        }
+        chunks.push(chunk);
     }
     body.trailers()
         .await
         .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
-    Ok(match first {
-        Some(only) => only,
-        None => Bytes::from(rest),
-    })
-}
-
-/// The framed length (prefix included) a gRPC message header declares.
-fn declared_length(head: &[u8]) -> Option<usize> {
-    let prefix: [u8; 4] = head.get(1..HEADER_LEN)?.try_into().ok()?;
-    Some(u32::from_be_bytes(prefix) as usize + HEADER_LEN)
+    if chunks.len() == 1 {
+        return Ok(chunks.pop().unwrap_or_default());
+    }
+    reservation
+        .grow(total)
+        .map_err(|scope: BudgetScope| reservation.refusal(scope))?;
+    let mut out = Vec::with_capacity(total);
+    for chunk in chunks {
+        out.extend_from_slice(&chunk);
+    }
+    reservation.shrink(total);
+    Ok(Bytes::from(out))
 }
 
 fn request_is_gzip(headers: &HeaderMap) -> bool {

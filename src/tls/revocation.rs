@@ -134,3 +134,74 @@ pub fn load_crls(
     }
     Ok(lists)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::pki::{CertAuthority, LeafSpec, Usage};
+
+    #[test]
+    fn crls_load_as_pem_or_der_and_must_be_signed_by_a_client_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::generate("client CA", Duration::from_secs(3600)).unwrap();
+        let other = CertAuthority::generate("other CA", Duration::from_secs(3600)).unwrap();
+        let leaf = |name: &str| {
+            ca.issue(&LeafSpec::new(
+                name,
+                Usage::Client,
+                Duration::from_secs(3600),
+            ))
+            .unwrap()
+        };
+        let (revoked, kept, later) = (leaf("revoked"), leaf("kept"), leaf("later"));
+        let cas = vec![CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap()];
+        let facts = |pem: &str| {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            ClientCertificate::from_der(der.as_ref()).unwrap()
+        };
+
+        let pem_path = dir.path().join("a.crl.pem");
+        let der_path = dir.path().join("b.crl");
+        let first = ca.revocation_list(1, &[&revoked.cert_pem]).unwrap();
+        let second = ca.revocation_list(2, &[&later.cert_pem]).unwrap();
+        std::fs::write(&pem_path, &first.pem).unwrap();
+        std::fs::write(&der_path, &second.der).unwrap();
+        let lists = load_crls(&[pem_path.clone(), der_path.clone()], &cas).unwrap();
+        assert_eq!(lists.crls.len(), 2);
+        assert_eq!(lists.set.len(), 2);
+        assert!(lists.set.is_revoked(&facts(&revoked.cert_pem)));
+        assert!(lists.set.is_revoked(&facts(&later.cert_pem)));
+        assert!(!lists.set.is_revoked(&facts(&kept.cert_pem)));
+        assert!(!facts(&kept.cert_pem).serial_hex().is_empty());
+
+        // Two lists in one PEM file work too.
+        std::fs::write(&pem_path, format!("{}{}", first.pem, second.pem)).unwrap();
+        assert_eq!(
+            load_crls(std::slice::from_ref(&pem_path), &cas)
+                .unwrap()
+                .set
+                .len(),
+            2
+        );
+
+        // A list from a CA the bundle does not hold, garbage, and an empty PEM are refused.
+        let foreign = other.revocation_list(1, &[]).unwrap();
+        std::fs::write(&pem_path, &foreign.pem).unwrap();
+        let err = load_crls(std::slice::from_ref(&pem_path), &cas)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not signed by any CA"), "{err}");
+        std::fs::write(&der_path, b"not a crl").unwrap();
+        let err = load_crls(std::slice::from_ref(&der_path), &cas)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a CRL"), "{err}");
+        std::fs::write(
+            &pem_path,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(load_crls(&[pem_path], &cas).is_err());
+        assert!(load_crls(&[dir.path().join("missing.crl")], &cas).is_err());
+    }
+}
