@@ -129,7 +129,10 @@ where
                             failure.reason,
                             &connection.peer.remote,
                         )
-                        .detail(failure.error.to_string());
+                        .detail(match &failure.error {
+                            ProxyError::Unauthenticated(why) => why.clone(),
+                            other => other.to_string(),
+                        });
                         event.method = Some(parts.uri.path().to_string());
                         event.credential = Some(failure.credential);
                         shared.audit.record_best_effort(&event);
