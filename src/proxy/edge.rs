@@ -221,7 +221,7 @@ async fn read_call(
     let deadline = match parts.headers.get(GRPC_TIMEOUT) {
         Some(value) => {
             let timeout = headers::parse_timeout(value)?;
-            Some((Instant::now() + timeout, timeout))
+            Some((arrived + timeout, timeout))
         }
         None => None,
     };
