@@ -164,6 +164,8 @@ pub enum AuditError {
     Full(usize),
     #[error("the audit sink has not completed a write for {0:?}")]
     Stalled(Duration),
+    #[error("the audit writer has stopped")]
+    Closed,
 }
 
 /// The queue's state, read by metrics.
@@ -316,7 +318,7 @@ impl AuditLog {
         if writer.sender.send(line).is_err() {
             // The writer is gone (only at shutdown): nothing will write this line.
             self.stats.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            return Err(AuditError::Full(0));
+            return Err(AuditError::Closed);
         }
         Ok(())
     }

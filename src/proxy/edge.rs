@@ -75,10 +75,6 @@ impl<S> GrpcEdge<S> {
             }),
         }
     }
-
-    pub fn peer(&self) -> &Arc<PeerInfo> {
-        &self.connection.peer
-    }
 }
 
 impl<S> GrpcEdge<S>
