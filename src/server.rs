@@ -806,8 +806,11 @@ async fn serve_connection(
     );
     let on_close = |reason: CloseReason| {
         settings.stats.connection_closed(reason);
-        tracing::info!(peer = %remote, reason = reason.label(), "closing the connection (GOAWAY)");
-        if reason != CloseReason::MaxAge {
+        if reason == CloseReason::MaxAge {
+            // Routine: every connection, every max_connection_age_seconds.
+            tracing::debug!(peer = %remote, reason = reason.label(), "closing the connection (GOAWAY)");
+        } else {
+            tracing::info!(peer = %remote, reason = reason.label(), "closing the connection (GOAWAY)");
             let mut event =
                 EdgeAuditEvent::new(EdgeEventKind::ConnectionClosed, reason.label(), &remote);
             if let Some(certificate) = &certificate {
