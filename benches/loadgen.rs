@@ -522,6 +522,7 @@ impl Pki {
             key: self.server_key.clone(),
             client_ca: self.ca.clone(),
             require_client_cert: true,
+            crls: Vec::new(),
         }
     }
 

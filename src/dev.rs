@@ -339,6 +339,7 @@ fn dev_config(
                 key: pki.server_key.clone(),
                 client_ca: pki.ca_cert.clone(),
                 require_client_cert: true,
+                crls: Vec::new(),
             }),
             plaintext: false,
             workers: None,

@@ -67,6 +67,14 @@ pub enum ProxyError {
     ShuttingDown,
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    #[error("the audit log cannot take this call's decision, so the call is refused: {0}")]
+    AuditUnavailable(crate::authz::AuditError),
+    #[error("buffered request bytes would exceed the {scope} limit of {limit} bytes; retry later")]
+    BufferLimit { scope: &'static str, limit: usize },
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("the connection is closing ({0}); retry on a new connection")]
+    ConnectionClosing(&'static str),
     #[error("{identity} may not call {method}{}: it needs the {required} role", namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_else(|| " on the cluster".into()))]
     PermissionDenied {
         identity: String,
@@ -87,9 +95,12 @@ impl ProxyError {
                 Code::InvalidArgument
             }
             MissingNamespace(_) | NamespaceMismatch { .. } => Code::InvalidArgument,
-            MessageTooLarge { .. } | TooManyPayloads { .. } | Overloaded(_) => {
-                Code::ResourceExhausted
-            }
+            MessageTooLarge { .. }
+            | TooManyPayloads { .. }
+            | Overloaded(_)
+            | BufferLimit { .. } => Code::ResourceExhausted,
+            BodyTimeout(_) => Code::DeadlineExceeded,
+            AuditUnavailable(_) | ConnectionClosing(_) => Code::Unavailable,
             UnknownNamespace(_) => Code::NotFound,
             NoSystemUpstream(_) => Code::Unimplemented,
             UpstreamUnavailable { .. } | UpstreamCredentials { .. } | ShuttingDown => {

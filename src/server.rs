@@ -14,20 +14,24 @@ use tokio_rustls::TlsAcceptor;
 use tower::util::BoxCloneSyncService;
 use tower::Layer;
 
-use crate::authz::{AuditLog, AuthzLayer, BearerVerifier, PolicyStore};
+use crate::authz::{
+    AuditLog, AuditSettings, AuthzLayer, BearerVerifier, EdgeAuditEvent, EdgeEventKind, PolicyStore,
+};
 use crate::codec::{CodecDeps, CodecOptions, RunningCodec};
 use crate::config::{Config, ListenAddress};
 use crate::error::ProxyError;
-use crate::proxy::connection::{self, ConnectionSettings};
+use crate::proxy::connection::{self, ConnectionSettings, Lifetime};
+use crate::proxy::limits::{BufferBudget, CloseReason, ConnectionGate, ConnectionSlot, EdgeStats};
 use crate::proxy::{
-    AuthnLayer, EncryptLayer, Encryption, EncryptionLimits, Forwarder, GrpcEdge, GrpcRequest,
-    GrpcResponse, NamespaceLayer, NamespaceTranslation, TranslateLayer, TranslationStore,
+    Authenticator, EdgeShared, EncryptLayer, Encryption, EncryptionLimits, Forwarder, GrpcEdge,
+    GrpcRequest, GrpcResponse, NamespaceLayer, NamespaceTranslation, TranslateLayer,
+    TranslationStore,
 };
 use crate::telemetry::readiness::{self, ProbeTargets};
 use crate::telemetry::{
     admin, CertValidity, HealthLayer, Telemetry, TelemetryLayer, UpstreamTimerLayer,
 };
-use crate::tls::{PeerInfo, ReloadableServerConfig};
+use crate::tls::{ClientCertificate, PeerInfo, ReloadableServerConfig, RevocationSet};
 use crate::upstream::Upstreams;
 use crate::workers::Workers;
 
@@ -40,18 +44,19 @@ pub struct PipelineParts {
     pub pipeline: Pipeline,
     pub policies: Option<Arc<PolicyStore>>,
     pub encryption: Option<Arc<Encryption>>,
-    /// The bearer-token verifier, when `[bearer]` is configured.
+    /// The bearer-token verifier, when `[bearer]` is configured. The edge authenticates with
+    /// it (see [`serve_settings`]); it is not a pipeline stage.
     pub bearer: Option<Arc<BearerVerifier>>,
-    /// The audit log, when authorization is on.
-    pub audit: Option<Arc<AuditLog>>,
+    /// The audit log: authorization decisions, authentication failures, refused connections.
+    pub audit: Arc<AuditLog>,
     /// Namespace translation, when some namespace has an `upstream_namespace`.
     pub translation: Option<Arc<TranslationStore>>,
     /// Routing and upstream connections (credential expiry: [`Upstreams::certificate_expiry`]).
     pub upstreams: Arc<Upstreams>,
 }
 
-/// Builds the pipeline for a config: authentication (bearer tokens) → namespace → authorization
-/// → encryption → namespace translation → forwarding.
+/// Builds the pipeline for a config: namespace → authorization → encryption → namespace
+/// translation → forwarding. (Callers are authenticated before it, by the edge.)
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let upstreams = Upstreams::from_config(config)?;
@@ -84,34 +89,36 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         Some(encryption)
     };
 
-    let (policies, audit) = if config.authorization.disabled {
+    // Opened whether or not authorization is on: refused connections and failed
+    // authentications are audited too, and the codec server audits every disclosure.
+    let audit = Arc::new(
+        AuditLog::open(
+            &config.authorization.audit_log,
+            audit_settings(&config.limits),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open audit log {}: {e}",
+                config.authorization.audit_log
+            )
+        })?,
+    );
+    let policies = if config.authorization.disabled {
         tracing::warn!(
             "authorization is DISABLED: every authenticated caller may call every method"
         );
-        (None, None)
+        None
     } else {
         let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
-        let audit = Arc::new(
-            AuditLog::open(&config.authorization.audit_log).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open audit log {}: {e}",
-                    config.authorization.audit_log
-                )
-            })?,
-        );
         pipeline = BoxCloneSyncService::new(
             AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline),
         );
-        (Some(policies), Some(audit))
+        Some(policies)
     };
 
     pipeline = BoxCloneSyncService::new(NamespaceLayer.layer(pipeline));
     let bearer = match &config.bearer {
-        Some(bearer) => {
-            let verifier = BearerVerifier::new(bearer).await?;
-            pipeline = BoxCloneSyncService::new(AuthnLayer::new(verifier.clone()).layer(pipeline));
-            Some(verifier)
-        }
+        Some(bearer) => Some(BearerVerifier::new(bearer).await?),
         None => None,
     };
     Ok(PipelineParts {
@@ -132,6 +139,13 @@ fn encryption_limits(config: &Config) -> EncryptionLimits {
         max_response_bytes: limits.max_response_bytes,
         off_thread_budget_bytes: limits.crypto_budget_bytes,
         off_thread_wait: Duration::from_secs(limits.crypto_wait_seconds),
+    }
+}
+
+fn audit_settings(limits: &crate::config::Limits) -> AuditSettings {
+    AuditSettings {
+        queue_bytes: limits.audit_queue_bytes,
+        stall: Duration::from_secs(limits.audit_stall_seconds),
     }
 }
 
@@ -428,22 +442,10 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
 
     let codec = match (&config.codec, &encryption) {
         (Some(codec), Some(encryption)) => {
-            let audit = match audit {
-                Some(audit) => audit,
-                // Authorization is off, but decoding is a disclosure: still audit it.
-                None => Arc::new(
-                    AuditLog::open(&config.authorization.audit_log).map_err(|e| {
-                        anyhow::anyhow!(
-                            "cannot open audit log {}: {e}",
-                            config.authorization.audit_log
-                        )
-                    })?,
-                ),
-            };
             let deps = CodecDeps {
                 encryption: encryption.clone(),
                 policies: policies.clone(),
-                audit,
+                audit: audit.clone(),
                 bearer: bearer.clone(),
                 translation,
             };
@@ -487,18 +489,9 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         }
         None => (None, None),
     };
-    let settings = ServeSettings {
-        pipeline,
-        tls,
-        telemetry: telemetry.clone(),
-        max_request_bytes: config.limits.max_request_bytes,
-        connection: ConnectionSettings {
-            handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
-            ..ConnectionSettings::default()
-        },
-        grace: Duration::from_secs(config.limits.shutdown_grace_seconds),
-        grace_over,
-    };
+    let settings = serve_settings(
+        &config, pipeline, tls, bearer, audit, &telemetry, grace_over,
+    );
     let workers = Workers::start("portcullis-serve", config.listener.serving_threads())
         .context("cannot start the serving threads")?;
     let task = tokio::spawn(accept_loop(listener, settings, workers, shutdown_rx));
@@ -589,11 +582,68 @@ struct ServeSettings {
     pipeline: Pipeline,
     tls: Option<Arc<ReloadableServerConfig>>,
     telemetry: Arc<Telemetry>,
-    max_request_bytes: usize,
+    /// What every connection's edge shares (limits, authenticator, process-wide budget).
+    edge: Arc<EdgeShared>,
+    /// Refused and closed connections, refused calls.
+    stats: Arc<EdgeStats>,
+    audit: Arc<AuditLog>,
+    /// At most `max_connections` open at once.
+    gate: Arc<ConnectionGate>,
     connection: ConnectionSettings,
     grace: Duration,
     /// Set when the grace period is over: running calls end with UNAVAILABLE.
     grace_over: watch::Sender<bool>,
+}
+
+/// How connections and their calls are served, from the config's `[limits]`.
+fn serve_settings(
+    config: &Config,
+    pipeline: Pipeline,
+    tls: Option<Arc<ReloadableServerConfig>>,
+    bearer: Option<Arc<BearerVerifier>>,
+    audit: Arc<AuditLog>,
+    telemetry: &Arc<Telemetry>,
+    grace_over: watch::Sender<bool>,
+) -> ServeSettings {
+    let limits = &config.limits;
+    let stats = Arc::new(EdgeStats::default());
+    let edge = Arc::new(EdgeShared {
+        max_request_bytes: limits.max_request_bytes,
+        body_timeout: Duration::from_secs(limits.body_timeout_seconds),
+        connection_budget: limits.max_connection_buffered_bytes,
+        authenticator: bearer.map(Authenticator::new),
+        budget: BufferBudget::new(limits.max_buffered_bytes, "process"),
+        stats: stats.clone(),
+        audit: audit.clone(),
+    });
+    let gate = ConnectionGate::new(limits.max_connections);
+    let (buffered, open) = (edge.clone(), gate.clone());
+    telemetry.set_edge(crate::telemetry::EdgeSources {
+        stats: stats.clone(),
+        buffered_bytes: Arc::new(move || buffered.budget.in_use()),
+        open_slots: Arc::new(move || open.open()),
+        audit: audit.stats(),
+    });
+    ServeSettings {
+        pipeline,
+        tls,
+        telemetry: telemetry.clone(),
+        edge,
+        stats,
+        audit,
+        gate,
+        connection: ConnectionSettings {
+            handshake_timeout: Duration::from_secs(limits.handshake_timeout_seconds),
+            max_concurrent_streams: limits.max_concurrent_streams,
+            max_header_list_bytes: limits.max_header_list_bytes,
+            max_age: (limits.max_connection_age_seconds > 0)
+                .then(|| Duration::from_secs(limits.max_connection_age_seconds)),
+            max_age_grace: Duration::from_secs(limits.max_connection_age_grace_seconds),
+            ..ConnectionSettings::default()
+        },
+        grace: Duration::from_secs(limits.shutdown_grace_seconds),
+        grace_over,
+    }
 }
 
 async fn accept_loop(
@@ -606,6 +656,7 @@ async fn accept_loop(
     // Tells every connection to send GOAWAY and finish the calls it has.
     let (closing, closing_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let mut at_limit = false;
     loop {
         while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
@@ -614,10 +665,32 @@ async fn accept_loop(
         };
         match accepted {
             Ok((io, remote)) => {
+                // Refused at once, before any TLS work, when max_connections are open.
+                let Some(slot) = settings.gate.enter() else {
+                    drop(io);
+                    settings.stats.connection_refused();
+                    if !at_limit {
+                        tracing::warn!(limit = settings.gate.open(), "connection limit reached: new connections are closed at once (limits.max_connections)");
+                        at_limit = true;
+                    }
+                    settings.audit.record_best_effort(
+                        &EdgeAuditEvent::new(
+                            EdgeEventKind::ConnectionRefused,
+                            "connection_limit",
+                            &remote,
+                        )
+                        .detail(format!(
+                            "{} client connections are open (limits.max_connections)",
+                            settings.gate.open()
+                        )),
+                    );
+                    continue;
+                };
+                at_limit = false;
                 let settings = settings.clone();
                 let closing = closing_rx.clone();
                 workers.spawn_connection(&mut connections, async move {
-                    serve_connection(io, remote, settings, closing).await;
+                    serve_connection(io, remote, slot, settings, closing).await;
                 });
             }
             Err(e) => {
@@ -688,6 +761,7 @@ async fn accept(listener: &Listener) -> std::io::Result<(Accepted, String)> {
 async fn serve_connection(
     accepted: Accepted,
     remote: String,
+    _slot: ConnectionSlot,
     settings: Arc<ServeSettings>,
     closing: watch::Receiver<bool>,
 ) {
@@ -698,7 +772,14 @@ async fn serve_connection(
             return;
         }
     };
-    let (io, peer): (BoxedIo, PeerInfo) = match &settings.tls {
+    let refused = |reason: &'static str, detail: String| {
+        settings.telemetry.handshake_failed();
+        tracing::info!(peer = %remote, reason, error = %detail, "TLS handshake refused");
+        settings.audit.record_best_effort(
+            &EdgeAuditEvent::new(EdgeEventKind::ConnectionRefused, reason, &remote).detail(detail),
+        );
+    };
+    let (io, peer, certificate, revocations): (BoxedIo, PeerInfo, _, _) = match &settings.tls {
         Some(tls) => {
             // The current configuration: a reloaded certificate applies from the next handshake.
             let acceptor = TlsAcceptor::from(tls.current());
@@ -706,18 +787,25 @@ async fn serve_connection(
                 .await
             {
                 Ok(Ok(stream)) => {
-                    let peer =
-                        PeerInfo::from_certificates(remote, stream.get_ref().1.peer_certificates());
-                    (Box::new(stream), peer)
+                    let certs = stream.get_ref().1.peer_certificates();
+                    let certificate = certs
+                        .and_then(|c| c.first())
+                        .and_then(|leaf| ClientCertificate::from_der(leaf.as_ref()));
+                    let peer = PeerInfo::from_certificates(remote.clone(), certs);
+                    (Box::new(stream), peer, certificate, Some(tls.revocations()))
                 }
                 Ok(Err(e)) => {
-                    settings.telemetry.handshake_failed();
-                    tracing::info!(peer = %remote, error = %e, "TLS handshake refused");
+                    refused(handshake_refusal(&e), e.to_string());
                     return;
                 }
                 Err(_) => {
-                    settings.telemetry.handshake_failed();
-                    tracing::info!(peer = %remote, "TLS handshake timed out");
+                    refused(
+                        "handshake_timeout",
+                        format!(
+                            "no TLS handshake within {:?}",
+                            settings.connection.handshake_timeout
+                        ),
+                    );
                     return;
                 }
             }
@@ -725,20 +813,83 @@ async fn serve_connection(
         None => (
             io,
             PeerInfo {
-                remote,
+                remote: remote.clone(),
                 ..Default::default()
             },
+            None,
+            None,
         ),
     };
     tracing::debug!(peer = %peer.remote, names = ?peer.names, "connection accepted");
+    let lifetime = match (&certificate, revocations) {
+        (Some(certificate), revocations) => Lifetime {
+            certificate_expires: Some(certificate.not_after),
+            revoked: revocations.map(|revocations| {
+                Box::pin(revoked(revocations, certificate.clone()))
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+            }),
+        },
+        (None, _) => Lifetime::default(),
+    };
     let edge = GrpcEdge::new(
         settings.pipeline.clone(),
         Arc::new(peer),
-        settings.max_request_bytes,
+        settings.edge.clone(),
     );
+    let on_close = |reason: CloseReason| {
+        settings.stats.connection_closed(reason);
+        if reason == CloseReason::MaxAge {
+            // Routine: every connection, every max_connection_age_seconds.
+            tracing::debug!(peer = %remote, reason = reason.label(), "closing the connection (GOAWAY)");
+        } else {
+            tracing::info!(peer = %remote, reason = reason.label(), "closing the connection (GOAWAY)");
+            let mut event =
+                EdgeAuditEvent::new(EdgeEventKind::ConnectionClosed, reason.label(), &remote);
+            if let Some(certificate) = &certificate {
+                event.subject = Some(certificate.subject.clone());
+                event.serial = Some(certificate.serial_hex());
+            }
+            settings.audit.record_best_effort(&event);
+        }
+    };
     settings.telemetry.connection_opened();
-    if let Err(e) = connection::serve(io, edge, &settings.connection, closing).await {
+    if let Err(e) =
+        connection::serve(io, edge, &settings.connection, closing, lifetime, on_close).await
+    {
         tracing::debug!(error = %e, "connection closed with error");
     }
     settings.telemetry.connection_closed();
+}
+
+/// Completes when `certificate` is in the revocation set (now or after a reload).
+async fn revoked(
+    mut revocations: watch::Receiver<Arc<RevocationSet>>,
+    certificate: ClientCertificate,
+) {
+    loop {
+        if revocations.borrow_and_update().is_revoked(&certificate) {
+            return;
+        }
+        if revocations.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// The audit `reason` of a refused TLS handshake.
+fn handshake_refusal(error: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(C::Revoked)) => "certificate_revoked",
+        Some(rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => {
+            "certificate_expired"
+        }
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => "unknown_issuer",
+        Some(rustls::Error::InvalidCertificate(_)) => "invalid_certificate",
+        Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+        _ => "tls_handshake",
+    }
 }

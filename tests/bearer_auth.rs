@@ -225,6 +225,26 @@ async fn tokens_authenticate_callers_without_certificates() {
     assert!(events
         .iter()
         .any(|e| e["identity"] == "cn:root" && e["credential"] == "certificate"));
+    // So are the calls refused at their headers, with why and what was presented.
+    let refused = |reason: &str, credential: &str| {
+        events.iter().any(|e| {
+            e["event"] == "authentication_failed"
+                && e["reason"] == reason
+                && e["credential"] == credential
+                && e["method"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("/temporal.api.workflowservice.v1."))
+                && e["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("127.0.0.1:"))
+        })
+    };
+    assert!(refused("invalid_token", "bearer"), "{audit}");
+    assert!(refused("no_credential", "none"), "{audit}");
+    assert!(events.iter().any(|e| e["event"] == "authentication_failed"
+        && e["detail"]
+            .as_str()
+            .is_some_and(|d| d == "token has expired")));
     proxy.shutdown().await;
 }
 
@@ -234,7 +254,10 @@ async fn tokens_are_not_forwarded_and_certificates_stay_required_without_bearer(
     let pki = Pki::new();
     let issuer = Issuer::new(&pki);
     let mut config = proxy_config(&pki, &upstream.address.to_string(), &["default"]);
-    config.bearer = Some(issuer.bearer_config());
+    let mut bearer = issuer.bearer_config();
+    // No clock-skew allowance: a call ends at the token's exp exactly.
+    bearer.leeway_seconds = 0;
+    config.bearer = Some(bearer);
     let proxy = start_proxy(config).await;
     let address = proxy.local_addr().expect("tcp");
     let token = issuer.token("test-client", &["default:write"]);
@@ -279,6 +302,52 @@ async fn tokens_are_not_forwarded_and_certificates_stay_required_without_bearer(
         answer.grpc_status(),
         Some(tonic::Code::Unauthenticated as i32)
     );
+    // Nothing runs past the token's expiry: a poll held upstream ends with UNAUTHENTICATED at
+    // exp, and its upstream call is cancelled.
+    let short = format!(
+        "Bearer {}",
+        issuer.token_with("test-client", &["default:write"], AUDIENCE, 2)
+    );
+    let poll = wf::PollWorkflowTaskQueueRequest {
+        namespace: "default".into(),
+        task_queue: Some(
+            temporalio_protos::protos::temporal::api::taskqueue::v1::TaskQueue {
+                name: "exp".into(),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let answer = raw
+        .call(
+            "/temporal.api.workflowservice.v1.WorkflowService/PollWorkflowTaskQueue",
+            &[("authorization", short.as_str())],
+            grpc_frame(&poll.encode_to_vec()),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(
+        answer.grpc_status(),
+        Some(tonic::Code::Unauthenticated as i32),
+        "{}",
+        answer.grpc_message()
+    );
+    assert!(
+        answer.grpc_message().contains("expired during the call"),
+        "{}",
+        answer.grpc_message()
+    );
+    assert!(took < Duration::from_secs(4), "cut after {took:?}");
+    assert_eq!(upstream.held.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream poll outlived the token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // With bearer on, the handshake accepts a caller without a certificate ...
     assert!(tls_probe(address, &pki, None).await.is_ok());
     proxy.shutdown().await;

@@ -528,3 +528,106 @@ async fn headers_are_forwarded_faithfully() {
     assert_eq!(seen["te"], "trailers");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_time_out_and_connections_beyond_the_limit_are_refused() {
+    let upstream = FakeUpstream::start().await;
+    let pki = Pki::new();
+    let mut config = proxy_config(&pki, &upstream.address.to_string(), &["default"]);
+    config.limits.body_timeout_seconds = 1;
+    config.limits.max_connections = 3;
+    let proxy = start_proxy(config).await;
+    let address = proxy.local_addr().expect("tcp");
+    let metric = |name: &str| {
+        let text = proxy.telemetry().encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+
+    // A slow sender: the headers and the message's prefix, then one byte every 200 ms.
+    let mut slow = h2_connect(address, &pki, Some(&pki.client))
+        .await
+        .expect("connect");
+    let framed = bytes::Bytes::from(grpc_frame(&describe_namespace("default")));
+    let (response, mut stream) = slow
+        .send
+        .send_request(grpc_head(DESCRIBE, &[]), false)
+        .expect("stream");
+    stream.send_data(framed.slice(..6), false).expect("send");
+    let trickle = tokio::spawn(async move {
+        for i in 6..framed.len() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if stream.send_data(framed.slice(i..i + 1), false).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let (code, message) = h2_grpc_status(response).await.expect("answer");
+    let took = started.elapsed();
+    assert_eq!(code, Code::DeadlineExceeded as i32, "{message}");
+    assert!(
+        message.contains("request body did not arrive within 1s"),
+        "{message}"
+    );
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+        "cut after {took:?}"
+    );
+    trickle.abort();
+    assert_eq!(
+        metric("portcullis_refused_requests_total{reason=\"body_timeout\"}"),
+        1.0
+    );
+    // The connection itself is fine: a whole call on it succeeds.
+    slow.send = slow.send.clone().ready().await.expect("ready");
+    let (response, mut stream) = slow
+        .send
+        .send_request(grpc_head(DESCRIBE, &[]), false)
+        .expect("stream");
+    stream
+        .send_data(
+            bytes::Bytes::from(grpc_frame(&describe_namespace("default"))),
+            true,
+        )
+        .expect("send");
+    assert_eq!(h2_grpc_status(response).await.expect("answer").0, 0);
+
+    // Three connections are the limit: the fourth is closed at accept, before any TLS.
+    let second = h2_connect(address, &pki, Some(&pki.client))
+        .await
+        .expect("second");
+    let _third = h2_connect(address, &pki, Some(&pki.client))
+        .await
+        .expect("third");
+    let refused = tls_probe(address, &pki, Some(&pki.client)).await;
+    assert!(refused.is_err(), "a fourth connection was served");
+    assert!(tls_channel(address, &pki, Some(&pki.client)).await.is_err());
+    assert!(metric("portcullis_refused_connections_total") >= 2.0);
+    assert_eq!(metric("portcullis_connection_slots"), 3.0);
+    // When one closes, a normal client gets in again.
+    second.closed.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(channel) = tls_channel(address, &pki, Some(&pki.client)).await {
+            let mut client = wf::workflow_service_client::WorkflowServiceClient::new(channel);
+            if client
+                .describe_namespace(wf::DescribeNamespaceRequest {
+                    namespace: "default".into(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no room after a connection closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.shutdown().await;
+}

@@ -255,3 +255,101 @@ async fn a_disconnected_pollers_upstream_poll_is_cancelled() {
         "task reached the live poller only after {waited:?}"
     );
 }
+
+/// `portcullis_closed_connections_total{reason}` from an in-process proxy.
+fn closed(proxy: &portcullis::server::RunningProxy, reason: &str) -> f64 {
+    let needle = format!("portcullis_closed_connections_total{{reason=\"{reason}\"}} ");
+    proxy
+        .telemetry()
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(needle.as_str())?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reach_their_maximum_age_without_failing_calls() {
+    // Polls expire after 6 s here, so one is in flight when its connection's GOAWAY goes out.
+    let server = DevServer::start_with(
+        &[],
+        &[
+            "--dynamic-config-value",
+            "matching.longPollExpirationInterval=\"6s\"",
+        ],
+    )
+    .await;
+    let pki = Pki::new();
+    let mut config = proxy_config(&pki, &server.address(), &["default"]);
+    config.limits.max_connection_age_seconds = 3;
+    config.limits.max_connection_age_grace_seconds = 20;
+    let proxy = start_proxy(config).await;
+    let address = proxy.local_addr().expect("tcp");
+    let mut client = workflow_client(address, &pki, &pki.client).await;
+    client
+        .get_system_info(wf::GetSystemInfoRequest::default())
+        .await
+        .expect("first call");
+
+    let started = Instant::now();
+    let response = client
+        .poll_workflow_task_queue(poll_request("age-queue", "age-poller"))
+        .await
+        .expect("the long poll in flight at the GOAWAY completes normally");
+    let held = started.elapsed();
+    assert!(response.get_ref().task_token.is_empty());
+    assert!(
+        held >= Duration::from_secs(5),
+        "the poll came back after {held:?}"
+    );
+    assert!(closed(&proxy, "max_age") >= 1.0, "no GOAWAY for age");
+
+    // The same tonic channel reconnects: calls keep succeeding across further GOAWAYs.
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut calls = 0;
+    while Instant::now() < until {
+        client
+            .get_system_info(wf::GetSystemInfoRequest::default())
+            .await
+            .expect("a call across a GOAWAY");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(calls > 10);
+    // The Python SDK runs a whole scenario (worker polls included) across several of them.
+    let before = closed(&proxy, "max_age");
+    run_python("scenario.py", &client_args(address, &pki, &pki.client)).await;
+    assert!(closed(&proxy, "max_age") > before);
+    proxy.shutdown().await;
+
+    // Past the grace period, a call still running is cut with UNAVAILABLE and its upstream call
+    // cancelled.
+    let upstream = FakeUpstream::start().await;
+    let mut config = proxy_config(&pki, &upstream.address.to_string(), &["default"]);
+    config.limits.max_connection_age_seconds = 1;
+    config.limits.max_connection_age_grace_seconds = 1;
+    let proxy = start_proxy(config).await;
+    let mut client = workflow_client(proxy.local_addr().expect("tcp"), &pki, &pki.client).await;
+    let started = Instant::now();
+    let status = client
+        .poll_workflow_task_queue(poll_request("held", "held-poller"))
+        .await
+        .expect_err("held forever upstream");
+    let took = started.elapsed();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("maximum age"),
+        "{:?}",
+        status.message()
+    );
+    assert!(took < Duration::from_secs(5), "cut after {took:?}");
+    assert_eq!(upstream.held.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream poll was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.shutdown().await;
+}

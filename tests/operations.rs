@@ -859,3 +859,203 @@ fn strip_ansi(line: &str) -> String {
     }
     out
 }
+
+fn poll_activities(queue: &str) -> tonic::Request<wf::PollActivityTaskQueueRequest> {
+    let mut request = tonic::Request::new(wf::PollActivityTaskQueueRequest {
+        namespace: "default".into(),
+        task_queue: Some(
+            temporalio_protos::protos::temporal::api::taskqueue::v1::TaskQueue {
+                name: queue.into(),
+                ..Default::default()
+            },
+        ),
+        identity: "lifetime-test".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(60));
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_revoked_client_certificates_lose_their_connections() {
+    let server = DevServer::start(&[]).await;
+    let pki = Pki::new();
+    let crl = pki.dir.path().join("clients.crl.pem");
+    std::fs::write(&crl, pki.ca.revocation_list(1, &[]).expect("crl").pem).expect("write");
+    let audit = pki.dir.path().join("audit.jsonl");
+    let mut config = proxy_config_with_authz(
+        &pki,
+        &server.address(),
+        &["default"],
+        &format!(
+            "audit_log = \"{}\"\nsystem.admins = [\"test-client\", \"victim\", \"short-lived\"]",
+            audit.display()
+        ),
+    );
+    config.listener.tls.as_mut().expect("tls").crls = vec![crl.clone()];
+    with_admin(&mut config);
+    let proxy = start_proxy(config).await;
+    let address = proxy.local_addr().expect("tcp");
+    let admin = proxy.admin_addr().expect("admin");
+    let reloads = |m: &Scrape, outcome: &str| {
+        m.sum(
+            "portcullis_config_reloads_total",
+            &[("what", "listener-tls"), ("outcome", outcome)],
+        )
+    };
+
+    let victim = pki.client_cert("victim");
+    let victim_pem = std::fs::read_to_string(&victim.cert).expect("victim cert");
+    // Valid for 12 s from now: the revocation steps below fit in that.
+    let short = pki.client_cert_with(LeafSpec::new(
+        "short-lived",
+        Usage::Client,
+        Duration::from_secs(12),
+    ));
+    let expires = std::time::Instant::now() + Duration::from_secs(12);
+    let mut bystander = workflow_client(address, &pki, &pki.client).await;
+    let mut victim_client = workflow_client(address, &pki, &victim).await;
+    let mut short_client = workflow_client(address, &pki, &short).await;
+    for client in [&mut bystander, &mut victim_client, &mut short_client] {
+        client
+            .get_system_info(wf::GetSystemInfoRequest::default())
+            .await
+            .expect("every certificate works before");
+    }
+
+    // Revoke the victim while a long poll runs on its connection.
+    let mut poller = victim_client.clone();
+    let poll = tokio::spawn(async move {
+        poller
+            .poll_activity_task_queue(poll_activities("victim-queue"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let successes = reloads(&scrape(admin).await, "success");
+    replace_file(
+        &crl,
+        &pki.ca.revocation_list(2, &[&victim_pem]).expect("crl").pem,
+    );
+    let status = tokio::time::timeout(Duration::from_secs(15), poll)
+        .await
+        .expect("the victim's poll was not cut")
+        .expect("join")
+        .expect_err("cut");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
+    let m = scrape(admin).await;
+    assert!(reloads(&m, "success") > successes);
+    assert_eq!(
+        m.sum(
+            "portcullis_closed_connections_total",
+            &[("reason", "certificate_revoked")]
+        ),
+        1.0
+    );
+    // Its channel cannot reconnect; new handshakes are refused; others are unaffected.
+    victim_client
+        .get_system_info(wf::GetSystemInfoRequest::default())
+        .await
+        .expect_err("revoked");
+    let refusal = tls_probe(address, &pki, Some(&victim))
+        .await
+        .expect_err("revoked handshake");
+    assert!(refusal.contains("CertificateRevoked"), "{refusal}");
+    bystander
+        .get_system_info(wf::GetSystemInfoRequest::default())
+        .await
+        .expect("the bystander's open connection");
+
+    // A malformed CRL is refused: the last good one stays in force.
+    let failures = reloads(&scrape(admin).await, "failure");
+    replace_file(
+        &crl,
+        "-----BEGIN X509 CRL-----\nbm90IGEgY3Js\n-----END X509 CRL-----\n",
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the malformed CRL is refused",
+        || async move { reloads(&scrape(admin).await, "failure") > failures },
+    )
+    .await;
+    assert!(tls_probe(address, &pki, Some(&victim)).await.is_err());
+    assert_eq!(tls_probe(address, &pki, Some(&pki.client)).await, Ok(()));
+    assert_eq!(tls_probe(address, &pki, Some(&short)).await, Ok(()));
+
+    // Expiry: a call in flight at the certificate's notAfter is cut, the connection closed,
+    // and the certificate cannot come back.
+    short_client
+        .get_system_info(wf::GetSystemInfoRequest::default())
+        .await
+        .expect("still valid");
+    assert!(
+        std::time::Instant::now() < expires,
+        "the test ran too slowly"
+    );
+    let status = tokio::time::timeout(
+        Duration::from_secs(20),
+        short_client.poll_activity_task_queue(poll_activities("short-queue")),
+    )
+    .await
+    .expect("the poll outlived the certificate")
+    .expect_err("cut at expiry");
+    let now = std::time::Instant::now();
+    assert!(
+        now + Duration::from_secs(2) >= expires,
+        "cut {:?} before the certificate expired",
+        expires - now
+    );
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("expired"), "{status:?}");
+    short_client
+        .get_system_info(wf::GetSystemInfoRequest::default())
+        .await
+        .expect_err("expired");
+    let refusal = tls_probe(address, &pki, Some(&short))
+        .await
+        .expect_err("expired handshake");
+    assert!(refusal.contains("CertificateExpired"), "{refusal}");
+    bystander
+        .get_system_info(wf::GetSystemInfoRequest::default())
+        .await
+        .expect("the bystander still");
+    let m = scrape(admin).await;
+    assert_eq!(
+        m.sum(
+            "portcullis_closed_connections_total",
+            &[("reason", "certificate_expired")]
+        ),
+        1.0
+    );
+
+    // Every one of these is in the audit log.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .expect("audit")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let has = |event: &str, reason: &str, subject: Option<&str>| {
+        lines.iter().any(|l| {
+            l["event"] == event
+                && l["reason"] == reason
+                && subject.is_none_or(|s| l["subject"].as_str().is_some_and(|v| v.contains(s)))
+        })
+    };
+    assert!(has(
+        "connection_closed",
+        "certificate_revoked",
+        Some("CN=victim")
+    ));
+    assert!(has(
+        "connection_closed",
+        "certificate_expired",
+        Some("CN=short-lived")
+    ));
+    assert!(has("connection_refused", "certificate_revoked", None));
+    assert!(has("connection_refused", "certificate_expired", None));
+    assert!(lines
+        .iter()
+        .any(|l| l["event"] == "decision" && l["identity"] == "victim"));
+    proxy.shutdown().await;
+}

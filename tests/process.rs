@@ -437,19 +437,6 @@ async fn check_reports_certificates_keys_and_upstreams() {
     assert!(out.contains("checks failed"), "{out}");
 }
 
-/// Peak and current resident memory of a process, in KiB (`VmHWM`, `VmRSS`).
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
-
 /// `portcullis serve` as its own process, so its memory can be read on its own.
 async fn serve_process(config: &portcullis::config::Config, dir: &Path) -> (Child, String) {
     let port = portcullis::dev::free_port().expect("port");
@@ -541,7 +528,7 @@ readers = ["cn:reader"]
         .call(&query, &[], grpc_frame(&empty_payload_query(10)))
         .await;
     assert_eq!(small.grpc_status(), Some(5), "{}", small.grpc_message());
-    let (baseline, _) = memory_kib(pid);
+    let baseline = proc_kb(pid, "VmHWM");
 
     let message = empty_payload_query(2_000_000);
     assert!(message.len() < 4 << 20, "within max_request_bytes");
@@ -566,7 +553,7 @@ readers = ["cn:reader"]
             answer.grpc_message()
         );
     }
-    let (peak, _) = memory_kib(pid);
+    let peak = proc_kb(pid, "VmHWM");
     let grown_mib = (peak.saturating_sub(baseline)) as f64 / 1024.0;
     eprintln!("amplification: VmHWM {baseline} KiB before, {peak} KiB after one plain and one gzip call (+{grown_mib:.1} MiB)");
     // The 4 MB request itself is read and decompressed; the ~300 MB of envelopes never exist.
@@ -610,7 +597,7 @@ readers = ["cn:reader"]
         "the workflow load failed under attack: {load}"
     );
     assert!(load["completed"].as_u64().unwrap_or(0) > 0, "{load}");
-    let (peak, _) = memory_kib(pid);
+    let peak = proc_kb(pid, "VmHWM");
     let grown_mib = (peak.saturating_sub(baseline)) as f64 / 1024.0;
     eprintln!("amplification: {refused} parallel attack calls refused during the load; VmHWM +{grown_mib:.1} MiB in all");
     assert!(grown_mib < 160.0, "peak RSS grew by {grown_mib:.1} MiB");
@@ -792,4 +779,229 @@ writers = ["cn:writer"]
         );
         let _ = proxy.kill().await;
     }
+}
+
+/// A field of /proc/PID/status in kB (VmHWM: peak resident set, VmRSS: now).
+fn proc_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A framed StartWorkflowExecutionRequest for namespace `default` of about `len` bytes
+/// (shared, not copied per use).
+fn declared_body(len: usize) -> bytes::Bytes {
+    let message = wf::StartWorkflowExecutionRequest {
+        namespace: "default".into(),
+        request_id: "r".repeat(len.saturating_sub(64)),
+        ..Default::default()
+    };
+    bytes::Bytes::from(grpc_frame(&prost::Message::encode_to_vec(&message)))
+}
+
+/// Opens `streams` calls on one connection, each sending `body`, and returns their statuses
+/// (-2: the stream was reset).
+async fn flood(
+    address: std::net::SocketAddr,
+    pki: &Pki,
+    client: Option<&ClientCert>,
+    streams: usize,
+    body: &bytes::Bytes,
+) -> (H2Connection, Vec<(i32, String)>) {
+    let mut connection = h2_connect(address, pki, client).await.expect("connect");
+    let mut answers = Vec::new();
+    for _ in 0..streams {
+        connection.send = connection.send.clone().ready().await.expect("ready");
+        let (response, mut stream) = connection
+            .send
+            .send_request(
+                grpc_head(
+                    "/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution",
+                    &[],
+                ),
+                false,
+            )
+            .expect("open stream");
+        // Queued by h2 and sent as the proxy's flow-control windows allow.
+        let _ = stream.send_data(body.clone(), true);
+        answers.push(async move {
+            let _keep = stream;
+            h2_grpc_status(response)
+                .await
+                .unwrap_or_else(|e| (-2, e.to_string()))
+        });
+    }
+    (connection, futures_util::future::join_all(answers).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_cannot_make_the_proxy_buffer_unauthenticated_or_past_its_budgets() {
+    use common::jwt::Issuer;
+    let upstream = FakeUpstream::start().await;
+    let pki = Pki::new();
+    let issuer = Issuer::new(&pki);
+    let port = portcullis::dev::free_port().expect("port");
+    let admin_port = portcullis::dev::free_port().expect("port");
+    let mut config = proxy_config(&pki, &upstream.address.to_string(), &["default"]);
+    config.listener.address = format!("127.0.0.1:{port}");
+    config.bearer = Some(issuer.bearer_config());
+    let audit = pki.dir.path().join("audit.jsonl");
+    config.authorization.audit_log = audit.display().to_string();
+    const MIB: usize = 1024 * 1024;
+    config.limits.max_connection_buffered_bytes = 16 * MIB;
+    config.limits.max_buffered_bytes = 24 * MIB;
+    common::ops::with_admin(&mut config);
+    if let Some(admin) = &mut config.admin {
+        admin.listen = format!("127.0.0.1:{admin_port}");
+    }
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("addr");
+    let config_path = pki.dir.path().join("portcullis.toml");
+    std::fs::write(&config_path, config.to_toml()).expect("write config");
+    let proxy = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("PORTCULLIS_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start portcullis serve");
+    let pid = proxy.id().expect("pid");
+    let address_text = format!("127.0.0.1:{port}");
+    wait_for_port(&address_text).await;
+    let address: std::net::SocketAddr = address_text.parse().expect("addr");
+
+    // Warm up with authenticated calls (certificate and token), then take the idle baseline.
+    let describe = grpc_frame(&prost::Message::encode_to_vec(
+        &wf::DescribeNamespaceRequest {
+            namespace: "default".into(),
+            ..Default::default()
+        },
+    ));
+    const DESCRIBE: &str = "/temporal.api.workflowservice.v1.WorkflowService/DescribeNamespace";
+    let raw = RawClient::new(address, &pki, &pki.client);
+    for _ in 0..20 {
+        let ok = raw.call(DESCRIBE, &[], describe.clone()).await;
+        assert_eq!(ok.grpc_status(), Some(0), "{}", ok.grpc_message());
+    }
+    let token = format!("Bearer {}", issuer.token("test-client", &["default:read"]));
+    let _ = flood(address, &pki, None, 20, &declared_body(1024)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_hwm = proc_kb(pid, "VmHWM");
+    let idle_rss = proc_kb(pid, "VmRSS");
+
+    // No certificate, no token: 600 streams each declaring and sending a 4 MiB message (2.4 GB
+    // if buffered). Every one is answered UNAUTHENTICATED at its headers.
+    let big = declared_body(4 * MIB);
+    let started = Instant::now();
+    let (mut connection, answers) = flood(address, &pki, None, 600, &big).await;
+    let refused_in = started.elapsed();
+    assert_eq!(answers.len(), 600);
+    for (code, message) in &answers {
+        assert_eq!(*code, tonic::Code::Unauthenticated as i32, "{message}");
+        assert!(
+            message.contains("certificate or a bearer token"),
+            "{message}"
+        );
+    }
+    assert!(
+        refused_in < Duration::from_secs(10),
+        "600 refusals took {refused_in:?}"
+    );
+    // The same connection still serves a caller that authenticates.
+    connection.send = connection.send.clone().ready().await.expect("ready");
+    let (response, mut stream) = connection
+        .send
+        .send_request(
+            grpc_head(DESCRIBE, &[("authorization", token.as_str())]),
+            false,
+        )
+        .expect("stream");
+    stream
+        .send_data(bytes::Bytes::from(describe.clone()), true)
+        .expect("send");
+    let (code, message) = h2_grpc_status(response).await.expect("answer");
+    assert_eq!(code, 0, "{message}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let attacked_hwm = proc_kb(pid, "VmHWM");
+    eprintln!(
+        "unauthenticated flood: 600 x 4 MiB streams refused in {refused_in:?}; VmHWM idle {idle_hwm} kB (VmRSS {idle_rss} kB), after {attacked_hwm} kB"
+    );
+    assert!(
+        attacked_hwm < idle_hwm + 12 * 1024,
+        "the proxy's peak RSS grew from {idle_hwm} kB to {attacked_hwm} kB under an unauthenticated flood"
+    );
+
+    // A certificate without any role: its calls are authenticated, so their bodies are read,
+    // but within the budgets (16 MiB per connection, 24 MiB in all): two connections of 200
+    // streams each sending 4 MiB (1.6 GB if buffered) get RESOURCE_EXHAUSTED beyond them, and
+    // the ones that fit are denied by authorization.
+    let stranger = pki.client_cert("stranger");
+    let before_hwm = proc_kb(pid, "VmHWM");
+    let started = Instant::now();
+    let ((_a, first), (_b, second)) = tokio::join!(
+        flood(address, &pki, Some(&stranger), 200, &big),
+        flood(address, &pki, Some(&stranger), 200, &big)
+    );
+    let took = started.elapsed();
+    let mut exhausted = 0;
+    let mut denied = 0;
+    let mut process_limit = 0;
+    for (code, message) in first.iter().chain(second.iter()) {
+        match *code {
+            c if c == tonic::Code::ResourceExhausted as i32 => {
+                assert!(message.contains("buffered request bytes"), "{message}");
+                exhausted += 1;
+                if message.contains("process limit") {
+                    process_limit += 1;
+                }
+            }
+            c if c == tonic::Code::PermissionDenied as i32 => denied += 1,
+            _ => panic!("unexpected answer {code}: {message}"),
+        }
+    }
+    let budget_hwm = proc_kb(pid, "VmHWM");
+    eprintln!(
+        "no-role flood: 400 x 4 MiB streams in {took:?}: {exhausted} RESOURCE_EXHAUSTED ({process_limit} by the process limit), {denied} PERMISSION_DENIED; VmHWM before {before_hwm} kB, after {budget_hwm} kB"
+    );
+    assert!(exhausted >= 300, "only {exhausted} refused by the budgets");
+    assert!(denied >= 1, "no call fit the budget");
+    // The budgets (24 MiB), plus what each connection's HTTP/2 window (16 MiB) lets a caller
+    // send before the proxy reads and refuses it, plus 16 MiB of slack.
+    assert!(
+        budget_hwm < before_hwm + (24 + 2 * 16 + 16) * 1024,
+        "the proxy's peak RSS grew from {before_hwm} kB to {budget_hwm} kB"
+    );
+
+    let m = common::ops::scrape(admin).await;
+    assert!(
+        m.sum(
+            "portcullis_refused_requests_total",
+            &[("reason", "unauthenticated")]
+        ) >= 600.0
+    );
+    let budget_refusals = m.sum(
+        "portcullis_refused_requests_total",
+        &[("reason", "connection_buffer_limit")],
+    ) + m.sum(
+        "portcullis_refused_requests_total",
+        &[("reason", "process_buffer_limit")],
+    );
+    assert_eq!(budget_refusals, exhausted as f64);
+    assert_eq!(m.sum("portcullis_buffered_request_bytes", &[]), 0.0);
+    // Authentication failures are audited (best effort: at most half the audit queue).
+    let lines = std::fs::read_to_string(&audit).expect("audit");
+    let failures = lines
+        .lines()
+        .filter(|l| l.contains("\"event\":\"authentication_failed\""))
+        .count();
+    assert!(
+        failures >= 600,
+        "{failures} authentication failures audited"
+    );
+    assert!(lines.contains("\"reason\":\"no_credential\",\"peer\":\"127.0.0.1:"));
 }

@@ -501,7 +501,17 @@ impl BearerVerifier {
         let Some(fetcher) = &self.fetcher else {
             return Ok(false);
         };
-        let mut last = self.last_fetch.lock().await;
+        let mut last = if force {
+            self.last_fetch.lock().await
+        } else {
+            // A token naming an unknown key does not wait behind a fetch already running: calls
+            // are authenticated before their bodies are read, and a waiting call's body would
+            // sit in HTTP/2's buffers meanwhile.
+            match self.last_fetch.try_lock() {
+                Ok(last) => last,
+                Err(_) => return Ok(false),
+            }
+        };
         if !force && last.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL) {
             return Ok(false);
         }

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
 
 pub use access::{required_access, AccessLevel};
-pub use audit::{AuditEvent, AuditLog};
+pub use audit::{
+    AuditError, AuditEvent, AuditLog, AuditSettings, AuditStats, EdgeAuditEvent, EdgeEventKind,
+};
 pub use bearer::{BearerConfig, BearerError, BearerIdentity, BearerVerifier};
 pub use policy::{
     check_typed_entry, default_identity_sources, identity_of, ClaimedRoles, Decision, Grants,
@@ -292,7 +294,10 @@ where
             &request.peer.remote,
         );
         event.credential = Some(credential);
-        self.audit.record(&event);
+        // Fail closed: a call whose decision cannot be audited does not run.
+        if let Err(e) = self.audit.record(&event) {
+            return Box::pin(std::future::ready(Err(ProxyError::AuditUnavailable(e))));
+        }
         if !decision.allowed {
             let error = ProxyError::PermissionDenied {
                 identity,

@@ -227,10 +227,19 @@ impl PeerService {
             );
             event.credential = Some(credential);
             event.count = count;
-            service.deps.audit.record(&event);
+            // Fail closed: a request whose decision cannot be audited is refused.
+            service.deps.audit.record(&event).err().map(|e| {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    &format!("the audit log cannot take this request, so it is refused: {e}"),
+                )
+            })
         };
         if !decision.allowed {
-            audit(None);
+            if let Some(reply) = audit(None) {
+                return reply;
+            }
             let required = decision.required.map_or("", Role::as_str);
             return error(
                 StatusCode::FORBIDDEN,
@@ -252,7 +261,9 @@ impl PeerService {
                     .starts_with("application/json")
             });
             if !json {
-                audit(None);
+                if let Some(reply) = audit(None) {
+                    return reply;
+                }
                 return error(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "content_type",
@@ -264,7 +275,9 @@ impl PeerService {
         let body = match Limited::new(request.into_body(), limit).collect().await {
             Ok(body) => body.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                audit(None);
+                if let Some(reply) = audit(None) {
+                    return reply;
+                }
                 return error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_large",
@@ -272,7 +285,9 @@ impl PeerService {
                 );
             }
             Err(e) => {
-                audit(None);
+                if let Some(reply) = audit(None) {
+                    return reply;
+                }
                 return error(
                     StatusCode::BAD_REQUEST,
                     "body",
@@ -283,7 +298,9 @@ impl PeerService {
         let (encoded, count) = match json::parse(&body, service.settings.max_payloads) {
             Ok(parsed) => parsed,
             Err(e) => {
-                audit(None);
+                if let Some(reply) = audit(None) {
+                    return reply;
+                }
                 let status = match e {
                     JsonError::TooMany { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                     JsonError::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -292,7 +309,9 @@ impl PeerService {
                 return error(status, "malformed", &e.to_string());
             }
         };
-        audit(Some(count));
+        if let Some(reply) = audit(Some(count)) {
+            return reply;
+        }
         let encryption = &service.deps.encryption;
         let encoded = Bytes::from(encoded);
         let result = match operation {

@@ -125,6 +125,11 @@ pub struct ServerTls {
     /// Refuse callers without a client certificate (the default).
     #[serde(default = "yes")]
     pub require_client_cert: bool,
+    /// Certificate revocation lists (PEM or DER, one or more per file) for client certificates,
+    /// checked at every handshake and reloaded on change: a connection whose certificate a new
+    /// list revokes is closed. With lists configured, every client CA must have one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crls: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +160,41 @@ pub struct Limits {
     /// How long a large message waits for room in that budget before RESOURCE_EXHAUSTED.
     #[serde(default = "default_crypto_wait")]
     pub crypto_wait_seconds: u64,
+    /// Client connections open at once, TLS handshakes included; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Calls (HTTP/2 streams) open at once on one client connection.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+    /// Largest request header block (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+    #[serde(default = "default_max_header_list")]
+    pub max_header_list_bytes: u32,
+    /// Request bytes (headers, bodies, decompressed messages) one connection's calls may hold
+    /// at once; a call that would go past it gets RESOURCE_EXHAUSTED.
+    #[serde(default = "default_connection_buffer")]
+    pub max_connection_buffered_bytes: usize,
+    /// The same, for all connections together.
+    #[serde(default = "default_process_buffer")]
+    pub max_buffered_bytes: usize,
+    /// A request body that has not fully arrived this long after its headers is refused
+    /// (DEADLINE_EXCEEDED) and its buffer freed.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_seconds: u64,
+    /// A connection this old is sent a GOAWAY (clients reconnect); 0 = no limit.
+    #[serde(default = "default_max_connection_age")]
+    pub max_connection_age_seconds: u64,
+    /// After that GOAWAY, calls in flight (long polls included) get this long to finish before
+    /// they end with UNAVAILABLE and the connection closes.
+    #[serde(default = "default_max_connection_age_grace")]
+    pub max_connection_age_grace_seconds: u64,
+    /// Audit lines waiting for the audit sink, in bytes. A call whose decision line does not
+    /// fit is refused (UNAVAILABLE): the proxy never runs calls it cannot audit.
+    #[serde(default = "default_audit_queue")]
+    pub audit_queue_bytes: usize,
+    /// An audit write (or failing retries) pending this long means the sink is stuck: calls are
+    /// refused until it recovers.
+    #[serde(default = "default_audit_stall")]
+    pub audit_stall_seconds: u64,
 }
 
 impl Default for Limits {
@@ -168,7 +208,67 @@ impl Default for Limits {
             max_payloads_per_message: default_max_payloads(),
             crypto_budget_bytes: default_crypto_budget(),
             crypto_wait_seconds: default_crypto_wait(),
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_streams(),
+            max_header_list_bytes: default_max_header_list(),
+            max_connection_buffered_bytes: default_connection_buffer(),
+            max_buffered_bytes: default_process_buffer(),
+            body_timeout_seconds: default_body_timeout(),
+            max_connection_age_seconds: default_max_connection_age(),
+            max_connection_age_grace_seconds: default_max_connection_age_grace(),
+            audit_queue_bytes: default_audit_queue(),
+            audit_stall_seconds: default_audit_stall(),
         }
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_request_bytes == 0 || self.max_response_bytes == 0 {
+            return Err("limits must be positive".into());
+        }
+        // A request of the largest size (compressed and decompressed at once) must fit.
+        let largest = self
+            .max_request_bytes
+            .saturating_mul(2)
+            .saturating_add(self.max_header_list_bytes as usize)
+            .saturating_add(1024);
+        if self.max_connection_buffered_bytes < largest {
+            return Err(format!(
+                "limits.max_connection_buffered_bytes must hold at least one request of max_request_bytes (compressed and decompressed) and its headers: at least {largest}"
+            ));
+        }
+        if self.max_buffered_bytes < self.max_connection_buffered_bytes {
+            return Err(
+                "limits.max_buffered_bytes must be at least limits.max_connection_buffered_bytes"
+                    .into(),
+            );
+        }
+        if self.max_connections == 0 {
+            return Err("limits.max_connections must be at least 1".into());
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("limits.max_concurrent_streams must be at least 1".into());
+        }
+        if !(4096..=1024 * 1024).contains(&self.max_header_list_bytes) {
+            return Err("limits.max_header_list_bytes must be 4096-1048576".into());
+        }
+        if self.body_timeout_seconds == 0 {
+            return Err("limits.body_timeout_seconds must be at least 1".into());
+        }
+        if self.audit_queue_bytes < 64 * 1024 {
+            return Err("limits.audit_queue_bytes must be at least 65536".into());
+        }
+        if self.audit_stall_seconds == 0 {
+            return Err("limits.audit_stall_seconds must be at least 1".into());
+        }
+        if self.max_payloads_per_message == 0
+            || self.crypto_budget_bytes < 1024
+            || self.crypto_wait_seconds == 0
+        {
+            return Err("limits: max_payloads_per_message and crypto_wait_seconds must be positive, crypto_budget_bytes at least 1024".into());
+        }
+        Ok(())
     }
 }
 
@@ -324,6 +424,36 @@ fn default_crypto_budget() -> usize {
     64 * 1024 * 1024
 }
 fn default_crypto_wait() -> u64 {
+    5
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_streams() -> u32 {
+    1000
+}
+fn default_max_header_list() -> u32 {
+    64 * 1024
+}
+fn default_connection_buffer() -> usize {
+    64 * 1024 * 1024
+}
+fn default_process_buffer() -> usize {
+    512 * 1024 * 1024
+}
+fn default_body_timeout() -> u64 {
+    30
+}
+fn default_max_connection_age() -> u64 {
+    300
+}
+fn default_max_connection_age_grace() -> u64 {
+    80
+}
+fn default_audit_queue() -> usize {
+    16 * 1024 * 1024
+}
+fn default_audit_stall() -> u64 {
     5
 }
 fn default_connections() -> usize {
@@ -523,15 +653,7 @@ impl Config {
                 return invalid(format!("authorization: {e}"));
             }
         }
-        let limits = &self.limits;
-        if limits.max_request_bytes == 0
-            || limits.max_response_bytes == 0
-            || limits.max_payloads_per_message == 0
-            || limits.crypto_budget_bytes < 1024
-            || limits.crypto_wait_seconds == 0
-        {
-            return invalid("limits must be positive (crypto_budget_bytes at least 1024)".into());
-        }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         if let Some(workers) = self.listener.workers {
             if !(1..=256).contains(&workers) {
                 return invalid(format!("listener.workers must be 1-256, not {workers}"));
@@ -572,6 +694,7 @@ impl Config {
             fix(&mut tls.cert);
             fix(&mut tls.key);
             fix(&mut tls.client_ca);
+            tls.crls.iter_mut().for_each(fix);
         }
         if let Some(path) = self.listener.address.strip_prefix("unix:") {
             let path = PathBuf::from(path);
@@ -820,6 +943,58 @@ mod tests {
             let err = Config::from_toml(&with(bad)).unwrap_err().to_string();
             assert!(err.contains("listener.workers must be 1-256"), "{err}");
         }
+    }
+
+    #[test]
+    fn connection_limits_have_safe_defaults_and_are_validated() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        let l = &c.limits;
+        assert_eq!(l.max_connections, 4096);
+        assert_eq!(l.max_concurrent_streams, 1000);
+        assert_eq!(l.max_header_list_bytes, 64 * 1024);
+        assert_eq!(l.max_connection_buffered_bytes, 64 * 1024 * 1024);
+        assert_eq!(l.max_buffered_bytes, 512 * 1024 * 1024);
+        assert_eq!(l.body_timeout_seconds, 30);
+        assert_eq!(l.max_connection_age_seconds, 300);
+        assert_eq!(l.max_connection_age_grace_seconds, 80);
+        assert_eq!(l.audit_queue_bytes, 16 * 1024 * 1024);
+        assert_eq!(l.audit_stall_seconds, 5);
+        assert!(c.listener.tls.as_ref().unwrap().crls.is_empty());
+        let with = |limits: &str| Config::from_toml(&format!("{MINIMAL}\n[limits]\n{limits}\n"));
+        let unknown = with("max_connection_age = 0");
+        assert!(unknown.unwrap_err().to_string().contains("unknown field"));
+        assert_eq!(
+            with("max_connection_age_seconds = 0")
+                .unwrap()
+                .limits
+                .max_connection_age_seconds,
+            0
+        );
+        for (limits, expected) in [
+            (
+                "max_connection_buffered_bytes = 1000000",
+                "must hold at least one request",
+            ),
+            (
+                "max_connection_buffered_bytes = 16777216\nmax_buffered_bytes = 8388608",
+                "max_buffered_bytes must be at least",
+            ),
+            ("max_connections = 0", "max_connections"),
+            ("max_concurrent_streams = 0", "max_concurrent_streams"),
+            ("max_header_list_bytes = 100", "max_header_list_bytes"),
+            ("body_timeout_seconds = 0", "body_timeout_seconds"),
+            ("audit_queue_bytes = 1000", "audit_queue_bytes"),
+            ("audit_stall_seconds = 0", "audit_stall_seconds"),
+        ] {
+            let err = with(limits).unwrap_err().to_string();
+            assert!(err.contains(expected), "{limits}: {err}");
+        }
+        let crls = Config::from_toml(&MINIMAL.replace(
+            "client_ca = \"ca.pem\"",
+            "client_ca = \"ca.pem\"\n        crls = [\"a.crl.pem\", \"b.crl\"]",
+        ))
+        .unwrap();
+        assert_eq!(crls.listener.tls.unwrap().crls.len(), 2);
     }
 
     #[test]

@@ -1,37 +1,78 @@
-//! The HTTP/2 edge: routes by path, reads and unframes the unary request, and writes the answer.
-//! Every [`ProxyError`] becomes a gRPC status here, and only here.
+//! The HTTP/2 edge: authenticates a call from its headers, routes by path, reads and unframes
+//! the unary request within its budgets and time, and writes the answer. Every [`ProxyError`]
+//! becomes a gRPC status here, and only here.
+//!
+//! Order matters: nothing of a request's body is read before its caller is authenticated (a
+//! refused call is answered at once and its body discarded by HTTP/2 without being buffered),
+//! and every byte that is read is first reserved against the connection's and the process's
+//! buffer budgets (see [`super::limits`]).
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::RecvStream;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, Request, Response};
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
+use super::authn::Authenticator;
+use super::limits::{header_bytes, BudgetScope, BufferBudget, EdgeStats, Refusal, Reservation};
 use super::{CallFuture, GrpcRequest, GrpcResponse};
+use crate::authz::{AuditLog, EdgeAuditEvent, EdgeEventKind};
 use crate::error::ProxyError;
-use crate::grpc::body::{collect_h2, BodyError};
 use crate::grpc::frame::{self, Direction, Encoding, HEADER_LEN};
 use crate::grpc::headers::{self, GRPC_ENCODING, GRPC_TIMEOUT};
 use crate::grpc::GrpcBody;
 use crate::schema::Schema;
 use crate::tls::PeerInfo;
 
+/// Health checks are answered without a bearer token (load balancers send none); their bodies
+/// are tiny, so an unauthenticated one may be at most this long.
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const UNAUTHENTICATED_HEALTH_CHECK_BYTES: usize = 4096;
+
+/// What every connection's edge shares: limits, the authenticator, the process-wide budget.
+pub struct EdgeShared {
+    /// Largest request message (after decompression).
+    pub max_request_bytes: usize,
+    /// A request body must have fully arrived this long after its headers.
+    pub body_timeout: Duration,
+    /// Request bytes one connection's calls may hold at once.
+    pub connection_budget: usize,
+    /// With `[bearer]`: calls need a certificate or a valid token.
+    pub authenticator: Option<Authenticator>,
+    /// Request bytes all calls may hold at once.
+    pub budget: BufferBudget,
+    pub stats: Arc<EdgeStats>,
+    /// Authentication failures are audited here (best effort: never more than half its queue).
+    pub audit: Arc<AuditLog>,
+}
+
+/// One connection's state.
+struct ConnectionState {
+    peer: Arc<PeerInfo>,
+    budget: BufferBudget,
+    shared: Arc<EdgeShared>,
+}
+
 /// Per-connection front of the call pipeline `S`: HTTP/2 request in, gRPC response out.
 #[derive(Clone)]
 pub struct GrpcEdge<S> {
     pipeline: S,
-    peer: Arc<PeerInfo>,
-    max_request_bytes: usize,
+    connection: Arc<ConnectionState>,
 }
 
 impl<S> GrpcEdge<S> {
-    pub fn new(pipeline: S, peer: Arc<PeerInfo>, max_request_bytes: usize) -> Self {
+    pub fn new(pipeline: S, peer: Arc<PeerInfo>, shared: Arc<EdgeShared>) -> Self {
         GrpcEdge {
             pipeline,
-            peer,
-            max_request_bytes,
+            connection: Arc::new(ConnectionState {
+                peer,
+                budget: BufferBudget::new(shared.connection_budget, "connection"),
+                shared,
+            }),
         }
     }
 }
@@ -45,31 +86,119 @@ where
 {
     /// Answers one HTTP/2 request: every outcome, success or error, is a gRPC response.
     pub async fn handle(self, request: Request<RecvStream>) -> Response<GrpcBody> {
-        let path = request.uri().path().to_string();
-        let respond_gzip =
-            request_is_gzip(request.headers()) && headers::accepts_gzip(request.headers());
-        // Calls that reach the pipeline are logged (and measured) by its telemetry layer, inside
-        // the call's span; only requests refused before that are logged here.
-        let result = match read_call(request, self.peer.clone(), self.max_request_bytes).await {
-            Ok(call) => self.pipeline.oneshot(call).await,
-            Err(error) => {
-                tracing::info!(method = %path, code = ?error.code(), error = %error, peer = %self.peer.remote, "request refused");
-                Err(error)
-            }
-        };
-        match result {
+        let (parts, body) = request.into_parts();
+        let respond_gzip = request_is_gzip(&parts.headers) && headers::accepts_gzip(&parts.headers);
+        match self.call(parts, body).await {
             Ok(response) => success_response(response, respond_gzip),
             Err(error) => error_response(&error),
+        }
+    }
+
+    async fn call(
+        self,
+        mut parts: http::request::Parts,
+        mut body: RecvStream,
+    ) -> Result<GrpcResponse, ProxyError> {
+        let arrived = Instant::now();
+        let connection = &*self.connection;
+        let shared = &*connection.shared;
+        let mut limit = shared.max_request_bytes;
+        let (peer, valid_until) = match &shared.authenticator {
+            Some(authenticator) => {
+                match authenticator
+                    .authenticate(&mut parts.headers, &connection.peer)
+                    .await
+                {
+                    Ok(authenticated) => (authenticated.peer, authenticated.valid_until),
+                    Err(_) if parts.uri.path() == HEALTH_CHECK => {
+                        limit = limit.min(UNAUTHENTICATED_HEALTH_CHECK_BYTES);
+                        (connection.peer.clone(), None)
+                    }
+                    Err(failure) => {
+                        // Answered now; dropping `body` makes HTTP/2 discard what the caller
+                        // sends (and tell it to stop) without buffering any of it.
+                        drop(body);
+                        shared.stats.call_refused(Refusal::Unauthenticated);
+                        tracing::debug!(method = %parts.uri.path(), peer = %connection.peer.remote, error = %failure.error, "call refused: unauthenticated");
+                        let mut event = EdgeAuditEvent::new(
+                            EdgeEventKind::AuthenticationFailed,
+                            failure.reason,
+                            &connection.peer.remote,
+                        )
+                        .detail(match &failure.error {
+                            ProxyError::Unauthenticated(why) => why.clone(),
+                            other => other.to_string(),
+                        });
+                        event.method = Some(parts.uri.path().to_string());
+                        event.credential = Some(failure.credential);
+                        shared.audit.record_best_effort(&event);
+                        return Err(failure.error);
+                    }
+                }
+            }
+            None => (connection.peer.clone(), None),
+        };
+        let mut reservation = Reservation::new(&connection.budget, &shared.budget);
+        let call = match read_call(
+            &mut parts,
+            &mut body,
+            peer,
+            limit,
+            &mut reservation,
+            (arrived, shared.body_timeout),
+        )
+        .await
+        {
+            Ok(call) => call,
+            Err(error) => {
+                drop(body);
+                match &error {
+                    ProxyError::BufferLimit { scope, .. } => {
+                        shared.stats.call_refused(if *scope == "process" {
+                            Refusal::ProcessBudget
+                        } else {
+                            Refusal::ConnectionBudget
+                        })
+                    }
+                    ProxyError::BodyTimeout(_) => shared.stats.call_refused(Refusal::BodyTimeout),
+                    _ => {}
+                }
+                // Calls that reach the pipeline are logged (and measured) by its telemetry
+                // layer, inside the call's span; only requests refused before that are logged
+                // here.
+                tracing::info!(method = %parts.uri.path(), code = ?error.code(), error = %error, peer = %connection.peer.remote, "request refused");
+                return Err(error);
+            }
+        };
+        drop(body);
+        let answer = self.pipeline.oneshot(call);
+        match valid_until {
+            // Nothing runs past the token's expiry: the call (and its upstream call) ends then.
+            Some(until) => {
+                let left = until
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::select! {
+                    answer = answer => answer,
+                    _ = tokio::time::sleep(left) => Err(ProxyError::Unauthenticated(
+                        "the bearer token expired during the call".into(),
+                    )),
+                }
+            }
+            None => answer.await,
         }
     }
 }
 
 async fn read_call(
-    request: Request<RecvStream>,
+    parts: &mut http::request::Parts,
+    body: &mut RecvStream,
     peer: Arc<PeerInfo>,
     limit: usize,
+    reservation: &mut Reservation<'_>,
+    (arrived, body_timeout): (Instant, Duration),
 ) -> Result<GrpcRequest, ProxyError> {
-    let (parts, body) = request.into_parts();
+    let body_deadline = arrived + body_timeout;
     let method = Schema::global()
         .method(parts.uri.path())
         .ok_or_else(|| ProxyError::UnknownMethod(parts.uri.path().to_string()))?;
@@ -88,14 +217,32 @@ async fn read_call(
     let deadline = match parts.headers.get(GRPC_TIMEOUT) {
         Some(value) => {
             let timeout = headers::parse_timeout(value)?;
-            Some((tokio::time::Instant::now() + timeout, timeout))
+            Some((arrived + timeout, timeout))
         }
         None => None,
     };
-    let body = read_body(body, limit).await?;
-    let message = frame::decode_unary(&body, encoding, limit, Direction::Request)
+    // The header block stays in memory while the call runs: it counts too.
+    reservation
+        .grow(header_bytes(parts))
+        .map_err(|scope| reservation.refusal(scope))?;
+    let wire =
+        match tokio::time::timeout_at(body_deadline, read_body(body, limit, reservation)).await {
+            Ok(read) => read?,
+            Err(_) => return Err(ProxyError::BodyTimeout(body_timeout)),
+        };
+    let wire_len = wire.len();
+    let compressed = wire.first() == Some(&1);
+    let message = frame::decode_unary(&wire, encoding, limit, Direction::Request)
         .map_err(|e| e.into_request_error())?
         .ok_or(ProxyError::MalformedFrame("no request message"))?;
+    if compressed {
+        // The decompressed message is a new buffer; the compressed one goes away with `wire`.
+        reservation
+            .grow(message.len())
+            .map_err(|scope| reservation.refusal(scope))?;
+        drop(wire);
+        reservation.shrink(wire_len);
+    }
     Ok(GrpcRequest {
         method,
         headers: headers::request_headers_for_upstream(&parts.headers),
@@ -106,19 +253,56 @@ async fn read_call(
     })
 }
 
-async fn read_body(mut body: RecvStream, limit: usize) -> Result<Bytes, ProxyError> {
-    match collect_h2(&mut body, limit + HEADER_LEN).await {
-        Ok((data, _trailers)) => Ok(data),
-        Err(BodyError::TooLarge) => Err(ProxyError::MessageTooLarge {
-            what: "request",
-            size: format!("more than {limit} bytes"),
-            limit,
-        }),
-        Err(BodyError::Interrupted(e)) => Err(ProxyError::RequestBody(e)),
-        Err(BodyError::Reset(code)) => Err(ProxyError::RequestBody(format!(
-            "the caller reset the stream ({code:?})"
-        ))),
+/// Reads a request body of at most `limit` message bytes. Each chunk is reserved against the
+/// budgets before its flow-control capacity goes back to the caller, so the caller can never
+/// have more in flight than the budgets allow (plus what one HTTP/2 connection window lets it
+/// send before the next read). A body of one DATA frame is returned without a copy; a longer
+/// one is kept as its chunks and joined once at the end into a buffer of its exact size, the
+/// join reserved too. (Growing a buffer as chunks arrive, or sizing it from the declared
+/// length up front, measured worse under a flood: partly touched large buffers fragment the
+/// heap.)
+async fn read_body(
+    body: &mut RecvStream,
+    limit: usize,
+    reservation: &mut Reservation<'_>,
+) -> Result<Bytes, ProxyError> {
+    let too_large = || ProxyError::MessageTooLarge {
+        what: "request",
+        size: format!("more than {limit} bytes"),
+        limit,
+    };
+    let wire_limit = limit + HEADER_LEN;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+        let len = chunk.len();
+        total += len;
+        if total > wire_limit {
+            return Err(too_large());
+        }
+        reservation
+            .grow(len)
+            .map_err(|scope: BudgetScope| reservation.refusal(scope))?;
+        // A failure here only means the stream is already gone, which the next read reports.
+        let _ = body.flow_control().release_capacity(len);
+        chunks.push(chunk);
     }
+    body.trailers()
+        .await
+        .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+    if chunks.len() == 1 {
+        return Ok(chunks.pop().unwrap_or_default());
+    }
+    reservation
+        .grow(total)
+        .map_err(|scope: BudgetScope| reservation.refusal(scope))?;
+    let mut out = Vec::with_capacity(total);
+    for chunk in chunks {
+        out.extend_from_slice(&chunk);
+    }
+    reservation.shrink(total);
+    Ok(Bytes::from(out))
 }
 
 fn request_is_gzip(headers: &HeaderMap) -> bool {

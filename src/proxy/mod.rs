@@ -3,8 +3,8 @@
 //! [`GrpcResponse`] or [`ProxyError`] back into HTTP/2.
 //!
 //! ```text
-//! GrpcEdge → AuthnService → NamespaceService → AuthzService → EncryptService
-//!          → TranslateService → Forwarder
+//! GrpcEdge (authenticate at HEADERS, budgets, body timeout) → NamespaceService → AuthzService
+//!          → EncryptService → TranslateService → Forwarder
 //! ```
 
 mod authn;
@@ -12,6 +12,7 @@ pub mod connection;
 mod edge;
 pub mod encrypt;
 mod forward;
+pub mod limits;
 mod namespace;
 pub mod translate;
 
@@ -23,8 +24,8 @@ use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use tokio::time::Instant;
 
-pub use authn::{AuthnLayer, AuthnService};
-pub use edge::GrpcEdge;
+pub use authn::{Authenticated, Authenticator, AuthnFailure};
+pub use edge::{EdgeShared, GrpcEdge};
 pub use encrypt::{EncryptLayer, Encryption, EncryptionLimits};
 pub use forward::Forwarder;
 pub use namespace::{NamespaceLayer, NamespaceService};

@@ -187,6 +187,19 @@ pub fn unix_now() -> i64 {
 }
 
 type CertificateSource = Arc<dyn Fn() -> Option<CertValidity> + Send + Sync>;
+type GaugeSource = Arc<dyn Fn() -> usize + Send + Sync>;
+
+/// The client-facing edge's counters and gauges, registered by the server: refused calls and
+/// connections, connections closed by the proxy, buffered request bytes, the audit queue.
+#[derive(Clone)]
+pub struct EdgeSources {
+    pub stats: Arc<crate::proxy::limits::EdgeStats>,
+    /// Request bytes held by all calls now (the process-wide budget in use).
+    pub buffered_bytes: GaugeSource,
+    /// Client connections holding a slot under `max_connections` (handshakes included).
+    pub open_slots: GaugeSource,
+    pub audit: Arc<crate::authz::AuditStats>,
+}
 type ConnectionSource = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Counters of one key provider (one `[encryption.keys.NAME]`), kept by [`TimedProvider`].
@@ -236,6 +249,7 @@ pub struct Telemetry {
     schema: RwLock<Vec<(&'static str, String)>>,
     readiness: RwLock<Option<Arc<ReadinessReport>>>,
     draining: AtomicBool,
+    edge: RwLock<Option<EdgeSources>>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -268,6 +282,7 @@ impl Default for Telemetry {
             schema: RwLock::default(),
             readiness: RwLock::default(),
             draining: AtomicBool::new(false),
+            edge: RwLock::default(),
         }
     }
 }
@@ -370,6 +385,11 @@ impl Telemetry {
         source: impl Fn() -> u64 + Send + Sync + 'static,
     ) {
         write(&self.upstream_connections).insert(upstream.into(), Arc::new(source));
+    }
+
+    /// Registers the edge's counters (the server does, once).
+    pub fn set_edge(&self, sources: EdgeSources) {
+        *write(&self.edge) = Some(sources);
     }
 
     pub fn set_keys(&self, keys: Vec<KeyStats>) {
@@ -482,6 +502,85 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
     Ok(())
 }
 
+fn encode_edge(
+    encoder: &mut DescriptorEncoder<'_>,
+    edge: &EdgeSources,
+) -> Result<(), std::fmt::Error> {
+    use crate::proxy::limits::{CloseReason, Refusal};
+    let refused: Vec<_> = Refusal::ALL
+        .iter()
+        .map(|why| {
+            (
+                vec![("reason", why.label())],
+                edge.stats.refused_calls(*why),
+            )
+        })
+        .collect();
+    counter(
+        encoder,
+        "portcullis_refused_requests",
+        "Calls refused by the edge before the pipeline: unauthenticated (at HEADERS, body unread), buffer limits, body timeout.",
+        &refused,
+    )?;
+    counter(
+        encoder,
+        "portcullis_refused_connections",
+        "Client connections closed at accept because max_connections were open.",
+        &[(vec![], edge.stats.refused_connections())],
+    )?;
+    let closed: Vec<_> = CloseReason::ALL
+        .iter()
+        .map(|why| {
+            (
+                vec![("reason", why.label())],
+                edge.stats.closed_connections(*why),
+            )
+        })
+        .collect();
+    counter(
+        encoder,
+        "portcullis_closed_connections",
+        "Client connections the proxy closed with a GOAWAY: max_age, certificate_expired, certificate_revoked.",
+        &closed,
+    )?;
+    gauge(
+        encoder,
+        "portcullis_buffered_request_bytes",
+        "Request bytes (headers, bodies, decompressed messages) held by calls now, all connections.",
+        &[(vec![], (edge.buffered_bytes)() as u64)],
+    )?;
+    gauge(
+        encoder,
+        "portcullis_connection_slots",
+        "Client connections counted against max_connections now (TLS handshakes included).",
+        &[(vec![], (edge.open_slots)() as u64)],
+    )?;
+    gauge(
+        encoder,
+        "portcullis_audit_queue_bytes",
+        "Audit lines waiting for (or being written to) the audit sink, in bytes.",
+        &[(vec![], edge.audit.queued_bytes() as u64)],
+    )?;
+    counter(
+        encoder,
+        "portcullis_audit_refused",
+        "Calls refused because the audit queue was full or the sink stuck (fail closed).",
+        &[(vec![], edge.audit.refused())],
+    )?;
+    counter(
+        encoder,
+        "portcullis_audit_dropped",
+        "Audit lines about refused connections and authentications dropped because the queue was over half full.",
+        &[(vec![], edge.audit.dropped())],
+    )?;
+    counter(
+        encoder,
+        "portcullis_audit_write_errors",
+        "Writes to the audit sink that failed (the lines are kept and retried).",
+        &[(vec![], edge.audit.write_errors())],
+    )
+}
+
 impl Collector for TelemetryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let t = &self.0;
@@ -591,6 +690,9 @@ impl Collector for TelemetryCollector {
             "Client TLS handshakes refused or timed out.",
             &[(vec![], t.handshake_failures.load(Ordering::Relaxed))],
         )?;
+        if let Some(edge) = read(&t.edge).clone() {
+            encode_edge(&mut encoder, &edge)?;
+        }
         let failures: Vec<_> = read(&t.upstream_failures)
             .iter()
             .map(|(name, count)| (vec![("upstream", *name)], *count))

@@ -2,6 +2,7 @@
 
 pub mod pki;
 pub mod reload;
+pub mod revocation;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::ServerTls;
 pub use reload::ReloadableServerConfig;
+pub use revocation::{ClientCertificate, RevocationSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -27,6 +29,8 @@ pub enum TlsError {
     NoCertificate { what: &'static str, path: PathBuf },
     #[error("invalid TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("invalid CRL {path}: {reason}")]
+    Crl { path: PathBuf, reason: String },
     #[error("invalid client CA bundle {path}: {reason}")]
     ClientVerifier { path: PathBuf, reason: String },
     #[error("invalid TLS server name {0:?}")]
@@ -90,9 +94,34 @@ pub fn server_config_with(
     require_client_cert: bool,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_and_revocations(tls, require_client_cert, alpn).map(|(config, _)| config)
+}
+
+/// The server configuration and the certificates its CRLs revoke. With CRLs configured, only
+/// the client's own certificate is checked (its issuer must have a list: a certificate whose
+/// revocation status is unknown is refused). Session resumption is off: a resumed session
+/// would carry the identity of a certificate that has since expired or been revoked, so every
+/// connection verifies its certificate against the CA bundle and CRLs in force.
+pub fn server_config_and_revocations(
+    tls: &ServerTls,
+    require_client_cert: bool,
+    alpn: &[&[u8]],
+) -> Result<(Arc<ServerConfig>, revocation::RevocationSet), TlsError> {
     let provider = provider();
-    let roots = Arc::new(root_store(&tls.client_ca, "client CA bundle")?);
-    let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    let cas = load_certs(&tls.client_ca, "client CA bundle")?;
+    let mut roots = RootCertStore::empty();
+    for cert in &cas {
+        roots.add(cert.clone()).map_err(TlsError::Rustls)?;
+    }
+    let lists = revocation::load_crls(&tls.crls, &cas)?;
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = if lists.crls.is_empty() {
+        builder
+    } else {
+        builder
+            .with_crls(lists.crls)
+            .only_check_end_entity_revocation()
+    };
     let builder = if require_client_cert {
         builder
     } else {
@@ -110,7 +139,9 @@ pub fn server_config_with(
             load_key(&tls.key, "server key")?,
         )?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(config))
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok((Arc::new(config), lists.set))
 }
 
 /// TLS towards one upstream: its CA bundle and/or the system's roots, ALPN h2. The client

@@ -4,8 +4,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -23,6 +24,13 @@ pub struct CertAuthority {
 pub struct IssuedCert {
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// A signed certificate revocation list, PEM and DER.
+#[derive(Debug, Clone)]
+pub struct RevocationList {
+    pub pem: String,
+    pub der: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +144,51 @@ impl CertAuthority {
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+impl CertAuthority {
+    /// A CRL signed by this CA (number `number`, valid for a day) revoking the given PEM
+    /// certificates, which this CA must have issued.
+    pub fn revocation_list(
+        &self,
+        number: u64,
+        revoked_pems: &[&str],
+    ) -> Result<RevocationList, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let mut revoked_certs = Vec::new();
+        for pem in revoked_pems {
+            use rustls::pki_types::pem::PemObject;
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|_| PkiError::CouldNotParseCertificate)?;
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+                .map_err(|_| PkiError::CouldNotParseCertificate)?;
+            // DER content bytes: drop a sign byte, the encoder adds it back when needed.
+            let raw = cert.raw_serial();
+            let start = raw
+                .iter()
+                .position(|b| *b != 0)
+                .unwrap_or(raw.len().saturating_sub(1));
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from(raw[start..].to_vec()),
+                revocation_time: now - time::Duration::seconds(1),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer)?;
+        Ok(RevocationList {
+            pem: crl.pem()?,
+            der: crl.der().to_vec(),
         })
     }
 }

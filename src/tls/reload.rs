@@ -1,13 +1,16 @@
-//! The client-facing TLS configuration behind a swappable handle: certificate, key and client
-//! CA bundle are re-read on file change or SIGHUP, validated, and published atomically. New
-//! handshakes use the new configuration; established connections keep theirs.
+//! The client-facing TLS configuration behind a swappable handle: certificate, key, client CA
+//! bundle and CRLs are re-read on file change or SIGHUP, validated, and published atomically.
+//! New handshakes use the new configuration; established connections keep theirs, except that
+//! each watches the revocation set and closes when a new CRL revokes its certificate.
 
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::ServerConfig;
+use tokio::sync::watch;
 
-use super::{load_certs, server_config_with, TlsError};
+use super::revocation::RevocationSet;
+use super::{load_certs, server_config_and_revocations, TlsError};
 use crate::config::ServerTls;
 use crate::telemetry::{unix_now, CertValidity};
 
@@ -16,6 +19,8 @@ pub struct ReloadableServerConfig {
     /// Whether the handshake demands a client certificate (not when bearer tokens are on).
     require_client_cert: bool,
     current: RwLock<(Arc<ServerConfig>, CertValidity)>,
+    /// The certificates the CRLs in force revoke; connections watch it.
+    revocations: watch::Sender<Arc<RevocationSet>>,
 }
 
 impl std::fmt::Debug for ReloadableServerConfig {
@@ -31,8 +36,8 @@ impl std::fmt::Debug for ReloadableServerConfig {
 fn build(
     settings: &ServerTls,
     require_client_cert: bool,
-) -> Result<(Arc<ServerConfig>, CertValidity), TlsError> {
-    let config = server_config_with(settings, require_client_cert, &[b"h2"])?;
+) -> Result<(Arc<ServerConfig>, CertValidity, RevocationSet), TlsError> {
+    let (config, revoked) = server_config_and_revocations(settings, require_client_cert, &[b"h2"])?;
     let chain = load_certs(&settings.cert, "server certificate")?;
     let validity = chain
         .first()
@@ -41,7 +46,7 @@ fn build(
             what: "server certificate (unparsable)",
             path: settings.cert.clone(),
         })?;
-    Ok((config, validity))
+    Ok((config, validity, revoked))
 }
 
 impl ReloadableServerConfig {
@@ -49,11 +54,12 @@ impl ReloadableServerConfig {
         settings: &ServerTls,
         require_client_cert: bool,
     ) -> Result<Arc<ReloadableServerConfig>, TlsError> {
-        let current = build(settings, require_client_cert)?;
+        let (config, validity, revoked) = build(settings, require_client_cert)?;
         Ok(Arc::new(ReloadableServerConfig {
             settings: settings.clone(),
             require_client_cert,
-            current: RwLock::new(current),
+            current: RwLock::new((config, validity)),
+            revocations: watch::Sender::new(Arc::new(revoked)),
         }))
     }
 
@@ -74,10 +80,16 @@ impl ReloadableServerConfig {
             .1
     }
 
-    /// Re-reads certificate, key and CA bundle. Installs them only if they load, the key matches
-    /// the certificate and the certificate is valid now; otherwise the current ones stay.
+    /// The certificates revoked now, updated on every reload that changes them.
+    pub fn revocations(&self) -> watch::Receiver<Arc<RevocationSet>> {
+        self.revocations.subscribe()
+    }
+
+    /// Re-reads certificate, key, CA bundle and CRLs. Installs them only if they load, the key
+    /// matches the certificate, the certificate is valid now and every CRL parses and is signed
+    /// by a client CA; otherwise the current ones stay.
     pub fn reload(&self) -> Result<(), String> {
-        let (config, validity) =
+        let (config, validity, revoked) =
             build(&self.settings, self.require_client_cert).map_err(|e| e.to_string())?;
         let now = unix_now();
         if !validity.is_valid_at(now) {
@@ -89,6 +101,20 @@ impl ReloadableServerConfig {
             ));
         }
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = (config, validity);
+        let count = revoked.len();
+        let changed = self.revocations.send_if_modified(|current| {
+            let changed = **current != revoked;
+            if changed {
+                *current = Arc::new(revoked);
+            }
+            changed
+        });
+        if changed {
+            tracing::info!(
+                revoked = count,
+                "client certificate revocations reloaded: connections of revoked certificates close"
+            );
+        }
         tracing::info!(
             cert = %self.settings.cert.display(),
             expires_in_s = validity.seconds_to_expiry(now),
@@ -99,11 +125,13 @@ impl ReloadableServerConfig {
 
     /// Files whose change triggers a reload.
     pub fn watched_paths(&self) -> Vec<PathBuf> {
-        vec![
+        let mut paths = vec![
             self.settings.cert.clone(),
             self.settings.key.clone(),
             self.settings.client_ca.clone(),
-        ]
+        ];
+        paths.extend(self.settings.crls.iter().cloned());
+        paths
     }
 
     pub fn spawn_reloader(self: &Arc<Self>) {

@@ -608,16 +608,10 @@ impl FakeUpstream {
     }
 }
 
-/// Completes a TLS handshake with the proxy and reads its first bytes. With TLS 1.3 a refused
-/// client certificate shows up as an alert on that first read. Ok means the proxy spoke HTTP/2.
-pub async fn tls_probe(
-    address: SocketAddr,
-    pki: &Pki,
-    client: Option<&ClientCert>,
-) -> Result<(), String> {
+/// A rustls client config trusting the test CA, with the client certificate if any, ALPN h2.
+pub fn client_tls_config(pki: &Pki, client: Option<&ClientCert>) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_file(&pki.ca_path).expect("ca"))
@@ -641,6 +635,19 @@ pub async fn tls_probe(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config
+}
+
+/// Completes a TLS handshake with the proxy and reads its first bytes. With TLS 1.3 a refused
+/// client certificate shows up as an alert on that first read. Ok means the proxy spoke HTTP/2.
+pub async fn tls_probe(
+    address: SocketAddr,
+    pki: &Pki,
+    client: Option<&ClientCert>,
+) -> Result<(), String> {
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = client_tls_config(pki, client);
     let tcp = tokio::net::TcpStream::connect(address)
         .await
         .map_err(|e| e.to_string())?;
@@ -754,4 +761,73 @@ pub fn descriptor_set_without_start_input() -> Vec<u8> {
         }
     }
     set.encode_to_vec()
+}
+
+/// A raw HTTP/2 connection (the h2 crate) over TLS, with or without a client certificate: for
+/// tests that need control over streams and DATA frames. `closed` completes when the
+/// connection ends (e.g. after the proxy's GOAWAY).
+pub struct H2Connection {
+    pub send: h2::client::SendRequest<Bytes>,
+    pub closed: tokio::task::JoinHandle<Result<(), h2::Error>>,
+}
+
+pub async fn h2_connect(
+    address: SocketAddr,
+    pki: &Pki,
+    client: Option<&ClientCert>,
+) -> Result<H2Connection, String> {
+    use rustls::pki_types::ServerName;
+    let config = client_tls_config(pki, client);
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, connection) = h2::client::Builder::new()
+        // Room for the proxy's own limit (and more) on one connection.
+        .initial_max_send_streams(2000)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let closed = tokio::spawn(connection);
+    let send = send.ready().await.map_err(|e| e.to_string())?;
+    Ok(H2Connection { send, closed })
+}
+
+/// A gRPC request head for `path` with extra headers.
+pub fn grpc_head(path: &str, headers: &[(&str, &str)]) -> Request<()> {
+    let mut request = Request::post(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    request.body(()).expect("request")
+}
+
+/// The gRPC status and message of an h2 response (trailers-only or with trailers).
+pub async fn h2_grpc_status(
+    response: h2::client::ResponseFuture,
+) -> Result<(i32, String), h2::Error> {
+    let response = response.await?;
+    let status_of = |h: &HeaderMap| -> Option<(i32, String)> {
+        let code = h.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+        let message = h
+            .get("grpc-message")
+            .map(|v| percent_decode(v.to_str().unwrap_or_default()))
+            .unwrap_or_default();
+        Some((code, message))
+    };
+    if let Some(status) = status_of(response.headers()) {
+        return Ok(status);
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await?.unwrap_or_default();
+    Ok(status_of(&trailers).unwrap_or((-1, "no grpc-status".into())))
 }
