@@ -52,6 +52,7 @@ fn request() -> GrpcRequest {
         message: Bytes::from(message),
         deadline: None,
         namespace: None,
+        targets: Vec::new(),
         peer: Arc::new(PeerInfo::default()),
     }
 }

@@ -23,7 +23,7 @@ pub use policy::{
 };
 
 use crate::config::Config;
-use crate::error::ProxyError;
+use crate::error::{CommandDenial, ProxyError};
 use crate::payload::wire;
 use crate::proxy::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::schema::Scope;
@@ -187,6 +187,57 @@ impl PolicyStore {
     }
 }
 
+impl<S> AuthzService<S> {
+    /// A command aimed at another namespace acts there as a writer would (starts, signals,
+    /// cancels a workflow): the caller must be a writer there too. Every command target gets
+    /// its own decision and audit line; one denial refuses the whole call.
+    fn decide_commands(
+        &self,
+        policies: &PolicySet,
+        request: &GrpcRequest,
+        identity: &str,
+        claimed: Option<&ClaimedRoles>,
+        credential: &'static str,
+    ) -> Result<(), ProxyError> {
+        let method = request.method;
+        let mut denied = None;
+        for target in &request.targets {
+            let level = AccessLevel::Write;
+            let decision = policies.decide_for(
+                identity,
+                claimed,
+                Scope::Namespace,
+                Some(&target.namespace),
+                level,
+            );
+            crate::telemetry::call::record_authz(identity, decision.allowed);
+            let mut event = AuditEvent::new(
+                identity,
+                Some(&target.namespace),
+                &format!("{}/{}", method.path, target.command),
+                level,
+                &decision,
+                &request.peer.remote,
+            );
+            event.credential = Some(credential);
+            event.command = Some(target.command);
+            event.request_namespace = request.namespace.clone();
+            self.audit.record(&event);
+            if !decision.allowed && denied.is_none() {
+                denied = Some(ProxyError::CommandDenied(Box::new(CommandDenial {
+                    identity: identity.to_string(),
+                    method: &method.name,
+                    command: target.command,
+                    namespace: request.namespace.clone().unwrap_or_default(),
+                    target: target.namespace.clone(),
+                    required: decision.required.map_or("", Role::as_str),
+                })));
+            }
+        }
+        denied.map_or(Ok(()), Err)
+    }
+}
+
 const LIST_NAMESPACES: &str = "/temporal.api.workflowservice.v1.WorkflowService/ListNamespaces";
 
 #[derive(Clone)]
@@ -268,6 +319,11 @@ where
                 namespace: request.namespace.clone(),
                 required: decision.required.map_or("", Role::as_str),
             };
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        if let Err(error) =
+            self.decide_commands(&policies, &request, &identity, claimed, credential)
+        {
             return Box::pin(std::future::ready(Err(error)));
         }
         let call = self.inner.call(request);

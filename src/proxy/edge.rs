@@ -102,6 +102,7 @@ async fn read_call(
         message,
         deadline,
         namespace: None,
+        targets: Vec::new(),
         peer,
     })
 }

@@ -31,6 +31,7 @@ pub use namespace::{NamespaceLayer, NamespaceService};
 pub use translate::{NamespaceTranslation, TranslateLayer, TranslationStore};
 
 use crate::error::ProxyError;
+use crate::payload::targets::CommandTarget;
 use crate::schema::MethodInfo;
 use crate::tls::PeerInfo;
 
@@ -46,6 +47,10 @@ pub struct GrpcRequest {
     pub deadline: Option<(Instant, Duration)>,
     /// The request's namespace, once read from its body (namespace-scoped methods only).
     pub namespace: Option<String>,
+    /// Other namespaces the request acts on (commands that start a child, signal or cancel a
+    /// workflow elsewhere), read from its body with the namespace: authorized, routed and
+    /// sealed for each.
+    pub targets: Vec<CommandTarget>,
     pub peer: Arc<PeerInfo>,
 }
 

@@ -615,6 +615,7 @@ mod tests {
             message: Bytes::from(message),
             deadline: None,
             namespace: namespace.map(str::to_owned),
+            targets: Vec::new(),
             peer: Arc::default(),
         }
     }
