@@ -35,6 +35,7 @@ impl Service<GrpcRequest> for Answer {
             headers: HeaderMap::new(),
             message: Some(Bytes::from_static(b"\x0a\x02ok")),
             trailers,
+            foreign_namespaces: Vec::new(),
         })))
     }
 }

@@ -74,6 +74,9 @@ pub enum ProxyError {
     Crypto(#[from] crate::crypto::CryptoError),
     #[error("cannot encrypt this call, refusing to forward it: {0}")]
     Encryption(String),
+    /// An answer of an `encrypted_only` namespace holds a payload portcullis did not seal.
+    #[error("the upstream answered with a payload that is not sealed, in a namespace that accepts only sealed payloads: {0}")]
+    PlaintextResponse(String),
     #[error("the proxy is shutting down and this call outlived the shutdown grace period; retry")]
     ShuttingDown,
     #[error("unauthenticated: {0}")]
@@ -158,6 +161,7 @@ impl ProxyError {
                 }
             }
             Encryption(_) => Code::FailedPrecondition,
+            PlaintextResponse(_) => Code::DataLoss,
         }
     }
 

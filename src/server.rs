@@ -21,7 +21,7 @@ use crate::error::ProxyError;
 use crate::proxy::connection::{self, ConnectionSettings};
 use crate::proxy::{
     AuthnLayer, EncryptLayer, Encryption, Forwarder, GrpcEdge, GrpcRequest, GrpcResponse,
-    NamespaceLayer, NamespaceTranslation, TranslateLayer, TranslationStore,
+    NamespaceKey, NamespaceLayer, NamespaceTranslation, TranslateLayer, TranslationStore,
 };
 use crate::telemetry::readiness::{self, ProbeTargets};
 use crate::telemetry::{
@@ -124,11 +124,18 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     })
 }
 
-fn namespace_keys(config: &Config) -> Vec<(String, Option<String>)> {
+/// How each served namespace is encrypted, from its `[[namespaces]]` entry and `[encryption]`.
+pub fn namespace_keys(config: &Config) -> Vec<NamespaceKey> {
     config
         .namespaces
         .iter()
-        .map(|ns| (ns.name.clone(), ns.encryption_key.clone()))
+        .map(|ns| NamespaceKey {
+            namespace: ns.name.clone(),
+            key: ns.encryption_key.clone(),
+            encrypted_only: ns
+                .encrypted_only
+                .unwrap_or(config.encryption.encrypted_only),
+        })
         .collect()
 }
 

@@ -326,18 +326,87 @@ where
         {
             return Box::pin(std::future::ready(Err(error)));
         }
+        let namespace = request.namespace.clone();
         let call = self.inner.call(request);
-        if !listing_namespaces {
-            return call;
-        }
+        let audit = self.audit.clone();
         Box::pin(async move {
             let mut response = call.await?;
             let claimed = peer.token.as_ref().map(|t| &t.roles);
-            if let Some(message) = &response.message {
-                response.message = Some(filter_namespaces(message, &policies, &identity, claimed)?);
+            let reads = ForeignReads {
+                policies: &policies,
+                audit: &audit,
+                identity: &identity,
+                claimed,
+                credential,
+                peer: &peer.remote,
+                method: &method.path,
+                namespace: namespace.as_deref(),
+            };
+            reads.decide(&response.foreign_namespaces)?;
+            if listing_namespaces {
+                if let Some(message) = &response.message {
+                    response.message =
+                        Some(filter_namespaces(message, &policies, &identity, claimed)?);
+                }
             }
             Ok(response)
         })
+    }
+}
+
+/// An answer can hold payloads sealed for another namespace (a child workflow's input and
+/// result in its parent's history, a signal sent elsewhere): they open only for a caller who
+/// may read that namespace too, as the caller could not read them there either.
+struct ForeignReads<'a> {
+    policies: &'a PolicySet,
+    audit: &'a AuditLog,
+    identity: &'a str,
+    claimed: Option<&'a ClaimedRoles>,
+    credential: &'static str,
+    peer: &'a str,
+    method: &'a str,
+    namespace: Option<&'a str>,
+}
+
+impl ForeignReads<'_> {
+    fn decide(&self, foreign: &[String]) -> Result<(), ProxyError> {
+        let mut denied = None;
+        for other in foreign {
+            let level = AccessLevel::Read;
+            let decision = self.policies.decide_for(
+                self.identity,
+                self.claimed,
+                Scope::Namespace,
+                Some(other),
+                level,
+            );
+            crate::telemetry::call::record_authz(self.identity, decision.allowed);
+            let mut event = AuditEvent::new(
+                self.identity,
+                Some(other),
+                self.method,
+                level,
+                &decision,
+                self.peer,
+            );
+            event.credential = Some(self.credential);
+            event.request_namespace = self.namespace.map(str::to_string);
+            self.audit.record(&event);
+            if !decision.allowed && denied.is_none() {
+                denied = Some(ProxyError::ForeignPayloadsDenied {
+                    identity: self.identity.to_string(),
+                    method: self
+                        .method
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or(self.method)
+                        .to_string(),
+                    namespace: other.clone(),
+                    required: decision.required.map_or("", Role::as_str),
+                });
+            }
+        }
+        denied.map_or(Ok(()), Err)
     }
 }
 

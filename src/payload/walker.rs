@@ -197,14 +197,22 @@ struct PathNode<'a> {
     segment: Segment<'a>,
     /// This is the `encoded_attributes` field of a `temporal.api.failure.v1.Failure`.
     failure_attributes: bool,
+    /// The namespace the payloads below belong to, when a message on the path names one
+    /// (see [`PayloadContext::namespace`]); inherited from the parent otherwise.
+    namespace: Option<&'a str>,
 }
 
 impl<'a> PathNode<'a> {
     fn field(parent: Option<&'a PathNode<'a>>, name: &'a str) -> Self {
+        PathNode::child(parent, Segment::Field(name))
+    }
+
+    fn child(parent: Option<&'a PathNode<'a>>, segment: Segment<'a>) -> Self {
         PathNode {
             parent,
-            segment: Segment::Field(name),
+            segment,
             failure_attributes: false,
+            namespace: parent.and_then(|p| p.namespace),
         }
     }
 }
@@ -262,6 +270,15 @@ impl PayloadContext<'_> {
     /// and stack trace (plaintext that must be sealed).
     pub fn is_encoded_failure_attributes(&self) -> bool {
         self.encoded_failure_attributes
+    }
+
+    /// The namespace the payload belongs to when it is not the call's own: the `namespace` of
+    /// the nearest message on its path that names one (a command starting a child workflow in
+    /// or signalling another namespace, the history events of such commands, a nested
+    /// request), when not empty. `None`: the call's namespace. The root message's own
+    /// `namespace` is never reported (it is the call's).
+    pub fn namespace(&self) -> Option<&str> {
+        self.path.node.and_then(|n| n.namespace)
     }
 
     /// True when the payload is the `encoded_attributes` of a `temporal.api.failure.v1.Failure`
@@ -749,6 +766,13 @@ impl<'a> Walk<'a> {
         node: Option<&PathNode<'_>>,
         overrides: &mut [Override],
     ) -> Result<isize, WalkError> {
+        let namespace = match plan.namespace_field {
+            Some(number) if depth > 0 => wire::validate_and_find_string(buf, Some(number))
+                .map_err(|e| self.malformed(node, e))?
+                .filter(|ns| !ns.is_empty())
+                .or(node.and_then(|n| n.namespace)),
+            _ => node.and_then(|n| n.namespace),
+        };
         let mut delta = 0isize;
         for field in wire::fields(buf) {
             let field = field.map_err(|e| self.malformed(node, e))?;
@@ -778,6 +802,7 @@ impl<'a> Walk<'a> {
                 continue;
             };
             let mut child = PathNode::field(node, &fp.name);
+            child.namespace = namespace;
             child.failure_attributes = plan.kind == MessageKind::Failure
                 && self
                     .index
@@ -851,11 +876,7 @@ impl<'a> Walk<'a> {
         let Some(plan) = index.plan(id).filter(|p| p.reaches) else {
             return Ok(0);
         };
-        let child = PathNode {
-            parent: node,
-            segment: Segment::AnyValue(&plan.name),
-            failure_attributes: false,
-        };
+        let child = PathNode::child(node, Segment::AnyValue(&plan.name));
         let mut delta = 0;
         for field in wire::fields(buf) {
             let field = field.map_err(|e| self.malformed(node, e))?;
@@ -928,11 +949,7 @@ impl<'a> Walk<'a> {
                 ))
             }
         };
-        let child = PathNode {
-            parent: node,
-            segment: Segment::BlobData,
-            failure_attributes: false,
-        };
+        let child = PathNode::child(node, Segment::BlobData);
         let mut delta = 0;
         for field in wire::fields(buf) {
             let field = field.map_err(|e| self.malformed(node, e))?;

@@ -128,6 +128,7 @@ fn success_response(response: GrpcResponse, gzip: bool) -> Response<GrpcBody> {
         mut headers,
         message,
         trailers,
+        ..
     } = response;
     let data = message.map(|m| {
         let encoding = if gzip {

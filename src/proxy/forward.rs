@@ -163,5 +163,6 @@ async fn forward(
         headers: headers::response_headers_for_caller(&parts.headers),
         message,
         trailers,
+        foreign_namespaces: Vec::new(),
     })
 }

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 pub use authn::{AuthnLayer, AuthnService};
 pub use edge::GrpcEdge;
-pub use encrypt::{EncryptLayer, Encryption};
+pub use encrypt::{EncryptLayer, Encryption, NamespaceKey};
 pub use forward::Forwarder;
 pub use namespace::{NamespaceLayer, NamespaceService};
 pub use translate::{NamespaceTranslation, TranslateLayer, TranslationStore};
@@ -62,6 +62,10 @@ pub struct GrpcResponse {
     /// The response message, uncompressed, if there is one.
     pub message: Option<Bytes>,
     pub trailers: HeaderMap,
+    /// Namespaces other than the call's own whose sealed payloads the encryption stage opened
+    /// in this answer (a child workflow's input and result in its parent's history):
+    /// authorization checks that the caller may read them.
+    pub foreign_namespaces: Vec<String>,
 }
 
 pub type CallFuture = BoxFuture<'static, Result<GrpcResponse, ProxyError>>;

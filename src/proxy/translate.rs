@@ -782,6 +782,7 @@ mod tests {
             headers: HeaderMap::new(),
             message: Some(Bytes::from(describe("payments-up").encode_to_vec())),
             trailers,
+            foreign_namespaces: Vec::new(),
         };
         let (mut stage, seen) = stage(answer);
         let body = DescribeNamespaceRequest {

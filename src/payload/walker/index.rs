@@ -107,6 +107,10 @@ pub(crate) struct MessagePlan {
     slots: Box<[u16]>,
     /// The string field naming a Nexus endpoint, for messages that start a Nexus operation.
     pub(crate) endpoint_field: Option<u32>,
+    /// Its `namespace` string field, for a message that reaches payloads and names the
+    /// namespace they belong to (a command or event aimed at another namespace, a nested
+    /// request): see [`PayloadIndex::namespace_scopes`].
+    pub(crate) namespace_field: Option<u32>,
 }
 
 /// Field numbers up to this get a direct lookup slot.
@@ -342,8 +346,18 @@ impl PayloadIndex {
                     .find(|(m, _)| *m == message.full_name())
                     .and_then(|(_, f)| message.get_field_by_name(f))
                     .map(|f| f.number());
+                let namespace_field = message
+                    .get_field_by_name("namespace")
+                    .filter(|f| {
+                        reach
+                            && kind == MessageKind::Plain
+                            && matches!(f.kind(), Kind::String)
+                            && !f.is_list()
+                    })
+                    .map(|f| f.number());
                 MessagePlan {
                     endpoint_field,
+                    namespace_field,
                     name: message.full_name().into(),
                     kind,
                     reaches: reach,
@@ -418,6 +432,17 @@ impl PayloadIndex {
     /// Every field left out because the server must read it, sorted by name.
     pub fn exclusions(&self) -> &[Exclusion] {
         &self.exclusions
+    }
+
+    /// Messages whose `namespace` field says which namespace the payloads below them belong
+    /// to, when they are not the root of the walk (the root's namespace is the call's): the
+    /// walker tells visitors ([`super::PayloadContext::namespace`]), so sealing and opening
+    /// use that namespace's data key.
+    pub fn namespace_scopes(&self) -> impl Iterator<Item = &str> {
+        self.plans
+            .iter()
+            .filter(|p| p.namespace_field.is_some())
+            .map(|p| &*p.name)
     }
 
     /// Names of every message type that can reach a Payload.
@@ -595,6 +620,7 @@ mod tests {
             slots: slots_for(&fields),
             fields: fields.into_boxed_slice(),
             endpoint_field: None,
+            namespace_field: None,
         };
         assert!(plan.slots.is_empty());
         assert_eq!(plan.field(70_000).map(|f| f.number), Some(70_000));
@@ -617,6 +643,37 @@ mod tests {
         assert_eq!(
             blobs,
             vec![(RAW_HISTORY_FIELDS[0].to_string(), BlobRule::History)]
+        );
+    }
+
+    /// Messages below the root that say which namespace their payloads belong to, reviewed:
+    /// commands and history events aimed at another namespace, requests nested in
+    /// ExecuteMultiOperation. (Every request with payloads has a `namespace` too; as the root
+    /// of a walk it is the call's own.)
+    #[test]
+    fn namespace_scopes_are_reviewed() {
+        let schema = Schema::global();
+        let requests: std::collections::HashSet<&str> =
+            schema.methods().map(|m| m.input.full_name()).collect();
+        let mut nested: Vec<&str> = PayloadIndex::global()
+            .namespace_scopes()
+            .filter(|m| !requests.contains(m))
+            // The pool also holds the SDK core's and the Cloud API's messages; never walked.
+            .filter(|m| m.starts_with("temporal.api.") && !m.starts_with("temporal.api.cloud."))
+            .collect();
+        nested.sort_unstable();
+        assert_eq!(
+            nested,
+            [
+                "temporal.api.command.v1.SignalExternalWorkflowExecutionCommandAttributes",
+                "temporal.api.command.v1.StartChildWorkflowExecutionCommandAttributes",
+                "temporal.api.history.v1.ChildWorkflowExecutionCanceledEventAttributes",
+                "temporal.api.history.v1.ChildWorkflowExecutionCompletedEventAttributes",
+                "temporal.api.history.v1.ChildWorkflowExecutionFailedEventAttributes",
+                "temporal.api.history.v1.ChildWorkflowExecutionStartedEventAttributes",
+                "temporal.api.history.v1.SignalExternalWorkflowExecutionInitiatedEventAttributes",
+                "temporal.api.history.v1.StartChildWorkflowExecutionInitiatedEventAttributes",
+            ]
         );
     }
 }
