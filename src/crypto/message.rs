@@ -22,6 +22,9 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+
 use super::envelope::{self, EnvelopeRef, Nonces};
 use super::error::CryptoError;
 use super::manager::{OpeningKeys, SealingKey};
@@ -97,6 +100,7 @@ pub fn seal_message(
 ) -> Result<Option<Vec<u8>>, WalkError> {
     let mut sealing = Sealing {
         keys,
+        seal_text: failures == FailureMode::Encode,
         nonces: Nonces::new(),
         pending: VecDeque::new(),
     };
@@ -111,6 +115,8 @@ pub fn seal_message(
 
 struct Sealing<'k> {
     keys: &'k ScopedKeys<SealingKey>,
+    /// Seal text fields too ([`FailureMode::Encode`]).
+    seal_text: bool,
     nonces: Nonces,
     /// For each deferred payload, in order, the key it was sized for (only with several keys).
     pending: VecDeque<usize>,
@@ -135,6 +141,14 @@ impl PayloadVisitor for Sealing<'_> {
         Ok(Visit::Deferred(key.sealed_len(payload.len())))
     }
 
+    fn text(&mut self, ctx: &PayloadContext<'_>, text: &str) -> Result<Option<String>, WalkError> {
+        if !self.seal_text || text.is_empty() {
+            return Ok(None);
+        }
+        let (_, key) = self.keys.key_for(ctx)?;
+        seal_text(key, text).map(Some).map_err(WalkError::visitor)
+    }
+
     fn write(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), WalkError> {
         // Deferred payloads are written in the order they were visited.
         let position = self.pending.pop_front().unwrap_or(0);
@@ -145,6 +159,115 @@ impl PayloadVisitor for Sealing<'_> {
         key.seal_into(payload, &mut self.nonces, out)
             .map_err(WalkError::visitor)
     }
+}
+
+/// What starts a text that portcullis sealed (a query handler's error message, see
+/// [`crate::payload::walker::USER_TEXT_FIELDS`]): the rest, up to the first character outside
+/// the URL-safe base64 alphabet, is the sealed Payload (unpadded URL-safe base64) holding the
+/// text. It survives where the server copies the text: `grpc-message` and the
+/// `google.rpc.Status` of a failed query.
+pub const SEALED_TEXT_PREFIX: &str = "portcullis-sealed:v1:";
+const TEXT_ENCODING: &[u8] = b"text/plain";
+
+/// Seals `text` into its string form (see [`SEALED_TEXT_PREFIX`]).
+pub fn seal_text(key: &SealingKey, text: &str) -> Result<String, CryptoError> {
+    // A Payload {metadata {encoding: text/plain}, data: text}, sealed like any payload.
+    let mut entry = Vec::with_capacity(24);
+    wire::put_len_field(&mut entry, 1, b"encoding");
+    wire::put_len_field(&mut entry, 2, TEXT_ENCODING);
+    let mut payload = Vec::with_capacity(entry.len() + text.len() + 8);
+    wire::put_len_field(&mut payload, 1, &entry);
+    wire::put_len_field(&mut payload, 2, text.as_bytes());
+    let sealed = key.seal(&payload)?;
+    Ok(format!(
+        "{SEALED_TEXT_PREFIX}{}",
+        URL_SAFE_NO_PAD.encode(sealed)
+    ))
+}
+
+/// One sealed text found inside a string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedText {
+    /// Where it is in the string (prefix included).
+    pub range: std::ops::Range<usize>,
+    /// The sealed Payload.
+    pub sealed: Vec<u8>,
+}
+
+/// Every sealed text in `text`. A prefix not followed by the base64 of a portcullis envelope
+/// (say, cut short by whoever copied the text) is not one, and stays as it is.
+pub fn find_sealed_texts(text: &str) -> Vec<SealedText> {
+    let mut found = Vec::new();
+    for (at, _) in text.match_indices(SEALED_TEXT_PREFIX) {
+        let start = at + SEALED_TEXT_PREFIX.len();
+        let rest = text.get(start..).unwrap_or_default();
+        let len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            .count();
+        let Some(encoded) = rest.get(..len) else {
+            continue;
+        };
+        let Ok(sealed) = URL_SAFE_NO_PAD.decode(encoded) else {
+            continue;
+        };
+        if matches!(envelope::inspect(&sealed), Ok(Some(_))) {
+            found.push(SealedText {
+                range: at..start + len,
+                sealed,
+            });
+        }
+    }
+    found
+}
+
+/// The data key a sealed text needs.
+pub fn sealed_text_ref(text: &SealedText) -> Result<EnvelopeRef, CryptoError> {
+    envelope::inspect(&text.sealed)?.ok_or(CryptoError::MalformedEnvelope(
+        "a sealed text that is not a portcullis envelope",
+    ))
+}
+
+/// Replaces every sealed text found in `text` (by [`find_sealed_texts`]) with what it holds,
+/// opened with `keys`.
+pub fn open_texts(
+    text: &str,
+    found: &[SealedText],
+    keys: &OpeningKeys,
+) -> Result<String, CryptoError> {
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    for sealed in found {
+        let opened = keys.open(&sealed.sealed)?;
+        let mut data: &[u8] = &[];
+        let mut encoding = None;
+        for field in wire::fields(&opened) {
+            let field = field
+                .map_err(|_| CryptoError::MalformedEnvelope("a sealed text is not a Payload"))?;
+            match (field.number, field.wire_type) {
+                (1, WireType::Len) => {
+                    for part in wire::fields(field.value).flatten() {
+                        if part.number == 2 {
+                            encoding = Some(part.value);
+                        }
+                    }
+                }
+                (2, WireType::Len) => data = field.value,
+                _ => {}
+            }
+        }
+        let plain = std::str::from_utf8(data)
+            .ok()
+            .filter(|_| encoding == Some(TEXT_ENCODING))
+            .ok_or(CryptoError::MalformedEnvelope(
+                "a sealed text that holds no text",
+            ))?;
+        out.push_str(text.get(copied..sealed.range.start).unwrap_or_default());
+        out.push_str(plain);
+        copied = sealed.range.end;
+    }
+    out.push_str(text.get(copied..).unwrap_or_default());
+    Ok(out)
 }
 
 /// How to open a message.
@@ -1168,5 +1291,120 @@ mod tests {
         .encode_to_vec();
         let plan = plan_open(index(), PAGE, &nil_page, strict).unwrap();
         assert!(!plan.has_sealed());
+    }
+
+    /// A query handler's error message is sealed into its string form (under
+    /// encode_failure_attributes only), and opens back from wherever the server copies it.
+    #[tokio::test]
+    async fn query_error_messages_are_sealed_as_text() {
+        use temporalio_protos::temporal::api::query::v1::WorkflowQueryResult;
+        use temporalio_protos::temporal::api::workflowservice::v1::{
+            RespondQueryTaskCompletedRequest, RespondWorkflowTaskCompletedRequest,
+        };
+        const QUERY: &str = "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest";
+        let manager = manager();
+        let keys = ScopedKeys::new("ns", manager.sealing_key("ns").await.unwrap());
+        let marker = format!("{SECRET} ünïcode query failed");
+        let request = RespondQueryTaskCompletedRequest {
+            namespace: "ns".into(),
+            error_message: marker.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let sealed = seal_message(index(), QUERY, &request, &keys, FailureMode::Encode)
+            .unwrap()
+            .unwrap();
+        assert!(!contains(&sealed, SECRET));
+        let text = RespondQueryTaskCompletedRequest::decode(sealed.as_slice())
+            .unwrap()
+            .error_message;
+        assert!(text.starts_with(SEALED_TEXT_PREFIX), "{text}");
+
+        // The server wraps it in its own words; the sealed part opens in place.
+        let error = format!("query failed: {text}. (and {text})");
+        let found = find_sealed_texts(&error);
+        assert_eq!(found.len(), 2);
+        let refs: Vec<EnvelopeRef> = found.iter().map(|t| sealed_text_ref(t).unwrap()).collect();
+        let opening = manager.opening_keys("ns", refs.clone()).await.unwrap();
+        assert_eq!(
+            open_texts(&error, &found, &opening).unwrap(),
+            format!("query failed: {marker}. (and {marker})")
+        );
+        // Bound to its namespace like any payload: its key does not even unwrap elsewhere.
+        assert!(manager.opening_keys("other", refs).await.is_err());
+        // A prefix without a sealed payload behind it is just text, also when cut short.
+        assert!(find_sealed_texts(&format!("{SEALED_TEXT_PREFIX}!")).is_empty());
+        assert!(find_sealed_texts(&text[..text.len() - 10]).is_empty());
+
+        // In a workflow task completion's query results too.
+        let completed = RespondWorkflowTaskCompletedRequest {
+            namespace: "ns".into(),
+            query_results: [(
+                "q1".to_string(),
+                WorkflowQueryResult {
+                    result_type: 2,
+                    error_message: marker.clone(),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let sealed = seal_message(index(), COMPLETED, &completed, &keys, FailureMode::Encode)
+            .unwrap()
+            .unwrap();
+        assert!(!contains(&sealed, SECRET));
+        assert!(contains(&sealed, SEALED_TEXT_PREFIX));
+
+        // encode_failure_attributes off: left as it is.
+        assert!(
+            seal_message(index(), QUERY, &request, &keys, FailureMode::Keep)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// A legacy Nexus failure with content cannot be sealed: the request is refused. An
+    /// empty one (only the error type) passes.
+    #[tokio::test]
+    #[allow(deprecated)]
+    async fn legacy_nexus_failures_are_refused() {
+        use temporalio_protos::temporal::api::nexus::v1::{Failure as NexusFailure, HandlerError};
+        use temporalio_protos::temporal::api::workflowservice::v1::RespondNexusTaskFailedRequest;
+        const FAILED: &str = "temporal.api.workflowservice.v1.RespondNexusTaskFailedRequest";
+        let manager = manager();
+        let keys = ScopedKeys::new("ns", manager.sealing_key("ns").await.unwrap());
+        let request = |failure: Option<NexusFailure>| {
+            RespondNexusTaskFailedRequest {
+                namespace: "ns".into(),
+                error: Some(HandlerError {
+                    error_type: "INTERNAL".into(),
+                    failure,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let err = seal_message(
+            index(),
+            FAILED,
+            &request(Some(NexusFailure {
+                message: SECRET.into(),
+                ..Default::default()
+            })),
+            &keys,
+            FailureMode::Encode,
+        )
+        .unwrap_err();
+        assert!(matches!(err, WalkError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("error.failure"), "{err}");
+        assert!(!err.to_string().contains(SECRET));
+        for empty in [None, Some(NexusFailure::default())] {
+            assert!(
+                seal_message(index(), FAILED, &request(empty), &keys, FailureMode::Encode).is_ok()
+            );
+        }
     }
 }

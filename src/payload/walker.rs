@@ -27,9 +27,12 @@
 //!   targets it is refused ([`WalkError::Unsupported`]).
 //! - Failures: see [`FailureMode`].
 //!
-//! Not walked: `temporal.api.nexus.v1.Failure.details` (deprecated Nexus `HandlerError` /
-//! `UnsuccessfulOperationError`) is JSON bytes; SDKs that still use it may put a serialized
-//! Failure, with its payloads, there.
+//! - Legacy Nexus failures (`temporal.api.nexus.v1.Failure`, in the deprecated `HandlerError` /
+//!   `UnsuccessfulOperationError`): message, stack trace, metadata and JSON `details` (which
+//!   SDKs fill with a serialized Failure, payloads and all) are plain fields the server reads.
+//!   One with any content is refused ([`WalkError::Unsupported`]); see `REFUSED_MESSAGES`.
+//! - Text fields that carry user data (`USER_TEXT_FIELDS`: a query handler's error message)
+//!   go to [`PayloadVisitor::text`].
 
 mod failure;
 mod index;
@@ -40,7 +43,9 @@ use prost_reflect::MessageDescriptor;
 
 use super::wire::{self, put_varint, varint_len, Field, WireError, WireType};
 pub use failure::{ENCODED_FAILURE_MESSAGE, FAILURE_MARKER_KEY, FAILURE_MARKER_VALUE};
-pub use index::{BlobRule, Exclusion, PayloadField, PayloadIndex};
+pub use index::{
+    BlobRule, Exclusion, PayloadField, PayloadIndex, REFUSED_MESSAGES, USER_TEXT_FIELDS,
+};
 use index::{FieldTarget, MessageId, MessageKind, MessagePlan};
 
 /// Default limit on message nesting (each message-typed field descended into is one level).
@@ -154,6 +159,13 @@ pub trait PayloadVisitor {
             Some(bytes) => Visit::Replace(bytes),
             None => Visit::Keep,
         })
+    }
+
+    /// A string field that carries user data in plain text ([`index::USER_TEXT_FIELDS`]: a
+    /// query handler's error message). Return its replacement, or `None` to leave it.
+    fn text(&mut self, ctx: &PayloadContext<'_>, text: &str) -> Result<Option<String>, WalkError> {
+        let _ = (ctx, text);
+        Ok(None)
     }
 
     /// Appends the replacement of `payload` announced by [`Visit::Deferred`]: exactly the
@@ -658,6 +670,8 @@ impl<'a> Walk<'a> {
             }
             MessageKind::Any => self.walk_any(base, buf, depth, node),
             MessageKind::DataBlob => self.walk_blob(BlobRule::Refuse, base, buf, depth, node),
+            MessageKind::Refused(_) if buf.is_empty() => Ok(0),
+            MessageKind::Refused(reason) => Err(self.unsupported(node, reason.to_string())),
             MessageKind::Failure if self.options.failures != FailureMode::Keep => {
                 self.walk_failure(plan, base, buf, depth, node)
             }
@@ -678,6 +692,8 @@ impl<'a> Walk<'a> {
     ) -> Result<isize, WalkError> {
         match target {
             FieldTarget::Message(id) => self.walk_message(id, base, buf, depth, node),
+            // Text fields are handled where they are found (walk_fields).
+            FieldTarget::Text => Ok(0),
             FieldTarget::Blob(rule) => {
                 if depth > self.options.max_depth {
                     return Err(WalkError::TooDeep {
@@ -816,12 +832,32 @@ impl<'a> Walk<'a> {
                     },
                 ));
             }
+            if fp.target == FieldTarget::Text {
+                delta += self.visit_text(base, &field, &child)?;
+                continue;
+            }
             delta += self.descend(fp.target, base, &field, depth, &child)?;
         }
         if !overrides.is_empty() {
             delta += self.insert_pending(base + buf.len(), u32::MAX, overrides);
         }
         Ok(delta)
+    }
+
+    /// A text field: the visitor may replace it.
+    fn visit_text(
+        &mut self,
+        base: usize,
+        field: &Field<'_>,
+        node: &PathNode<'_>,
+    ) -> Result<isize, WalkError> {
+        let text = std::str::from_utf8(field.value)
+            .map_err(|_| self.malformed(Some(node), WireError::InvalidUtf8(field.number)))?;
+        let ctx = self.context(Some(node), false);
+        match self.visitor.text(&ctx, text)? {
+            Some(new) if new != text => Ok(self.replace_value(base, field, new.into_bytes())),
+            _ => Ok(0),
+        }
     }
 
     /// Inserts at `at` the `Set` values of overrides numbered below `before`.

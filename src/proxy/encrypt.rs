@@ -20,10 +20,13 @@ use crate::crypto::keyring::ReloadingLocalProvider;
 use crate::crypto::message::{PlaintextPayload, ScopedKeys};
 use crate::crypto::{message, CryptoError, DataKeyManager, KeyProvider, OpenFailure, OpenOptions};
 use crate::error::ProxyError;
+use crate::grpc::headers::{percent_decode, percent_encode};
 use crate::payload::targets::CommandTarget;
 use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError};
+use crate::payload::wire;
 
 const STATUS_DETAILS: &str = "grpc-status-details-bin";
+const GRPC_MESSAGE: &str = "grpc-message";
 
 /// Messages at least this large are sealed and opened on a blocking thread: a serving thread
 /// runs every call of its connections and must not stall them for milliseconds.
@@ -467,30 +470,101 @@ impl Encryption {
         })
     }
 
-    /// Opens payloads inside `grpc-status-details-bin` (QueryFailedFailure, …), in place.
+    /// Opens payloads inside `grpc-status-details-bin` (QueryFailedFailure, …) and the texts
+    /// sealed in `grpc-message` and in the details' own message, in place. Returns the other
+    /// namespaces whose payloads it opened.
     async fn open_details(
         &self,
         namespace: &str,
         headers: &mut HeaderMap,
-    ) -> Result<(), ProxyError> {
+    ) -> Result<Vec<String>, ProxyError> {
+        if let Some(value) = headers.get(GRPC_MESSAGE) {
+            let text = percent_decode(value.as_bytes());
+            if let Some(opened) = self.open_text(namespace, &text).await? {
+                if let Ok(value) = HeaderValue::from_str(&percent_encode(&opened)) {
+                    headers.insert(GRPC_MESSAGE, value);
+                }
+            }
+        }
         let Some(value) = headers.get(STATUS_DETAILS) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let Ok(raw) = LENIENT_BASE64.decode(value.as_bytes()) else {
             // Not ours to judge: pass details we cannot parse through untouched.
-            return Ok(());
+            return Ok(Vec::new());
         };
-        if let Some(opened) = self
-            .open(namespace, walker::GRPC_STATUS, &Bytes::from(raw))
-            .await?
-            .message
-        {
-            if let Ok(value) = HeaderValue::from_str(&STANDARD_NO_PAD.encode(opened)) {
+        let raw = Bytes::from(raw);
+        let opened = self.open(namespace, walker::GRPC_STATUS, &raw).await?;
+        let mut changed = opened.message.is_some();
+        let mut status = opened.message.map_or(raw, Bytes::from);
+        if let Some(text) = status_message(&status) {
+            if let Some(plain) = self.open_text(namespace, &text).await? {
+                status = Bytes::from(replace_status_message(&status, &plain));
+                changed = true;
+            }
+        }
+        if changed {
+            if let Ok(value) = HeaderValue::from_str(&STANDARD_NO_PAD.encode(&status)) {
                 headers.insert(STATUS_DETAILS, value);
             }
         }
-        Ok(())
+        Ok(opened.foreign)
     }
+
+    /// Opens the texts sealed in `text` (see [`message::SEALED_TEXT_PREFIX`]), all of the
+    /// call's namespace. `None`: there are none.
+    async fn open_text(&self, namespace: &str, text: &str) -> Result<Option<String>, ProxyError> {
+        let found = message::find_sealed_texts(text);
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let pass_through = self.on_open_failure == OpenFailurePolicy::PassThrough;
+        let refs: Result<Vec<_>, _> = found.iter().map(message::sealed_text_ref).collect();
+        let opened = match refs {
+            Ok(refs) => match self.manager(namespace)?.opening_keys(namespace, refs).await {
+                Ok(keys) => message::open_texts(text, &found, &keys),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(plain) => Ok(Some(plain)),
+            Err(e) if pass_through && !e.is_transient() => {
+                tracing::warn!(namespace, error = %e, "passing a sealed text through unopened");
+                Ok(None)
+            }
+            Err(e) => Err(crypto_error(e)),
+        }
+    }
+}
+
+/// `google.rpc.Status.message` (field 2), if set.
+fn status_message(status: &[u8]) -> Option<String> {
+    let mut message = None;
+    for field in wire::fields(status) {
+        let field = field.ok()?;
+        if field.number == 2 && field.wire_type == wire::WireType::Len {
+            message = Some(String::from_utf8_lossy(field.value).into_owned());
+        }
+    }
+    message
+}
+
+/// `status` with its message (field 2) replaced; every other field as it was.
+fn replace_status_message(status: &[u8], message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(status.len());
+    let mut written = false;
+    for field in wire::fields(status).flatten() {
+        if field.number == 2 {
+            if !written {
+                wire::put_len_field(&mut out, 2, message.as_bytes());
+                written = true;
+            }
+            continue;
+        }
+        out.extend_from_slice(field.raw);
+    }
+    out
 }
 
 /// An opened message, and the other namespaces whose payloads were opened in it.
@@ -609,12 +683,10 @@ where
                 }
                 response.foreign_namespaces = opened.foreign;
             }
-            encryption
-                .open_details(&namespace, &mut response.headers)
-                .await?;
-            encryption
-                .open_details(&namespace, &mut response.trailers)
-                .await?;
+            for headers in [&mut response.headers, &mut response.trailers] {
+                let foreign = encryption.open_details(&namespace, headers).await?;
+                response.foreign_namespaces.extend(foreign);
+            }
             Ok(response)
         })
     }
