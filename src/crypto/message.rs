@@ -169,14 +169,52 @@ impl PayloadVisitor for Sealing<'_> {
 pub const SEALED_TEXT_PREFIX: &str = "portcullis-sealed:v1:";
 const TEXT_ENCODING: &[u8] = b"text/plain";
 
-/// Seals `text` into its string form (see [`SEALED_TEXT_PREFIX`]).
-pub fn seal_text(key: &SealingKey, text: &str) -> Result<String, CryptoError> {
-    // A Payload {metadata {encoding: text/plain}, data: text}, sealed like any payload.
+/// The Temporal server cuts a query failure's message to this many bytes (observed with
+/// server 1.32): a sealed text must fit whole, or it no longer opens.
+pub const MAX_SEALED_TEXT: usize = 4000;
+
+/// `{encoding: text/plain}`, the metadata entry of a sealed text's Payload.
+fn text_metadata() -> Vec<u8> {
     let mut entry = Vec::with_capacity(24);
     wire::put_len_field(&mut entry, 1, b"encoding");
     wire::put_len_field(&mut entry, 2, TEXT_ENCODING);
-    let mut payload = Vec::with_capacity(entry.len() + text.len() + 8);
-    wire::put_len_field(&mut payload, 1, &entry);
+    entry
+}
+
+/// The length of [`seal_text`]'s output for a text of `len` bytes.
+fn sealed_text_len(key: &SealingKey, metadata_len: usize, len: usize) -> usize {
+    let field = |n: usize| 1 + wire::varint_len(n as u64) + n;
+    let sealed = key.sealed_len(field(metadata_len) + field(len));
+    // Unpadded base64.
+    SEALED_TEXT_PREFIX.len() + (4 * sealed).div_ceil(3)
+}
+
+/// Seals `text` into its string form (see [`SEALED_TEXT_PREFIX`]). A text whose sealed form
+/// would pass [`MAX_SEALED_TEXT`] is cut first (at a character boundary) so it still opens:
+/// the server would cut it anyway, and a cut envelope opens to nothing.
+pub fn seal_text(key: &SealingKey, text: &str) -> Result<String, CryptoError> {
+    let metadata = text_metadata();
+    let mut keep = text.len();
+    if sealed_text_len(key, metadata.len(), keep) > MAX_SEALED_TEXT {
+        // The longest prefix that fits, by bisection (the sealed length grows with the text).
+        let (mut fits, mut too_long) = (0, keep);
+        while too_long - fits > 1 {
+            let middle = fits + (too_long - fits) / 2;
+            if sealed_text_len(key, metadata.len(), middle) <= MAX_SEALED_TEXT {
+                fits = middle;
+            } else {
+                too_long = middle;
+            }
+        }
+        keep = fits;
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+    }
+    let text = text.get(..keep).unwrap_or_default();
+    // A Payload {metadata {encoding: text/plain}, data: text}, sealed like any payload.
+    let mut payload = Vec::with_capacity(metadata.len() + text.len() + 8);
+    wire::put_len_field(&mut payload, 1, &metadata);
     wire::put_len_field(&mut payload, 2, text.as_bytes());
     let sealed = key.seal(&payload)?;
     Ok(format!(
@@ -1356,6 +1394,36 @@ mod tests {
             .unwrap();
         assert!(!contains(&sealed, SECRET));
         assert!(contains(&sealed, SEALED_TEXT_PREFIX));
+
+        // A text too long for the server's limit is cut so that its sealed form still fits
+        // (and opens); one that fits is kept whole, exactly.
+        let key = manager.sealing_key("ns").await.unwrap();
+        for len in [0, 1, 100, 2000, 2700, 2900, 3000, 10_000] {
+            let text = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            let sealed = seal_text(&key, &text).unwrap();
+            assert!(sealed.len() <= MAX_SEALED_TEXT, "{len}: {}", sealed.len());
+            let fits = sealed_text_len(&key, text_metadata().len(), text.len()) <= MAX_SEALED_TEXT;
+            if fits {
+                assert_eq!(
+                    sealed.len(),
+                    sealed_text_len(&key, text_metadata().len(), text.len())
+                );
+            }
+            let found = find_sealed_texts(&sealed);
+            let refs: Vec<EnvelopeRef> =
+                found.iter().map(|t| sealed_text_ref(t).unwrap()).collect();
+            let opening = manager.opening_keys("ns", refs).await.unwrap();
+            let opened = open_texts(&sealed, &found, &opening).unwrap();
+            if fits {
+                assert_eq!(opened, text, "{len}");
+            } else {
+                assert!(
+                    text.starts_with(&opened) && opened.len() > 2500,
+                    "{len}: cut to {}",
+                    opened.len()
+                );
+            }
+        }
 
         // encode_failure_attributes off: left as it is.
         assert!(
