@@ -518,23 +518,16 @@ mod cross_namespace {
         command::Attributes, Command, CompleteWorkflowExecutionCommandAttributes,
         RequestCancelExternalWorkflowExecutionCommandAttributes,
         SignalExternalWorkflowExecutionCommandAttributes,
-        StartChildWorkflowExecutionCommandAttributes,
-    };
-    use temporalio_protos::protos::temporal::api::common::v1::{
-        Payload, Payloads, WorkflowExecution, WorkflowType,
     };
     use temporalio_protos::protos::temporal::api::enums::v1::{CommandType, EventType};
-    use temporalio_protos::protos::temporal::api::history::v1::{history_event, HistoryEvent};
-    use temporalio_protos::protos::temporal::api::taskqueue::v1::TaskQueue;
+    use temporalio_protos::protos::temporal::api::history::v1::HistoryEvent;
     use temporalio_protos::protos::temporal::api::workflowservice::v1::execute_multi_operation_request::{
         operation, Operation,
     };
-    use tonic::transport::Channel;
     use tonic::Code;
 
+    use super::common::tasks::*;
     use super::common::*;
-
-    type Client = wf::workflow_service_client::WorkflowServiceClient<Channel>;
 
     const POLICY: &str = r#"
 audit_log = "AUDIT"
@@ -548,90 +541,11 @@ name = "beta"
 writers = ["writer-ab", "writer-b"]
 "#;
 
-    fn json(text: &str) -> Option<Payloads> {
-        Some(Payloads {
-            payloads: vec![Payload {
-                metadata: [("encoding".to_string(), b"json/plain".to_vec())].into(),
-                data: format!("\"{text}\"").into_bytes(),
-                ..Default::default()
-            }],
-        })
-    }
-
-    fn queue(name: &str) -> Option<TaskQueue> {
-        Some(TaskQueue {
-            name: name.into(),
-            kind: 1,
-            ..Default::default()
-        })
-    }
-
-    async fn start(client: &mut Client, namespace: &str, id: &str, task_queue: &str) {
-        client
-            .start_workflow_execution(wf::StartWorkflowExecutionRequest {
-                namespace: namespace.into(),
-                workflow_id: id.into(),
-                workflow_type: Some(WorkflowType { name: "T".into() }),
-                task_queue: queue(task_queue),
-                request_id: format!("{namespace}-{id}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("start {id} in {namespace}: {e:?}"));
-    }
-
-    async fn poll(
-        client: &mut Client,
-        namespace: &str,
-        task_queue: &str,
-    ) -> wf::PollWorkflowTaskQueueResponse {
-        let mut request = tonic::Request::new(wf::PollWorkflowTaskQueueRequest {
-            namespace: namespace.into(),
-            task_queue: queue(task_queue),
-            identity: "raw-worker".into(),
-            ..Default::default()
-        });
-        request.set_timeout(Duration::from_secs(30));
-        let task = client
-            .poll_workflow_task_queue(request)
-            .await
-            .expect("poll")
-            .into_inner();
-        assert!(
-            !task.task_token.is_empty(),
-            "no workflow task in {namespace}/{task_queue}"
-        );
-        task
-    }
-
-    fn completion(token: &[u8], commands: Vec<Command>) -> wf::RespondWorkflowTaskCompletedRequest {
-        wf::RespondWorkflowTaskCompletedRequest {
-            task_token: token.to_vec(),
-            namespace: "alpha".into(),
-            identity: "raw-worker".into(),
-            commands,
-            ..Default::default()
-        }
-    }
-
-    #[allow(deprecated)] // the commands' namespace field
-    fn start_child(namespace: &str, id: &str, input: &str) -> Command {
-        Command {
-            command_type: CommandType::StartChildWorkflowExecution as i32,
-            attributes: Some(Attributes::StartChildWorkflowExecutionCommandAttributes(
-                StartChildWorkflowExecutionCommandAttributes {
-                    namespace: namespace.into(),
-                    workflow_id: id.into(),
-                    workflow_type: Some(WorkflowType {
-                        name: "Child".into(),
-                    }),
-                    task_queue: queue("beta-q"),
-                    input: json(input),
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
-        }
+    fn complete_in_alpha(
+        token: &[u8],
+        commands: Vec<Command>,
+    ) -> wf::RespondWorkflowTaskCompletedRequest {
+        completion(token, "alpha", commands)
     }
 
     #[allow(deprecated)]
@@ -642,10 +556,7 @@ writers = ["writer-ab", "writer-b"]
                 Attributes::SignalExternalWorkflowExecutionCommandAttributes(
                     SignalExternalWorkflowExecutionCommandAttributes {
                         namespace: namespace.into(),
-                        execution: Some(WorkflowExecution {
-                            workflow_id: "target".into(),
-                            ..Default::default()
-                        }),
+                        execution: execution("target"),
                         signal_name: "poke".into(),
                         input: json(input),
                         ..Default::default()
@@ -671,24 +582,6 @@ writers = ["writer-ab", "writer-b"]
             ),
             ..Default::default()
         }
-    }
-
-    async fn history(
-        client: &mut Client,
-        namespace: &str,
-        id: &str,
-    ) -> Result<Vec<HistoryEvent>, tonic::Status> {
-        client
-            .get_workflow_execution_history(wf::GetWorkflowExecutionHistoryRequest {
-                namespace: namespace.into(),
-                execution: Some(WorkflowExecution {
-                    workflow_id: id.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner().history.unwrap_or_default().events)
     }
 
     fn has(events: &[HistoryEvent], kind: EventType) -> bool {
@@ -726,10 +619,7 @@ writers = ["writer-ab", "writer-b"]
         let child = direct
             .describe_workflow_execution(wf::DescribeWorkflowExecutionRequest {
                 namespace: "beta".into(),
-                execution: Some(WorkflowExecution {
-                    workflow_id: "child-1".into(),
-                    ..Default::default()
-                }),
+                execution: execution("child-1"),
             })
             .await;
         if let Err(status) = &child {
@@ -783,14 +673,14 @@ writers = ["writer-ab", "writer-b"]
         // A writer in alpha only: each command aimed at beta is refused, naming it and beta.
         for (command, name) in [
             (
-                start_child("beta", "child-1", &marker),
+                start_child("beta", "child-1", "beta-q", &marker),
                 "StartChildWorkflowExecution",
             ),
             (signal("beta", &marker), "SignalExternalWorkflowExecution"),
             (cancel("beta"), "RequestCancelExternalWorkflowExecution"),
         ] {
             let status = writer_a
-                .respond_workflow_task_completed(completion(&task.task_token, vec![command]))
+                .respond_workflow_task_completed(complete_in_alpha(&task.task_token, vec![command]))
                 .await
                 .expect_err("refused");
             assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
@@ -801,7 +691,7 @@ writers = ["writer-ab", "writer-b"]
         // A command in its own namespace needs nothing more (the same task, still open).
         // Unknown and other-upstream targets are refused even for a system admin.
         let status = root
-            .respond_workflow_task_completed(completion(
+            .respond_workflow_task_completed(complete_in_alpha(
                 &task.task_token,
                 vec![signal("gamma", "x")],
             ))
@@ -810,7 +700,7 @@ writers = ["writer-ab", "writer-b"]
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
         assert!(status.message().contains("gamma"), "{status:?}");
         let status = root
-            .respond_workflow_task_completed(completion(
+            .respond_workflow_task_completed(complete_in_alpha(
                 &task.task_token,
                 vec![signal("delta", "x")],
             ))
@@ -855,10 +745,10 @@ writers = ["writer-ab", "writer-b"]
 
         // A writer in both: the same three commands go through, and beta sees them.
         writer_ab
-            .respond_workflow_task_completed(completion(
+            .respond_workflow_task_completed(complete_in_alpha(
                 &task.task_token,
                 vec![
-                    start_child("beta", "child-1", &marker),
+                    start_child("beta", "child-1", "beta-q", &marker),
                     signal("beta", &marker),
                     cancel("beta"),
                 ],
@@ -878,17 +768,8 @@ writers = ["writer-ab", "writer-b"]
         // The child runs in beta, on a worker there with rights in beta only: its input opens
         // (it was sealed under beta's key), and it completes.
         let child_task = poll(&mut writer_b, "beta", "beta-q").await;
-        let input = child_task
-            .history
-            .as_ref()
-            .and_then(|h| h.events.first())
-            .and_then(|e| match &e.attributes {
-                Some(history_event::Attributes::WorkflowExecutionStartedEventAttributes(a)) => {
-                    a.input.clone()
-                }
-                _ => None,
-            })
-            .expect("the child's input");
+        let events = child_task.history.clone().unwrap_or_default().events;
+        let input = started_input(&events).expect("the child's input");
         assert_eq!(
             input,
             json(&marker).unwrap(),
@@ -917,13 +798,10 @@ writers = ["writer-ab", "writer-b"]
         let child_events = history(&mut direct, "beta", "child-1")
             .await
             .expect("child history");
-        let stored_input = child_events.iter().find_map(|e| match &e.attributes {
-            Some(history_event::Attributes::WorkflowExecutionStartedEventAttributes(a)) => {
-                a.input.clone()
-            }
-            _ => None,
-        });
-        let stored_input = stored_input.expect("stored input").payloads.remove(0);
+        let stored_input = started_input(&child_events)
+            .expect("stored input")
+            .payloads
+            .remove(0);
         assert_eq!(stored_input.metadata["encoding"], b"binary/encrypted");
         assert!(!contains(&stored_input.encode_to_vec(), &marker));
         assert_eq!(
