@@ -100,9 +100,13 @@ async fn run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path());
     let sealer = Arc::new(
-        Encryption::new(&config.encryption, &[("default".into(), None)], false)
-            .await
-            .expect("encryption"),
+        Encryption::new(
+            &config.encryption,
+            &[portcullis::proxy::NamespaceKey::new("default", None)],
+            false,
+        )
+        .await
+        .expect("encryption"),
     );
     // The anonymous dev reader spares the benchmark a token per request; auth is not measured.
     let proxy = portcullis::server::start_with(
@@ -140,7 +144,7 @@ async fn run() {
         // Seal the batch once, as the proxy would have.
         let (plain, _) = json::parse(&body(count, size), usize::MAX).expect("parse");
         let sealed = sealer
-            .seal("default", json::PAYLOADS, &Bytes::from(plain))
+            .seal("default", &[], json::PAYLOADS, &Bytes::from(plain))
             .await
             .expect("seal")
             .expect("sealed");
@@ -190,6 +194,7 @@ async fn run() {
                 .open("default", json::PAYLOADS, &Bytes::from(encoded))
                 .await
                 .expect("open")
+                .message
                 .expect("opened");
             open += t.elapsed();
             let t = Instant::now();

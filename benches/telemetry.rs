@@ -35,6 +35,7 @@ impl Service<GrpcRequest> for Answer {
             headers: HeaderMap::new(),
             message: Some(Bytes::from_static(b"\x0a\x02ok")),
             trailers,
+            foreign_namespaces: Vec::new(),
         })))
     }
 }
@@ -52,6 +53,7 @@ fn request() -> GrpcRequest {
         message: Bytes::from(message),
         deadline: None,
         namespace: None,
+        targets: Vec::new(),
         peer: Arc::new(PeerInfo::default()),
     }
 }

@@ -9,8 +9,8 @@ use aes_gcm::Aes256Gcm;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use portcullis::crypto::envelope::Nonces;
 use portcullis::crypto::{
-    inspect, plan_open, seal_message, DataKeyManager, DataKeyPolicy, Keyring, LocalKeyProvider,
-    OpenOptions,
+    inspect, message::ScopedKeys, plan_open, seal_message, DataKeyManager, DataKeyPolicy, Keyring,
+    LocalKeyProvider, OpenOptions,
 };
 use portcullis::payload::walker::{
     rewrite, rewrite_with, FailureMode, PayloadContext, PayloadIndex, PayloadVisitor, Visit,
@@ -260,12 +260,13 @@ fn bench(c: &mut Criterion) {
     );
     let page_type = message.full_name();
     // What the proxy runs: seal_message writes every sealed payload straight into the output.
+    let scoped = ScopedKeys::new(key.namespace().to_string(), key.clone());
     let seal_page = || {
         seal_message(
             index,
             page_type,
             black_box(&bytes),
-            &key,
+            &scoped,
             FailureMode::Encode,
             WalkLimits::default(),
         )
@@ -323,6 +324,7 @@ fn bench(c: &mut Criterion) {
         decode_failures: true,
         pass_through: false,
         limits: WalkLimits::default(),
+        strict: false,
     };
     let open_page = || {
         let plan = plan_open(index, page_type, black_box(&sealed_page), open_options)?;

@@ -361,11 +361,7 @@ pub async fn run(path: &Path, options: &CheckOptions) -> CheckReport {
             "DISABLED: payloads reach the upstream as they are",
         );
     } else {
-        let namespace_keys: Vec<(String, Option<String>)> = config
-            .namespaces
-            .iter()
-            .map(|ns| (ns.name.clone(), ns.encryption_key.clone()))
-            .collect();
+        let namespace_keys = crate::server::namespace_keys(&config);
         match Encryption::new(
             &config.encryption,
             &namespace_keys,

@@ -357,6 +357,7 @@ fn dev_config(
                 upstream: "dev".into(),
                 upstream_namespace: None,
                 encryption_key: None,
+                encrypted_only: None,
             })
             .collect(),
         authorization: AuthorizationConfig {

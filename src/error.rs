@@ -39,6 +39,23 @@ pub enum ProxyError {
     NamespaceMismatch { header: String, body: String },
     #[error("namespace {0:?} is not served by this proxy")]
     UnknownNamespace(String),
+    /// A nested request (ExecuteMultiOperation) names another namespace than the request.
+    #[error("{operation} names namespace {namespace:?}, but the request is for namespace {expected:?}: nested requests must name the request's namespace (or none)")]
+    NestedNamespaceMismatch {
+        operation: &'static str,
+        namespace: String,
+        expected: String,
+    },
+    /// A command aimed at a namespace this proxy does not serve.
+    #[error("{command} is aimed at namespace {namespace:?}, which is not served by this proxy")]
+    UnknownCommandTarget {
+        command: &'static str,
+        namespace: String,
+    },
+    /// A command aimed at a namespace that another upstream serves: the request's upstream
+    /// would run it, not the one the target namespace is served by.
+    #[error("{} is aimed at namespace {:?}, served by upstream {}, but the request's namespace {:?} is served by upstream {}: cross-namespace commands only work within one upstream", .0.command, .0.target, .0.target_upstream, .0.namespace, .0.upstream)]
+    CrossUpstreamCommand(Box<CrossUpstream>),
     #[error("no system upstream is configured for cluster-scoped method {0}")]
     NoSystemUpstream(String),
     #[error("upstream {upstream} ({address}) is unavailable: {reason}")]
@@ -63,6 +80,9 @@ pub enum ProxyError {
     Crypto(#[from] crate::crypto::CryptoError),
     #[error("cannot encrypt this call, refusing to forward it: {0}")]
     Encryption(String),
+    /// An answer of an `encrypted_only` namespace holds a payload portcullis did not seal.
+    #[error("the upstream answered with a payload that is not sealed, in a namespace that accepts only sealed payloads: {0}")]
+    PlaintextResponse(String),
     #[error("the proxy is shutting down and this call outlived the shutdown grace period; retry")]
     ShuttingDown,
     #[error("unauthenticated: {0}")]
@@ -82,6 +102,38 @@ pub enum ProxyError {
         namespace: Option<String>,
         required: &'static str,
     },
+    /// A command of a request aimed at a namespace where the caller lacks the role it needs.
+    #[error("{} may not {} in namespace {} (a command of {} in namespace {}): it needs the {} role in {}", .0.identity, .0.command, .0.target, .0.method, .0.namespace, .0.required, .0.target)]
+    CommandDenied(Box<CommandDenial>),
+    /// A response holds payloads sealed for a namespace the caller may not read.
+    #[error("{identity} may not read payloads of namespace {namespace} that {method} returns: it needs the {required} role in {namespace}")]
+    ForeignPayloadsDenied {
+        identity: String,
+        method: String,
+        namespace: String,
+        required: &'static str,
+    },
+}
+
+/// See [`ProxyError::CrossUpstreamCommand`].
+#[derive(Debug)]
+pub struct CrossUpstream {
+    pub command: &'static str,
+    pub target: String,
+    pub target_upstream: String,
+    pub namespace: String,
+    pub upstream: String,
+}
+
+/// See [`ProxyError::CommandDenied`].
+#[derive(Debug)]
+pub struct CommandDenial {
+    pub identity: String,
+    pub method: &'static str,
+    pub command: &'static str,
+    pub namespace: String,
+    pub target: String,
+    pub required: &'static str,
 }
 
 impl ProxyError {
@@ -94,14 +146,17 @@ impl ProxyError {
             NotGrpc(_) | MalformedFrame(_) | MalformedMessage { .. } | InvalidTimeout(_) => {
                 Code::InvalidArgument
             }
-            MissingNamespace(_) | NamespaceMismatch { .. } => Code::InvalidArgument,
+            MissingNamespace(_) | NamespaceMismatch { .. } | NestedNamespaceMismatch { .. } => {
+                Code::InvalidArgument
+            }
             MessageTooLarge { .. }
             | TooManyPayloads { .. }
             | Overloaded(_)
             | BufferLimit { .. } => Code::ResourceExhausted,
             BodyTimeout(_) => Code::DeadlineExceeded,
             AuditUnavailable(_) | ConnectionClosing(_) => Code::Unavailable,
-            UnknownNamespace(_) => Code::NotFound,
+            UnknownNamespace(_) | UnknownCommandTarget { .. } => Code::NotFound,
+            CrossUpstreamCommand(_) => Code::FailedPrecondition,
             NoSystemUpstream(_) => Code::Unimplemented,
             UpstreamUnavailable { .. } | UpstreamCredentials { .. } | ShuttingDown => {
                 Code::Unavailable
@@ -111,7 +166,9 @@ impl ProxyError {
             UpstreamReset { code, .. } => reset_to_code(*code),
             DeadlineExceeded(_) => Code::DeadlineExceeded,
             RequestBody(_) => Code::Cancelled,
-            PermissionDenied { .. } => Code::PermissionDenied,
+            PermissionDenied { .. } | CommandDenied(_) | ForeignPayloadsDenied { .. } => {
+                Code::PermissionDenied
+            }
             Unauthenticated(_) => Code::Unauthenticated,
             Crypto(e) => {
                 use crate::crypto::CryptoError as C;
@@ -124,6 +181,7 @@ impl ProxyError {
                 }
             }
             Encryption(_) => Code::FailedPrecondition,
+            PlaintextResponse(_) => Code::DataLoss,
         }
     }
 

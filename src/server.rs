@@ -24,7 +24,7 @@ use crate::proxy::connection::{self, ConnectionSettings, Lifetime};
 use crate::proxy::limits::{BufferBudget, CloseReason, ConnectionGate, ConnectionSlot, EdgeStats};
 use crate::proxy::{
     Authenticator, EdgeShared, EncryptLayer, Encryption, EncryptionLimits, Forwarder, GrpcEdge,
-    GrpcRequest, GrpcResponse, NamespaceLayer, NamespaceTranslation, TranslateLayer,
+    GrpcRequest, GrpcResponse, NamespaceKey, NamespaceLayer, NamespaceTranslation, TranslateLayer,
     TranslationStore,
 };
 use crate::telemetry::readiness::{self, ProbeTargets};
@@ -149,11 +149,18 @@ fn audit_settings(limits: &crate::config::Limits) -> AuditSettings {
     }
 }
 
-fn namespace_keys(config: &Config) -> Vec<(String, Option<String>)> {
+/// How each served namespace is encrypted, from its `[[namespaces]]` entry and `[encryption]`.
+pub fn namespace_keys(config: &Config) -> Vec<NamespaceKey> {
     config
         .namespaces
         .iter()
-        .map(|ns| (ns.name.clone(), ns.encryption_key.clone()))
+        .map(|ns| NamespaceKey {
+            namespace: ns.name.clone(),
+            key: ns.encryption_key.clone(),
+            encrypted_only: ns
+                .encrypted_only
+                .unwrap_or(config.encryption.encrypted_only),
+        })
         .collect()
 }
 

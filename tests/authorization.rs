@@ -543,3 +543,388 @@ async fn policy_file_changes_apply_without_restart_and_bad_files_are_refused() {
     eventually(false).await;
     proxy.shutdown().await;
 }
+
+mod cross_namespace {
+    //! Commands of a workflow task that act on another namespace (start a child, signal or
+    //! cancel a workflow there), against a dev server that runs them
+    //! (`system.enableCrossNamespaceCommands`). Workflow tasks are driven with raw gRPC.
+
+    use std::time::{Duration, Instant};
+
+    use prost::Message;
+    use temporalio_protos::protos::temporal::api::command::v1::{
+        command::Attributes, Command, CompleteWorkflowExecutionCommandAttributes,
+        RequestCancelExternalWorkflowExecutionCommandAttributes,
+        SignalExternalWorkflowExecutionCommandAttributes,
+    };
+    use temporalio_protos::protos::temporal::api::enums::v1::{CommandType, EventType};
+    use temporalio_protos::protos::temporal::api::history::v1::HistoryEvent;
+    use temporalio_protos::protos::temporal::api::workflowservice::v1::execute_multi_operation_request::{
+        operation, Operation,
+    };
+    use tonic::Code;
+
+    use super::common::tasks::*;
+    use super::common::*;
+
+    const POLICY: &str = r#"
+audit_log = "AUDIT"
+identity = ["cn"]
+[system]
+admins = ["cn:root"]
+[[namespaces]]
+name = "alpha"
+writers = ["cn:writer-a", "cn:writer-ab"]
+[[namespaces]]
+name = "beta"
+writers = ["cn:writer-ab", "cn:writer-b"]
+"#;
+
+    fn complete_in_alpha(
+        token: &[u8],
+        commands: Vec<Command>,
+    ) -> wf::RespondWorkflowTaskCompletedRequest {
+        completion(token, "alpha", commands)
+    }
+
+    #[allow(deprecated)]
+    fn signal(namespace: &str, input: &str) -> Command {
+        Command {
+            command_type: CommandType::SignalExternalWorkflowExecution as i32,
+            attributes: Some(
+                Attributes::SignalExternalWorkflowExecutionCommandAttributes(
+                    SignalExternalWorkflowExecutionCommandAttributes {
+                        namespace: namespace.into(),
+                        execution: execution("target"),
+                        signal_name: "poke".into(),
+                        input: json(input),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[allow(deprecated)]
+    fn cancel(namespace: &str) -> Command {
+        Command {
+            command_type: CommandType::RequestCancelExternalWorkflowExecution as i32,
+            attributes: Some(
+                Attributes::RequestCancelExternalWorkflowExecutionCommandAttributes(
+                    RequestCancelExternalWorkflowExecutionCommandAttributes {
+                        namespace: namespace.into(),
+                        workflow_id: "target".into(),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn has(events: &[HistoryEvent], kind: EventType) -> bool {
+        events.iter().any(|e| e.event_type == kind as i32)
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    /// Occurrences of `needle` in the dev server's SQLite files.
+    fn stored(server: &DevServer, needle: &str) -> usize {
+        std::fs::read_dir(server.dir.path())
+            .expect("server dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("temporal.db"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .map(|bytes| {
+                bytes
+                    .windows(needle.len())
+                    .filter(|w| *w == needle.as_bytes())
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Beta's state, read straight from the server: (target signaled, target asked to cancel,
+    /// child exists).
+    async fn beta_state(direct: &mut Client) -> (bool, bool, bool) {
+        let target = history(direct, "beta", "target")
+            .await
+            .expect("target history");
+        let child = direct
+            .describe_workflow_execution(wf::DescribeWorkflowExecutionRequest {
+                namespace: "beta".into(),
+                execution: execution("child-1"),
+            })
+            .await;
+        if let Err(status) = &child {
+            assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        }
+        (
+            has(&target, EventType::WorkflowExecutionSignaled),
+            has(&target, EventType::WorkflowExecutionCancelRequested),
+            child.is_ok(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commands_aimed_at_another_namespace_need_the_writer_role_there() {
+        let server = DevServer::start_with(
+            &["alpha", "beta"],
+            &[
+                "--dynamic-config-value",
+                "system.enableCrossNamespaceCommands=true",
+            ],
+        )
+        .await;
+        let pki = Pki::new();
+        let audit = pki.dir.path().join("audit.jsonl");
+        let mut config = proxy_config_with_authz(
+            &pki,
+            &server.address(),
+            &["alpha", "beta"],
+            &POLICY.replace("AUDIT", &audit.display().to_string()),
+        );
+        // "delta" is served by another upstream block (the same server, other credentials).
+        let same = config.upstreams["temporal"].clone();
+        config.upstreams.insert("other".into(), same);
+        let mut delta = config.namespaces[0].clone();
+        delta.name = "delta".into();
+        delta.upstream = "other".into();
+        config.namespaces.push(delta);
+        let proxy = start_proxy(config).await;
+        let address = proxy.local_addr().expect("tcp");
+        let mut direct = server.direct_client().await;
+        let mut writer_a = workflow_client(address, &pki, &pki.client_cert("writer-a")).await;
+        let mut writer_ab = workflow_client(address, &pki, &pki.client_cert("writer-ab")).await;
+        let mut writer_b = workflow_client(address, &pki, &pki.client_cert("writer-b")).await;
+        let mut root = workflow_client(address, &pki, &pki.client_cert("root")).await;
+        let marker = format!("cross-ns-{}", std::process::id());
+
+        start(&mut writer_b, "beta", "target", "beta-idle").await;
+        start(&mut writer_a, "alpha", "parent", "alpha-q").await;
+        let task = poll(&mut writer_a, "alpha", "alpha-q").await;
+
+        // A writer in alpha only: each command aimed at beta is refused, naming it and beta.
+        for (command, name) in [
+            (
+                start_child("beta", "child-1", "beta-q", &marker),
+                "StartChildWorkflowExecution",
+            ),
+            (signal("beta", &marker), "SignalExternalWorkflowExecution"),
+            (cancel("beta"), "RequestCancelExternalWorkflowExecution"),
+        ] {
+            let status = writer_a
+                .respond_workflow_task_completed(complete_in_alpha(&task.task_token, vec![command]))
+                .await
+                .expect_err("refused");
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            for part in ["writer-a", name, "namespace beta", "writer role"] {
+                assert!(status.message().contains(part), "{part}: {status:?}");
+            }
+        }
+        // A command in its own namespace needs nothing more (the same task, still open).
+        // Unknown and other-upstream targets are refused even for a system admin.
+        let status = root
+            .respond_workflow_task_completed(complete_in_alpha(
+                &task.task_token,
+                vec![signal("gamma", "x")],
+            ))
+            .await
+            .expect_err("unknown target");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert!(status.message().contains("gamma"), "{status:?}");
+        let status = root
+            .respond_workflow_task_completed(complete_in_alpha(
+                &task.task_token,
+                vec![signal("delta", "x")],
+            ))
+            .await
+            .expect_err("other upstream");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("upstream other"), "{status:?}");
+
+        // Nothing reached beta: read straight from the server.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(beta_state(&mut direct).await, (false, false, false));
+
+        // Nested requests of ExecuteMultiOperation must stay in the request's namespace.
+        let status = writer_a
+            .execute_multi_operation(wf::ExecuteMultiOperationRequest {
+                namespace: "alpha".into(),
+                operations: vec![
+                    Operation {
+                        operation: Some(operation::Operation::StartWorkflow(
+                            wf::StartWorkflowExecutionRequest {
+                                namespace: "beta".into(),
+                                workflow_id: "multi".into(),
+                                ..Default::default()
+                            },
+                        )),
+                    },
+                    Operation {
+                        operation: Some(operation::Operation::UpdateWorkflow(
+                            wf::UpdateWorkflowExecutionRequest {
+                                namespace: "alpha".into(),
+                                ..Default::default()
+                            },
+                        )),
+                    },
+                ],
+                ..Default::default()
+            })
+            .await
+            .expect_err("nested namespace");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("\"beta\""), "{status:?}");
+
+        // A writer in both: the same three commands go through, and beta sees them.
+        writer_ab
+            .respond_workflow_task_completed(complete_in_alpha(
+                &task.task_token,
+                vec![
+                    start_child("beta", "child-1", "beta-q", &marker),
+                    signal("beta", &marker),
+                    cancel("beta"),
+                ],
+            ))
+            .await
+            .expect("a writer in both namespaces");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while beta_state(&mut direct).await != (true, true, true) {
+            assert!(
+                Instant::now() < deadline,
+                "beta never saw the commands: {:?}",
+                beta_state(&mut direct).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // The child runs in beta, on a worker there with rights in beta only: its input opens
+        // (it was sealed under beta's key), and it completes.
+        let child_task = poll(&mut writer_b, "beta", "beta-q").await;
+        let events = child_task.history.clone().unwrap_or_default().events;
+        let input = started_input(&events).expect("the child's input");
+        assert_eq!(
+            input,
+            json(&marker).unwrap(),
+            "the worker in beta sees the plaintext input"
+        );
+        writer_b
+            .respond_workflow_task_completed(wf::RespondWorkflowTaskCompletedRequest {
+                namespace: "beta".into(),
+                task_token: child_task.task_token,
+                commands: vec![Command {
+                    command_type: CommandType::CompleteWorkflowExecution as i32,
+                    attributes: Some(Attributes::CompleteWorkflowExecutionCommandAttributes(
+                        CompleteWorkflowExecutionCommandAttributes {
+                            result: json(&format!("{marker}-result")),
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .expect("complete the child");
+
+        // The server holds the child's input and the signal sealed: no marker in its database,
+        // and the child's started event carries an envelope.
+        let child_events = history(&mut direct, "beta", "child-1")
+            .await
+            .expect("child history");
+        let stored_input = started_input(&child_events)
+            .expect("stored input")
+            .payloads
+            .remove(0);
+        assert_eq!(stored_input.metadata["encoding"], b"binary/encrypted");
+        assert!(!contains(&stored_input.encode_to_vec(), &marker));
+        assert_eq!(
+            stored(&server, &marker),
+            0,
+            "the marker reached the server's database"
+        );
+
+        // The parent's history in alpha holds payloads sealed for beta (the child's input and
+        // result): they open for a caller who may read beta, and only for one.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let events = loop {
+            let events = history(&mut writer_ab, "alpha", "parent")
+                .await
+                .expect("parent history");
+            if has(&events, EventType::ChildWorkflowExecutionCompleted) {
+                break events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the child's completion never reached the parent"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let page = wf::GetWorkflowExecutionHistoryResponse {
+            history: Some(
+                temporalio_protos::protos::temporal::api::history::v1::History { events },
+            ),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(
+            contains(&page, &format!("\"{marker}\"")),
+            "the child's input opens in the parent's history"
+        );
+        assert!(
+            contains(&page, &format!("\"{marker}-result\"")),
+            "the child's result opens in the parent's history"
+        );
+        let status = history(&mut writer_a, "alpha", "parent")
+            .await
+            .expect_err("beta's payloads");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("namespace beta"), "{status:?}");
+
+        // Every command target was a decision of its own in the audit log.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+            .expect("audit log")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        let decision = |identity: &str, command: &str| {
+            lines
+                .iter()
+                .filter(|l| l["identity"] == identity && l["command"] == command)
+                .map(|l| {
+                    assert_eq!(l["namespace"], "beta", "{l}");
+                    assert_eq!(l["request_namespace"], "alpha", "{l}");
+                    assert_eq!(l["access"], "write", "{l}");
+                    assert!(
+                        l["method"]
+                            .as_str()
+                            .unwrap()
+                            .ends_with(&format!("/RespondWorkflowTaskCompleted/{command}")),
+                        "{l}"
+                    );
+                    l["decision"].as_str().unwrap().to_string()
+                })
+                .collect::<Vec<_>>()
+        };
+        for command in [
+            "StartChildWorkflowExecution",
+            "SignalExternalWorkflowExecution",
+            "RequestCancelExternalWorkflowExecution",
+        ] {
+            assert_eq!(decision("cn:writer-a", command), ["deny"], "{command}");
+            assert_eq!(decision("cn:writer-ab", command), ["allow"], "{command}");
+        }
+        assert!(lines.iter().any(|l| l["identity"] == "cn:writer-a"
+            && l["namespace"] == "beta"
+            && l["request_namespace"] == "alpha"
+            && l["access"] == "read"
+            && l["decision"] == "deny"));
+        proxy.shutdown().await;
+    }
+}

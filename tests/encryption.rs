@@ -394,3 +394,223 @@ async fn a_key_provider_outage_fails_closed_and_recovers() {
     assert_eq!(occurrences(&db, &format!("kms-after-{tag}")), 0);
     proxy.shutdown().await;
 }
+
+/// A query handler's exception message travels as a plain string (`error_message`) next to
+/// the sealed failure. Through the proxy the caller sees it exactly; the server only ever sees
+/// it sealed — unless `encode_failure_attributes` is off (the control: the check can fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_handlers_error_message_reaches_the_server_sealed() {
+    let server = DevServer::start(&[]).await;
+    let pki = Pki::new();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for encode in [true, false] {
+        let mut config = proxy_config(&pki, &server.address(), &["default"]);
+        config.encryption.encode_failure_attributes = encode;
+        let proxy = start_proxy(config).await;
+        // Long (its sealed form, about 4/3 of it plus the envelope, travels twice in the
+        // upstream's trailers), yet short enough to fit the server's 4,000-byte cut whole.
+        let marker = format!("qmark-{encode}-{}-{}", std::process::id(), "x".repeat(2000));
+        let mut args = client_args(proxy.local_addr().expect("tcp"), &pki, &pki.client);
+        args.extend([
+            "--direct".into(),
+            server.address(),
+            "--marker".into(),
+            marker.clone(),
+        ]);
+        let out = run_python("query_failure.py", &args).await;
+        eprintln!(
+            "LENS {} {} {}",
+            out["direct"]["raw_message"]
+                .as_str()
+                .unwrap_or_default()
+                .len(),
+            out["direct"]["message"].as_str().unwrap_or_default().len(),
+            out["proxy"]["raw_message"]
+                .as_str()
+                .unwrap_or_default()
+                .len()
+        );
+        let expected = out["expected"].as_str().expect("expected").to_string();
+        let text = |way: &str, key: &str| out[way][key].as_str().unwrap_or_default().to_string();
+        let status = |way: &str| {
+            let raw = b64.decode(text(way, "raw_status_b64")).expect("base64");
+            String::from_utf8_lossy(&raw).into_owned()
+        };
+        // Through the proxy: exactly the handler's message, in grpc-message and in the
+        // SDK's exception; the error details (the sealed failure) open too.
+        assert_eq!(text("proxy", "raw_status"), "INVALID_ARGUMENT", "{out}");
+        assert_eq!(text("proxy", "raw_message"), expected, "{out}");
+        assert!(text("proxy", "message").contains(&expected), "{out}");
+        assert!(status("proxy").contains(&expected), "{out}");
+        // Straight at the server: what it was given.
+        let direct_message = text("direct", "raw_message");
+        if encode {
+            assert!(!direct_message.contains(&marker), "{out}");
+            assert!(!text("direct", "message").contains(&marker), "{out}");
+            assert!(!status("direct").contains(&marker), "{out}");
+            assert!(
+                direct_message.contains(portcullis::crypto::message::SEALED_TEXT_PREFIX),
+                "{out}"
+            );
+        } else {
+            assert!(direct_message.contains(&marker), "control: {out}");
+        }
+        proxy.shutdown().await;
+    }
+}
+
+/// A namespace marked `encrypted_only` refuses payloads the proxy did not seal when they come
+/// back from the upstream (here: a workflow started straight at the server with plaintext
+/// input), so an upstream cannot feed workers plaintext; a lenient namespace passes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_only_namespace_refuses_plaintext_from_the_upstream() {
+    use temporalio_protos::protos::temporal::api::common::v1::{
+        Payload, Payloads, WorkflowExecution,
+    };
+    use temporalio_protos::protos::temporal::api::taskqueue::v1::TaskQueue;
+
+    let holds = |page: &wf::GetWorkflowExecutionHistoryResponse, text: &str| {
+        use prost::Message as _;
+        let bytes = page.encode_to_vec();
+        bytes.windows(text.len()).any(|w| w == text.as_bytes())
+    };
+    let server = DevServer::start(&["strict", "lenient"]).await;
+    let pki = Pki::new();
+    let mut config = proxy_config(&pki, &server.address(), &["strict", "lenient"]);
+    config.namespaces[0].encrypted_only = Some(true);
+    let proxy = start_proxy(config).await;
+    let mut client = workflow_client(proxy.local_addr().expect("tcp"), &pki, &pki.client).await;
+    let mut direct = server.direct_client().await;
+    let marker = format!("injected-{}", std::process::id());
+    let start = |namespace: &str, id: &str, input: Option<Payloads>| {
+        let mut request = start_request(id, &marker);
+        request.namespace = namespace.into();
+        request.task_queue = Some(TaskQueue {
+            name: format!("{namespace}-q"),
+            kind: 1,
+            ..Default::default()
+        });
+        if let Some(input) = input {
+            request.input = Some(input);
+        }
+        request
+    };
+    let history = |namespace: &str, id: &str| wf::GetWorkflowExecutionHistoryRequest {
+        namespace: namespace.into(),
+        execution: Some(WorkflowExecution {
+            workflow_id: id.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let poll = |namespace: &str| {
+        let mut request = tonic::Request::new(wf::PollWorkflowTaskQueueRequest {
+            namespace: namespace.into(),
+            task_queue: Some(TaskQueue {
+                name: format!("{namespace}-q"),
+                kind: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(20));
+        request
+    };
+    for namespace in ["strict", "lenient"] {
+        direct
+            .start_workflow_execution(start(namespace, "injected", None))
+            .await
+            .expect("start straight at the server");
+    }
+
+    // The encrypted-only namespace: the history and the workflow task are refused, naming
+    // where the plaintext was (and not what it said).
+    let status = client
+        .get_workflow_execution_history(history("strict", "injected"))
+        .await
+        .expect_err("plaintext history");
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("workflow_execution_started_event_attributes.input")
+            && status.message().contains("json/plain"),
+        "{status:?}"
+    );
+    assert!(!status.message().contains(&marker), "{status:?}");
+    let status = client
+        .poll_workflow_task_queue(poll("strict"))
+        .await
+        .expect_err("plaintext workflow task");
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+
+    // The lenient namespace (the default) passes them through.
+    let page = client
+        .get_workflow_execution_history(history("lenient", "injected"))
+        .await
+        .expect("lenient history")
+        .into_inner();
+    assert!(holds(&page, &marker));
+    let task = client
+        .poll_workflow_task_queue(poll("lenient"))
+        .await
+        .expect("lenient workflow task")
+        .into_inner();
+    assert!(!task.task_token.is_empty());
+
+    // What the proxy sealed opens in the encrypted-only namespace, and so does a nil payload
+    // (nothing in it), even when written straight at the server.
+    client
+        .start_workflow_execution(start("strict", "sealed", None))
+        .await
+        .expect("start through the proxy");
+    let page = client
+        .get_workflow_execution_history(history("strict", "sealed"))
+        .await
+        .expect("sealed history")
+        .into_inner();
+    assert!(holds(&page, &marker));
+    let nil = Payloads {
+        payloads: vec![Payload {
+            metadata: [("encoding".to_string(), b"binary/null".to_vec())].into(),
+            ..Default::default()
+        }],
+    };
+    direct
+        .start_workflow_execution(start("strict", "nil", Some(nil)))
+        .await
+        .expect("start with a nil input");
+    client
+        .get_workflow_execution_history(history("strict", "nil"))
+        .await
+        .expect("a nil payload is not plaintext");
+
+    // Requests: a field the API schema does not know could hold a payload the proxy cannot
+    // see to seal. The encrypted-only namespace refuses it; the lenient one forwards it as an
+    // unknown field (which the server ignores).
+    let raw = RawClient::new(proxy.local_addr().expect("tcp"), &pki, &pki.client);
+    for (namespace, refused) in [("strict", true), ("lenient", false)] {
+        use prost::Message as _;
+        let mut message = start(namespace, &format!("unknown-{namespace}"), None).encode_to_vec();
+        portcullis::payload::wire::put_len_field(&mut message, 999, marker.as_bytes());
+        let answer = raw
+            .call(
+                &format!("{WORKFLOW_SERVICE}/StartWorkflowExecution"),
+                &[],
+                grpc_frame(&message),
+            )
+            .await;
+        if refused {
+            assert_eq!(answer.grpc_status(), Some(9), "{}", answer.grpc_message());
+            assert!(
+                answer.grpc_message().contains("field 999")
+                    && answer.grpc_message().contains("encrypted_only"),
+                "{}",
+                answer.grpc_message()
+            );
+        } else {
+            assert_eq!(answer.grpc_status(), Some(0), "{}", answer.grpc_message());
+        }
+    }
+    proxy.shutdown().await;
+}

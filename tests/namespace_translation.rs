@@ -324,3 +324,72 @@ async fn clients_see_only_the_client_name_and_data_lands_upstream() {
     );
     proxy.shutdown().await;
 }
+
+/// Cross-namespace commands under translation: the proxy authorizes, routes and seals them by
+/// client-facing names (a child started in `beta` lands in `beta-up` upstream, sealed for
+/// `beta`, and opens there), and a command that names a namespace by its upstream name is
+/// refused, as any use of an upstream name is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_namespace_commands_use_client_facing_names() {
+    use common::tasks::*;
+    use tonic::Code;
+
+    let server = DevServer::start_with(
+        &["alpha-up", "beta-up"],
+        &[
+            "--dynamic-config-value",
+            "system.enableCrossNamespaceCommands=true",
+        ],
+    )
+    .await;
+    let pki = Pki::new();
+    let config = translating_config(
+        &pki,
+        &server.address(),
+        &[("alpha", "alpha-up"), ("beta", "beta-up")],
+    );
+    let proxy = start_proxy(config).await;
+    let address = proxy.local_addr().expect("tcp");
+    // The test client administers the whole cluster: only names can stop it here.
+    let mut client = workflow_client(address, &pki, &pki.client).await;
+    let mut direct = server.direct_client().await;
+    let marker = format!("translated-child-{}", std::process::id());
+
+    start(&mut client, "alpha", "parent", "alpha-q").await;
+    let task = poll(&mut client, "alpha", "alpha-q").await;
+    let status = client
+        .respond_workflow_task_completed(completion(
+            &task.task_token,
+            "alpha",
+            vec![start_child("beta-up", "child", "beta-q", &marker)],
+        ))
+        .await
+        .expect_err("an upstream name is not a namespace clients may use");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("beta-up"), "{status:?}");
+
+    client
+        .respond_workflow_task_completed(completion(
+            &task.task_token,
+            "alpha",
+            vec![start_child("beta", "child", "beta-q", &marker)],
+        ))
+        .await
+        .expect("a child in beta");
+    // Upstream, the child lives in beta-up, its input sealed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let stored = loop {
+        if let Ok(events) = history(&mut direct, "beta-up", "child").await {
+            break started_input(&events).expect("input");
+        }
+        assert!(std::time::Instant::now() < deadline, "no child in beta-up");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(stored.payloads[0].metadata["encoding"], b"binary/encrypted");
+    // Through the proxy, a worker in beta sees it: it was sealed for "beta", the name every
+    // key, policy and envelope of that namespace uses.
+    let child_task = poll(&mut client, "beta", "beta-q").await;
+    let events = child_task.history.unwrap_or_default().events;
+    assert_eq!(started_input(&events), json(&marker));
+    proxy.shutdown().await;
+}

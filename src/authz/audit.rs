@@ -45,6 +45,13 @@ pub struct AuditEvent {
     /// Codec server: how many payloads were decoded or encoded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<usize>,
+    /// A decision about one command of a request, aimed at `namespace` (e.g.
+    /// `StartChildWorkflowExecution`; `method` then ends in `/` and the command).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<&'static str>,
+    /// For a command's decision: the namespace of the request that carries it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_namespace: Option<String>,
 }
 
 impl AuditEvent {
@@ -70,6 +77,8 @@ impl AuditEvent {
             peer: peer.to_string(),
             credential: None,
             count: None,
+            command: None,
+            request_namespace: None,
         }
     }
 }

@@ -26,7 +26,7 @@ pub use policy::{
 };
 
 use crate::config::Config;
-use crate::error::ProxyError;
+use crate::error::{CommandDenial, ProxyError};
 use crate::payload::wire;
 use crate::proxy::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::schema::Scope;
@@ -221,6 +221,60 @@ impl PolicyStore {
     }
 }
 
+impl<S> AuthzService<S> {
+    /// A command aimed at another namespace acts there as a writer would (starts, signals,
+    /// cancels a workflow): the caller must be a writer there too. Every command target gets
+    /// its own decision and audit line; one denial refuses the whole call.
+    fn decide_commands(
+        &self,
+        policies: &PolicySet,
+        request: &GrpcRequest,
+        identity: &str,
+        claimed: Option<&ClaimedRoles>,
+        credential: &'static str,
+    ) -> Result<(), ProxyError> {
+        let method = request.method;
+        let mut denied = None;
+        for target in &request.targets {
+            let level = AccessLevel::Write;
+            let decision = policies.decide_for(
+                identity,
+                claimed,
+                Scope::Namespace,
+                Some(&target.namespace),
+                level,
+            );
+            crate::telemetry::call::record_authz(identity, decision.allowed);
+            let mut event = AuditEvent::new(
+                identity,
+                Some(&target.namespace),
+                &format!("{}/{}", method.path, target.command),
+                level,
+                &decision,
+                &request.peer.remote,
+            );
+            event.credential = Some(credential);
+            event.command = Some(target.command);
+            event.request_namespace = request.namespace.clone();
+            // An action that cannot be audited is not taken.
+            self.audit
+                .record(&event)
+                .map_err(ProxyError::AuditUnavailable)?;
+            if !decision.allowed && denied.is_none() {
+                denied = Some(ProxyError::CommandDenied(Box::new(CommandDenial {
+                    identity: identity.to_string(),
+                    method: &method.name,
+                    command: target.command,
+                    namespace: request.namespace.clone().unwrap_or_default(),
+                    target: target.namespace.clone(),
+                    required: decision.required.map_or("", Role::as_str),
+                })));
+            }
+        }
+        denied.map_or(Ok(()), Err)
+    }
+}
+
 const LIST_NAMESPACES: &str = "/temporal.api.workflowservice.v1.WorkflowService/ListNamespaces";
 
 #[derive(Clone)]
@@ -307,18 +361,94 @@ where
             };
             return Box::pin(std::future::ready(Err(error)));
         }
-        let call = self.inner.call(request);
-        if !listing_namespaces {
-            return call;
+        if let Err(error) =
+            self.decide_commands(&policies, &request, &identity, claimed, credential)
+        {
+            return Box::pin(std::future::ready(Err(error)));
         }
+        let namespace = request.namespace.clone();
+        let call = self.inner.call(request);
+        let audit = self.audit.clone();
         Box::pin(async move {
             let mut response = call.await?;
             let claimed = peer.token.as_ref().map(|t| &t.roles);
-            if let Some(message) = &response.message {
-                response.message = Some(filter_namespaces(message, &policies, &identity, claimed)?);
+            let reads = ForeignReads {
+                policies: &policies,
+                audit: &audit,
+                identity: &identity,
+                claimed,
+                credential,
+                peer: &peer.remote,
+                method: &method.path,
+                namespace: namespace.as_deref(),
+            };
+            reads.decide(&response.foreign_namespaces)?;
+            if listing_namespaces {
+                if let Some(message) = &response.message {
+                    response.message =
+                        Some(filter_namespaces(message, &policies, &identity, claimed)?);
+                }
             }
             Ok(response)
         })
+    }
+}
+
+/// An answer can hold payloads sealed for another namespace (a child workflow's input and
+/// result in its parent's history, a signal sent elsewhere): they open only for a caller who
+/// may read that namespace too, as the caller could not read them there either.
+struct ForeignReads<'a> {
+    policies: &'a PolicySet,
+    audit: &'a AuditLog,
+    identity: &'a str,
+    claimed: Option<&'a ClaimedRoles>,
+    credential: &'static str,
+    peer: &'a str,
+    method: &'a str,
+    namespace: Option<&'a str>,
+}
+
+impl ForeignReads<'_> {
+    fn decide(&self, foreign: &[String]) -> Result<(), ProxyError> {
+        let mut denied = None;
+        for other in foreign {
+            let level = AccessLevel::Read;
+            let decision = self.policies.decide_for(
+                self.identity,
+                self.claimed,
+                Scope::Namespace,
+                Some(other),
+                level,
+            );
+            crate::telemetry::call::record_authz(self.identity, decision.allowed);
+            let mut event = AuditEvent::new(
+                self.identity,
+                Some(other),
+                self.method,
+                level,
+                &decision,
+                self.peer,
+            );
+            event.credential = Some(self.credential);
+            event.request_namespace = self.namespace.map(str::to_string);
+            self.audit
+                .record(&event)
+                .map_err(ProxyError::AuditUnavailable)?;
+            if !decision.allowed && denied.is_none() {
+                denied = Some(ProxyError::ForeignPayloadsDenied {
+                    identity: self.identity.to_string(),
+                    method: self
+                        .method
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or(self.method)
+                        .to_string(),
+                    namespace: other.clone(),
+                    required: decision.required.map_or("", Role::as_str),
+                });
+            }
+        }
+        denied.map_or(Ok(()), Err)
     }
 }
 

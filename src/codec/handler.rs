@@ -315,9 +315,12 @@ impl PeerService {
         let encryption = &service.deps.encryption;
         let encoded = Bytes::from(encoded);
         let result = match operation {
-            Operation::Decode => encryption.open(&namespace, json::PAYLOADS, &encoded).await,
+            Operation::Decode => encryption
+                .open_lenient(&namespace, json::PAYLOADS, &encoded)
+                .await
+                .map(|opened| opened.message),
             Operation::Encode => encryption
-                .seal(&namespace, json::PAYLOADS, &encoded)
+                .seal(&namespace, &[], json::PAYLOADS, &encoded)
                 .await
                 .map(|sealed| sealed.map(|b| b.to_vec())),
         };

@@ -397,6 +397,10 @@ pub struct NamespaceConfig {
     /// `encryption.default_key`.
     #[serde(default)]
     pub encryption_key: Option<String>,
+    /// Refuse responses of this namespace that hold a payload portcullis did not seal;
+    /// default: `[encryption] encrypted_only`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted_only: Option<bool>,
 }
 
 fn yes() -> bool {

@@ -25,6 +25,10 @@ pub struct EncryptionConfig {
     /// "fail" the call (naming the key), or "pass-through" the sealed payload.
     #[serde(default)]
     pub on_open_failure: OpenFailurePolicy,
+    /// Refuse responses holding a payload that portcullis did not seal (nil payloads aside),
+    /// for every namespace that does not say otherwise (`[[namespaces]] encrypted_only`).
+    #[serde(default)]
+    pub encrypted_only: bool,
     /// A namespace's data key is replaced after this many seconds ...
     #[serde(default = "default_max_age")]
     pub data_key_max_age_seconds: u64,
@@ -87,6 +91,7 @@ impl Default for EncryptionConfig {
             default_key: None,
             encode_failure_attributes: true,
             on_open_failure: OpenFailurePolicy::Fail,
+            encrypted_only: false,
             data_key_max_age_seconds: default_max_age(),
             data_key_max_seals: default_max_seals(),
             key_cache_ttl_seconds: default_max_age(),

@@ -13,8 +13,17 @@
 //!   `encoded_attributes` when failure attributes are decoded (the walker must read what it
 //!   opens to restore message and stack trace), and the `pass-through` open-failure policy
 //!   (a payload that does not open must then stay as it is, which is only known once tried).
+//!
+//! A message can hold payloads of more than one namespace: a command that starts a child
+//! workflow in (or signals) another namespace is sealed under that namespace's data key, so the
+//! target can open it, and its history events come back sealed that way. The walker says where
+//! each payload belongs ([`PayloadContext::namespace`]); sealing picks the key by it
+//! ([`ScopedKeys`]), and opening groups the keys it needs by it ([`OpenPlan::foreign`]).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 
 use super::envelope::{self, EnvelopeRef, Nonces};
 use super::error::CryptoError;
@@ -23,22 +32,79 @@ use crate::payload::walker::{
     self, FailureMode, PayloadContext, PayloadIndex, PayloadVisitor, RewritePlan, Visit, WalkError,
     WalkLimits, WalkOptions,
 };
+use crate::payload::wire::{self, WireType};
 
-/// Seals every payload of `message` (a serialized `message_type`) under `key`. With
-/// [`FailureMode::Encode`], Failure messages and stack traces are moved into sealed
-/// `encoded_attributes` first. `None`: nothing to seal. A message that sealing would push past
-/// `limits` is refused during the walk, before its output is allocated.
+/// The keys of one call, each bound to a namespace: the call's own first, then those of other
+/// namespaces its payloads belong to (see [`PayloadContext::namespace`]).
+#[derive(Debug, Clone)]
+pub struct ScopedKeys<K> {
+    keys: Vec<(String, K)>,
+}
+
+impl<K> ScopedKeys<K> {
+    /// The keys of a call in `namespace`, starting with its own.
+    pub fn new(namespace: impl Into<String>, key: K) -> Self {
+        ScopedKeys {
+            keys: vec![(namespace.into(), key)],
+        }
+    }
+
+    /// Adds the key of another namespace (the first key of a namespace stays).
+    pub fn add(&mut self, namespace: impl Into<String>, key: K) {
+        let namespace = namespace.into();
+        if !self.keys.iter().any(|(n, _)| *n == namespace) {
+            self.keys.push((namespace, key));
+        }
+    }
+
+    /// The call's own namespace.
+    pub fn own(&self) -> &str {
+        self.keys.first().map_or("", |(n, _)| n.as_str())
+    }
+
+    /// Where the key for a payload of `namespace` (`None`: the call's own) is.
+    fn position(&self, namespace: Option<&str>) -> Option<usize> {
+        match namespace {
+            None => Some(0),
+            Some(ns) => self.keys.iter().position(|(n, _)| n == ns),
+        }
+    }
+
+    fn get(&self, position: usize) -> Option<&K> {
+        self.keys.get(position).map(|(_, k)| k)
+    }
+
+    fn key_for(&self, ctx: &PayloadContext<'_>) -> Result<(usize, &K), WalkError> {
+        self.position(ctx.namespace())
+            .and_then(|i| Some((i, self.get(i)?)))
+            .ok_or_else(|| WalkError::Unsupported {
+                path: ctx.to_string(),
+                reason: format!(
+                    "the payload belongs to namespace {:?}, for which this call has no data key",
+                    ctx.namespace().unwrap_or_default()
+                ),
+            })
+    }
+}
+
+/// Seals every payload of `message` (a serialized `message_type`), each under the key of the
+/// namespace it belongs to (the walker says which; `keys` must hold every one, or the walk
+/// fails). With [`FailureMode::Encode`], Failure messages and stack traces are moved into
+/// sealed `encoded_attributes` first. `None`: nothing to seal. A message that sealing would
+/// push past `limits` is refused during the walk, before its output is allocated.
 pub fn seal_message(
     index: &PayloadIndex,
     message_type: &str,
     message: &[u8],
-    key: &SealingKey,
+    keys: &ScopedKeys<SealingKey>,
     failures: FailureMode,
     limits: WalkLimits,
 ) -> Result<Option<Vec<u8>>, WalkError> {
     let mut sealing = Sealing {
-        key,
+        keys,
+        seal_text: failures == FailureMode::Encode,
         nonces: Nonces::new(),
+        pending: VecDeque::new(),
     };
     walker::rewrite_named(
         index,
@@ -50,29 +116,198 @@ pub fn seal_message(
 }
 
 struct Sealing<'k> {
-    key: &'k SealingKey,
+    keys: &'k ScopedKeys<SealingKey>,
+    /// Seal text fields too ([`FailureMode::Encode`]).
+    seal_text: bool,
     nonces: Nonces,
+    /// For each deferred payload, in order, the key it was sized for (only with several keys).
+    pending: VecDeque<usize>,
 }
 
 impl PayloadVisitor for Sealing<'_> {
     /// Payloads the walker builds (encoded failure attributes) are sealed on the spot.
     fn payload(
         &mut self,
-        _: &PayloadContext<'_>,
+        ctx: &PayloadContext<'_>,
         payload: &[u8],
     ) -> Result<Option<Vec<u8>>, WalkError> {
-        self.key.seal(payload).map(Some).map_err(WalkError::visitor)
+        let (_, key) = self.keys.key_for(ctx)?;
+        key.seal(payload).map(Some).map_err(WalkError::visitor)
     }
 
-    fn visit(&mut self, _: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
-        Ok(Visit::Deferred(self.key.sealed_len(payload.len())))
+    fn visit(&mut self, ctx: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
+        let (position, key) = self.keys.key_for(ctx)?;
+        if self.keys.keys.len() > 1 {
+            self.pending.push_back(position);
+        }
+        Ok(Visit::Deferred(key.sealed_len(payload.len())))
+    }
+
+    fn text(&mut self, ctx: &PayloadContext<'_>, text: &str) -> Result<Option<String>, WalkError> {
+        if !self.seal_text || text.is_empty() {
+            return Ok(None);
+        }
+        let (_, key) = self.keys.key_for(ctx)?;
+        seal_text(key, text).map(Some).map_err(WalkError::visitor)
     }
 
     fn write(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), WalkError> {
-        self.key
-            .seal_into(payload, &mut self.nonces, out)
+        // Deferred payloads are written in the order they were visited.
+        let position = self.pending.pop_front().unwrap_or(0);
+        let key = self
+            .keys
+            .get(position)
+            .ok_or(WalkError::Internal("no key for a deferred payload"))?;
+        key.seal_into(payload, &mut self.nonces, out)
             .map_err(WalkError::visitor)
     }
+}
+
+/// What starts a text that portcullis sealed (a query handler's error message, see
+/// [`crate::payload::walker::USER_TEXT_FIELDS`]): the rest, up to the first character outside
+/// the URL-safe base64 alphabet, is the sealed Payload (unpadded URL-safe base64) holding the
+/// text. It survives where the server copies the text: `grpc-message` and the
+/// `google.rpc.Status` of a failed query.
+pub const SEALED_TEXT_PREFIX: &str = "portcullis-sealed:v1:";
+const TEXT_ENCODING: &[u8] = b"text/plain";
+
+/// The Temporal server cuts a query failure's message to this many bytes (observed with
+/// server 1.32): a sealed text must fit whole, or it no longer opens.
+pub const MAX_SEALED_TEXT: usize = 4000;
+
+/// `{encoding: text/plain}`, the metadata entry of a sealed text's Payload.
+fn text_metadata() -> Vec<u8> {
+    let mut entry = Vec::with_capacity(24);
+    wire::put_len_field(&mut entry, 1, b"encoding");
+    wire::put_len_field(&mut entry, 2, TEXT_ENCODING);
+    entry
+}
+
+/// The length of [`seal_text`]'s output for a text of `len` bytes.
+fn sealed_text_len(key: &SealingKey, metadata_len: usize, len: usize) -> usize {
+    let field = |n: usize| 1 + wire::varint_len(n as u64) + n;
+    let sealed = key.sealed_len(field(metadata_len) + field(len));
+    // Unpadded base64.
+    SEALED_TEXT_PREFIX.len() + (4 * sealed).div_ceil(3)
+}
+
+/// Seals `text` into its string form (see [`SEALED_TEXT_PREFIX`]). A text whose sealed form
+/// would pass [`MAX_SEALED_TEXT`] is cut first (at a character boundary) so it still opens:
+/// the server would cut it anyway, and a cut envelope opens to nothing.
+pub fn seal_text(key: &SealingKey, text: &str) -> Result<String, CryptoError> {
+    let metadata = text_metadata();
+    let mut keep = text.len();
+    if sealed_text_len(key, metadata.len(), keep) > MAX_SEALED_TEXT {
+        // The longest prefix that fits, by bisection (the sealed length grows with the text).
+        let (mut fits, mut too_long) = (0, keep);
+        while too_long - fits > 1 {
+            let middle = fits + (too_long - fits) / 2;
+            if sealed_text_len(key, metadata.len(), middle) <= MAX_SEALED_TEXT {
+                fits = middle;
+            } else {
+                too_long = middle;
+            }
+        }
+        keep = fits;
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+    }
+    let text = text.get(..keep).unwrap_or_default();
+    // A Payload {metadata {encoding: text/plain}, data: text}, sealed like any payload.
+    let mut payload = Vec::with_capacity(metadata.len() + text.len() + 8);
+    wire::put_len_field(&mut payload, 1, &metadata);
+    wire::put_len_field(&mut payload, 2, text.as_bytes());
+    let sealed = key.seal(&payload)?;
+    Ok(format!(
+        "{SEALED_TEXT_PREFIX}{}",
+        URL_SAFE_NO_PAD.encode(sealed)
+    ))
+}
+
+/// One sealed text found inside a string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedText {
+    /// Where it is in the string (prefix included).
+    pub range: std::ops::Range<usize>,
+    /// The sealed Payload.
+    pub sealed: Vec<u8>,
+}
+
+/// Every sealed text in `text`. A prefix not followed by the base64 of a portcullis envelope
+/// (say, cut short by whoever copied the text) is not one, and stays as it is.
+pub fn find_sealed_texts(text: &str) -> Vec<SealedText> {
+    let mut found = Vec::new();
+    for (at, _) in text.match_indices(SEALED_TEXT_PREFIX) {
+        let start = at + SEALED_TEXT_PREFIX.len();
+        let rest = text.get(start..).unwrap_or_default();
+        let len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            .count();
+        let Some(encoded) = rest.get(..len) else {
+            continue;
+        };
+        let Ok(sealed) = URL_SAFE_NO_PAD.decode(encoded) else {
+            continue;
+        };
+        if matches!(envelope::inspect(&sealed), Ok(Some(_))) {
+            found.push(SealedText {
+                range: at..start + len,
+                sealed,
+            });
+        }
+    }
+    found
+}
+
+/// The data key a sealed text needs.
+pub fn sealed_text_ref(text: &SealedText) -> Result<EnvelopeRef, CryptoError> {
+    envelope::inspect(&text.sealed)?.ok_or(CryptoError::MalformedEnvelope(
+        "a sealed text that is not a portcullis envelope",
+    ))
+}
+
+/// Replaces every sealed text found in `text` (by [`find_sealed_texts`]) with what it holds,
+/// opened with `keys`.
+pub fn open_texts(
+    text: &str,
+    found: &[SealedText],
+    keys: &OpeningKeys,
+) -> Result<String, CryptoError> {
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    for sealed in found {
+        let opened = keys.open(&sealed.sealed)?;
+        let mut data: &[u8] = &[];
+        let mut encoding = None;
+        for field in wire::fields(&opened) {
+            let field = field
+                .map_err(|_| CryptoError::MalformedEnvelope("a sealed text is not a Payload"))?;
+            match (field.number, field.wire_type) {
+                (1, WireType::Len) => {
+                    for part in wire::fields(field.value).flatten() {
+                        if part.number == 2 {
+                            encoding = Some(part.value);
+                        }
+                    }
+                }
+                (2, WireType::Len) => data = field.value,
+                _ => {}
+            }
+        }
+        let plain = std::str::from_utf8(data)
+            .ok()
+            .filter(|_| encoding == Some(TEXT_ENCODING))
+            .ok_or(CryptoError::MalformedEnvelope(
+                "a sealed text that holds no text",
+            ))?;
+        out.push_str(text.get(copied..sealed.range.start).unwrap_or_default());
+        out.push_str(plain);
+        copied = sealed.range.end;
+    }
+    out.push_str(text.get(copied..).unwrap_or_default());
+    Ok(out)
 }
 
 /// How to open a message.
@@ -85,13 +320,42 @@ pub struct OpenOptions {
     /// as it is instead of failing the call.
     pub pass_through: bool,
     pub limits: WalkLimits,
+    /// Every payload must be sealed by portcullis: any other (plaintext, or encrypted by
+    /// someone else) fails the walk with [`PlaintextPayload`]. Nil payloads (`binary/null`, no
+    /// data) carry nothing and pass.
+    pub strict: bool,
 }
 
-/// The first half of opening a message: the data keys it needs, and (usually) its output,
-/// planned.
+/// A payload that is not sealed by portcullis where every payload must be
+/// ([`OpenOptions::strict`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{path} holds a payload that is not sealed by portcullis (encoding {encoding:?})")]
+pub struct PlaintextPayload {
+    /// Where: `temporal.api.workflowservice.v1.PollWorkflowTaskQueueResponse.history.events…`
+    pub path: String,
+    /// Its `encoding` metadata, for the error message (never its data).
+    pub encoding: String,
+}
+
+/// The sealed payloads of one namespace in a message, and the distinct data keys they need.
+#[derive(Debug, Default)]
+struct Group {
+    /// `None`: the call's own namespace.
+    namespace: Option<String>,
+    refs: Vec<EnvelopeRef>,
+    /// Wrapped keys already in `refs`: a page of thousands of payloads usually needs one key,
+    /// and hashing and allocating per payload would cost more than finding them.
+    seen: HashSet<Vec<u8>>,
+}
+
+/// The first half of opening a message: the data keys it needs, by namespace, and (usually)
+/// its output, planned.
 #[derive(Debug)]
 pub struct OpenPlan {
-    refs: Vec<EnvelopeRef>,
+    /// The call's own namespace first, then others in order of appearance.
+    groups: Vec<Group>,
+    /// For each deferred payload, in order, its group; empty while there is only one group.
+    scopes: Vec<u16>,
     /// `None` when the second half must walk again (see the module comment), or when nothing
     /// is sealed.
     plan: Option<RewritePlan>,
@@ -99,9 +363,10 @@ pub struct OpenPlan {
     options: OpenOptions,
 }
 
-/// Walks `message` once: finds the sealed payloads, the distinct data keys they need, and
-/// where each opened payload goes. A payload marked as sealed by portcullis that is not a
-/// readable envelope fails the walk (unless `pass_through`).
+/// Walks `message` once: finds the sealed payloads, the distinct data keys they need (grouped
+/// by the namespace they belong to), and where each opened payload goes. A payload marked as
+/// sealed by portcullis that is not a readable envelope fails the walk (unless
+/// `pass_through`); so does any unsealed payload when `strict`.
 pub fn plan_open(
     index: &PayloadIndex,
     message_type: &str,
@@ -109,9 +374,10 @@ pub fn plan_open(
     options: OpenOptions,
 ) -> Result<OpenPlan, WalkError> {
     let mut collect = Collect {
-        refs: Vec::new(),
-        seen: HashSet::new(),
-        pass_through: options.pass_through,
+        groups: vec![Group::default()],
+        scopes: Vec::new(),
+        deferred: 0,
+        options,
         sealed_failure_attributes: false,
     };
     // Failure attributes are not decoded in this walk: it cannot read what it does not open.
@@ -125,7 +391,8 @@ pub fn plan_open(
     let rewalk =
         options.pass_through || (options.decode_failures && collect.sealed_failure_attributes);
     Ok(OpenPlan {
-        refs: collect.refs,
+        groups: collect.groups,
+        scopes: collect.scopes,
         plan: if rewalk { None } else { plan },
         rewalk,
         options,
@@ -133,10 +400,24 @@ pub fn plan_open(
 }
 
 impl OpenPlan {
-    /// The data keys to resolve (each once) before [`OpenPlan::open`]. Empty: nothing in the
-    /// message is sealed by portcullis.
+    /// The data keys to resolve (each once) for the call's own namespace, before
+    /// [`OpenPlan::open`].
     pub fn refs(&self) -> &[EnvelopeRef] {
-        &self.refs
+        self.groups.first().map_or(&[], |g| g.refs.as_slice())
+    }
+
+    /// Other namespaces whose sealed payloads the message holds (a child workflow's input and
+    /// result in its parent's history, …), each with the data keys to resolve for it.
+    pub fn foreign(&self) -> impl Iterator<Item = (&str, &[EnvelopeRef])> {
+        self.groups
+            .iter()
+            .skip(1)
+            .filter_map(|g| Some((g.namespace.as_deref()?, g.refs.as_slice())))
+    }
+
+    /// Whether anything in the message is sealed by portcullis.
+    pub fn has_sealed(&self) -> bool {
+        self.groups.iter().any(|g| !g.refs.is_empty())
     }
 
     /// Whether [`OpenPlan::open`] will walk the message again.
@@ -145,7 +426,8 @@ impl OpenPlan {
     }
 
     /// Opens every sealed payload of `message` (the same bytes [`plan_open`] walked) with
-    /// `keys`. `None`: nothing changed.
+    /// `keys`, resolved for [`OpenPlan::refs`]. A plan with [`OpenPlan::foreign`] groups needs
+    /// [`OpenPlan::open_scoped`]. `None`: nothing changed.
     pub fn open(
         &self,
         index: &PayloadIndex,
@@ -153,11 +435,30 @@ impl OpenPlan {
         message: &[u8],
         keys: &OpeningKeys,
     ) -> Result<Option<Vec<u8>>, WalkError> {
-        if self.refs.is_empty() {
+        self.open_scoped(index, message_type, message, std::slice::from_ref(keys))
+    }
+
+    /// [`OpenPlan::open`] with one resolved set of keys per group: the call's own first, then
+    /// one for each [`OpenPlan::foreign`] namespace, in that order.
+    pub fn open_scoped(
+        &self,
+        index: &PayloadIndex,
+        message_type: &str,
+        message: &[u8],
+        keys: &[OpeningKeys],
+    ) -> Result<Option<Vec<u8>>, WalkError> {
+        if !self.has_sealed() {
             return Ok(None);
         }
+        if keys.len() != self.groups.len() {
+            return Err(WalkError::Internal(
+                "opening keys do not match the namespaces of the plan",
+            ));
+        }
         let mut opening = Opening {
+            groups: &self.groups,
             keys,
+            scopes: self.scopes.iter(),
             pass_through: self.options.pass_through,
         };
         if self.rewalk {
@@ -181,15 +482,96 @@ impl OpenPlan {
     }
 }
 
-/// The first walk of opening: records each distinct data key once, and defers every sealed
-/// payload to the second half.
+/// Whether a serialized Payload is nil (`encoding: binary/null`, no data): it carries nothing,
+/// and SDKs and the server give it a meaning of its own (delete a memo key).
+pub fn is_nil_payload(payload: &[u8]) -> bool {
+    let mut nil = false;
+    for field in wire::fields(payload) {
+        let Ok(field) = field else { return false };
+        match (field.number, field.wire_type) {
+            (1, WireType::Len) => {
+                let (mut key, mut value) = (None, None);
+                for part in wire::fields(field.value) {
+                    let Ok(part) = part else { return false };
+                    match part.number {
+                        1 => key = Some(part.value),
+                        2 => value = Some(part.value),
+                        _ => return false,
+                    }
+                }
+                if key != Some(b"encoding".as_slice()) || value != Some(b"binary/null".as_slice()) {
+                    return false;
+                }
+                nil = true;
+            }
+            (2, WireType::Len) if field.value.is_empty() => {}
+            _ => return false,
+        }
+    }
+    nil
+}
+
+/// The `encoding` metadata of a serialized Payload, for error messages.
+fn encoding_of(payload: &[u8]) -> String {
+    for field in wire::fields(payload).flatten() {
+        if field.number != 1 || field.wire_type != WireType::Len {
+            continue;
+        }
+        let (mut key, mut value) = (None, None);
+        for part in wire::fields(field.value).flatten() {
+            match part.number {
+                1 => key = Some(part.value),
+                2 => value = Some(part.value),
+                _ => {}
+            }
+        }
+        if key == Some(b"encoding".as_slice()) {
+            return String::from_utf8_lossy(value.unwrap_or_default()).into_owned();
+        }
+    }
+    String::new()
+}
+
+/// The first walk of opening: records each distinct data key once, per namespace, and defers
+/// every sealed payload to the second half.
 struct Collect {
-    refs: Vec<EnvelopeRef>,
-    /// Wrapped keys already in `refs`: a page of thousands of payloads usually needs one key,
-    /// and hashing and allocating per payload would cost more than finding them.
-    seen: HashSet<Vec<u8>>,
-    pass_through: bool,
+    groups: Vec<Group>,
+    scopes: Vec<u16>,
+    /// Payloads deferred so far.
+    deferred: usize,
+    options: OpenOptions,
     sealed_failure_attributes: bool,
+}
+
+impl Collect {
+    /// The group of the namespace the payload at `ctx` belongs to, created on first use.
+    fn group(&mut self, ctx: &PayloadContext<'_>) -> Result<usize, WalkError> {
+        let Some(namespace) = ctx.namespace() else {
+            return Ok(0);
+        };
+        if let Some(i) = self
+            .groups
+            .iter()
+            .position(|g| g.namespace.as_deref() == Some(namespace))
+        {
+            return Ok(i);
+        }
+        if self.groups.len() >= usize::from(u16::MAX) {
+            return Err(WalkError::Unsupported {
+                path: ctx.to_string(),
+                reason: "payloads of too many namespaces in one message".into(),
+            });
+        }
+        if self.groups.len() == 1 {
+            // From now on every deferred payload records its group.
+            self.scopes = vec![0; self.deferred];
+        }
+        self.groups.push(Group {
+            namespace: Some(namespace.to_owned()),
+            ..Group::default()
+        });
+        Ok(self.groups.len() - 1)
+    }
 }
 
 impl PayloadVisitor for Collect {
@@ -204,38 +586,83 @@ impl PayloadVisitor for Collect {
     fn visit(&mut self, ctx: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
         let view = match envelope::parse(payload) {
             Ok(Some(view)) => view,
+            Ok(None) if self.options.strict && !is_nil_payload(payload) => {
+                return Err(WalkError::visitor(PlaintextPayload {
+                    path: ctx.to_string(),
+                    encoding: encoding_of(payload),
+                }))
+            }
             Ok(None) => return Ok(Visit::Keep),
-            Err(_) if self.pass_through => return Ok(Visit::Keep),
+            Err(_) if self.options.pass_through => return Ok(Visit::Keep),
             Err(e) => return Err(WalkError::visitor(e)),
         };
-        let last = self.refs.last().map(|r| r.wrapped_data_key.as_slice());
-        if last != Some(view.wrapped()) && !self.seen.contains(view.wrapped()) {
-            self.seen.insert(view.wrapped().to_vec());
-            self.refs.push(view.envelope_ref());
+        let position = self.group(ctx)?;
+        let group = self
+            .groups
+            .get_mut(position)
+            .ok_or(WalkError::Internal("group out of range"))?;
+        let last = group.refs.last().map(|r| r.wrapped_data_key.as_slice());
+        if last != Some(view.wrapped()) && !group.seen.contains(view.wrapped()) {
+            group.seen.insert(view.wrapped().to_vec());
+            group.refs.push(view.envelope_ref());
         }
         self.sealed_failure_attributes |= ctx.is_failure_attributes();
-        Ok(if self.pass_through {
+        if self.options.pass_through {
             // Opened (or not) by the second walk.
-            Visit::Keep
-        } else {
-            Visit::Deferred(view.opened_len())
-        })
+            return Ok(Visit::Keep);
+        }
+        if self.groups.len() > 1 {
+            // `group` keeps positions below u16::MAX.
+            self.scopes
+                .push(u16::try_from(position).unwrap_or(u16::MAX));
+        }
+        self.deferred += 1;
+        Ok(Visit::Deferred(view.opened_len()))
     }
 }
 
 /// The second half of opening, with the resolved keys.
 struct Opening<'k> {
-    keys: &'k OpeningKeys,
+    groups: &'k [Group],
+    keys: &'k [OpeningKeys],
+    /// The groups of deferred payloads, in order (empty: all the call's own).
+    scopes: std::slice::Iter<'k, u16>,
     pass_through: bool,
+}
+
+impl Opening<'_> {
+    fn keys_for(&self, ctx: &PayloadContext<'_>) -> Result<&OpeningKeys, WalkError> {
+        let position = match ctx.namespace() {
+            None => Some(0),
+            Some(ns) => self
+                .groups
+                .iter()
+                .position(|g| g.namespace.as_deref() == Some(ns)),
+        };
+        position
+            .and_then(|i| self.keys.get(i))
+            .ok_or(WalkError::Internal(
+                "a payload of a namespace the plan did not see",
+            ))
+    }
 }
 
 impl PayloadVisitor for Opening<'_> {
     fn payload(
         &mut self,
-        _: &PayloadContext<'_>,
+        ctx: &PayloadContext<'_>,
         payload: &[u8],
     ) -> Result<Option<Vec<u8>>, WalkError> {
-        match self.keys.open_if_sealed(payload) {
+        let keys = match self.keys_for(ctx) {
+            Ok(keys) => keys,
+            // No sealed payload of that namespace was seen: this one is not sealed either
+            // (the first walk let it through), or does not open (pass-through).
+            Err(_) if self.pass_through || matches!(envelope::parse(payload), Ok(None)) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        match keys.open_if_sealed(payload) {
             Ok(opened) => Ok(opened),
             Err(CryptoError::CannotOpen { .. } | CryptoError::MalformedEnvelope(_))
                 if self.pass_through =>
@@ -247,9 +674,12 @@ impl PayloadVisitor for Opening<'_> {
     }
 
     fn write(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), WalkError> {
-        self.keys
-            .open_into(payload, out)
-            .map_err(WalkError::visitor)
+        let position = self.scopes.next().map_or(0, |g| usize::from(*g));
+        let keys = self
+            .keys
+            .get(position)
+            .ok_or(WalkError::Internal("no keys for a deferred payload"))?;
+        keys.open_into(payload, out).map_err(WalkError::visitor)
     }
 }
 
@@ -365,6 +795,7 @@ mod tests {
             max_payloads: crate::payload::walker::DEFAULT_MAX_PAYLOADS,
             max_output: usize::MAX,
         },
+        strict: false,
     };
 
     async fn open(
@@ -430,8 +861,15 @@ mod tests {
             max_payloads: 1_000_000,
             max_output: 4 << 20,
         };
-        let err =
-            seal_message(index(), QUERY, &message, &key, FailureMode::Keep, limits).unwrap_err();
+        let err = seal_message(
+            index(),
+            QUERY,
+            &message,
+            &ScopedKeys::new("ns", key.clone()),
+            FailureMode::Keep,
+            limits,
+        )
+        .unwrap_err();
         let WalkError::OutputTooLarge { size, limit } = err else {
             panic!("{err}");
         };
@@ -443,11 +881,16 @@ mod tests {
 
         // Within the limit the same kind of message seals.
         let small = empty_payload_query(100);
-        assert!(
-            seal_message(index(), QUERY, &small, &key, FailureMode::Keep, limits)
-                .unwrap()
-                .is_some()
-        );
+        assert!(seal_message(
+            index(),
+            QUERY,
+            &small,
+            &ScopedKeys::new("ns", key.clone()),
+            FailureMode::Keep,
+            limits
+        )
+        .unwrap()
+        .is_some());
     }
 
     #[tokio::test]
@@ -459,11 +902,26 @@ mod tests {
             max_output: usize::MAX,
         };
         let at_limit = empty_payload_query(1000);
-        let sealed = seal_message(index(), QUERY, &at_limit, &key, FailureMode::Keep, limits)
-            .unwrap()
-            .unwrap();
+        let sealed = seal_message(
+            index(),
+            QUERY,
+            &at_limit,
+            &ScopedKeys::new("ns", key.clone()),
+            FailureMode::Keep,
+            limits,
+        )
+        .unwrap()
+        .unwrap();
         let over = empty_payload_query(1001);
-        let err = seal_message(index(), QUERY, &over, &key, FailureMode::Keep, limits).unwrap_err();
+        let err = seal_message(
+            index(),
+            QUERY,
+            &over,
+            &ScopedKeys::new("ns", key.clone()),
+            FailureMode::Keep,
+            limits,
+        )
+        .unwrap_err();
         assert!(
             matches!(err, WalkError::TooManyPayloads { limit: 1000 }),
             "{err}"
@@ -472,6 +930,7 @@ mod tests {
         let options = |max_payloads| OpenOptions {
             decode_failures: false,
             pass_through: false,
+            strict: false,
             limits: WalkLimits {
                 max_payloads,
                 max_output: usize::MAX,
@@ -494,7 +953,7 @@ mod tests {
             index(),
             PAGE,
             &original,
-            &key,
+            &ScopedKeys::new("ns", key.clone()),
             FailureMode::Encode,
             WalkLimits::default(),
         )
@@ -524,7 +983,7 @@ mod tests {
             index(),
             PAGE,
             &original,
-            &key,
+            &ScopedKeys::new("ns", key.clone()),
             FailureMode::Encode,
             WalkLimits::default(),
         )
@@ -541,6 +1000,7 @@ mod tests {
             decode_failures: false,
             pass_through: false,
             limits: WalkLimits::default(),
+            strict: false,
         };
         let (opened, rewalked) = open(&manager, &sealed, keep).await.unwrap();
         assert!(!rewalked);
@@ -581,7 +1041,7 @@ mod tests {
             index(),
             PAGE,
             &original,
-            &key,
+            &ScopedKeys::new("ns", key.clone()),
             FailureMode::Keep,
             WalkLimits::default(),
         )
@@ -617,7 +1077,7 @@ mod tests {
             index(),
             PAGE,
             &original,
-            &key,
+            &ScopedKeys::new("ns", key.clone()),
             FailureMode::Keep,
             WalkLimits::default(),
         )
@@ -642,6 +1102,7 @@ mod tests {
             decode_failures: true,
             pass_through: true,
             limits: WalkLimits::default(),
+            strict: false,
         };
         let (opened, rewalked) = open(&manager, &sealed, lenient).await.unwrap();
         assert!(rewalked);
@@ -695,8 +1156,498 @@ mod tests {
             decode_failures: true,
             pass_through: true,
             limits: WalkLimits::default(),
+            strict: false,
         };
         let plan = plan_open(index(), PAGE, &message, lenient).unwrap();
         assert!(plan.refs().is_empty());
+    }
+
+    const COMPLETED: &str = "temporal.api.workflowservice.v1.RespondWorkflowTaskCompletedRequest";
+
+    /// Each payload of `message` with what opens it: the namespace whose keys open it.
+    async fn opens_as(
+        manager: &DataKeyManager,
+        message_type: &str,
+        message: &[u8],
+    ) -> Vec<(String, Option<&'static str>)> {
+        let descriptor = crate::schema::Schema::global()
+            .message(message_type)
+            .unwrap();
+        let mut payloads = Vec::new();
+        walker::visit_payloads(index(), &descriptor, message, |ctx, p| {
+            payloads.push((ctx.field_name().unwrap_or("").to_string(), p.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        for (field, payload) in payloads {
+            let r = crate::crypto::inspect(&payload).unwrap().unwrap();
+            let mut opened_by = None;
+            for ns in ["alpha", "beta"] {
+                let keys = manager.opening_keys(ns, [r.clone()]).await;
+                if keys.is_ok_and(|k| k.open(&payload).is_ok()) {
+                    opened_by = Some(ns);
+                }
+            }
+            out.push((field, opened_by));
+        }
+        out
+    }
+
+    #[allow(deprecated)] // the commands' namespace field
+    fn completion() -> Vec<u8> {
+        use temporalio_protos::temporal::api::command::v1::{
+            command, Command, ScheduleActivityTaskCommandAttributes,
+            SignalExternalWorkflowExecutionCommandAttributes,
+            StartChildWorkflowExecutionCommandAttributes,
+        };
+        use temporalio_protos::temporal::api::common::v1::{Header, Memo};
+        use temporalio_protos::temporal::api::workflowservice::v1::RespondWorkflowTaskCompletedRequest;
+        let one = |text: &str| Payload {
+            metadata: [("encoding".to_string(), b"json/plain".to_vec())].into(),
+            data: format!("\"{SECRET} {text}\"").into_bytes(),
+            ..Default::default()
+        };
+        let command = |attributes| Command {
+            attributes: Some(attributes),
+            ..Default::default()
+        };
+        RespondWorkflowTaskCompletedRequest {
+            namespace: "alpha".into(),
+            commands: vec![
+                command(
+                    command::Attributes::StartChildWorkflowExecutionCommandAttributes(
+                        StartChildWorkflowExecutionCommandAttributes {
+                            namespace: "beta".into(),
+                            input: payloads("child input"),
+                            header: Some(Header {
+                                fields: [("h".to_string(), one("child header"))].into(),
+                            }),
+                            memo: Some(Memo {
+                                fields: [("m".to_string(), one("child memo"))].into(),
+                            }),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                command(
+                    command::Attributes::SignalExternalWorkflowExecutionCommandAttributes(
+                        SignalExternalWorkflowExecutionCommandAttributes {
+                            namespace: "".into(),
+                            input: payloads("local signal"),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                command(
+                    command::Attributes::SignalExternalWorkflowExecutionCommandAttributes(
+                        SignalExternalWorkflowExecutionCommandAttributes {
+                            namespace: "beta".into(),
+                            input: payloads("remote signal"),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                command(command::Attributes::ScheduleActivityTaskCommandAttributes(
+                    ScheduleActivityTaskCommandAttributes {
+                        input: payloads("activity"),
+                        ..Default::default()
+                    },
+                )),
+            ],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// A command aimed at another namespace is sealed under that namespace's data key (so it
+    /// opens there, and only there); the rest under the call's own.
+    #[tokio::test]
+    async fn commands_aimed_elsewhere_are_sealed_for_their_namespace() {
+        let manager = manager();
+        let mut keys = ScopedKeys::new("alpha", manager.sealing_key("alpha").await.unwrap());
+        keys.add("beta", manager.sealing_key("beta").await.unwrap());
+        let original = completion();
+        let sealed = seal_message(
+            index(),
+            COMPLETED,
+            &original,
+            &keys,
+            FailureMode::Encode,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!contains(&sealed, SECRET));
+        let mut seen = opens_as(&manager, COMPLETED, &sealed).await;
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                // The local signal and the activity.
+                ("payloads".to_string(), Some("alpha")),
+                ("payloads".to_string(), Some("alpha")),
+                // The child's input and the remote signal.
+                ("payloads".to_string(), Some("beta")),
+                ("payloads".to_string(), Some("beta")),
+                // The child's header and memo (map values).
+                ("value".to_string(), Some("beta")),
+                ("value".to_string(), Some("beta")),
+            ]
+        );
+
+        // Without beta's key the walk fails: nothing is sealed under a guess.
+        let only_alpha = ScopedKeys::new("alpha", manager.sealing_key("alpha").await.unwrap());
+        let err = seal_message(
+            index(),
+            COMPLETED,
+            &original,
+            &only_alpha,
+            FailureMode::Encode,
+            WalkLimits::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("\"beta\""), "{err}");
+    }
+
+    /// A parent's history holds its child's input sealed for the child's namespace: opening
+    /// groups the keys by namespace and opens each payload with its own.
+    #[tokio::test]
+    async fn a_history_with_payloads_of_another_namespace_opens_with_both() {
+        let manager = manager();
+        let child_input = manager
+            .sealing_key("beta")
+            .await
+            .unwrap()
+            .seal(
+                &Payload {
+                    data: format!("{SECRET} child").into_bytes(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
+            .unwrap();
+        let mut events = vec![event(
+            1,
+            Attributes::StartChildWorkflowExecutionInitiatedEventAttributes(
+                history::StartChildWorkflowExecutionInitiatedEventAttributes {
+                    namespace: "beta".into(),
+                    input: Some(Payloads {
+                        payloads: vec![Payload::decode(child_input.as_slice()).unwrap()],
+                    }),
+                    ..Default::default()
+                },
+            ),
+        )];
+        let own = ScopedKeys::new("alpha", manager.sealing_key("alpha").await.unwrap());
+        let activity = GetWorkflowExecutionHistoryResponse {
+            history: Some(History {
+                events: vec![event(
+                    2,
+                    Attributes::ActivityTaskScheduledEventAttributes(
+                        history::ActivityTaskScheduledEventAttributes {
+                            input: payloads("activity"),
+                            ..Default::default()
+                        },
+                    ),
+                )],
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let sealed_activity = seal_message(
+            index(),
+            PAGE,
+            &activity,
+            &own,
+            FailureMode::Keep,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        events.extend(
+            GetWorkflowExecutionHistoryResponse::decode(sealed_activity.as_slice())
+                .unwrap()
+                .history
+                .unwrap()
+                .events,
+        );
+        let page = GetWorkflowExecutionHistoryResponse {
+            history: Some(History { events }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+
+        let plan = plan_open(index(), PAGE, &page, STRICT).unwrap();
+        assert_eq!(plan.refs().len(), 1);
+        let foreign: Vec<&str> = plan.foreign().map(|(ns, _)| ns).collect();
+        assert_eq!(foreign, ["beta"]);
+        let mut keys = vec![manager
+            .opening_keys("alpha", plan.refs().iter().cloned())
+            .await
+            .unwrap()];
+        for (ns, refs) in plan.foreign() {
+            keys.push(
+                manager
+                    .opening_keys(ns, refs.iter().cloned())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let opened = plan
+            .open_scoped(index(), PAGE, &page, &keys)
+            .unwrap()
+            .unwrap();
+        assert!(contains(&opened, &format!("{SECRET} child")));
+        assert!(contains(&opened, &format!("{SECRET} activity")));
+        // The single-namespace form refuses a plan that needs two.
+        assert!(plan.open(index(), PAGE, &page, &keys[0]).is_err());
+        // Swapped keys do not open: the namespace is bound into every envelope.
+        keys.swap(0, 1);
+        assert!(plan.open_scoped(index(), PAGE, &page, &keys).is_err());
+    }
+
+    /// Strict opening refuses any payload portcullis did not seal, except nil ones.
+    #[tokio::test]
+    async fn strict_opening_refuses_plaintext_but_not_nil() {
+        let manager = manager();
+        let key = ScopedKeys::new("ns", manager.sealing_key("ns").await.unwrap());
+        let sealed = seal_message(
+            index(),
+            PAGE,
+            &page(false),
+            &key,
+            FailureMode::Keep,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        let strict = OpenOptions {
+            strict: true,
+            ..STRICT
+        };
+        assert!(open(&manager, &sealed, strict).await.unwrap().0.is_some());
+
+        let err = plan_open(index(), PAGE, &page(false), strict).unwrap_err();
+        let WalkError::Visitor(inner) = err else {
+            panic!("{err}")
+        };
+        let plaintext = inner
+            .downcast_ref::<PlaintextPayload>()
+            .expect("plaintext error");
+        assert_eq!(plaintext.encoding, "json/plain");
+        assert!(
+            plaintext
+                .path
+                .contains("activity_task_scheduled_event_attributes.input"),
+            "{}",
+            plaintext.path
+        );
+        assert!(!plaintext.to_string().contains(SECRET));
+        // Lenient: passed through.
+        assert!(plan_open(index(), PAGE, &page(false), STRICT).is_ok());
+
+        let nil = Payload {
+            metadata: [("encoding".to_string(), b"binary/null".to_vec())].into(),
+            ..Default::default()
+        };
+        assert!(is_nil_payload(&nil.encode_to_vec()));
+        let not_nil = Payload {
+            metadata: [("encoding".to_string(), b"binary/null".to_vec())].into(),
+            data: b"x".to_vec(),
+            ..Default::default()
+        };
+        assert!(!is_nil_payload(&not_nil.encode_to_vec()));
+        assert!(!is_nil_payload(&Payload::default().encode_to_vec()));
+        let nil_page = GetWorkflowExecutionHistoryResponse {
+            history: Some(History {
+                events: vec![event(
+                    1,
+                    Attributes::ActivityTaskCompletedEventAttributes(
+                        history::ActivityTaskCompletedEventAttributes {
+                            result: Some(Payloads {
+                                payloads: vec![nil],
+                            }),
+                            ..Default::default()
+                        },
+                    ),
+                )],
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let plan = plan_open(index(), PAGE, &nil_page, strict).unwrap();
+        assert!(!plan.has_sealed());
+    }
+
+    /// A query handler's error message is sealed into its string form (under
+    /// encode_failure_attributes only), and opens back from wherever the server copies it.
+    #[tokio::test]
+    async fn query_error_messages_are_sealed_as_text() {
+        use temporalio_protos::temporal::api::query::v1::WorkflowQueryResult;
+        use temporalio_protos::temporal::api::workflowservice::v1::{
+            RespondQueryTaskCompletedRequest, RespondWorkflowTaskCompletedRequest,
+        };
+        const QUERY: &str = "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest";
+        let manager = manager();
+        let keys = ScopedKeys::new("ns", manager.sealing_key("ns").await.unwrap());
+        let marker = format!("{SECRET} ünïcode query failed");
+        let request = RespondQueryTaskCompletedRequest {
+            namespace: "ns".into(),
+            error_message: marker.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let sealed = seal_message(
+            index(),
+            QUERY,
+            &request,
+            &keys,
+            FailureMode::Encode,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!contains(&sealed, SECRET));
+        let text = RespondQueryTaskCompletedRequest::decode(sealed.as_slice())
+            .unwrap()
+            .error_message;
+        assert!(text.starts_with(SEALED_TEXT_PREFIX), "{text}");
+
+        // The server wraps it in its own words; the sealed part opens in place.
+        let error = format!("query failed: {text}. (and {text})");
+        let found = find_sealed_texts(&error);
+        assert_eq!(found.len(), 2);
+        let refs: Vec<EnvelopeRef> = found.iter().map(|t| sealed_text_ref(t).unwrap()).collect();
+        let opening = manager.opening_keys("ns", refs.clone()).await.unwrap();
+        assert_eq!(
+            open_texts(&error, &found, &opening).unwrap(),
+            format!("query failed: {marker}. (and {marker})")
+        );
+        // Bound to its namespace like any payload: its key does not even unwrap elsewhere.
+        assert!(manager.opening_keys("other", refs).await.is_err());
+        // A prefix without a sealed payload behind it is just text, also when cut short.
+        assert!(find_sealed_texts(&format!("{SEALED_TEXT_PREFIX}!")).is_empty());
+        assert!(find_sealed_texts(&text[..text.len() - 10]).is_empty());
+
+        // In a workflow task completion's query results too.
+        let completed = RespondWorkflowTaskCompletedRequest {
+            namespace: "ns".into(),
+            query_results: [(
+                "q1".to_string(),
+                WorkflowQueryResult {
+                    result_type: 2,
+                    error_message: marker.clone(),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let sealed = seal_message(
+            index(),
+            COMPLETED,
+            &completed,
+            &keys,
+            FailureMode::Encode,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!contains(&sealed, SECRET));
+        assert!(contains(&sealed, SEALED_TEXT_PREFIX));
+
+        // A text too long for the server's limit is cut so that its sealed form still fits
+        // (and opens); one that fits is kept whole, exactly.
+        let key = manager.sealing_key("ns").await.unwrap();
+        for len in [0, 1, 100, 2000, 2700, 2900, 3000, 10_000] {
+            let text = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            let sealed = seal_text(&key, &text).unwrap();
+            assert!(sealed.len() <= MAX_SEALED_TEXT, "{len}: {}", sealed.len());
+            let fits = sealed_text_len(&key, text_metadata().len(), text.len()) <= MAX_SEALED_TEXT;
+            if fits {
+                assert_eq!(
+                    sealed.len(),
+                    sealed_text_len(&key, text_metadata().len(), text.len())
+                );
+            }
+            let found = find_sealed_texts(&sealed);
+            let refs: Vec<EnvelopeRef> =
+                found.iter().map(|t| sealed_text_ref(t).unwrap()).collect();
+            let opening = manager.opening_keys("ns", refs).await.unwrap();
+            let opened = open_texts(&sealed, &found, &opening).unwrap();
+            if fits {
+                assert_eq!(opened, text, "{len}");
+            } else {
+                assert!(
+                    text.starts_with(&opened) && opened.len() > 2500,
+                    "{len}: cut to {}",
+                    opened.len()
+                );
+            }
+        }
+
+        // encode_failure_attributes off: left as it is.
+        assert!(seal_message(
+            index(),
+            QUERY,
+            &request,
+            &keys,
+            FailureMode::Keep,
+            WalkLimits::default()
+        )
+        .unwrap()
+        .is_none());
+    }
+
+    /// A legacy Nexus failure with content cannot be sealed: the request is refused. An
+    /// empty one (only the error type) passes.
+    #[tokio::test]
+    #[allow(deprecated)]
+    async fn legacy_nexus_failures_are_refused() {
+        use temporalio_protos::temporal::api::nexus::v1::{Failure as NexusFailure, HandlerError};
+        use temporalio_protos::temporal::api::workflowservice::v1::RespondNexusTaskFailedRequest;
+        const FAILED: &str = "temporal.api.workflowservice.v1.RespondNexusTaskFailedRequest";
+        let manager = manager();
+        let keys = ScopedKeys::new("ns", manager.sealing_key("ns").await.unwrap());
+        let request = |failure: Option<NexusFailure>| {
+            RespondNexusTaskFailedRequest {
+                namespace: "ns".into(),
+                error: Some(HandlerError {
+                    error_type: "INTERNAL".into(),
+                    failure,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let err = seal_message(
+            index(),
+            FAILED,
+            &request(Some(NexusFailure {
+                message: SECRET.into(),
+                ..Default::default()
+            })),
+            &keys,
+            FailureMode::Encode,
+            WalkLimits::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, WalkError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("error.failure"), "{err}");
+        assert!(!err.to_string().contains(SECRET));
+        for empty in [None, Some(NexusFailure::default())] {
+            assert!(seal_message(
+                index(),
+                FAILED,
+                &request(empty),
+                &keys,
+                FailureMode::Encode,
+                WalkLimits::default()
+            )
+            .is_ok());
+        }
     }
 }

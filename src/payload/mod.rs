@@ -2,6 +2,7 @@
 //! that finds and rewrites every Payload, and the rewriter of namespace names.
 
 pub mod namespaces;
+pub mod targets;
 pub mod unknown;
 pub mod walker;
 pub mod wire;

@@ -27,9 +27,12 @@
 //!   targets it is refused ([`WalkError::Unsupported`]).
 //! - Failures: see [`FailureMode`].
 //!
-//! Not walked: `temporal.api.nexus.v1.Failure.details` (deprecated Nexus `HandlerError` /
-//! `UnsuccessfulOperationError`) is JSON bytes; SDKs that still use it may put a serialized
-//! Failure, with its payloads, there.
+//! - Legacy Nexus failures (`temporal.api.nexus.v1.Failure`, in the deprecated `HandlerError` /
+//!   `UnsuccessfulOperationError`): message, stack trace, metadata and JSON `details` (which
+//!   SDKs fill with a serialized Failure, payloads and all) are plain fields the server reads.
+//!   One with any content is refused ([`WalkError::Unsupported`]); see `REFUSED_MESSAGES`.
+//! - Text fields that carry user data (`USER_TEXT_FIELDS`: a query handler's error message)
+//!   go to [`PayloadVisitor::text`].
 
 mod failure;
 mod index;
@@ -40,7 +43,9 @@ use prost_reflect::MessageDescriptor;
 
 use super::wire::{self, put_varint, varint_len, Field, WireError, WireType};
 pub use failure::{ENCODED_FAILURE_MESSAGE, FAILURE_MARKER_KEY, FAILURE_MARKER_VALUE};
-pub use index::{BlobRule, Exclusion, PayloadField, PayloadIndex};
+pub use index::{
+    BlobRule, Exclusion, PayloadField, PayloadIndex, REFUSED_MESSAGES, USER_TEXT_FIELDS,
+};
 use index::{FieldTarget, MessageId, MessageKind, MessagePlan};
 
 /// Default limit on message nesting (each message-typed field descended into is one level).
@@ -192,6 +197,13 @@ pub trait PayloadVisitor {
         })
     }
 
+    /// A string field that carries user data in plain text ([`index::USER_TEXT_FIELDS`]: a
+    /// query handler's error message). Return its replacement, or `None` to leave it.
+    fn text(&mut self, ctx: &PayloadContext<'_>, text: &str) -> Result<Option<String>, WalkError> {
+        let _ = (ctx, text);
+        Ok(None)
+    }
+
     /// Appends the replacement of `payload` announced by [`Visit::Deferred`]: exactly the
     /// announced number of bytes (the walker checks, and fails otherwise). Called once per
     /// deferred payload, in input order, after the walk.
@@ -233,14 +245,22 @@ struct PathNode<'a> {
     segment: Segment<'a>,
     /// This is the `encoded_attributes` field of a `temporal.api.failure.v1.Failure`.
     failure_attributes: bool,
+    /// The namespace the payloads below belong to, when a message on the path names one
+    /// (see [`PayloadContext::namespace`]); inherited from the parent otherwise.
+    namespace: Option<&'a str>,
 }
 
 impl<'a> PathNode<'a> {
     fn field(parent: Option<&'a PathNode<'a>>, name: &'a str) -> Self {
+        PathNode::child(parent, Segment::Field(name))
+    }
+
+    fn child(parent: Option<&'a PathNode<'a>>, segment: Segment<'a>) -> Self {
         PathNode {
             parent,
-            segment: Segment::Field(name),
+            segment,
             failure_attributes: false,
+            namespace: parent.and_then(|p| p.namespace),
         }
     }
 }
@@ -298,6 +318,15 @@ impl PayloadContext<'_> {
     /// and stack trace (plaintext that must be sealed).
     pub fn is_encoded_failure_attributes(&self) -> bool {
         self.encoded_failure_attributes
+    }
+
+    /// The namespace the payload belongs to when it is not the call's own: the `namespace` of
+    /// the nearest message on its path that names one (a command starting a child workflow in
+    /// or signalling another namespace, the history events of such commands, a nested
+    /// request), when not empty. `None`: the call's namespace. The root message's own
+    /// `namespace` is never reported (it is the call's).
+    pub fn namespace(&self) -> Option<&str> {
+        self.path.node.and_then(|n| n.namespace)
     }
 
     /// True when the payload is the `encoded_attributes` of a `temporal.api.failure.v1.Failure`
@@ -720,6 +749,8 @@ impl<'a> Walk<'a> {
             }
             MessageKind::Any => self.walk_any(base, buf, depth, node),
             MessageKind::DataBlob => self.walk_blob(BlobRule::Refuse, base, buf, depth, node),
+            MessageKind::Refused(_) if buf.is_empty() => Ok(0),
+            MessageKind::Refused(reason) => Err(self.unsupported(node, reason.to_string())),
             MessageKind::Failure if self.options.failures != FailureMode::Keep => {
                 self.walk_failure(plan, base, buf, depth, node)
             }
@@ -740,6 +771,8 @@ impl<'a> Walk<'a> {
     ) -> Result<isize, WalkError> {
         match target {
             FieldTarget::Message(id) => self.walk_message(id, base, buf, depth, node),
+            // Text fields are handled where they are found (walk_fields).
+            FieldTarget::Text => Ok(0),
             FieldTarget::Blob(rule) => {
                 if depth > self.options.max_depth {
                     return Err(WalkError::TooDeep {
@@ -828,6 +861,13 @@ impl<'a> Walk<'a> {
         node: Option<&PathNode<'_>>,
         overrides: &mut [Override],
     ) -> Result<isize, WalkError> {
+        let namespace = match plan.namespace_field {
+            Some(number) if depth > 0 => wire::validate_and_find_string(buf, Some(number))
+                .map_err(|e| self.malformed(node, e))?
+                .filter(|ns| !ns.is_empty())
+                .or(node.and_then(|n| n.namespace)),
+            _ => node.and_then(|n| n.namespace),
+        };
         let mut delta = 0isize;
         for field in wire::fields(buf) {
             let field = field.map_err(|e| self.malformed(node, e))?;
@@ -857,6 +897,7 @@ impl<'a> Walk<'a> {
                 continue;
             };
             let mut child = PathNode::field(node, &fp.name);
+            child.namespace = namespace;
             child.failure_attributes = plan.kind == MessageKind::Failure
                 && self
                     .index
@@ -870,12 +911,32 @@ impl<'a> Walk<'a> {
                     },
                 ));
             }
+            if fp.target == FieldTarget::Text {
+                delta += self.visit_text(base, &field, &child)?;
+                continue;
+            }
             delta += self.descend(fp.target, base, &field, depth, &child)?;
         }
         if !overrides.is_empty() {
             delta += self.insert_pending(base + buf.len(), u32::MAX, overrides);
         }
         Ok(delta)
+    }
+
+    /// A text field: the visitor may replace it.
+    fn visit_text(
+        &mut self,
+        base: usize,
+        field: &Field<'_>,
+        node: &PathNode<'_>,
+    ) -> Result<isize, WalkError> {
+        let text = std::str::from_utf8(field.value)
+            .map_err(|_| self.malformed(Some(node), WireError::InvalidUtf8(field.number)))?;
+        let ctx = self.context(Some(node), false);
+        match self.visitor.text(&ctx, text)? {
+            Some(new) if new != text => Ok(self.replace_value(base, field, new.into_bytes())),
+            _ => Ok(0),
+        }
     }
 
     /// Inserts at `at` the `Set` values of overrides numbered below `before`.
@@ -930,11 +991,7 @@ impl<'a> Walk<'a> {
         let Some(plan) = index.plan(id).filter(|p| p.reaches) else {
             return Ok(0);
         };
-        let child = PathNode {
-            parent: node,
-            segment: Segment::AnyValue(&plan.name),
-            failure_attributes: false,
-        };
+        let child = PathNode::child(node, Segment::AnyValue(&plan.name));
         let mut delta = 0;
         for field in wire::fields(buf) {
             let field = field.map_err(|e| self.malformed(node, e))?;
@@ -1007,11 +1064,7 @@ impl<'a> Walk<'a> {
                 ))
             }
         };
-        let child = PathNode {
-            parent: node,
-            segment: Segment::BlobData,
-            failure_attributes: false,
-        };
+        let child = PathNode::child(node, Segment::BlobData);
         let mut delta = 0;
         for field in wire::fields(buf) {
             let field = field.map_err(|e| self.malformed(node, e))?;

@@ -249,6 +249,7 @@ async fn read_call(
         message,
         deadline,
         namespace: None,
+        targets: Vec::new(),
         peer,
     })
 }
@@ -314,6 +315,7 @@ fn success_response(response: GrpcResponse, gzip: bool) -> Response<GrpcBody> {
         mut headers,
         message,
         trailers,
+        ..
     } = response;
     let data = message.map(|m| {
         let encoding = if gzip {

@@ -19,11 +19,17 @@ use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::crypto::aws_kms::AwsKmsProvider;
 use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
 use crate::crypto::keyring::ReloadingLocalProvider;
-use crate::crypto::{message, CryptoError, DataKeyManager, KeyProvider, OpenOptions};
+use crate::crypto::message::{PlaintextPayload, ScopedKeys};
+use crate::crypto::{message, CryptoError, DataKeyManager, KeyProvider, OpenFailure, OpenOptions};
 use crate::error::ProxyError;
+use crate::grpc::headers::{percent_decode, percent_encode};
+use crate::payload::targets::CommandTarget;
+use crate::payload::unknown;
 use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError, WalkLimits};
+use crate::payload::wire;
 
 const STATUS_DETAILS: &str = "grpc-status-details-bin";
+const GRPC_MESSAGE: &str = "grpc-message";
 
 /// Messages at least this large are sealed and opened on a blocking thread: a serving thread
 /// runs every call of its connections and must not stall them for milliseconds.
@@ -110,11 +116,14 @@ impl OffThreadBudget {
 /// Data key managers per namespace, and how to seal.
 pub struct Encryption {
     index: &'static PayloadIndex,
-    /// Namespace → manager; replaced when the config's namespaces change at run time.
-    managers: RwLock<Arc<HashMap<String, Arc<DataKeyManager>>>>,
+    /// Namespace → manager and response rule; replaced when the config's namespaces change at
+    /// run time.
+    managers: RwLock<Arc<HashMap<String, NamespaceCrypto>>>,
     /// Manager per configured key name.
     by_key: HashMap<String, Arc<DataKeyManager>>,
     default_manager: Option<Arc<DataKeyManager>>,
+    /// `[encryption] encrypted_only`: the response rule of namespaces not listed.
+    default_encrypted_only: bool,
     encode_failures: bool,
     on_open_failure: OpenFailurePolicy,
     upstream_max_request_bytes: usize,
@@ -134,13 +143,46 @@ struct ConfiguredKey {
     stats: Arc<crate::telemetry::ProviderStats>,
 }
 
+/// How one served namespace is encrypted: `[[namespaces]] encryption_key` and
+/// `encrypted_only` (resolved against `[encryption] encrypted_only`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceKey {
+    pub namespace: String,
+    /// The `[encryption.keys.NAME]` sealing it; `None`: the default key.
+    pub key: Option<String>,
+    /// Every payload of its responses must be sealed by portcullis.
+    pub encrypted_only: bool,
+}
+
+impl NamespaceKey {
+    pub fn new(namespace: &str, key: Option<&str>) -> NamespaceKey {
+        NamespaceKey {
+            namespace: namespace.to_string(),
+            key: key.map(str::to_string),
+            encrypted_only: false,
+        }
+    }
+}
+
+/// A served namespace's data key manager and response rule.
+#[derive(Clone)]
+struct NamespaceCrypto {
+    manager: Arc<DataKeyManager>,
+    encrypted_only: bool,
+}
+
 fn namespace_managers(
     by_key: &HashMap<String, Arc<DataKeyManager>>,
     default_manager: Option<&Arc<DataKeyManager>>,
-    namespace_keys: &[(String, Option<String>)],
-) -> Result<HashMap<String, Arc<DataKeyManager>>, EncryptionSetupError> {
+    namespace_keys: &[NamespaceKey],
+) -> Result<HashMap<String, NamespaceCrypto>, EncryptionSetupError> {
     let mut managers = HashMap::new();
-    for (namespace, key) in namespace_keys {
+    for NamespaceKey {
+        namespace,
+        key,
+        encrypted_only,
+    } in namespace_keys
+    {
         let manager = match key.as_deref() {
             Some(key) => by_key.get(key).cloned().ok_or_else(|| {
                 EncryptionSetupError::Invalid(format!(
@@ -153,7 +195,13 @@ fn namespace_managers(
                 ))
             })?,
         };
-        managers.insert(namespace.clone(), manager);
+        managers.insert(
+            namespace.clone(),
+            NamespaceCrypto {
+                manager,
+                encrypted_only: *encrypted_only,
+            },
+        );
     }
     Ok(managers)
 }
@@ -171,7 +219,7 @@ impl Encryption {
     /// namespace to its key name (None: the default key).
     pub async fn new(
         config: &EncryptionConfig,
-        namespace_keys: &[(String, Option<String>)],
+        namespace_keys: &[NamespaceKey],
         needs_default: bool,
     ) -> Result<Encryption, EncryptionSetupError> {
         let mut by_key: HashMap<String, Arc<DataKeyManager>> = HashMap::new();
@@ -234,6 +282,7 @@ impl Encryption {
             managers: RwLock::new(Arc::new(managers)),
             by_key,
             default_manager,
+            default_encrypted_only: config.encrypted_only,
             encode_failures: config.encode_failure_attributes,
             on_open_failure: config.on_open_failure,
             upstream_max_request_bytes: config.upstream_max_request_bytes,
@@ -280,9 +329,21 @@ impl Encryption {
         };
         managers
             .get(namespace)
+            .map(|n| &n.manager)
             .or(self.default_manager.as_ref())
             .cloned()
             .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))
+    }
+
+    /// Whether every payload of `namespace`'s responses must be sealed by portcullis.
+    pub fn encrypted_only(&self, namespace: &str) -> bool {
+        let managers = match self.managers.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        managers
+            .get(namespace)
+            .map_or(self.default_encrypted_only, |n| n.encrypted_only)
     }
 
     /// Metrics of every configured key, by name.
@@ -313,7 +374,7 @@ impl Encryption {
     /// Whether [`Encryption::set_namespace_keys`] would accept `namespace_keys`.
     pub fn check_namespace_keys(
         &self,
-        namespace_keys: &[(String, Option<String>)],
+        namespace_keys: &[NamespaceKey],
     ) -> Result<(), EncryptionSetupError> {
         namespace_managers(&self.by_key, self.default_manager.as_ref(), namespace_keys).map(|_| ())
     }
@@ -323,7 +384,7 @@ impl Encryption {
     /// that was not configured then is refused.
     pub fn set_namespace_keys(
         &self,
-        namespace_keys: &[(String, Option<String>)],
+        namespace_keys: &[NamespaceKey],
     ) -> Result<(), EncryptionSetupError> {
         let managers =
             namespace_managers(&self.by_key, self.default_manager.as_ref(), namespace_keys)?;
@@ -334,21 +395,39 @@ impl Encryption {
         Ok(())
     }
 
-    /// Seals every payload in `message` (of type `message_type`).
+    /// Seals every payload in `message` (of type `message_type`): under `namespace`'s data key,
+    /// and those of a command aimed at another namespace (`targets`) under that namespace's,
+    /// so the target can open them.
     pub async fn seal(
         &self,
         namespace: &str,
+        targets: &[CommandTarget],
         message_type: &'static str,
         message: &Bytes,
     ) -> Result<Option<Bytes>, ProxyError> {
         if self.index.reaches(message_type) == Some(false) {
             return Ok(None);
         }
-        let key = self
+        let own = self
             .manager(namespace)?
             .sealing_key(namespace)
             .await
             .map_err(crypto_error)?;
+        let mut keys = ScopedKeys::new(namespace, own);
+        for target in targets.iter().filter(|t| t.carries_payloads) {
+            let manager = self.manager(&target.namespace).map_err(|e| match e {
+                ProxyError::UnknownNamespace(_) => ProxyError::UnknownCommandTarget {
+                    command: target.command,
+                    namespace: target.namespace.clone(),
+                },
+                other => other,
+            })?;
+            let key = manager
+                .sealing_key(&target.namespace)
+                .await
+                .map_err(crypto_error)?;
+            keys.add(target.namespace.as_str(), key);
+        }
         let failures = if self.encode_failures {
             FailureMode::Encode
         } else {
@@ -358,36 +437,71 @@ impl Encryption {
             max_payloads: self.limits.max_payloads,
             max_output: self.upstream_max_request_bytes,
         };
-        let (index, plain) = (self.index, message.clone());
+        // A field the API schema in force does not know may hold a payload the walk cannot see:
+        // a namespace that must never see plaintext refuses it rather than pass it on.
+        let vouch = self.encrypted_only(namespace);
+        let (index, plain, size) = (self.index, message.clone(), message.len());
         let sealed = self
             .off_thread
-            .run(message.len(), move || {
-                message::seal_message(index, message_type, &plain, &key, failures, limits)
+            .run(size, move || {
+                if vouch {
+                    unknown::ensure_known(message_type, &plain).map_err(|e| {
+                        ProxyError::Encryption(format!("{e}: it could carry a payload this proxy cannot seal, and the namespace is encrypted_only"))
+                    })?;
+                }
+                message::seal_message(index, message_type, &plain, &keys, failures, limits).map_err(
+                    |e| match e {
+                        WalkError::OutputTooLarge { size: sealed, limit } => {
+                            ProxyError::MessageTooLarge {
+                                what: "sealed request",
+                                size: format!("at least {sealed} bytes ({size} before encryption)"),
+                                limit,
+                            }
+                        }
+                        other => walk_error(other, message_type, true),
+                    },
+                )
             })
-            .await?
-            .map_err(|e| match e {
-                WalkError::OutputTooLarge { size, limit } => ProxyError::MessageTooLarge {
-                    what: "sealed request",
-                    size: format!(
-                        "at least {size} bytes ({} before encryption)",
-                        message.len()
-                    ),
-                    limit,
-                },
-                other => walk_error(other, message_type, true),
-            })?;
+            .await??;
         Ok(sealed.map(Bytes::from))
     }
 
-    /// Opens every payload this proxy sealed in `message`; others are left exactly as they are.
+    /// Opens every payload this proxy sealed in `message`; others are left exactly as they are
+    /// (or, for a namespace marked `encrypted_only`, refused). Payloads sealed for another
+    /// namespace (a child's input and result in its parent's history) open with that
+    /// namespace's keys; [`Opened::foreign`] names those namespaces, for authorization.
     pub async fn open(
         &self,
         namespace: &str,
         message_type: &'static str,
         message: &Bytes,
-    ) -> Result<Option<Vec<u8>>, ProxyError> {
+    ) -> Result<Opened, ProxyError> {
+        let strict = self.encrypted_only(namespace);
+        self.open_with(namespace, message_type, message, strict)
+            .await
+    }
+
+    /// [`Encryption::open`] that lets unsealed payloads through whatever the namespace's
+    /// rule: for the codec server, which shows people payloads rather than feeding workers.
+    pub async fn open_lenient(
+        &self,
+        namespace: &str,
+        message_type: &'static str,
+        message: &Bytes,
+    ) -> Result<Opened, ProxyError> {
+        self.open_with(namespace, message_type, message, false)
+            .await
+    }
+
+    async fn open_with(
+        &self,
+        namespace: &str,
+        message_type: &'static str,
+        message: &Bytes,
+        strict: bool,
+    ) -> Result<Opened, ProxyError> {
         if self.index.reaches(message_type) == Some(false) {
-            return Ok(None);
+            return Ok(Opened::default());
         }
         let options = OpenOptions {
             decode_failures: self.encode_failures,
@@ -398,6 +512,7 @@ impl Encryption {
                 max_payloads: self.limits.max_payloads,
                 max_output: self.limits.max_response_bytes,
             },
+            strict,
         };
         let (index, sealed) = (self.index, message.clone());
         let plan = self
@@ -407,52 +522,159 @@ impl Encryption {
             })
             .await?
             .map_err(|e| walk_error(e, message_type, false))?;
-        if plan.refs().is_empty() {
-            return Ok(None);
+        if !plan.has_sealed() {
+            return Ok(Opened::default());
         }
-        let refs = plan.refs().iter().cloned();
-        let keys = match self.manager(namespace)?.opening_keys(namespace, refs).await {
-            Ok(keys) => keys,
-            Err(e)
-                if !e.is_transient() && self.on_open_failure == OpenFailurePolicy::PassThrough =>
-            {
-                tracing::warn!(namespace, error = %e, "passing sealed payloads through unopened");
-                return Ok(None);
+        let mut keys = Vec::new();
+        let groups = std::iter::once((namespace, plan.refs())).chain(plan.foreign());
+        for (scope, refs) in groups {
+            let resolved = match self.manager(scope) {
+                Ok(manager) => manager.opening_keys(scope, refs.iter().cloned()).await,
+                Err(_) => Err(CryptoError::CannotOpen {
+                    key_id: refs
+                        .first()
+                        .map(|r| r.data_key_id.clone())
+                        .unwrap_or_default(),
+                    namespace: scope.to_string(),
+                    reason: OpenFailure::Unwrap(format!(
+                        "namespace {scope:?} is not served by this proxy"
+                    )),
+                }),
+            };
+            match resolved {
+                Ok(k) => keys.push(k),
+                Err(e)
+                    if !e.is_transient()
+                        && self.on_open_failure == OpenFailurePolicy::PassThrough =>
+                {
+                    tracing::warn!(namespace = scope, error = %e, "passing sealed payloads through unopened");
+                    return Ok(Opened::default());
+                }
+                Err(e) => return Err(crypto_error(e)),
             }
-            Err(e) => return Err(crypto_error(e)),
-        };
+        }
+        let foreign: Vec<String> = plan
+            .foreign()
+            .map(|(ns, _)| ns.to_string())
+            .filter(|ns| ns != namespace)
+            .collect();
         let sealed = message.clone();
-        self.off_thread
+        let opened = self
+            .off_thread
             .run(message.len(), move || {
-                plan.open(index, message_type, &sealed, &keys)
+                plan.open_scoped(index, message_type, &sealed, &keys)
             })
             .await?
-            .map_err(|e| walk_error(e, message_type, false))
+            .map_err(|e| walk_error(e, message_type, false))?;
+        Ok(Opened {
+            message: opened,
+            foreign,
+        })
     }
 
-    /// Opens payloads inside `grpc-status-details-bin` (QueryFailedFailure, …), in place.
+    /// Opens payloads inside `grpc-status-details-bin` (QueryFailedFailure, …) and the texts
+    /// sealed in `grpc-message` and in the details' own message, in place. Returns the other
+    /// namespaces whose payloads it opened.
     async fn open_details(
         &self,
         namespace: &str,
         headers: &mut HeaderMap,
-    ) -> Result<(), ProxyError> {
+    ) -> Result<Vec<String>, ProxyError> {
+        if let Some(value) = headers.get(GRPC_MESSAGE) {
+            let text = percent_decode(value.as_bytes());
+            if let Some(opened) = self.open_text(namespace, &text).await? {
+                if let Ok(value) = HeaderValue::from_str(&percent_encode(&opened)) {
+                    headers.insert(GRPC_MESSAGE, value);
+                }
+            }
+        }
         let Some(value) = headers.get(STATUS_DETAILS) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let Ok(raw) = LENIENT_BASE64.decode(value.as_bytes()) else {
             // Not ours to judge: pass details we cannot parse through untouched.
-            return Ok(());
+            return Ok(Vec::new());
         };
-        if let Some(opened) = self
-            .open(namespace, walker::GRPC_STATUS, &Bytes::from(raw))
-            .await?
-        {
-            if let Ok(value) = HeaderValue::from_str(&STANDARD_NO_PAD.encode(opened)) {
+        let raw = Bytes::from(raw);
+        let opened = self.open(namespace, walker::GRPC_STATUS, &raw).await?;
+        let mut changed = opened.message.is_some();
+        let mut status = opened.message.map_or(raw, Bytes::from);
+        if let Some(text) = status_message(&status) {
+            if let Some(plain) = self.open_text(namespace, &text).await? {
+                status = Bytes::from(replace_status_message(&status, &plain));
+                changed = true;
+            }
+        }
+        if changed {
+            if let Ok(value) = HeaderValue::from_str(&STANDARD_NO_PAD.encode(&status)) {
                 headers.insert(STATUS_DETAILS, value);
             }
         }
-        Ok(())
+        Ok(opened.foreign)
     }
+
+    /// Opens the texts sealed in `text` (see [`message::SEALED_TEXT_PREFIX`]), all of the
+    /// call's namespace. `None`: there are none.
+    async fn open_text(&self, namespace: &str, text: &str) -> Result<Option<String>, ProxyError> {
+        let found = message::find_sealed_texts(text);
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let pass_through = self.on_open_failure == OpenFailurePolicy::PassThrough;
+        let refs: Result<Vec<_>, _> = found.iter().map(message::sealed_text_ref).collect();
+        let opened = match refs {
+            Ok(refs) => match self.manager(namespace)?.opening_keys(namespace, refs).await {
+                Ok(keys) => message::open_texts(text, &found, &keys),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(plain) => Ok(Some(plain)),
+            Err(e) if pass_through && !e.is_transient() => {
+                tracing::warn!(namespace, error = %e, "passing a sealed text through unopened");
+                Ok(None)
+            }
+            Err(e) => Err(crypto_error(e)),
+        }
+    }
+}
+
+/// `google.rpc.Status.message` (field 2), if set.
+fn status_message(status: &[u8]) -> Option<String> {
+    let mut message = None;
+    for field in wire::fields(status) {
+        let field = field.ok()?;
+        if field.number == 2 && field.wire_type == wire::WireType::Len {
+            message = Some(String::from_utf8_lossy(field.value).into_owned());
+        }
+    }
+    message
+}
+
+/// `status` with its message (field 2) replaced; every other field as it was.
+fn replace_status_message(status: &[u8], message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(status.len());
+    let mut written = false;
+    for field in wire::fields(status).flatten() {
+        if field.number == 2 {
+            if !written {
+                wire::put_len_field(&mut out, 2, message.as_bytes());
+                written = true;
+            }
+            continue;
+        }
+        out.extend_from_slice(field.raw);
+    }
+    out
+}
+
+/// An opened message, and the other namespaces whose payloads were opened in it.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// `None`: nothing changed.
+    pub message: Option<Vec<u8>>,
+    pub foreign: Vec<String>,
 }
 
 /// gRPC peers send `-bin` headers with or without padding.
@@ -482,7 +704,10 @@ fn walk_error(error: WalkError, message_type: &str, request: bool) -> ProxyError
         },
         WalkError::Visitor(inner) => match inner.downcast::<CryptoError>() {
             Ok(crypto) => ProxyError::Crypto(*crypto),
-            Err(other) => ProxyError::Encryption(format!("{message_type}: {other}")),
+            Err(other) => match other.downcast::<PlaintextPayload>() {
+                Ok(plaintext) => ProxyError::PlaintextResponse(plaintext.to_string()),
+                Err(other) => ProxyError::Encryption(format!("{message_type}: {other}")),
+            },
         },
         WalkError::Malformed { .. }
         | WalkError::TooDeep { .. }
@@ -559,21 +784,24 @@ where
                 }
                 return inner.oneshot(request).await;
             };
-            if let Some(sealed) = encryption.seal(&namespace, input, &request.message).await? {
+            if let Some(sealed) = encryption
+                .seal(&namespace, &request.targets, input, &request.message)
+                .await?
+            {
                 request.message = sealed;
             }
             let mut response = inner.oneshot(request).await?;
             if let Some(message) = &response.message {
-                if let Some(opened) = encryption.open(&namespace, output, message).await? {
+                let opened = encryption.open(&namespace, output, message).await?;
+                if let Some(opened) = opened.message {
                     response.message = Some(Bytes::from(opened));
                 }
+                response.foreign_namespaces = opened.foreign;
             }
-            encryption
-                .open_details(&namespace, &mut response.headers)
-                .await?;
-            encryption
-                .open_details(&namespace, &mut response.trailers)
-                .await?;
+            for headers in [&mut response.headers, &mut response.trailers] {
+                let foreign = encryption.open_details(&namespace, headers).await?;
+                response.foreign_namespaces.extend(foreign);
+            }
             Ok(response)
         })
     }

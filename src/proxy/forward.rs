@@ -9,11 +9,11 @@ use http::HeaderValue;
 use tower::Service;
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
-use crate::error::ProxyError;
+use crate::error::{CrossUpstream, ProxyError};
 use crate::grpc::frame::{self, Direction, Encoding, FrameError, HEADER_LEN};
 use crate::grpc::headers::{self, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_TIMEOUT};
 use crate::schema::Scope;
-use crate::upstream::{BodyError, Upstream, Upstreams};
+use crate::upstream::{BodyError, Router, Upstream, Upstreams};
 
 #[derive(Debug, Clone)]
 pub struct Forwarder {
@@ -50,6 +50,7 @@ impl Service<GrpcRequest> for Forwarder {
                 }
                 (Scope::Cluster, _) => router.system()?,
             };
+            check_targets(&router, &upstream, &request)?;
             drop(router);
             match request.deadline {
                 // The upstream gets the same deadline; the local timer is the backstop that also
@@ -87,6 +88,37 @@ fn deadline_or(
         }
         _ => error,
     }
+}
+
+/// Commands aimed at another namespace are run by the upstream that receives the request: the
+/// target must be served by this proxy, and by that same upstream (endpoint), or the command
+/// would act on a namespace of the same name somewhere the proxy does not route it.
+fn check_targets(
+    router: &Router,
+    upstream: &Arc<Upstream>,
+    request: &GrpcRequest,
+) -> Result<(), ProxyError> {
+    for target in &request.targets {
+        let served = router
+            .for_namespace(&target.namespace)
+            .map_err(|e| match e {
+                ProxyError::UnknownNamespace(_) => ProxyError::UnknownCommandTarget {
+                    command: target.command,
+                    namespace: target.namespace.clone(),
+                },
+                other => other,
+            })?;
+        if !Arc::ptr_eq(&served, upstream) {
+            return Err(ProxyError::CrossUpstreamCommand(Box::new(CrossUpstream {
+                command: target.command,
+                target: target.namespace.clone(),
+                target_upstream: served.name.clone(),
+                namespace: request.namespace.clone().unwrap_or_default(),
+                upstream: upstream.name.clone(),
+            })));
+        }
+    }
+    Ok(())
 }
 
 async fn forward(
@@ -163,6 +195,7 @@ async fn forward(
         headers: headers::response_headers_for_caller(&parts.headers),
         message,
         trailers,
+        foreign_namespaces: Vec::new(),
     })
 }
 

@@ -26,12 +26,13 @@ use tokio::time::Instant;
 
 pub use authn::{Authenticated, Authenticator, AuthnFailure};
 pub use edge::{EdgeShared, GrpcEdge};
-pub use encrypt::{EncryptLayer, Encryption, EncryptionLimits};
+pub use encrypt::{EncryptLayer, Encryption, EncryptionLimits, NamespaceKey};
 pub use forward::Forwarder;
 pub use namespace::{NamespaceLayer, NamespaceService};
 pub use translate::{NamespaceTranslation, TranslateLayer, TranslationStore};
 
 use crate::error::ProxyError;
+use crate::payload::targets::CommandTarget;
 use crate::schema::MethodInfo;
 use crate::tls::PeerInfo;
 
@@ -47,6 +48,10 @@ pub struct GrpcRequest {
     pub deadline: Option<(Instant, Duration)>,
     /// The request's namespace, once read from its body (namespace-scoped methods only).
     pub namespace: Option<String>,
+    /// Other namespaces the request acts on (commands that start a child, signal or cancel a
+    /// workflow elsewhere), read from its body with the namespace: authorized, routed and
+    /// sealed for each.
+    pub targets: Vec<CommandTarget>,
     pub peer: Arc<PeerInfo>,
 }
 
@@ -58,6 +63,10 @@ pub struct GrpcResponse {
     /// The response message, uncompressed, if there is one.
     pub message: Option<Bytes>,
     pub trailers: HeaderMap,
+    /// Namespaces other than the call's own whose sealed payloads the encryption stage opened
+    /// in this answer (a child workflow's input and result in its parent's history):
+    /// authorization checks that the caller may read them.
+    pub foreign_namespaces: Vec<String>,
 }
 
 pub type CallFuture = BoxFuture<'static, Result<GrpcResponse, ProxyError>>;

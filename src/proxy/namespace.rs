@@ -1,5 +1,7 @@
 //! Reads the namespace from the request body and reconciles it with the `temporal-namespace`
-//! header, which the caller controls and so may only agree with the body.
+//! header, which the caller controls and so may only agree with the body. Reads, too, the
+//! other namespaces the request acts on ([`GrpcRequest::targets`]: commands aimed at another
+//! namespace), and refuses nested requests that name another namespace than the request.
 
 use std::task::{Context, Poll};
 
@@ -9,6 +11,7 @@ use tower::{Layer, Service};
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::error::ProxyError;
 use crate::grpc::headers::TEMPORAL_NAMESPACE;
+use crate::payload::targets::{read_targets, TargetError, TargetIndex};
 use crate::payload::wire;
 use crate::schema::Scope;
 
@@ -79,6 +82,27 @@ pub fn resolve_namespace(mut request: GrpcRequest) -> Result<GrpcRequest, ProxyE
             request.headers.insert(TEMPORAL_NAMESPACE, value);
         }
     }
+    request.targets = read_targets(
+        TargetIndex::global(),
+        method.input.full_name(),
+        &request.message,
+        &namespace,
+    )
+    .map_err(|e| match e {
+        TargetError::NamespaceMismatch {
+            command,
+            namespace,
+            expected,
+        } => ProxyError::NestedNamespaceMismatch {
+            operation: command,
+            namespace,
+            expected,
+        },
+        other => ProxyError::MalformedMessage {
+            message: method.input.full_name().to_string(),
+            reason: other.to_string(),
+        },
+    })?;
     request.namespace = Some(namespace);
     Ok(request)
 }
@@ -105,6 +129,7 @@ mod tests {
             message: Bytes::from(message),
             deadline: None,
             namespace: None,
+            targets: Vec::new(),
             peer: Arc::default(),
         }
     }
@@ -141,6 +166,44 @@ mod tests {
         put_len_field(&mut only_token, 1, b"opaque-token");
         let err = resolve_namespace(request(HEARTBEAT, only_token, Some("orders"))).unwrap_err();
         assert!(matches!(err, ProxyError::MissingNamespace(_)), "{err}");
+    }
+
+    const COMPLETED: &str =
+        "/temporal.api.workflowservice.v1.WorkflowService/RespondWorkflowTaskCompleted";
+    const MULTI: &str = "/temporal.api.workflowservice.v1.WorkflowService/ExecuteMultiOperation";
+
+    /// Commands aimed elsewhere become targets; a nested request naming another namespace is
+    /// refused before anything else sees it.
+    #[test]
+    fn targets_are_read_with_the_namespace() {
+        // RespondWorkflowTaskCompleted { commands: [start child in beta], namespace: alpha }
+        let mut attributes = Vec::new();
+        put_len_field(&mut attributes, 1, b"beta");
+        let mut command = Vec::new();
+        put_len_field(&mut command, 12, &attributes);
+        let mut msg = Vec::new();
+        put_len_field(&mut msg, 2, &command);
+        put_len_field(&mut msg, 9, b"alpha");
+        let r = resolve_namespace(request(COMPLETED, msg, None)).unwrap();
+        assert_eq!(r.namespace.as_deref(), Some("alpha"));
+        assert_eq!(r.targets.len(), 1);
+        assert_eq!(r.targets[0].command, "StartChildWorkflowExecution");
+        assert_eq!(r.targets[0].namespace, "beta");
+
+        // ExecuteMultiOperation { namespace: alpha, operations: [{ start_workflow: { namespace: beta } }] }
+        let mut start = Vec::new();
+        put_len_field(&mut start, 1, b"beta");
+        let mut operation = Vec::new();
+        put_len_field(&mut operation, 1, &start);
+        let mut msg = Vec::new();
+        put_len_field(&mut msg, 1, b"alpha");
+        put_len_field(&mut msg, 2, &operation);
+        let err = resolve_namespace(request(MULTI, msg, None)).unwrap_err();
+        assert!(
+            matches!(err, ProxyError::NestedNamespaceMismatch { .. }),
+            "{err}"
+        );
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
     }
 
     #[test]

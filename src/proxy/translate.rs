@@ -37,7 +37,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::grpc::headers::TEMPORAL_NAMESPACE;
+use crate::grpc::headers::{percent_decode, percent_encode, TEMPORAL_NAMESPACE};
 use crate::payload::namespaces::{rewrite_namespaces, NameRewriteError, NamespaceFieldIndex};
 use crate::payload::wire::{self, WireType};
 use crate::schema::Scope;
@@ -520,38 +520,6 @@ fn replace_status_message(status: &[u8], from: &str, to: &str) -> Option<Vec<u8>
     changed.then_some(out)
 }
 
-/// `grpc-message` is percent-encoded UTF-8 (gRPC over HTTP/2).
-fn percent_decode(value: &[u8]) -> String {
-    let mut out = Vec::with_capacity(value.len());
-    let mut i = 0;
-    while let Some(&b) = value.get(i) {
-        let hex = |at: usize| value.get(at).and_then(|c| char::from(*c).to_digit(16));
-        match (b, hex(i + 1), hex(i + 2)) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -615,6 +583,7 @@ mod tests {
             message: Bytes::from(message),
             deadline: None,
             namespace: namespace.map(str::to_owned),
+            targets: Vec::new(),
             peer: Arc::default(),
         }
     }
@@ -781,6 +750,7 @@ mod tests {
             headers: HeaderMap::new(),
             message: Some(Bytes::from(describe("payments-up").encode_to_vec())),
             trailers,
+            foreign_namespaces: Vec::new(),
         };
         let (mut stage, seen) = stage(answer);
         let body = DescribeNamespaceRequest {

@@ -383,6 +383,7 @@ fn health_answer(telemetry: &Telemetry, message: &[u8]) -> Result<GrpcResponse, 
             headers,
             message: None,
             trailers,
+            foreign_namespaces: Vec::new(),
         });
     }
     // HealthCheckResponse { ServingStatus status = 1; } SERVING = 1, NOT_SERVING = 2.
@@ -396,5 +397,6 @@ fn health_answer(telemetry: &Telemetry, message: &[u8]) -> Result<GrpcResponse, 
             &[0x08, 0x02]
         })),
         trailers,
+        foreign_namespaces: Vec::new(),
     })
 }

@@ -156,11 +156,8 @@ impl<'a> Walk<'a> {
             .map_err(|_| self.malformed(node, WireError::InvalidUtf8(numbers.message)))?;
         let stack_trace = std::str::from_utf8(stack_trace)
             .map_err(|_| self.malformed(node, WireError::InvalidUtf8(numbers.stack_trace)))?;
-        let child = PathNode {
-            parent: node,
-            segment: Segment::Field(ENCODED_ATTRIBUTES),
-            failure_attributes: true,
-        };
+        let mut child = PathNode::child(node, Segment::Field(ENCODED_ATTRIBUTES));
+        child.failure_attributes = true;
         let payload =
             encode_attributes(message, stack_trace).map_err(|e| WalkError::FailureAttributes {
                 path: self.path(Some(&child)),
@@ -219,11 +216,8 @@ impl<'a> Walk<'a> {
         if count != 1 {
             return self.walk_fields(plan, base, buf, depth, node, &mut []);
         }
-        let child = PathNode {
-            parent: node,
-            segment: Segment::Field(ENCODED_ATTRIBUTES),
-            failure_attributes: true,
-        };
+        let mut child = PathNode::child(node, Segment::Field(ENCODED_ATTRIBUTES));
+        child.failure_attributes = true;
         let opened = self.visit(Some(&child), encoded, false)?;
         let restored = match opened.as_deref() {
             // Only what the visitor opened is trusted: a marker in plaintext from upstream is not.

@@ -49,6 +49,25 @@ const NEXUS_ENDPOINT_FIELDS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Messages that carry user data in fields the walker cannot seal, and why. A request that
+/// holds one with any content is refused ([`super::WalkError::Unsupported`]): fail closed.
+pub const REFUSED_MESSAGES: &[(&str, &str)] = &[(
+    "temporal.api.nexus.v1.Failure",
+    "a legacy Nexus failure (temporal.api.nexus.v1.Failure, deprecated) carries its message, \
+     stack trace, metadata and JSON details as plain fields that the server reads; portcullis \
+     cannot seal them. Send a temporal.api.failure.v1.Failure (the `failure` field) instead, as \
+     current SDKs do",
+)];
+
+/// String fields that carry user data in plain text next to the payloads: a query handler's
+/// exception message, which SDKs copy into `error_message` besides the (sealed) `failure`.
+/// The walker hands them to [`super::PayloadVisitor::text`]; the proxy seals them under
+/// `encode_failure_attributes`.
+pub const USER_TEXT_FIELDS: &[&str] = &[
+    "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest.error_message",
+    "temporal.api.query.v1.WorkflowQueryResult.error_message",
+];
+
 const RAW_HISTORY_FIELDS: &[&str] =
     &["temporal.api.workflowservice.v1.GetWorkflowExecutionHistoryResponse.raw_history"];
 
@@ -67,6 +86,9 @@ pub(crate) enum MessageKind {
     Failure,
     /// `temporal.api.common.v1.DataBlob`: only walkable where the field says what it holds.
     DataBlob,
+    /// A message that carries user data the walker cannot seal ([`REFUSED_MESSAGES`]): one
+    /// with content fails the walk, for this reason.
+    Refused(&'static str),
 }
 
 /// What a DataBlob-typed field holds.
@@ -82,6 +104,8 @@ pub enum BlobRule {
 pub(crate) enum FieldTarget {
     Message(MessageId),
     Blob(BlobRule),
+    /// A string of [`USER_TEXT_FIELDS`].
+    Text,
 }
 
 #[derive(Debug)]
@@ -107,6 +131,10 @@ pub(crate) struct MessagePlan {
     slots: Box<[u16]>,
     /// The string field naming a Nexus endpoint, for messages that start a Nexus operation.
     pub(crate) endpoint_field: Option<u32>,
+    /// Its `namespace` string field, for a message that reaches payloads and names the
+    /// namespace they belong to (a command or event aimed at another namespace, a nested
+    /// request): see [`PayloadIndex::namespace_scopes`].
+    pub(crate) namespace_field: Option<u32>,
 }
 
 /// Field numbers up to this get a direct lookup slot.
@@ -168,6 +196,8 @@ pub struct PayloadField<'a> {
     pub type_name: &'a str,
     /// Set for `DataBlob` fields.
     pub blob: Option<BlobRule>,
+    /// A string of [`USER_TEXT_FIELDS`] (not a message).
+    pub text: bool,
 }
 
 /// For every message type of a descriptor pool, the fields that can reach a Payload.
@@ -244,7 +274,10 @@ impl PayloadIndex {
                 ANY => MessageKind::Any,
                 FAILURE => MessageKind::Failure,
                 DATA_BLOB => MessageKind::DataBlob,
-                _ => MessageKind::Plain,
+                name => match REFUSED_MESSAGES.iter().find(|(m, _)| *m == name) {
+                    Some((_, reason)) => MessageKind::Refused(reason),
+                    None => MessageKind::Plain,
+                },
             })
             .collect();
 
@@ -271,14 +304,31 @@ impl PayloadIndex {
             edges.push(out);
         }
 
+        let texts: Vec<Vec<FieldDescriptor>> = messages
+            .iter()
+            .map(|m| {
+                m.fields()
+                    .filter(|f| {
+                        matches!(f.kind(), Kind::String)
+                            && !f.is_list()
+                            && USER_TEXT_FIELDS.contains(&f.full_name())
+                    })
+                    .collect()
+            })
+            .collect();
+
         // Reachability: a fixpoint, so cycles need no special care.
         let mut reaches: Vec<bool> = kinds
             .iter()
-            .map(|k| {
+            .zip(&texts)
+            .map(|(k, texts)| {
                 matches!(
                     k,
-                    MessageKind::Payload | MessageKind::Any | MessageKind::DataBlob
-                )
+                    MessageKind::Payload
+                        | MessageKind::Any
+                        | MessageKind::DataBlob
+                        | MessageKind::Refused(_)
+                ) || !texts.is_empty()
             })
             .collect();
         loop {
@@ -306,10 +356,12 @@ impl PayloadIndex {
             .iter()
             .zip(kinds)
             .zip(edges)
+            .zip(texts)
             .enumerate()
-            .map(|(i, ((message, kind), edges))| {
+            .map(|(i, (((message, kind), edges), texts))| {
                 let reach = reaches.get(i).copied().unwrap_or(false);
-                let mut fields: Vec<FieldPlan> = if reach && kind != MessageKind::Payload {
+                let walks_fields = !matches!(kind, MessageKind::Payload | MessageKind::Refused(_));
+                let mut fields: Vec<FieldPlan> = if reach && walks_fields {
                     edges
                         .into_iter()
                         .filter(|(_, t)| reaches.get(*t as usize).copied().unwrap_or(false))
@@ -336,14 +388,30 @@ impl PayloadIndex {
                 } else {
                     Vec::new()
                 };
+                fields.extend(texts.into_iter().map(|f| FieldPlan {
+                    number: f.number(),
+                    name: f.name().into(),
+                    target: FieldTarget::Text,
+                    type_name: Box::from("string"),
+                }));
                 fields.sort_by_key(|f| f.number);
                 let endpoint_field = NEXUS_ENDPOINT_FIELDS
                     .iter()
                     .find(|(m, _)| *m == message.full_name())
                     .and_then(|(_, f)| message.get_field_by_name(f))
                     .map(|f| f.number());
+                let namespace_field = message
+                    .get_field_by_name("namespace")
+                    .filter(|f| {
+                        reach
+                            && kind == MessageKind::Plain
+                            && matches!(f.kind(), Kind::String)
+                            && !f.is_list()
+                    })
+                    .map(|f| f.number());
                 MessagePlan {
                     endpoint_field,
+                    namespace_field,
                     name: message.full_name().into(),
                     kind,
                     reaches: reach,
@@ -408,8 +476,9 @@ impl PayloadIndex {
                     type_name: &f.type_name,
                     blob: match f.target {
                         FieldTarget::Blob(rule) => Some(rule),
-                        FieldTarget::Message(_) => None,
+                        FieldTarget::Message(_) | FieldTarget::Text => None,
                     },
+                    text: f.target == FieldTarget::Text,
                 })
                 .collect(),
         )
@@ -418,6 +487,17 @@ impl PayloadIndex {
     /// Every field left out because the server must read it, sorted by name.
     pub fn exclusions(&self) -> &[Exclusion] {
         &self.exclusions
+    }
+
+    /// Messages whose `namespace` field says which namespace the payloads below them belong
+    /// to, when they are not the root of the walk (the root's namespace is the call's): the
+    /// walker tells visitors ([`super::PayloadContext::namespace`]), so sealing and opening
+    /// use that namespace's data key.
+    pub fn namespace_scopes(&self) -> impl Iterator<Item = &str> {
+        self.plans
+            .iter()
+            .filter(|p| p.namespace_field.is_some())
+            .map(|p| &*p.name)
     }
 
     /// Names of every message type that can reach a Payload.
@@ -595,6 +675,7 @@ mod tests {
             slots: slots_for(&fields),
             fields: fields.into_boxed_slice(),
             endpoint_field: None,
+            namespace_field: None,
         };
         assert!(plan.slots.is_empty());
         assert_eq!(plan.field(70_000).map(|f| f.number), Some(70_000));
@@ -618,5 +699,57 @@ mod tests {
             blobs,
             vec![(RAW_HISTORY_FIELDS[0].to_string(), BlobRule::History)]
         );
+    }
+
+    /// Messages below the root that say which namespace their payloads belong to, reviewed:
+    /// commands and history events aimed at another namespace, requests nested in
+    /// ExecuteMultiOperation. (Every request with payloads has a `namespace` too; as the root
+    /// of a walk it is the call's own.)
+    #[test]
+    fn namespace_scopes_are_reviewed() {
+        let schema = Schema::global();
+        let requests: std::collections::HashSet<&str> =
+            schema.methods().map(|m| m.input.full_name()).collect();
+        let mut nested: Vec<&str> = PayloadIndex::global()
+            .namespace_scopes()
+            .filter(|m| !requests.contains(m))
+            // The pool also holds the SDK core's and the Cloud API's messages; never walked.
+            .filter(|m| m.starts_with("temporal.api.") && !m.starts_with("temporal.api.cloud."))
+            .collect();
+        nested.sort_unstable();
+        assert_eq!(
+            nested,
+            [
+                "temporal.api.command.v1.SignalExternalWorkflowExecutionCommandAttributes",
+                "temporal.api.command.v1.StartChildWorkflowExecutionCommandAttributes",
+                "temporal.api.history.v1.ChildWorkflowExecutionCanceledEventAttributes",
+                "temporal.api.history.v1.ChildWorkflowExecutionCompletedEventAttributes",
+                "temporal.api.history.v1.ChildWorkflowExecutionFailedEventAttributes",
+                "temporal.api.history.v1.ChildWorkflowExecutionStartedEventAttributes",
+                "temporal.api.history.v1.SignalExternalWorkflowExecutionInitiatedEventAttributes",
+                "temporal.api.history.v1.StartChildWorkflowExecutionInitiatedEventAttributes",
+            ]
+        );
+    }
+
+    /// Every text field resolves to a string field of the schema.
+    #[test]
+    fn user_text_fields_resolve() {
+        let index = PayloadIndex::global();
+        let mut found = Vec::new();
+        for plan in &index.plans {
+            for f in plan.fields.iter().filter(|f| f.target == FieldTarget::Text) {
+                found.push(format!("{}.{}", plan.name, f.name));
+            }
+        }
+        found.sort();
+        let mut expected: Vec<String> = USER_TEXT_FIELDS.iter().map(|f| f.to_string()).collect();
+        expected.sort();
+        assert_eq!(found, expected);
+        assert!(index
+            .payload_fields("temporal.api.query.v1.WorkflowQueryResult")
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f.text && f.name == "error_message"));
     }
 }
