@@ -888,7 +888,7 @@ async fn expired_and_revoked_client_certificates_lose_their_connections() {
         &server.address(),
         &["default"],
         &format!(
-            "audit_log = \"{}\"\nsystem.admins = [\"test-client\", \"victim\", \"short-lived\"]",
+            "audit_log = \"{}\"\nidentity = [\"cn\"]\nsystem.admins = [\"cn:test-client\", \"cn:victim\", \"cn:short-lived\"]",
             audit.display()
         ),
     );
@@ -1056,6 +1056,6 @@ async fn expired_and_revoked_client_certificates_lose_their_connections() {
     assert!(has("connection_refused", "certificate_expired", None));
     assert!(lines
         .iter()
-        .any(|l| l["event"] == "decision" && l["identity"] == "victim"));
+        .any(|l| l["event"] == "decision" && l["identity"] == "cn:victim"));
     proxy.shutdown().await;
 }
