@@ -40,7 +40,7 @@ pub enum ProxyError {
     #[error("namespace {0:?} is not served by this proxy")]
     UnknownNamespace(String),
     /// A nested request (ExecuteMultiOperation) names another namespace than the request.
-    #[error("{operation} names namespace {namespace:?}, but the request is for namespace {expected:?}: nested requests must name the request's namespace (or none)")]
+    #[error("{operation} names namespace {namespace:?}, but the request is for namespace {expected:?}: nested requests must name the request's namespace")]
     NestedNamespaceMismatch {
         operation: &'static str,
         namespace: String,

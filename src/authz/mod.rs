@@ -502,3 +502,170 @@ fn filter_namespaces(
     }
     Ok(bytes::Bytes::from(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http::HeaderMap;
+
+    use super::*;
+    use crate::payload::targets::CommandTarget;
+    use crate::schema::Schema;
+
+    const COMPLETED: &str =
+        "/temporal.api.workflowservice.v1.WorkflowService/RespondWorkflowTaskCompleted";
+
+    /// Answers every call, with `foreign` as the namespaces whose payloads it opened.
+    #[derive(Clone)]
+    struct Upstream {
+        calls: Arc<AtomicUsize>,
+        foreign: Vec<String>,
+    }
+
+    impl Service<GrpcRequest> for Upstream {
+        type Response = GrpcResponse;
+        type Error = ProxyError;
+        type Future = CallFuture;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: GrpcRequest) -> CallFuture {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let response = GrpcResponse {
+                foreign_namespaces: self.foreign.clone(),
+                ..GrpcResponse::default()
+            };
+            Box::pin(std::future::ready(Ok(response)))
+        }
+    }
+
+    /// A caller with a bearer token claiming `roles` (`alpha:write` style).
+    fn request(roles: &[(&str, Role)], targets: &[&str]) -> GrpcRequest {
+        let mut claimed = ClaimedRoles::default();
+        for (namespace, role) in roles {
+            claimed.grant_namespace(namespace, *role);
+        }
+        GrpcRequest {
+            method: Schema::global().method(COMPLETED).unwrap(),
+            headers: HeaderMap::new(),
+            message: Bytes::new(),
+            deadline: None,
+            namespace: Some("alpha".into()),
+            targets: targets
+                .iter()
+                .map(|ns| CommandTarget {
+                    command: "SignalExternalWorkflowExecution",
+                    namespace: ns.to_string(),
+                    carries_payloads: true,
+                })
+                .collect(),
+            peer: Arc::new(PeerInfo {
+                token: Some(Arc::new(BearerIdentity {
+                    identity: "token-user".into(),
+                    roles: claimed,
+                    expires_at: u64::MAX,
+                })),
+                ..PeerInfo::default()
+            }),
+        }
+    }
+
+    async fn call(
+        request: GrpcRequest,
+        foreign: &[&str],
+    ) -> (
+        Result<GrpcResponse, ProxyError>,
+        usize,
+        Vec<serde_json::Value>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let config: AuthorizationConfig = toml::from_str("audit_log = \"off\"").unwrap();
+        let store = PolicyStore::new(&config, None).unwrap();
+        let audit = Arc::new(AuditLog::open(path.to_str().unwrap(), audit::AuditSettings::default()).unwrap());
+        let upstream = Upstream {
+            calls: Arc::default(),
+            foreign: foreign.iter().map(|s| s.to_string()).collect(),
+        };
+        let calls = upstream.calls.clone();
+        let mut service = AuthzLayer::new(store, audit.clone()).layer(upstream);
+        let result = service.call(request).await;
+        drop(service);
+        // The last reference writes every line out.
+        drop(Arc::into_inner(audit));
+        let lines = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (result, calls.load(Ordering::SeqCst), lines)
+    }
+
+    /// A command aimed at another namespace needs the writer role there; claimed token roles
+    /// count like policy roles; each target is one audited decision.
+    #[tokio::test]
+    async fn command_targets_need_the_writer_role_there() {
+        let (result, calls, audit) = call(
+            request(
+                &[("alpha", Role::Writer), ("beta", Role::Reader)],
+                &["beta"],
+            ),
+            &[],
+        )
+        .await;
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let text = err.to_string();
+        assert!(
+            text.contains("SignalExternalWorkflowExecution")
+                && text.contains("namespace beta")
+                && text.contains("writer"),
+            "{text}"
+        );
+        assert_eq!(calls, 0, "nothing forwarded");
+        let command = audit
+            .iter()
+            .find(|l| l["command"] == "SignalExternalWorkflowExecution")
+            .expect("the command's decision is audited");
+        assert_eq!(command["decision"], "deny");
+        assert_eq!(command["namespace"], "beta");
+        assert_eq!(command["request_namespace"], "alpha");
+        assert_eq!(command["credential"], "bearer");
+        assert!(command["method"]
+            .as_str()
+            .unwrap()
+            .ends_with("/RespondWorkflowTaskCompleted/SignalExternalWorkflowExecution"));
+
+        let (result, calls, audit) = call(
+            request(
+                &[("alpha", Role::Writer), ("beta", Role::Writer)],
+                &["beta"],
+            ),
+            &[],
+        )
+        .await;
+        result.expect("a writer in both");
+        assert_eq!(calls, 1);
+        assert_eq!(audit.len(), 2, "the request's decision and the command's");
+    }
+
+    /// An answer holding payloads of another namespace reaches only a caller with a role there.
+    #[tokio::test]
+    async fn payloads_of_another_namespace_need_a_role_there() {
+        let (result, _, audit) = call(request(&[("alpha", Role::Writer)], &[]), &["beta"]).await;
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.to_string().contains("namespace beta"), "{err}");
+        assert!(audit
+            .iter()
+            .any(|l| l["namespace"] == "beta" && l["access"] == "read" && l["decision"] == "deny"));
+        let (result, _, _) = call(
+            request(&[("alpha", Role::Writer), ("beta", Role::Reader)], &[]),
+            &["beta"],
+        )
+        .await;
+        result.expect("a reader of beta");
+    }
+}

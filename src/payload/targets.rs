@@ -7,9 +7,9 @@
 //!   or cancel a workflow: their (deprecated, still honoured) `namespace` field sends the
 //!   command to another namespace when the server runs with
 //!   `system.enableCrossNamespaceCommands`. Empty means the request's own namespace.
-//! - the nested requests of `ExecuteMultiOperationRequest`: the server refuses one that names
-//!   another namespace than the outer request (empty is filled in with the outer one), and so
-//!   does the proxy, before anything else looks at it.
+//! - the nested requests of `ExecuteMultiOperationRequest`: the server (1.32) refuses one that
+//!   names another namespace than the outer request, and one that names none ("Namespace  is
+//!   not found."). The proxy refuses both before anything else looks at them.
 //!
 //! Other `namespace` fields inside requests are references, not actions: `common.v1.Link`s
 //! (which event caused this call), `ChildWorkflowExecutionFailureInfo` (which child failed),
@@ -33,7 +33,7 @@ use crate::schema::Schema;
 pub enum TargetRule {
     /// The action runs in the namespace it names (empty: the request's own).
     Target,
-    /// A nested request: it must name the request's own namespace, or none.
+    /// A nested request: it must name the request's own namespace.
     SameAsRequest,
 }
 
@@ -106,8 +106,8 @@ pub enum TargetError {
     TooDeep { message: String, limit: usize },
     #[error("message type {0} is not in the target index")]
     UnknownMessage(String),
-    /// A nested request names another namespace than the request.
-    #[error("{command} names namespace {namespace:?}, but the request is for namespace {expected:?}: nested requests must name the request's namespace (or none)")]
+    /// A nested request names another namespace than the request (or none).
+    #[error("{command} names namespace {namespace:?}, but the request is for namespace {expected:?}: nested requests must name the request's namespace")]
     NamespaceMismatch {
         command: &'static str,
         namespace: String,
@@ -308,18 +308,20 @@ fn read_message<'a>(
 }
 
 /// The namespaces other than `own` that the actions of a request run in, each (command,
-/// namespace) once, in order of first appearance. A nested request naming another namespace
-/// than `own` is an error.
+/// namespace) once, in order of first appearance. A nested request that does not name `own`
+/// is an error.
 pub fn cross_namespace_targets(
     actions: &[Action<'_>],
     own: &str,
 ) -> Result<Vec<CommandTarget>, TargetError> {
     let mut targets: Vec<CommandTarget> = Vec::new();
     for action in actions {
-        if action.namespace.is_empty() || action.namespace == own {
+        if action.namespace == own {
             continue;
         }
         match action.kind.rule {
+            // An empty command namespace is the request's own.
+            TargetRule::Target if action.namespace.is_empty() => {}
             TargetRule::SameAsRequest => {
                 return Err(TargetError::NamespaceMismatch {
                     command: action.kind.command,
@@ -624,11 +626,13 @@ mod tests {
             }
             .encode_to_vec()
         };
-        for (start, update) in [("alpha", "alpha"), ("", ""), ("alpha", "")] {
-            assert!(read_targets(index(), MULTI, &multi(start, update), "alpha")
+        assert!(
+            read_targets(index(), MULTI, &multi("alpha", "alpha"), "alpha")
                 .unwrap()
-                .is_empty());
-        }
+                .is_empty()
+        );
+        // The server refuses an empty one ("Namespace  is not found."); so does the proxy.
+        assert!(read_targets(index(), MULTI, &multi("alpha", ""), "alpha").is_err());
         let err = read_targets(index(), MULTI, &multi("alpha", "beta"), "alpha").unwrap_err();
         assert_eq!(
             err,

@@ -201,8 +201,94 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http::HeaderMap;
+
     use super::*;
+    use crate::config::Config;
+    use crate::payload::targets::CommandTarget;
+    use crate::schema::Schema;
     use tonic::Code;
+
+    /// alpha and beta on one upstream, delta on another, gamma and eps behind a template.
+    const CONFIG: &str = r#"
+[listener]
+address = "127.0.0.1:0"
+plaintext = true
+[upstreams.one]
+address = "127.0.0.1:7233"
+[upstreams.two]
+address = "127.0.0.1:7234"
+[upstreams.cloud]
+address = "{namespace}.example.invalid:7233"
+[routing]
+system_upstream = "one"
+[[namespaces]]
+name = "alpha"
+upstream = "one"
+[[namespaces]]
+name = "beta"
+upstream = "one"
+[[namespaces]]
+name = "delta"
+upstream = "two"
+[[namespaces]]
+name = "gamma"
+upstream = "cloud"
+[[namespaces]]
+name = "eps"
+upstream = "cloud"
+[authorization]
+disabled = true
+[encryption]
+disabled = true
+"#;
+
+    fn check(own: &str, target: &str) -> Result<(), ProxyError> {
+        let config = Config::from_toml(CONFIG).unwrap();
+        let router = Router::from_config(&config).unwrap();
+        let request = GrpcRequest {
+            method: Schema::global()
+                .method(
+                    "/temporal.api.workflowservice.v1.WorkflowService/RespondWorkflowTaskCompleted",
+                )
+                .unwrap(),
+            headers: HeaderMap::new(),
+            message: Bytes::new(),
+            deadline: None,
+            namespace: Some(own.into()),
+            targets: vec![CommandTarget {
+                command: "StartChildWorkflowExecution",
+                namespace: target.into(),
+                carries_payloads: true,
+            }],
+            peer: Arc::default(),
+        };
+        let upstream = router.for_namespace(own).unwrap();
+        check_targets(&router, &upstream, &request)
+    }
+
+    /// A command target must be served, by the very endpoint the request goes to: whatever
+    /// authorization says (here it is off).
+    #[test]
+    fn targets_must_share_the_request_upstream() {
+        check("alpha", "beta").expect("one upstream");
+        let err = check("alpha", "delta").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("upstream two"), "{err}");
+        let err = check("alpha", "nowhere").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert!(
+            err.to_string().contains("StartChildWorkflowExecution"),
+            "{err}"
+        );
+        // A template gives each namespace an endpoint of its own.
+        let err = check("gamma", "eps").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        check("gamma", "gamma").expect("its own endpoint");
+    }
 
     fn reset(code: h2::Reason) -> ProxyError {
         ProxyError::UpstreamReset {
