@@ -7,6 +7,7 @@ pub mod jwt;
 pub mod moto;
 pub mod nginx;
 pub mod ops;
+pub mod softhsm;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
