@@ -186,8 +186,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let provider = pkcs11_provider(&config, key.as_deref()).await?;
             let keys = provider.list_keys().await?;
             println!(
-                "{:<24} {:<12} {:<6} {:>5} {:<9} {:<11} {:<24} {}",
-                "LABEL", "ID", "TYPE", "BITS", "SENSITIVE", "EXTRACTABLE", "USAGE", "KEY ID"
+                "{:<24} {:<12} {:<6} {:>5} {:<9} {:<11} {:<24} KEY ID",
+                "LABEL", "ID", "TYPE", "BITS", "SENSITIVE", "EXTRACTABLE", "USAGE"
             );
             let flag = |b: Option<bool>| match b {
                 Some(true) => "yes",

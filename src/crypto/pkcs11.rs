@@ -258,7 +258,7 @@ impl Pkcs11Config {
 
 pub fn parse_hex_id(hex: &str) -> Result<Vec<u8>, String> {
     let hex = hex.trim();
-    if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 128 {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) || hex.len() > 128 {
         return Err(format!(
             "key id {hex:?} must be an even number of hex digits (1-64 bytes)"
         ));
