@@ -124,6 +124,9 @@ usage: cargo bench --bench loadgen -- [options]
   --connections N          HTTP/2 connections per client (default 1, like one gRPC channel)
   --audit-log off|file|stderr  the proxy's authorization audit log (default file, in a temp dir)
   --encryption on|off      payload encryption in the proxy (default on, a local keyring)
+  --key-provider local|pkcs11  the proxy's key provider when encryption is on (default local;
+                           pkcs11: a SoftHSM token in the run's temp dir). Each proxy prints its
+                           provider calls against the payloads it sealed and opened when it stops
   --stages                 fake target: also measure proxies without encryption, without
                            authorization, and with neither, in the same run
   --proxy-threads N        the proxy's serving threads (listener.workers) and control runtime threads
@@ -209,6 +212,13 @@ fn parse_args() -> anyhow::Result<Args> {
                     Some(count(value("--proxy-threads")?, "--proxy-threads")?.max(1))
             }
             "--stages" => args.stages = true,
+            "--key-provider" => {
+                let provider = value("--key-provider")?;
+                if !matches!(provider.as_str(), "local" | "pkcs11") {
+                    bail!("--key-provider: {provider:?} is not local or pkcs11");
+                }
+                let _ = KEY_PROVIDER.set(provider);
+            }
             "--baselines" => args.baselines = true,
             "--rotation" => {
                 args.rotation = Some(count(value("--rotation")?, "--rotation")?.max(2) as u64)
@@ -1230,6 +1240,51 @@ fn cpu_sample() -> CpuSample {
 
 /// `--proxy-threads`, for every proxy the run starts.
 static PROXY_WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+/// `--key-provider` (unset: local).
+static KEY_PROVIDER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A SoftHSM token with one key-encryption key in `dir` (created once per run); returns the
+/// `[encryption.keys.main]` body. SOFTHSM2_CONF is set for this process.
+async fn softhsm_key(dir: &Path) -> anyhow::Result<String> {
+    use portcullis::crypto::pkcs11::{Pkcs11Config, Pkcs11Provider};
+    if !Path::new(SOFTHSM_MODULE).is_file() {
+        bail!("--key-provider pkcs11 needs SoftHSM ({SOFTHSM_MODULE}): run scripts/setup.sh");
+    }
+    let dir = dir.join("softhsm");
+    let pin = dir.join("pin");
+    if !pin.exists() {
+        std::fs::create_dir_all(dir.join("tokens"))?;
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.join("tokens").display()
+            ),
+        )?;
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        let status = std::process::Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", "loadgen"])
+            .args(["--pin", "1234", "--so-pin", "5678"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("softhsm2-util")?;
+        if !status.success() {
+            bail!("softhsm2-util --init-token failed");
+        }
+        std::fs::write(&pin, "1234")?;
+        let config = Pkcs11Config::new(SOFTHSM_MODULE, "loadgen", &pin, "kek");
+        Pkcs11Provider::new(&config)
+            .await?
+            .create_key(None, None)
+            .await?;
+    }
+    Ok(format!(
+        "provider = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\ntoken_label = \"loadgen\"\npin_file = \"{}\"\nkey_label = \"kek\"\n",
+        pin.display()
+    ))
+}
 
 async fn start_proxy(
     handle: &Handle,
@@ -1302,7 +1357,12 @@ writers = ["cn:loadgen-client"]
     } else {
         "\n[authorization]\ndisabled = true\n".to_string()
     };
-    let encryption = if encryption {
+    let encryption = if encryption && KEY_PROVIDER.get().is_some_and(|p| p == "pkcs11") {
+        format!(
+            "\n[encryption]\ndefault_key = \"main\"\n\n[encryption.keys.main]\n{}",
+            softhsm_key(pki.dir()).await?
+        )
+    } else if encryption {
         let keyring = pki.dir().join("keyring.toml");
         if !keyring.exists() {
             portcullis::crypto::Keyring::init(&keyring).context("cannot create the keyring")?;
@@ -1353,6 +1413,28 @@ keyring = "{}"
 }
 
 async fn stop_proxy(handle: &Handle, proxy: RunningProxy) {
+    // What the key provider was asked for, against the payloads sealed and opened: data key
+    // caching keeps it off the call path.
+    let metrics = proxy.telemetry().encode();
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains("key=\"main\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let sealed = sample("portcullis_payloads_sealed_total");
+    if sealed > 0.0 {
+        println!(
+            "key provider ({}): {} calls for payloads, {} generate + {} unwrap timed (probes included), {} payloads sealed, {} opened",
+            KEY_PROVIDER.get().map(String::as_str).unwrap_or("local"),
+            sample("portcullis_key_provider_calls_total"),
+            sample("portcullis_key_provider_duration_seconds_count{key=\"main\",operation=\"generate\""),
+            sample("portcullis_key_provider_duration_seconds_count{key=\"main\",operation=\"unwrap\""),
+            sealed,
+            sample("portcullis_payloads_opened_total"),
+        );
+    }
     let _ = handle.spawn(proxy.shutdown()).await;
 }
 

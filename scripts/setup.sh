@@ -14,7 +14,8 @@ ROOT="$(pwd)"
 #   chromium     the codec server's Web UI test drives it headless through playwright-core
 #                (tests/clients/ts), which downloads no browser
 #   nginx-light  an mTLS-enforcing gRPC upstream (grpc_pass) for the upstream credential tests
-APT_PACKAGES="${APT_PACKAGES:-chromium nginx-light}"
+#   softhsm2     a PKCS#11 token (/usr/lib/softhsm/libsofthsm2.so) for the pkcs11 key provider tests
+APT_PACKAGES="${APT_PACKAGES:-chromium nginx-light softhsm2}"
 
 log() { echo "setup: $*" >&2; }
 

@@ -370,13 +370,21 @@ pub async fn run(path: &Path, options: &CheckOptions) -> CheckReport {
         .await
         {
             Ok(encryption) => {
-                for (name, _, manager) in encryption.key_providers() {
-                    let probe = tokio::time::timeout(
-                        options.timeout.saturating_mul(2),
-                        seal_open_probe(&manager),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err("the key provider did not answer in time".into()));
+                for (name, provider, manager) in encryption.key_providers() {
+                    // The seal/open probe opens from the cache: wrap and unwrap through the
+                    // provider too, so a key that wraps but cannot unwrap shows here.
+                    let probe: Result<String, String> =
+                        tokio::time::timeout(options.timeout.saturating_mul(2), async {
+                            let sealed = seal_open_probe(&manager).await?;
+                            let wrapped = crate::telemetry::readiness::probe_key(
+                                provider.as_ref(),
+                                options.timeout,
+                            )
+                            .await?;
+                            Ok(format!("{sealed}; {wrapped}"))
+                        })
+                        .await
+                        .unwrap_or_else(|_| Err("the key provider did not answer in time".into()));
                     match probe {
                         Ok(detail) => report.push(Severity::Ok, format!("key {name}"), detail),
                         Err(e) => report.push(Severity::Fail, format!("key {name}"), e),

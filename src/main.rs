@@ -52,7 +52,7 @@ enum Command {
         #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7444")]
         codec_listen: String,
     },
-    /// Manage a local keyring of key-encryption keys.
+    /// Manage key-encryption keys: a local keyring, or keys on a PKCS#11 token.
     Keys {
         #[command(subcommand)]
         action: KeysAction,
@@ -82,6 +82,30 @@ enum KeysAction {
     Rotate {
         #[arg(long)]
         keyring: PathBuf,
+    },
+    /// List the secret keys on the PKCS#11 token of a `pkcs11` key in the config: which this
+    /// key may use, which seals, and their attributes (sensitive, extractable, usages).
+    Pkcs11List {
+        #[arg(long, short, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// The key's name in `[encryption.keys]` (needed when several are `pkcs11`).
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Create a non-extractable AES-256 key on that token (development on SoftHSM; also the
+    /// rotation step: with `key_label`, a new key with the next CKA_ID becomes the primary on
+    /// running proxies within `rotation_check_seconds`).
+    Pkcs11Create {
+        #[arg(long, short, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        key: Option<String>,
+        /// CKA_LABEL (default: the key's `key_label`).
+        #[arg(long)]
+        label: Option<String>,
+        /// CKA_ID in hex (default: one more than the highest id among keys with that label).
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -156,6 +180,64 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Keys {
+            action: KeysAction::Pkcs11List { config, key },
+        } => {
+            let provider = pkcs11_provider(&config, key.as_deref()).await?;
+            let keys = provider.list_keys().await?;
+            println!(
+                "{:<24} {:<12} {:<6} {:>5} {:<9} {:<11} {:<24} KEY ID",
+                "LABEL", "ID", "TYPE", "BITS", "SENSITIVE", "EXTRACTABLE", "USAGE"
+            );
+            let flag = |b: Option<bool>| match b {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "?",
+            };
+            for k in &keys {
+                let usage: Vec<&str> = [
+                    (k.encrypt, "encrypt"),
+                    (k.decrypt, "decrypt"),
+                    (k.wrap, "wrap"),
+                    (k.unwrap, "unwrap"),
+                ]
+                .into_iter()
+                .filter(|(b, _)| *b == Some(true))
+                .map(|(_, name)| name)
+                .collect();
+                println!(
+                    "{:<24} {:<12} {:<6} {:>5} {:<9} {:<11} {:<24} {}{}",
+                    k.label,
+                    portcullis::crypto::pkcs11::hex(&k.id),
+                    k.key_type,
+                    k.value_len.map(|n| (n * 8).to_string()).unwrap_or_default(),
+                    flag(k.sensitive),
+                    flag(k.extractable),
+                    usage.join(","),
+                    k.kek_id.as_deref().unwrap_or("-"),
+                    if k.primary { "  (primary: seals)" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        Command::Keys {
+            action:
+                KeysAction::Pkcs11Create {
+                    config,
+                    key,
+                    label,
+                    id,
+                },
+        } => {
+            let id = id
+                .map(|id| portcullis::crypto::pkcs11::parse_hex_id(&id))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let provider = pkcs11_provider(&config, key.as_deref()).await?;
+            let kek_id = provider.create_key(label, id).await?;
+            println!("created a non-extractable AES-256 key: {kek_id}");
+            Ok(())
+        }
         Command::Keys { action } => {
             let (verb, keyring) = match action {
                 KeysAction::Init { keyring } => (
@@ -166,6 +248,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     "rotated",
                     portcullis::crypto::Keyring::rotate(&keyring).map(|k| (k, keyring))?,
                 ),
+                KeysAction::Pkcs11List { .. } | KeysAction::Pkcs11Create { .. } => {
+                    anyhow::bail!("pkcs11 key commands are handled above")
+                }
             };
             let (ring, path) = keyring;
             println!(
@@ -194,4 +279,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The provider of a `pkcs11` key in a config file (`name`, or the only one).
+async fn pkcs11_provider(
+    path: &std::path::Path,
+    name: Option<&str>,
+) -> anyhow::Result<portcullis::crypto::pkcs11::Pkcs11Provider> {
+    use portcullis::crypto::config::KeyConfig;
+    let config = Config::load(path)?;
+    let mut found = config
+        .encryption
+        .keys
+        .iter()
+        .filter(|(key, _)| name.is_none_or(|n| n == key.as_str()))
+        .filter_map(|(key, c)| match c {
+            KeyConfig::Pkcs11(p11) => Some((key.clone(), p11.clone())),
+            _ => None,
+        });
+    let (_, p11) = match (found.next(), found.next()) {
+        (Some(one), None) => one,
+        (None, _) => anyhow::bail!(
+            "{}: no pkcs11 key{} in [encryption.keys]",
+            path.display(),
+            name.map(|n| format!(" named {n:?}")).unwrap_or_default()
+        ),
+        (Some(_), Some(_)) => anyhow::bail!("{}: several pkcs11 keys: pass --key", path.display()),
+    };
+    Ok(portcullis::crypto::pkcs11::Pkcs11Provider::new(&p11).await?)
 }

@@ -648,6 +648,9 @@ impl Config {
             if let Err(e) = self.encryption.policy().validate() {
                 return invalid(format!("encryption: {e}"));
             }
+            self.encryption
+                .validate_keys()
+                .map_err(ConfigError::Invalid)?;
         }
         if self.authorization.identity.is_empty() {
             return invalid("authorization.identity must name at least one source".into());

@@ -106,7 +106,7 @@ fn default_timeout() -> Duration {
     DEFAULT_TIMEOUT
 }
 
-mod seconds {
+pub(crate) mod seconds {
     use std::time::Duration;
 
     use serde::{de::Error as _, Deserialize, Deserializer, Serializer};

@@ -66,6 +66,8 @@ pub enum KeyConfig {
     Local { keyring: PathBuf },
     /// AWS KMS (GenerateDataKey / Decrypt with the namespace in the encryption context).
     AwsKms(super::aws_kms::AwsKmsConfig),
+    /// A PKCS#11 token (an HSM, or SoftHSM): data keys wrapped inside the token.
+    Pkcs11(super::pkcs11::Pkcs11Config),
 }
 
 fn yes() -> bool {
@@ -118,8 +120,26 @@ impl EncryptionConfig {
                 KeyConfig::Local { keyring } if keyring.is_relative() => {
                     *keyring = base.join(&*keyring)
                 }
+                KeyConfig::Pkcs11(p11) => {
+                    if let Some(pin_file) = p11.pin_file.as_mut().filter(|p| p.is_relative()) {
+                        *pin_file = base.join(&*pin_file);
+                    }
+                }
                 KeyConfig::Local { .. } | KeyConfig::AwsKms(_) => {}
             }
         }
+    }
+
+    /// Checks each key's own settings (what can be checked without reaching the provider).
+    pub fn validate_keys(&self) -> Result<(), String> {
+        for (name, key) in &self.keys {
+            let checked = match key {
+                KeyConfig::Pkcs11(p11) => p11.validate().map_err(|e| e.to_string()),
+                KeyConfig::AwsKms(kms) => kms.validate().map_err(|e| e.to_string()),
+                KeyConfig::Local { .. } => Ok(()),
+            };
+            checked.map_err(|e| format!("encryption.keys.{name}: {e}"))?;
+        }
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@ pub mod keyring;
 pub mod manager;
 pub mod message;
 pub mod metrics;
+pub mod pkcs11;
 pub mod provider;
 pub mod timed;
 

@@ -20,6 +20,7 @@ use crate::crypto::aws_kms::AwsKmsProvider;
 use crate::crypto::config::{EncryptionConfig, KeyConfig, OpenFailurePolicy};
 use crate::crypto::keyring::ReloadingLocalProvider;
 use crate::crypto::message::{PlaintextPayload, ScopedKeys};
+use crate::crypto::pkcs11::Pkcs11Provider;
 use crate::crypto::{message, CryptoError, DataKeyManager, KeyProvider, OpenFailure, OpenOptions};
 use crate::error::ProxyError;
 use crate::grpc::headers::{percent_decode, percent_encode};
@@ -129,6 +130,8 @@ pub struct Encryption {
     upstream_max_request_bytes: usize,
     /// Keyrings that can be reloaded, with the manager whose data keys they wrap.
     reloadable: Vec<(Arc<ReloadingLocalProvider>, Arc<DataKeyManager>)>,
+    /// PKCS#11 keys, with the manager whose data keys they wrap (checked for rotation).
+    token_keys: Vec<(Arc<Pkcs11Provider>, Arc<DataKeyManager>)>,
     /// Every configured key by name, for metrics and readiness probes.
     keys: Vec<ConfiguredKey>,
     limits: EncryptionLimits,
@@ -224,12 +227,14 @@ impl Encryption {
     ) -> Result<Encryption, EncryptionSetupError> {
         let mut by_key: HashMap<String, Arc<DataKeyManager>> = HashMap::new();
         let mut reloadable = Vec::new();
+        let mut token_keys = Vec::new();
         let mut keys = Vec::new();
         for (name, key) in &config.keys {
             let key_error = |reason: String| EncryptionSetupError::Key {
                 name: name.clone(),
                 reason,
             };
+            let mut hsm = None;
             let (provider, local): (Arc<dyn KeyProvider>, Option<Arc<ReloadingLocalProvider>>) =
                 match key {
                     KeyConfig::Local { keyring } => {
@@ -245,6 +250,15 @@ impl Encryption {
                             .map_err(|e| key_error(e.to_string()))?;
                         (Arc::new(provider), None)
                     }
+                    KeyConfig::Pkcs11(p11) => {
+                        let provider = Arc::new(
+                            Pkcs11Provider::new(p11)
+                                .await
+                                .map_err(|e| key_error(e.to_string()))?,
+                        );
+                        hsm = Some(provider.clone());
+                        (provider, None)
+                    }
                 };
             let timed = crate::crypto::timed::TimedProvider::new(provider);
             let stats = timed.stats().clone();
@@ -259,6 +273,9 @@ impl Encryption {
                 provider,
                 stats,
             });
+            if let Some(hsm) = hsm {
+                token_keys.push((hsm, manager.clone()));
+            }
             if let Some(local) = local {
                 reloadable.push((local, manager.clone()));
             }
@@ -287,6 +304,7 @@ impl Encryption {
             on_open_failure: config.on_open_failure,
             upstream_max_request_bytes: config.upstream_max_request_bytes,
             reloadable,
+            token_keys,
             keys,
             limits: EncryptionLimits::default(),
             off_thread: OffThreadBudget::new(
@@ -318,6 +336,26 @@ impl Encryption {
                     tracing::info!(primary = %provider.primary_id(), "keyring rotated: new data keys use the new primary key");
                 }
                 Ok(())
+            });
+        }
+        // PKCS#11 keys by label rotate on the token: look for a newer key now and then. The
+        // task ends with the provider.
+        for (provider, manager) in &self.token_keys {
+            let every = Duration::from_secs(provider.config().rotation_check_seconds);
+            let (provider, manager) = (Arc::downgrade(provider), Arc::downgrade(manager));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let (Some(provider), Some(manager)) = (provider.upgrade(), manager.upgrade())
+                    else {
+                        return;
+                    };
+                    match provider.refresh_primary().await {
+                        Ok(true) => manager.retire_sealing_keys(),
+                        Ok(false) => {}
+                        Err(e) => tracing::debug!(error = %e, "PKCS#11 rotation check failed"),
+                    }
+                }
             });
         }
     }

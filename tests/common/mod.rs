@@ -7,6 +7,7 @@ pub mod jwt;
 pub mod moto;
 pub mod nginx;
 pub mod ops;
+pub mod softhsm;
 pub mod tasks;
 
 use std::net::SocketAddr;
