@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -269,34 +268,6 @@ async fn wraps_inside_the_token_bound_to_the_namespace() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("rejected the PIN"), "{stderr}");
-}
-
-/// How often `needle` occurs in the dev server's database files (the file and any journal).
-fn occurrences(db: &Path, needle: &str) -> usize {
-    let dir = db.parent().expect("db dir");
-    let stem = db
-        .file_name()
-        .expect("db name")
-        .to_string_lossy()
-        .into_owned();
-    let mut count = 0;
-    for entry in std::fs::read_dir(dir).expect("read db dir") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !name.starts_with(&stem) {
-            continue;
-        }
-        if let Ok(bytes) = std::fs::read(&path) {
-            count += bytes
-                .windows(needle.len())
-                .filter(|w| *w == needle.as_bytes())
-                .count();
-        }
-    }
-    count
 }
 
 /// The key-encryption key ids of every sealed payload in a workflow's history, as stored.

@@ -833,3 +833,32 @@ pub async fn h2_grpc_status(
     let trailers = body.trailers().await?.unwrap_or_default();
     Ok(status_of(&trailers).unwrap_or((-1, "no grpc-status".into())))
 }
+
+/// How often `needle` occurs in the dev server's database files (the file and any journal).
+pub fn occurrences(db: &Path, needle: &str) -> usize {
+    let dir = db.parent().expect("db dir");
+    let stem = db
+        .file_name()
+        .expect("db name")
+        .to_string_lossy()
+        .into_owned();
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).expect("read db dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !name.starts_with(&stem) {
+            continue;
+        }
+        // A journal can vanish between listing and reading.
+        if let Ok(bytes) = std::fs::read(&path) {
+            count += bytes
+                .windows(needle.len())
+                .filter(|w| *w == needle.as_bytes())
+                .count();
+        }
+    }
+    count
+}
