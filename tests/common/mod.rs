@@ -4,10 +4,12 @@
 
 pub mod browser;
 pub mod jwt;
+pub mod leak;
 pub mod moto;
 pub mod nginx;
 pub mod ops;
 pub mod softhsm;
+pub mod tap;
 pub mod tasks;
 
 use std::net::SocketAddr;
@@ -834,7 +836,8 @@ pub async fn h2_grpc_status(
     Ok(status_of(&trailers).unwrap_or((-1, "no grpc-status".into())))
 }
 
-/// How often `needle` occurs in the dev server's database files (the file and any journal).
+/// How often `needle` occurs in the dev server's database files (the file and any journal), in
+/// any of the leak detector's encodings.
 pub fn occurrences(db: &Path, needle: &str) -> usize {
     let dir = db.parent().expect("db dir");
     let stem = db
@@ -854,10 +857,10 @@ pub fn occurrences(db: &Path, needle: &str) -> usize {
         }
         // A journal can vanish between listing and reading.
         if let Ok(bytes) = std::fs::read(&path) {
-            count += bytes
-                .windows(needle.len())
-                .filter(|w| *w == needle.as_bytes())
-                .count();
+            // In any encoding the leak detector knows (the server may keep JSON or base64).
+            for (_, form) in leak::encodings(needle.as_bytes()) {
+                count += bytes.windows(form.len()).filter(|w| *w == form).count();
+            }
         }
     }
     count
