@@ -497,23 +497,34 @@ async fn policy_file_changes_apply_without_restart_and_bad_files_are_refused() {
     .expect("write");
     eventually(true).await;
 
-    // A broken file is rejected: the previous policy (newcomer may read) stays in force.
-    std::fs::write(
-        &policy_file,
+    // A broken file is rejected: the previous policy (newcomer may read) stays in force. Each
+    // rejection is awaited as evidence (the failed-reload count moves), not assumed after a
+    // sleep: a dead file watcher would fail here.
+    let failed_reloads = || {
+        common::ops::Scrape::parse(&proxy.telemetry().encode()).sum(
+            "portcullis_config_reloads_total",
+            &[("what", "policies"), ("outcome", "failure")],
+        )
+    };
+    for broken in [
         "[[namespaces]]\nname = \"alpha\"\nreaders = [\"group:missing\"]\n",
-    )
-    .expect("write");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    client
-        .describe_namespace(describe())
-        .await
-        .expect("old policy still in force");
-    std::fs::write(&policy_file, "this is not toml [").expect("write");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    client
-        .describe_namespace(describe())
-        .await
-        .expect("old policy still in force");
+        "this is not toml [",
+    ] {
+        let before = failed_reloads();
+        std::fs::write(&policy_file, broken).expect("write");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while failed_reloads() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the broken policy file was never rejected: {broken:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        client
+            .describe_namespace(describe())
+            .await
+            .expect("old policy still in force");
+    }
 
     // The deny list beats the grant, without a restart.
     std::fs::write(

@@ -1,6 +1,7 @@
-//! Replays the `grpc_walker` fuzz corpus (fuzz/corpus/grpc_walker) and any saved crash inputs
-//! (fuzz/artifacts/grpc_walker) through the same code path as the fuzz target, without the
-//! fuzzing toolchain: nothing may panic, and the seed requests must rewrite (and round-trip).
+//! Replays the fuzz corpora (fuzz/corpus/TARGET) through the same code paths as the fuzz
+//! targets, without the fuzzing toolchain: nothing may panic, and the seed requests must
+//! rewrite (and round-trip). A crash input a campaign finds (fuzz/artifacts/TARGET, not kept in
+//! git) is fixed and then copied into the corpus as `regression-*`, so it is replayed here.
 
 // `one_input`, `sorted_methods`, `SUFFIX`: shared with fuzz/fuzz_targets/grpc_walker.rs.
 include!("../fuzz/common/grpc_walker_input.rs");
@@ -51,11 +52,6 @@ fn corpus_replays_without_panic() {
         files.len()
     );
     replay(&files);
-}
-
-#[test]
-fn artifacts_replay_without_panic() {
-    replay(&files_in("fuzz/artifacts/grpc_walker"));
 }
 
 /// `valid-<Method>-<encoding>` seeds are real requests: they select the method they are named
@@ -175,11 +171,6 @@ fn command_targets_corpus_replays_without_panic() {
         files.len()
     );
     replay_targets(&files);
-}
-
-#[test]
-fn command_targets_artifacts_replay_without_panic() {
-    replay_targets(&files_in("fuzz/artifacts/command_targets"));
 }
 
 /// The seeds read as they were written: captured SDK traffic decodes and names no other

@@ -609,16 +609,30 @@ proptest! {
             .unwrap_or_else(|| input.clone());
         // Sealed form: no message or stack trace left in plaintext.
         let sealed = RespondActivityTaskFailedRequest::decode(encoded.as_slice()).unwrap();
-        let mut failure = sealed.failure.clone();
-        while let Some(fl) = failure {
-            if !fl.message.is_empty() || fl.encoded_attributes.is_some() {
-                prop_assert_eq!(fl.message.as_str(), ENCODED_FAILURE_MESSAGE);
-                prop_assert!(fl.stack_trace.is_empty());
-                let attrs = unwrap_payload(fl.encoded_attributes.as_ref().unwrap());
+        // Decided by the input, failure by failure down the cause chain: every failure that had
+        // a message or a stack trace (and no encoded attributes of its own) has neither left.
+        let (mut before, mut after) = (original.failure.clone(), sealed.failure.clone());
+        while let Some(b) = before {
+            let Some(a) = after else {
+                return Err(TestCaseError::fail("a failure vanished from the cause chain"));
+            };
+            let had_text = !b.message.is_empty() || !b.stack_trace.is_empty();
+            if b.encoded_attributes.is_none() && had_text {
+                prop_assert_eq!(a.message.as_str(), ENCODED_FAILURE_MESSAGE);
+                prop_assert!(a.stack_trace.is_empty());
+                let Some(encoded) = a.encoded_attributes.as_ref() else {
+                    return Err(TestCaseError::fail("text left without encoded attributes"));
+                };
+                let attrs = unwrap_payload(encoded);
                 prop_assert_eq!(attrs.metadata.get(FAILURE_MARKER_KEY).map(Vec::as_slice), Some(&b"1"[..]));
+            } else if b.encoded_attributes.is_none() {
+                prop_assert!(a.message.is_empty() && a.stack_trace.is_empty());
+                prop_assert!(a.encoded_attributes.is_none());
             }
-            failure = fl.cause.map(|c| *c);
+            before = b.cause.map(|c| *c);
+            after = a.cause.map(|c| *c);
         }
+        prop_assert!(after.is_none(), "the sealed cause chain is longer");
         let decoded = rewrite_with(index(), &message, &encoded, &mut unwrapper, &WalkOptions::with_failures(FailureMode::Decode))
             .unwrap()
             .unwrap_or_else(|| encoded.clone());
