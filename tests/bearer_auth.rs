@@ -360,6 +360,9 @@ async fn tokens_are_not_forwarded_and_certificates_stay_required_without_bearer(
     ))
     .await;
     let address = proxy.local_addr().expect("tcp");
-    assert!(tls_probe(address, &pki, None).await.is_err());
+    let refusal = tls_probe(address, &pki, None)
+        .await
+        .expect_err("no client certificate without [bearer]");
+    assert!(refusal.contains("CertificateRequired"), "{refusal}");
     proxy.shutdown().await;
 }

@@ -622,9 +622,11 @@ async fn the_dev_anonymous_reader_cannot_leave_loopback_or_come_from_a_config_fi
     if let Some(codec) = &mut loopback_tls.codec {
         codec.address = "127.0.0.1:0".into();
     }
-    assert!(portcullis::server::start_with(loopback_tls, options)
-        .await
-        .is_err());
+    let error = match portcullis::server::start_with(loopback_tls, options).await {
+        Ok(_) => panic!("the dev anonymous reader started behind TLS"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("anonymous"), "{error}");
     // No config key can turn it on.
     let mut text = proxy_config(&pki, "127.0.0.1:1", &["default"]).to_toml();
     text.push_str(
@@ -637,7 +639,10 @@ async fn the_dev_anonymous_reader_cannot_leave_loopback_or_come_from_a_config_fi
     // Plaintext codec listeners are refused off loopback, like the gRPC listener.
     let mut text = proxy_config(&pki, "127.0.0.1:1", &["default"]).to_toml();
     text.push_str("\n[codec]\naddress = \"0.0.0.0:8089\"\nplaintext = true\n");
-    assert!(portcullis::config::Config::from_toml(&text).is_err());
+    let error = portcullis::config::Config::from_toml(&text)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("loopback"), "{error}");
 }
 
 /// Runs `portcullis dev` (which starts the dev server with its Web UI pointed at the codec
@@ -721,6 +726,11 @@ async fn the_web_ui_shows_decrypted_payloads_out_of_the_box_with_portcullis_dev(
         .output()
         .expect("cli");
     let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(
         shown.contains(&marker),
         "codec_auth did not decode: {shown}"

@@ -271,7 +271,7 @@ async fn dev_creates_its_setup_once_and_the_cli_profile_works() {
     );
     // The read-only identity can look but not start; the stranger can do neither.
     let as_identity = |cert: &str, key: &str, args: &[&str]| {
-        std::process::Command::new(temporal_binary())
+        let output = std::process::Command::new(temporal_binary())
             .args(args)
             .args([
                 "--config-file",
@@ -282,25 +282,39 @@ async fn dev_creates_its_setup_once_and_the_cli_profile_works() {
             .args(["--tls-cert-path", endpoints[cert].as_str().expect("path")])
             .args(["--tls-key-path", endpoints[key].as_str().expect("path")])
             .output()
-            .expect("temporal")
-            .status
-            .success()
+            .expect("temporal");
+        let text = String::from_utf8_lossy(&output.stdout).to_string()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
     };
-    assert!(as_identity(
+    let (ok, text) = as_identity(
         "reader_cert",
         "reader_key",
-        &["workflow", "describe", "--workflow-id", "dev-wf"]
-    ));
-    assert!(!as_identity(
-        "reader_cert",
-        "reader_key",
-        &["workflow", "terminate", "--workflow-id", "dev-wf"]
-    ));
-    assert!(!as_identity(
-        "stranger_cert",
-        "stranger_key",
-        &["workflow", "describe", "--workflow-id", "dev-wf"]
-    ));
+        &["workflow", "describe", "--workflow-id", "dev-wf"],
+    );
+    assert!(ok, "{text}");
+    // Refused for the right reason: permission, naming the identity and the role it lacks.
+    for (cert, key, args, role) in [
+        (
+            "reader_cert",
+            "reader_key",
+            ["workflow", "terminate", "--workflow-id", "dev-wf"],
+            "writer",
+        ),
+        (
+            "stranger_cert",
+            "stranger_key",
+            ["workflow", "describe", "--workflow-id", "dev-wf"],
+            "reader",
+        ),
+    ] {
+        let (ok, text) = as_identity(cert, key, &args);
+        assert!(!ok, "{cert}: {text}");
+        assert!(
+            text.contains("may not call") && text.contains(role),
+            "{cert}: not a permission denial naming {role}: {text}"
+        );
+    }
 
     // describe reads the workflow itself (list goes through eventually consistent visibility).
     assert!(cli(
@@ -432,7 +446,7 @@ async fn check_reports_certificates_keys_and_upstreams() {
     // A file that is not a certificate fails, naming it.
     std::fs::write(&pki.server_cert, "not a certificate").expect("corrupt");
     let (ok, out) = check(&path, &["--offline"]).await;
-    assert!(!ok);
+    assert!(!ok, "{out}");
     assert!(out.contains("FAIL server certificate"), "{out}");
     assert!(out.contains("checks failed"), "{out}");
 }
