@@ -173,8 +173,47 @@ async fn dead_poller_does_not_swallow_a_task(how: &str) -> Duration {
     let address = proxy.local_addr().expect("tcp");
     let queue = format!("cancel-{how}");
 
+    // "sigkill": a real worker process (the Python SDK, several pollers) is killed outright.
+    // The kernel closes its sockets: no HTTP/2 frame, no stream reset reaches the proxy, only
+    // the end of the connection.
+    let mut killed_worker = None;
+    if how == "sigkill" {
+        use tokio::io::AsyncBufReadExt;
+        let mut worker = tokio::process::Command::new(python())
+            .arg(repo_root().join("tests/clients/python/worker.py"))
+            .args(client_args(address, &pki, &pki.client))
+            .args(["--task-queue", &queue, "--seconds", "120"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the Python worker");
+        let stdout = worker.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("\"ready\"") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(ready, Ok(true), "the worker never got ready");
+        // Its polls are in flight at the upstream.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pid = worker.id().expect("running").to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let _ = worker.wait().await;
+        killed_worker = Some(worker);
+    }
     let mut dead = Vec::new();
-    for i in 0..3 {
+    for i in 0..if how == "sigkill" { 0 } else { 3 } {
         let poller = workflow_client(address, &pki, &pki.client).await;
         let mut client = poller.clone();
         let queue = queue.clone();
@@ -198,6 +237,7 @@ async fn dead_poller_does_not_swallow_a_task(how: &str) -> Duration {
             drop(poller);
         }
     }
+    drop(killed_worker);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let mut starter = workflow_client(address, &pki, &pki.client).await;
@@ -250,6 +290,17 @@ async fn an_abandoned_poll_is_cancelled_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnected_pollers_upstream_poll_is_cancelled() {
     let waited = dead_poller_does_not_swallow_a_task("disconnect").await;
+    assert!(
+        waited < Duration::from_secs(5),
+        "task reached the live poller only after {waited:?}"
+    );
+}
+
+/// A true connection loss: a worker process killed mid-poll sends no stream reset, only the
+/// end of its connections; its polls must be cancelled upstream all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_upstream_polls_are_cancelled() {
+    let waited = dead_poller_does_not_swallow_a_task("sigkill").await;
     assert!(
         waited < Duration::from_secs(5),
         "task reached the live poller only after {waited:?}"
