@@ -61,7 +61,7 @@ with workflow.unsafe.imports_passed_through():
 KINDS = [
     "wf-input", "wf-result",
     "act-input", "act-result", "heartbeat",
-    "signal", "query-arg", "query-result", "update-arg", "update-result",
+    "signal", "query-arg", "query-result", "update-arg", "update-result", "update-rejection",
     "memo", "search-attr",
     "child-input", "child-result",
     "can-input",
@@ -71,8 +71,9 @@ KINDS = [
     "local-act-result",
     "wf-failure-msg",
 ]
-# Never persisted by the server (queries are answered live by the worker).
-UNSTORED_KINDS = ["query-arg", "query-result"]
+# Never persisted by the server (queries are answered live by the worker; a rejected update
+# leaves no trace in history).
+UNSTORED_KINDS = ["query-arg", "query-result", "update-rejection"]
 # Stored in plaintext by design: the server must index search attributes.
 PLAINTEXT_KINDS = ["search-attr"]
 # Expected in the server's database when run directly (verified with grep against
@@ -315,6 +316,15 @@ class MarkersWorkflow:
             return f"{self._m}-update-result"
         return "bad-update-arg:" + rev(arg)
 
+    @workflow.update
+    def rejectable_update(self, arg: str) -> str:
+        return "accepted"
+
+    @rejectable_update.validator
+    def reject(self, arg: str) -> None:
+        # The marker travels only in the rejection (the argument carries it reversed).
+        raise ApplicationError(rev(arg))
+
 
 # --------------------------------------------------------------------------- client side
 async def ensure_search_attribute(client, namespace: str) -> bool:
@@ -454,6 +464,18 @@ async def run_markers(args: argparse.Namespace, checks: dict, info: dict) -> Non
         checks["query-arg"] = checks["query-result"] = q == mk("query-result")
         u = await handle.execute_update(MarkersWorkflow.marker_update, mk("update-arg"))
         checks["update-result"] = u == mk("update-result")
+        from temporalio.client import WorkflowUpdateFailedError
+
+        try:
+            await handle.execute_update(
+                MarkersWorkflow.rejectable_update, rev(mk("update-rejection"))
+            )
+            checks["update-rejection"] = False
+        except WorkflowUpdateFailedError as e:
+            cause = e.cause
+            checks["update-rejection"] = (
+                isinstance(cause, ApplicationError) and cause.message == mk("update-rejection")
+            )
         await handle.signal(MarkersWorkflow.marker_signal, mk("signal"))
         result = await handle.result()
 
