@@ -646,7 +646,8 @@ async fn trace_logs_never_contain_payloads_or_key_material() {
         result["kinds"].as_array().is_some_and(|k| k.len() >= 15),
         "{result}"
     );
-    let _ = scrape(admin).await;
+    // The metrics output is searched like the logs.
+    let metrics_text = scrape(admin).await.text;
 
     let pid = proxy.id().expect("pid").to_string();
     assert!(std::process::Command::new("kill")
@@ -660,7 +661,7 @@ async fn trace_logs_never_contain_payloads_or_key_material() {
         .expect("wait");
     assert!(exit.success(), "{exit}");
 
-    let mut logs = Vec::new();
+    let mut logs = metrics_text.into_bytes();
     for path in [&stderr_path, &stdout_path, &audit] {
         logs.extend(std::fs::read(path).unwrap_or_default());
         logs.push(b'\n');
