@@ -584,7 +584,9 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let config: AuthorizationConfig = toml::from_str("audit_log = \"off\"").unwrap();
         let store = PolicyStore::new(&config, None).unwrap();
-        let audit = Arc::new(AuditLog::open(path.to_str().unwrap(), audit::AuditSettings::default()).unwrap());
+        let audit = Arc::new(
+            AuditLog::open(path.to_str().unwrap(), audit::AuditSettings::default()).unwrap(),
+        );
         let upstream = Upstream {
             calls: Arc::default(),
             foreign: foreign.iter().map(|s| s.to_string()).collect(),
