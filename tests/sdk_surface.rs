@@ -152,6 +152,39 @@ async fn every_newer_sdk_feature_runs_through_the_proxy_as_it_runs_directly() {
         "{results}"
     );
 
+    // The memo key deleted with a nil value is gone at the server itself (sealed, it would
+    // have been stored); the others are there, sealed.
+    let memo_id = through["memo_workflow_id"]
+        .as_str()
+        .expect("memo workflow id");
+    let described = server
+        .direct_client()
+        .await
+        .describe_workflow_execution(wf::DescribeWorkflowExecutionRequest {
+            namespace: "default".into(),
+            execution: Some(
+                temporalio_protos::protos::temporal::api::common::v1::WorkflowExecution {
+                    workflow_id: memo_id.into(),
+                    run_id: String::new(),
+                },
+            ),
+        })
+        .await
+        .expect("describe directly")
+        .into_inner();
+    let memo = described
+        .workflow_execution_info
+        .and_then(|i| i.memo)
+        .expect("memo")
+        .fields;
+    let mut keys: Vec<&String> = memo.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["added", "keep"], "read straight from the server");
+    assert!(memo
+        .values()
+        .all(|v| v.metadata.get("encoding").map(Vec::as_slice)
+            == Some(b"binary/encrypted".as_slice())));
+
     // The database: no marker of the run through the proxy, every one of the direct run.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let kinds: Vec<String> = through["stored_kinds"]

@@ -485,6 +485,7 @@ async def run(args: argparse.Namespace, results: dict, errors: dict, info: dict)
             task_queue=tq,
             memo={"keep": mk("memo-keep"), "drop": mk("memo-drop")},
         )
+        info["memo_workflow_id"] = memo_handle.id
 
         async def memo_keys():
             described = await memo_handle.describe()
