@@ -617,6 +617,7 @@ async fn the_web_ui_shows_decrypted_payloads_out_of_the_box_with_portcullis_dev(
         url: &page_url,
         expect: Some(&marker),
         wait_for: None,
+        click: None,
         codec: Some(&codec_endpoint),
         authorization: None,
         screenshot: Some(artifact("codec-web-ui-decrypted.png")),
@@ -633,6 +634,79 @@ async fn the_web_ui_shows_decrypted_payloads_out_of_the_box_with_portcullis_dev(
             .iter()
             .any(|c| c["method"] == "POST" && c["status"] == 200),
         "the page did not decode through the codec server: {page}"
+    );
+
+    // A Nexus endpoint created through the proxy with a description: its page in the Web UI
+    // (which reads the endpoint straight from the server, and asks the codec server with
+    // `X-Namespace: undefined`, the page having no namespace) shows the description. The page
+    // is reached from the endpoint list, as people do: UI 2.54.1 does not call the codec
+    // server when the endpoint's URL is opened directly (its loader runs before the settings
+    // naming the codec server are in place), and shows no description then, with or without
+    // portcullis.
+    let cli_proxy = |args: &[&str]| {
+        let output = std::process::Command::new(temporal_binary())
+            .args(args)
+            .args(["--address", &text("proxy_address")])
+            .args(["--tls-ca-path", &text("ca_cert")])
+            .args(["--tls-cert-path", &text("client_cert")])
+            .args(["--tls-key-path", &text("client_key")])
+            .args(["--tls-server-name", "localhost"])
+            .output()
+            .expect("cli");
+        assert!(
+            output.status.success(),
+            "temporal {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let description = format!("{marker}-endpoint-description");
+    cli_proxy(&[
+        "operator",
+        "nexus",
+        "endpoint",
+        "create",
+        "--name",
+        "ui-endpoint",
+        "--target-namespace",
+        "default",
+        "--target-task-queue",
+        "ui-queue",
+        "--description",
+        &description,
+    ]);
+    let endpoint: Value = serde_json::from_str(&cli_proxy(&[
+        "operator",
+        "nexus",
+        "endpoint",
+        "get",
+        "--name",
+        "ui-endpoint",
+        "-o",
+        "json",
+    ]))
+    .expect("endpoint json");
+    assert!(endpoint["id"].as_str().is_some(), "{endpoint}");
+    let page = open_page(&PageRequest {
+        url: &format!("{ui_url}/nexus"),
+        expect: Some(&description),
+        wait_for: None,
+        click: Some("ui-endpoint"),
+        codec: Some(&codec_endpoint),
+        authorization: None,
+        screenshot: Some(artifact("codec-web-ui-nexus-endpoint.png")),
+        timeout: Duration::from_secs(30),
+    })
+    .await;
+    assert_eq!(
+        page["found"], true,
+        "the Web UI did not show the endpoint's description: {page}"
+    );
+    assert!(
+        page["codec"].as_array().is_some_and(|calls| calls
+            .iter()
+            .any(|c| c["method"] == "POST" && c["status"] == 200)),
+        "the description was not decoded by the codec server: {page}"
     );
 
     // A browser whose token lacks permission in the namespace sees no plaintext.
@@ -653,6 +727,7 @@ async fn the_web_ui_shows_decrypted_payloads_out_of_the_box_with_portcullis_dev(
         url: &page_url,
         expect: None,
         wait_for: Some("Input"),
+        click: None,
         codec: Some(&codec_endpoint),
         authorization: Some(&bearer),
         screenshot: Some(artifact("codec-web-ui-denied.png")),
