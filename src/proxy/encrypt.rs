@@ -933,6 +933,68 @@ fn holds_payloads(index: &PayloadIndex, message_type: &str, message: &[u8]) -> b
 mod tests {
     use super::*;
 
+    /// Cluster-scoped calls: the Nexus endpoint methods seal under the endpoint scope, those
+    /// without payloads pass, anything else that could hold a payload has no scope (refused).
+    #[test]
+    fn cluster_calls_are_sealed_only_under_a_fixed_scope() {
+        let index = PayloadIndex::global();
+        let schema = crate::schema::Schema::global();
+        let mut cluster_with_payloads = Vec::new();
+        for method in schema.methods() {
+            if method.scope != crate::schema::Scope::Cluster {
+                continue;
+            }
+            let (input, output) = (method.input.full_name(), method.output.full_name());
+            match cluster_scope(index, input, output) {
+                Some(Some(scope)) => {
+                    assert_eq!(scope, NEXUS_ENDPOINT_SCOPE, "{}", method.path);
+                    cluster_with_payloads.push(method.name.as_str());
+                }
+                Some(None) => {}
+                None => panic!(
+                    "{} is cluster-scoped with payloads of no fixed scope",
+                    method.path
+                ),
+            }
+        }
+        cluster_with_payloads.sort_unstable();
+        assert_eq!(
+            cluster_with_payloads,
+            [
+                "CreateNexusEndpoint",
+                "GetNexusEndpoint",
+                "ListNexusEndpoints",
+                "UpdateNexusEndpoint"
+            ]
+        );
+        assert_eq!(
+            cluster_scope(
+                index,
+                "temporal.api.workflowservice.v1.StartWorkflowExecutionRequest",
+                "temporal.api.operatorservice.v1.GetNexusEndpointResponse"
+            ),
+            None
+        );
+        // A request without a description holds nothing to seal.
+        use prost::Message as _;
+        use temporalio_protos::temporal::api::nexus::v1::EndpointSpec;
+        use temporalio_protos::temporal::api::operatorservice::v1::CreateNexusEndpointRequest;
+        const CREATE: &str = "temporal.api.operatorservice.v1.CreateNexusEndpointRequest";
+        let bare = CreateNexusEndpointRequest {
+            spec: Some(EndpointSpec {
+                name: "e".into(),
+                ..Default::default()
+            }),
+        };
+        assert!(!holds_payloads(index, CREATE, &bare.encode_to_vec()));
+        let mut described = bare.clone();
+        if let Some(spec) = described.spec.as_mut() {
+            spec.description = Some(Default::default());
+        }
+        assert!(holds_payloads(index, CREATE, &described.encode_to_vec()));
+        assert!(holds_payloads(index, CREATE, b"\x0a\x09"));
+    }
+
     #[tokio::test]
     async fn large_messages_wait_for_room_and_give_up_with_resource_exhausted() {
         let budget = Arc::new(OffThreadBudget::new(
