@@ -20,7 +20,8 @@ server's database for "M-K" finds that payload kind only. STORED_KINDS are those
 persists (checked against a direct run).
 
 Usage:
-  sdk_surface.py --address HOST:PORT --marker M [--namespace NS] [--ca ... --cert ... --key ...]
+  sdk_surface.py --address HOST:PORT --marker M [--namespace NS] [--only SECTION,...]
+                 [--ca ... --cert ... --key ...]
 
 Prints one JSON line: {"ok": bool, "results": {...}, "errors": {...}, "stored_kinds": [...],
 "endpoint_id": ..., ...}. `results` holds only values that must be the same however the run
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 import traceback
@@ -384,41 +386,47 @@ async def run(args: argparse.Namespace, results: dict, errors: dict, info: dict)
     tq = f"surface-{suffix}"
     dc = client.data_converter.payload_converter
 
+    sections = set(args.only.split(",")) if args.only else None
+    want = lambda name: sections is None or name in sections  # noqa: E731
+
     # --- Nexus endpoint management: the SDK's helper, then the raw OperatorService.
-    env = WorkflowEnvironment.from_client(client)
     endpoint_name = f"surface-{suffix}"
-    endpoint = await env.create_nexus_endpoint(endpoint_name, tq)
-    info["endpoint_id"] = endpoint.id
-    results["endpoint.created"] = [endpoint.spec.name == endpoint_name, endpoint.spec.HasField("description")]
-    spec = EndpointSpec()
-    spec.CopyFrom(endpoint.spec)
-    spec.description.CopyFrom(json_payload(mk("endpoint-desc")))
-    updated = await client.operator_service.update_nexus_endpoint(
-        UpdateNexusEndpointRequest(id=endpoint.id, version=endpoint.version, spec=spec)
-    )
-    got = await client.operator_service.get_nexus_endpoint(GetNexusEndpointRequest(id=endpoint.id))
-    results["endpoint.get"] = [
-        updated.endpoint.spec.description.data.decode(),
-        dict(got.endpoint.spec.description.metadata).get("encoding", b"").decode(),
-        got.endpoint.spec.description.data.decode(),
-        got.endpoint.spec.target.worker.task_queue == tq,
-    ]
-    listed = await client.operator_service.list_nexus_endpoints(
-        ListNexusEndpointsRequest(name=endpoint_name)
-    )
-    results["endpoint.list"] = [
-        (e.spec.name == endpoint_name, e.spec.description.data.decode()) for e in listed.endpoints
-    ]
-    temp = await env.create_nexus_endpoint(f"surface-temp-{suffix}", tq)
-    await env.delete_nexus_endpoint(temp)
-    gone = await client.operator_service.list_nexus_endpoints(
-        ListNexusEndpointsRequest(name=f"surface-temp-{suffix}")
-    )
-    results["endpoint.deleted"] = len(gone.endpoints)
+    endpoint = None
+    if want("endpoints"):
+        env = WorkflowEnvironment.from_client(client)
+        endpoint = await env.create_nexus_endpoint(endpoint_name, tq)
+        info["endpoint_id"] = endpoint.id
+        results["endpoint.created"] = [endpoint.spec.name == endpoint_name, endpoint.spec.HasField("description")]
+        spec = EndpointSpec()
+        spec.CopyFrom(endpoint.spec)
+        spec.description.CopyFrom(json_payload(mk("endpoint-desc")))
+        updated = await client.operator_service.update_nexus_endpoint(
+            UpdateNexusEndpointRequest(id=endpoint.id, version=endpoint.version, spec=spec)
+        )
+        got = await client.operator_service.get_nexus_endpoint(GetNexusEndpointRequest(id=endpoint.id))
+        results["endpoint.get"] = [
+            updated.endpoint.spec.description.data.decode(),
+            dict(got.endpoint.spec.description.metadata).get("encoding", b"").decode(),
+            got.endpoint.spec.description.data.decode(),
+            got.endpoint.spec.target.worker.task_queue == tq,
+        ]
+        listed = await client.operator_service.list_nexus_endpoints(
+            ListNexusEndpointsRequest(name=endpoint_name)
+        )
+        results["endpoint.list"] = [
+            (e.spec.name == endpoint_name, e.spec.description.data.decode()) for e in listed.endpoints
+        ]
+        temp = await env.create_nexus_endpoint(f"surface-temp-{suffix}", tq)
+        await env.delete_nexus_endpoint(temp)
+        gone = await client.operator_service.list_nexus_endpoints(
+            ListNexusEndpointsRequest(name=f"surface-temp-{suffix}")
+        )
+        results["endpoint.deleted"] = len(gone.endpoints)
 
     deployment = f"surface-deploy-{suffix}"
     version = WorkerDeploymentVersion(deployment_name=deployment, build_id="build-1")
-    async with Worker(
+    workers = contextlib.AsyncExitStack()
+    await workers.enter_async_context(Worker(
         client,
         task_queue=tq,
         workflows=[
@@ -434,432 +442,447 @@ async def run(args: argparse.Namespace, results: dict, errors: dict, info: dict)
         ],
         activities=[sa_echo, held_activity, async_completed],
         nexus_service_handlers=[MarkerServiceHandler()],
-    ), Worker(
-        client,
-        task_queue=f"{tq}-versioned",
-        workflows=[VersionedWorkflow],
-        deployment_config=WorkerDeploymentConfig(
-            version=version, use_worker_versioning=True
-        ),
-    ):
-        # --- Nexus operations from a workflow.
-        await step(
-            results,
-            errors,
-            "nexus.operations",
-            client.execute_workflow(
-                NexusCallerWorkflow.run,
-                args=[endpoint_name, M],
-                id=f"nexus-caller-{suffix}",
-                task_queue=tq,
-                execution_timeout=timedelta(seconds=60),
+    ))
+    if want("deploy"):
+        await workers.enter_async_context(Worker(
+            client,
+            task_queue=f"{tq}-versioned",
+            workflows=[VersionedWorkflow],
+            deployment_config=WorkerDeploymentConfig(
+                version=version, use_worker_versioning=True
             ),
-        )
+        ))
+    async with workers:
+        # --- Nexus operations from a workflow.
+        if want("nexus"):
+            await step(
+                results,
+                errors,
+                "nexus.operations",
+                client.execute_workflow(
+                    NexusCallerWorkflow.run,
+                    args=[endpoint_name, M],
+                    id=f"nexus-caller-{suffix}",
+                    task_queue=tq,
+                    execution_timeout=timedelta(seconds=60),
+                ),
+            )
 
         # --- Signal-with-start from a workflow (the system Nexus endpoint).
-        target = f"sws-target-{suffix}"
-        await step(
-            results,
-            errors,
-            "sws.starter",
-            client.execute_workflow(
-                SwsStarterWorkflow.run,
-                args=[target, M],
-                id=f"sws-starter-{suffix}",
-                task_queue=tq,
-                execution_timeout=timedelta(seconds=30),
-            ),
-        )
-        await step(
-            results,
-            errors,
-            "sws.target",
-            client.get_workflow_handle(target).result(),
-        )
+        if want("sws"):
+            target = f"sws-target-{suffix}"
+            await step(
+                results,
+                errors,
+                "sws.starter",
+                client.execute_workflow(
+                    SwsStarterWorkflow.run,
+                    args=[target, M],
+                    id=f"sws-starter-{suffix}",
+                    task_queue=tq,
+                    execution_timeout=timedelta(seconds=30),
+                ),
+            )
+            await step(
+                results,
+                errors,
+                "sws.target",
+                client.get_workflow_handle(target).result(),
+            )
 
         # --- Memo: upsert, then delete a key with a nil value.
-        memo_handle = await client.start_workflow(
-            MemoWorkflow.run,
-            M,
-            id=f"memo-{suffix}",
-            task_queue=tq,
-            memo={"keep": mk("memo-keep"), "drop": mk("memo-drop")},
-        )
-        info["memo_workflow_id"] = memo_handle.id
+        if want("memo"):
+            memo_handle = await client.start_workflow(
+                MemoWorkflow.run,
+                M,
+                id=f"memo-{suffix}",
+                task_queue=tq,
+                memo={"keep": mk("memo-keep"), "drop": mk("memo-drop")},
+            )
+            info["memo_workflow_id"] = memo_handle.id
 
-        async def memo_keys():
+            async def memo_keys():
+                described = await memo_handle.describe()
+                memo = await described.memo()
+                return sorted(memo.keys()) if "drop" not in memo else None
+
+            results["memo.described"] = await eventually(memo_keys)
             described = await memo_handle.describe()
-            memo = await described.memo()
-            return sorted(memo.keys()) if "drop" not in memo else None
-
-        results["memo.described"] = await eventually(memo_keys)
-        described = await memo_handle.describe()
-        results["memo.values"] = {k: rev(v) for k, v in (await described.memo()).items()}
-        await memo_handle.signal(MemoWorkflow.go)
-        results["memo.in_workflow"] = await memo_handle.result()
+            results["memo.values"] = {k: rev(v) for k, v in (await described.memo()).items()}
+            await memo_handle.signal(MemoWorkflow.go)
+            results["memo.in_workflow"] = await memo_handle.result()
 
         # --- Update-with-start.
-        start_op = WithStartWorkflowOperation(
-            UwsWorkflow.run,
-            mk("uws-input"),
-            id=f"uws-{suffix}",
-            task_queue=tq,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-        )
-        await step(
-            results,
-            errors,
-            "uws.update",
-            client.execute_update_with_start_workflow(
-                UwsWorkflow.set_arg, mk("uws-arg"), start_workflow_operation=start_op
-            ),
-        )
-        uws_handle = await start_op.workflow_handle()
-        results["uws.result"] = rev(await uws_handle.result())
+        if want("uws"):
+            start_op = WithStartWorkflowOperation(
+                UwsWorkflow.run,
+                mk("uws-input"),
+                id=f"uws-{suffix}",
+                task_queue=tq,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            )
+            await step(
+                results,
+                errors,
+                "uws.update",
+                client.execute_update_with_start_workflow(
+                    UwsWorkflow.set_arg, mk("uws-arg"), start_workflow_operation=start_op
+                ),
+            )
+            uws_handle = await start_op.workflow_handle()
+            results["uws.result"] = rev(await uws_handle.result())
 
         # --- Standalone activities.
-        await step(
-            results,
-            errors,
-            "sa.execute",
-            client.execute_activity(
-                sa_echo,
-                mk("sa-input"),
-                id=f"sa-{suffix}",
+        if want("sa"):
+            await step(
+                results,
+                errors,
+                "sa.execute",
+                client.execute_activity(
+                    sa_echo,
+                    mk("sa-input"),
+                    id=f"sa-{suffix}",
+                    task_queue=tq,
+                    start_to_close_timeout=timedelta(seconds=20),
+                ),
+            )
+            sa2 = await client.start_activity(
+                held_activity,
+                "held-standalone",
+                id=f"sa-held-{suffix}",
                 task_queue=tq,
-                start_to_close_timeout=timedelta(seconds=20),
-            ),
-        )
-        sa2 = await client.start_activity(
-            held_activity,
-            "held-standalone",
-            id=f"sa-held-{suffix}",
-            task_queue=tq,
-            start_to_close_timeout=timedelta(seconds=60),
-            heartbeat_timeout=timedelta(seconds=10),
-        )
+                start_to_close_timeout=timedelta(seconds=60),
+                heartbeat_timeout=timedelta(seconds=10),
+            )
 
-        async def sa_describe():
-            d = await sa2.describe()
-            return [d.status.name, d.activity_type]
+            async def sa_describe():
+                d = await sa2.describe()
+                return [d.status.name, d.activity_type]
 
-        await step(results, errors, "sa.describe", sa_describe())
-        await step(results, errors, "sa.pause", sa2.pause(reason="test"))
-        await step(results, errors, "sa.unpause", sa2.unpause())
-        await step(
-            results,
-            errors,
-            "sa.update_options",
-            _unit(
-                sa2.update_options(
-                    [ActivityOptionsKeys.start_to_close_timeout.value_set(timedelta(seconds=90))]
-                )
-            ),
-        )
-        await step(results, errors, "sa.cancel", sa2.cancel(reason="test"))
-        sa3 = await client.start_activity(
-            async_completed,
-            id=f"sa-async-{suffix}",
-            task_queue=tq,
-            start_to_close_timeout=timedelta(seconds=60),
-        )
+            await step(results, errors, "sa.describe", sa_describe())
+            await step(results, errors, "sa.pause", sa2.pause(reason="test"))
+            await step(results, errors, "sa.unpause", sa2.unpause())
+            await step(
+                results,
+                errors,
+                "sa.update_options",
+                _unit(
+                    sa2.update_options(
+                        [ActivityOptionsKeys.start_to_close_timeout.value_set(timedelta(seconds=90))]
+                    )
+                ),
+            )
+            await step(results, errors, "sa.cancel", sa2.cancel(reason="test"))
+            sa3 = await client.start_activity(
+                async_completed,
+                id=f"sa-async-{suffix}",
+                task_queue=tq,
+                start_to_close_timeout=timedelta(seconds=60),
+            )
 
-        async def sa3_started():
-            d = await sa3.describe()
-            return d.attempt >= 1 and d.run_state is not None and d.run_state.name == "STARTED"
+            async def sa3_started():
+                d = await sa3.describe()
+                return d.attempt >= 1 and d.run_state is not None and d.run_state.name == "STARTED"
 
-        await eventually(sa3_started)
-        async_handle = client.get_async_activity_handle(activity_id=f"sa-async-{suffix}")
-        await step(results, errors, "sa.heartbeat_by_id", async_handle.heartbeat("beat"))
-        await step(results, errors, "sa.complete_by_id", async_handle.complete("done"))
-        await step(results, errors, "sa.async_result", sa3.result())
-        sa4 = await client.start_activity(
-            held_activity,
-            "terminated",
-            id=f"sa-term-{suffix}",
-            task_queue=tq,
-            start_to_close_timeout=timedelta(seconds=60),
-        )
-        await step(results, errors, "sa.terminate", sa4.terminate(reason="test"))
+            await eventually(sa3_started)
+            async_handle = client.get_async_activity_handle(activity_id=f"sa-async-{suffix}")
+            await step(results, errors, "sa.heartbeat_by_id", async_handle.heartbeat("beat"))
+            await step(results, errors, "sa.complete_by_id", async_handle.complete("done"))
+            await step(results, errors, "sa.async_result", sa3.result())
+            sa4 = await client.start_activity(
+                held_activity,
+                "terminated",
+                id=f"sa-term-{suffix}",
+                task_queue=tq,
+                start_to_close_timeout=timedelta(seconds=60),
+            )
+            await step(results, errors, "sa.terminate", sa4.terminate(reason="test"))
 
-        async def sa_list():
-            return [
-                a.activity_id async for a in client.list_activities(f"ActivityId = 'sa-{suffix}'")
-            ]
+            async def sa_list():
+                return [
+                    a.activity_id async for a in client.list_activities(f"ActivityId = 'sa-{suffix}'")
+                ]
 
-        results["sa.list"] = len(await eventually(sa_list))
-        await step(
-            results,
-            errors,
-            "sa.count",
-            _count(client.count_activities(f"ActivityId = 'sa-{suffix}'")),
-        )
+            results["sa.list"] = len(await eventually(sa_list))
+            await step(
+                results,
+                errors,
+                "sa.count",
+                _count(client.count_activities(f"ActivityId = 'sa-{suffix}'")),
+            )
 
         # --- Standalone Nexus operations.
-        nexus_client = client.create_nexus_client(endpoint=endpoint_name, service=MarkerService)
-        sno = await step(
-            results,
-            errors,
-            "sno.execute",
-            nexus_client.execute_operation(
-                MarkerService.echo,
-                mk("sno-input"),
-                id=f"sno-{suffix}",
-                schedule_to_close_timeout=timedelta(seconds=30),
-            ),
-        )
-        if isinstance(sno, str):
-            results["sno.execute"] = rev(sno)
-        await step(
-            results,
-            errors,
-            "sno.count",
-            _count(client.count_nexus_operations(f"OperationId = 'sno-{suffix}'")),
-        )
+        if want("sno"):
+            nexus_client = client.create_nexus_client(endpoint=endpoint_name, service=MarkerService)
+            sno = await step(
+                results,
+                errors,
+                "sno.execute",
+                nexus_client.execute_operation(
+                    MarkerService.echo,
+                    mk("sno-input"),
+                    id=f"sno-{suffix}",
+                    schedule_to_close_timeout=timedelta(seconds=30),
+                ),
+            )
+            if isinstance(sno, str):
+                results["sno.execute"] = rev(sno)
+            await step(
+                results,
+                errors,
+                "sno.count",
+                _count(client.count_nexus_operations(f"OperationId = 'sno-{suffix}'")),
+            )
 
         # --- Schedules.
-        sched_id = f"sched-{suffix}"
-        sched = await client.create_schedule(
-            sched_id,
-            Schedule(
-                action=ScheduleActionStartWorkflow(
-                    BatchTargetWorkflow.run,
-                    id=f"sched-wf-{suffix}",
-                    task_queue=tq,
-                    memo={"input": mk("sched-input")},
+        if want("sched"):
+            sched_id = f"sched-{suffix}"
+            sched = await client.create_schedule(
+                sched_id,
+                Schedule(
+                    action=ScheduleActionStartWorkflow(
+                        BatchTargetWorkflow.run,
+                        id=f"sched-wf-{suffix}",
+                        task_queue=tq,
+                        memo={"input": mk("sched-input")},
+                    ),
+                    spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(days=1))]),
+                    state=ScheduleState(paused=True, note="surface"),
                 ),
-                spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(days=1))]),
-                state=ScheduleState(paused=True, note="surface"),
-            ),
-        )
-        d = await sched.describe()
-        action = d.schedule.action
-        memo_value = (
-            (action.memo or {}).get("input")
-            if isinstance(action, ScheduleActionStartWorkflow)
-            else None
-        )
-        if isinstance(memo_value, Payload):
-            memo_value = dc.from_payloads([memo_value])[0]
-        results["sched.describe"] = [rev(memo_value), d.schedule.state.paused]
+            )
+            d = await sched.describe()
+            action = d.schedule.action
+            memo_value = (
+                (action.memo or {}).get("input")
+                if isinstance(action, ScheduleActionStartWorkflow)
+                else None
+            )
+            if isinstance(memo_value, Payload):
+                memo_value = dc.from_payloads([memo_value])[0]
+            results["sched.describe"] = [rev(memo_value), d.schedule.state.paused]
 
-        def updater(input):
-            input.description.schedule.state.note = "updated"
-            return ScheduleUpdate(schedule=input.description.schedule)
+            def updater(input):
+                input.description.schedule.state.note = "updated"
+                return ScheduleUpdate(schedule=input.description.schedule)
 
-        await step(results, errors, "sched.update", sched.update(updater))
-        await step(results, errors, "sched.unpause", sched.unpause())
-        await step(results, errors, "sched.pause", sched.pause())
-        await step(results, errors, "sched.trigger", sched.trigger())
+            await step(results, errors, "sched.update", sched.update(updater))
+            await step(results, errors, "sched.unpause", sched.unpause())
+            await step(results, errors, "sched.pause", sched.pause())
+            await step(results, errors, "sched.trigger", sched.trigger())
 
-        async def sched_listed():
-            return [s.id async for s in await client.list_schedules() if s.id == sched_id]
+            async def sched_listed():
+                return [s.id async for s in await client.list_schedules() if s.id == sched_id]
 
-        results["sched.list"] = len(await eventually(sched_listed))
-        d = await sched.describe()
-        results["sched.after"] = [d.schedule.state.note, d.schedule.state.paused]
-        await step(results, errors, "sched.delete", sched.delete())
+            results["sched.list"] = len(await eventually(sched_listed))
+            d = await sched.describe()
+            results["sched.after"] = [d.schedule.state.note, d.schedule.state.paused]
+            await step(results, errors, "sched.delete", sched.delete())
 
         # --- Batch operation: a signal to a workflow.
-        batch_target = await client.start_workflow(
-            BatchTargetWorkflow.run, id=f"batch-target-{suffix}", task_queue=tq
-        )
-        job = f"batch-{suffix}"
-        await step(
-            results,
-            errors,
-            "batch.start",
-            _unit(
-                client.workflow_service.start_batch_operation(
-                    StartBatchOperationRequest(
-                        namespace=ns,
-                        job_id=job,
-                        reason="surface",
-                        executions=[WorkflowExecution(workflow_id=f"batch-target-{suffix}")],
-                        signal_operation=BatchOperationSignal(
-                            signal="batch",
-                            input=Payloads(payloads=[json_payload(mk("batch-signal"))]),
-                            identity="surface",
-                        ),
-                    )
-                )
-            ),
-        )
-        results["batch.target"] = rev(
-            await asyncio.wait_for(batch_target.result(), timeout=30)
-        )
-
-        async def batch_described():
-            d = await client.workflow_service.describe_batch_operation(
-                DescribeBatchOperationRequest(namespace=ns, job_id=job)
+        if want("batch"):
+            batch_target = await client.start_workflow(
+                BatchTargetWorkflow.run, id=f"batch-target-{suffix}", task_queue=tq
             )
-            return d.state if d.state != 1 else None  # not RUNNING
+            job = f"batch-{suffix}"
+            await step(
+                results,
+                errors,
+                "batch.start",
+                _unit(
+                    client.workflow_service.start_batch_operation(
+                        StartBatchOperationRequest(
+                            namespace=ns,
+                            job_id=job,
+                            reason="surface",
+                            executions=[WorkflowExecution(workflow_id=f"batch-target-{suffix}")],
+                            signal_operation=BatchOperationSignal(
+                                signal="batch",
+                                input=Payloads(payloads=[json_payload(mk("batch-signal"))]),
+                                identity="surface",
+                            ),
+                        )
+                    )
+                ),
+            )
+            results["batch.target"] = rev(
+                await asyncio.wait_for(batch_target.result(), timeout=30)
+            )
 
-        results["batch.state"] = await eventually(batch_described)
-        listed_batches = await client.workflow_service.list_batch_operations(
-            ListBatchOperationsRequest(namespace=ns)
-        )
-        results["batch.listed"] = any(o.job_id == job for o in listed_batches.operation_info)
+            async def batch_described():
+                d = await client.workflow_service.describe_batch_operation(
+                    DescribeBatchOperationRequest(namespace=ns, job_id=job)
+                )
+                return d.state if d.state != 1 else None  # not RUNNING
+
+            results["batch.state"] = await eventually(batch_described)
+            listed_batches = await client.workflow_service.list_batch_operations(
+                ListBatchOperationsRequest(namespace=ns)
+            )
+            results["batch.listed"] = any(o.job_id == job for o in listed_batches.operation_info)
 
         # --- Activity operations on a workflow's activity.
-        held = await client.start_workflow(
-            HeldActivityWorkflow.run, id=f"held-{suffix}", task_queue=tq
-        )
+        if want("activity"):
+            held = await client.start_workflow(
+                HeldActivityWorkflow.run, id=f"held-{suffix}", task_queue=tq
+            )
 
-        async def held_running():
-            d = await held.describe()
-            return [a for a in d.raw_description.pending_activities if a.activity_id == "held"]
+            async def held_running():
+                d = await held.describe()
+                return [a for a in d.raw_description.pending_activities if a.activity_id == "held"]
 
-        await eventually(held_running)
-        execution = WorkflowExecution(workflow_id=f"held-{suffix}")
-        await step(
-            results,
-            errors,
-            "activity.pause",
-            _unit(
-                client.workflow_service.pause_activity(
-                    PauseActivityRequest(namespace=ns, execution=execution, id="held", identity="surface")
-                )
-            ),
-        )
-        await step(
-            results,
-            errors,
-            "activity.update_options",
-            _unit(
-                client.workflow_service.update_activity_options(
-                    UpdateActivityOptionsRequest(
-                        namespace=ns,
-                        execution=execution,
-                        id="held",
-                        activity_options=ActivityOptions(
-                            start_to_close_timeout=duration_pb2.Duration(seconds=120)
-                        ),
-                        update_mask=field_mask_pb2.FieldMask(paths=["start_to_close_timeout"]),
-                        identity="surface",
+            await eventually(held_running)
+            execution = WorkflowExecution(workflow_id=f"held-{suffix}")
+            await step(
+                results,
+                errors,
+                "activity.pause",
+                _unit(
+                    client.workflow_service.pause_activity(
+                        PauseActivityRequest(namespace=ns, execution=execution, id="held", identity="surface")
                     )
-                )
-            ),
-        )
-        await step(
-            results,
-            errors,
-            "activity.unpause",
-            _unit(
-                client.workflow_service.unpause_activity(
-                    UnpauseActivityRequest(namespace=ns, execution=execution, id="held", identity="surface")
-                )
-            ),
-        )
-        await step(
-            results,
-            errors,
-            "activity.reset",
-            _unit(
-                client.workflow_service.reset_activity(
-                    ResetActivityRequest(namespace=ns, execution=execution, id="held", identity="surface")
-                )
-            ),
-        )
-        _release.set()
-        results["activity.result"] = await asyncio.wait_for(held.result(), timeout=40)
+                ),
+            )
+            await step(
+                results,
+                errors,
+                "activity.update_options",
+                _unit(
+                    client.workflow_service.update_activity_options(
+                        UpdateActivityOptionsRequest(
+                            namespace=ns,
+                            execution=execution,
+                            id="held",
+                            activity_options=ActivityOptions(
+                                start_to_close_timeout=duration_pb2.Duration(seconds=120)
+                            ),
+                            update_mask=field_mask_pb2.FieldMask(paths=["start_to_close_timeout"]),
+                            identity="surface",
+                        )
+                    )
+                ),
+            )
+            await step(
+                results,
+                errors,
+                "activity.unpause",
+                _unit(
+                    client.workflow_service.unpause_activity(
+                        UnpauseActivityRequest(namespace=ns, execution=execution, id="held", identity="surface")
+                    )
+                ),
+            )
+            await step(
+                results,
+                errors,
+                "activity.reset",
+                _unit(
+                    client.workflow_service.reset_activity(
+                        ResetActivityRequest(namespace=ns, execution=execution, id="held", identity="surface")
+                    )
+                ),
+            )
+            _release.set()
+            results["activity.result"] = await asyncio.wait_for(held.result(), timeout=40)
 
         # --- Task queue configuration.
-        await step(
-            results,
-            errors,
-            "taskqueue.config",
-            _unit(
-                client.workflow_service.update_task_queue_config(
-                    UpdateTaskQueueConfigRequest(
-                        namespace=ns,
-                        identity="surface",
-                        task_queue=tq,
-                        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-                        update_queue_rate_limit=UpdateTaskQueueConfigRequest.RateLimitUpdate(
-                            reason="surface"
-                        ),
+        if want("taskqueue"):
+            await step(
+                results,
+                errors,
+                "taskqueue.config",
+                _unit(
+                    client.workflow_service.update_task_queue_config(
+                        UpdateTaskQueueConfigRequest(
+                            namespace=ns,
+                            identity="surface",
+                            task_queue=tq,
+                            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+                            update_queue_rate_limit=UpdateTaskQueueConfigRequest.RateLimitUpdate(
+                                reason="surface"
+                            ),
+                        )
                     )
-                )
-            ),
-        )
+                ),
+            )
 
         # --- Worker deployments (the versioned worker registered the version).
-        async def version_known():
-            try:
-                d = await client.workflow_service.describe_worker_deployment(
-                    DescribeWorkerDeploymentRequest(namespace=ns, deployment_name=deployment)
-                )
-                return len(d.worker_deployment_info.version_summaries) > 0
-            except Exception:  # noqa: BLE001 - not there yet
-                return False
-
-        results["deploy.registered"] = await eventually(version_known, timeout=30)
-        dv = DeploymentVersionProto(deployment_name=deployment, build_id="build-1")
-        await step(
-            results,
-            errors,
-            "deploy.set_current",
-            _unit(
-                client.workflow_service.set_worker_deployment_current_version(
-                    SetWorkerDeploymentCurrentVersionRequest(
-                        namespace=ns,
-                        deployment_name=deployment,
-                        build_id="build-1",
-                        identity="surface",
+        if want("deploy"):
+            async def version_known():
+                try:
+                    d = await client.workflow_service.describe_worker_deployment(
+                        DescribeWorkerDeploymentRequest(namespace=ns, deployment_name=deployment)
                     )
-                )
-            ),
-        )
-        await step(
-            results,
-            errors,
-            "deploy.metadata",
-            _unit(
-                client.workflow_service.update_worker_deployment_version_metadata(
-                    UpdateWorkerDeploymentVersionMetadataRequest(
-                        namespace=ns,
-                        deployment_version=dv,
-                        upsert_entries={"note": json_payload(mk("deploy-meta"))},
-                        identity="surface",
-                    )
-                )
-            ),
-        )
+                    return len(d.worker_deployment_info.version_summaries) > 0
+                except Exception:  # noqa: BLE001 - not there yet
+                    return False
 
-        async def described_version():
-            d = await client.workflow_service.describe_worker_deployment_version(
-                DescribeWorkerDeploymentVersionRequest(namespace=ns, deployment_version=dv)
+            results["deploy.registered"] = await eventually(version_known, timeout=30)
+            dv = DeploymentVersionProto(deployment_name=deployment, build_id="build-1")
+            await step(
+                results,
+                errors,
+                "deploy.set_current",
+                _unit(
+                    client.workflow_service.set_worker_deployment_current_version(
+                        SetWorkerDeploymentCurrentVersionRequest(
+                            namespace=ns,
+                            deployment_name=deployment,
+                            build_id="build-1",
+                            identity="surface",
+                        )
+                    )
+                ),
             )
-            entries = d.worker_deployment_version_info.metadata.entries
-            return {k: rev(v.data.decode()) for k, v in entries.items()}
+            await step(
+                results,
+                errors,
+                "deploy.metadata",
+                _unit(
+                    client.workflow_service.update_worker_deployment_version_metadata(
+                        UpdateWorkerDeploymentVersionMetadataRequest(
+                            namespace=ns,
+                            deployment_version=dv,
+                            upsert_entries={"note": json_payload(mk("deploy-meta"))},
+                            identity="surface",
+                        )
+                    )
+                ),
+            )
 
-        await step(results, errors, "deploy.describe_version", described_version())
-        deployments = await client.workflow_service.list_worker_deployments(
-            ListWorkerDeploymentsRequest(namespace=ns)
-        )
-        results["deploy.listed"] = any(
-            d.name == deployment for d in deployments.worker_deployments
-        )
-        results["deploy.run"] = await client.execute_workflow(
-            VersionedWorkflow.run, id=f"versioned-{suffix}", task_queue=f"{tq}-versioned"
-        )
+            async def described_version():
+                d = await client.workflow_service.describe_worker_deployment_version(
+                    DescribeWorkerDeploymentVersionRequest(namespace=ns, deployment_version=dv)
+                )
+                entries = d.worker_deployment_version_info.metadata.entries
+                return {k: rev(v.data.decode()) for k, v in entries.items()}
+
+            await step(results, errors, "deploy.describe_version", described_version())
+            deployments = await client.workflow_service.list_worker_deployments(
+                ListWorkerDeploymentsRequest(namespace=ns)
+            )
+            results["deploy.listed"] = any(
+                d.name == deployment for d in deployments.worker_deployments
+            )
+            results["deploy.run"] = await client.execute_workflow(
+                VersionedWorkflow.run, id=f"versioned-{suffix}", task_queue=f"{tq}-versioned"
+            )
 
         # --- Deprecated build-id compatibility APIs: whatever the server says.
-        await step(
-            results,
-            errors,
-            "buildid.get",
-            _unit(client.get_worker_build_id_compatibility(tq)),
-        )
-        await step(
-            results,
-            errors,
-            "buildid.reachability",
-            _unit(client.get_worker_task_reachability(["build-1"], [tq])),
-        )
+        if want("buildid"):
+            await step(
+                results,
+                errors,
+                "buildid.get",
+                _unit(client.get_worker_build_id_compatibility(tq)),
+            )
+            await step(
+                results,
+                errors,
+                "buildid.reachability",
+                _unit(client.get_worker_task_reachability(["build-1"], [tq])),
+            )
 
-    if args.delete_endpoint:
+    if args.delete_endpoint and endpoint is not None:
         got = await client.operator_service.get_nexus_endpoint(
             GetNexusEndpointRequest(id=endpoint.id)
         )
@@ -884,6 +907,12 @@ def main() -> None:
     parser.add_argument("--marker", required=True)
     parser.add_argument("--timeout", type=float, default=150.0)
     parser.add_argument("--delete-endpoint", action="store_true")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated sections to run (endpoints, nexus, sws, memo, uws, sa, sno, "
+        "sched, batch, activity, taskqueue, deploy, buildid); default all",
+    )
     args = parser.parse_args()
     results: dict = {}
     errors: dict = {}
