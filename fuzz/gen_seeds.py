@@ -122,14 +122,51 @@ def workflow_task_completed():
         record_marker_command_attributes=command.RecordMarkerCommandAttributes(
             marker_name="m", details={"d": payloads('"marker"')}),
     )
+    # A signal-with-start through the system Nexus endpoint: an envelope the server reads,
+    # whose inner payloads are sealed.
+    sws = ws.SignalWithStartWorkflowExecutionRequest(
+        namespace="ns1", workflow_id="target", workflow_type=common.WorkflowType(name="T"),
+        task_queue=taskqueue.TaskQueue(name="tq"), input=payloads('"sws input"'),
+        signal_name="poke", signal_input=payloads('"sws signal"'),
+        memo=common.Memo(fields={"m": payload('"sws memo"')}))
+    system = command.Command(
+        command_type=command_type_pb2.COMMAND_TYPE_SCHEDULE_NEXUS_OPERATION,
+        schedule_nexus_operation_command_attributes=command.ScheduleNexusOperationCommandAttributes(
+            endpoint="__temporal_system", service="temporal.api.workflowservice.v1.WorkflowService",
+            operation="SignalWithStartWorkflowExecution", input=system_envelope(sws)))
+    # Memo upserts, with a nil value (deletes the key).
+    memo = command.Command(
+        command_type=command_type_pb2.COMMAND_TYPE_MODIFY_WORKFLOW_PROPERTIES,
+        modify_workflow_properties_command_attributes=command.ModifyWorkflowPropertiesCommandAttributes(
+            upserted_memo=common.Memo(fields={
+                "gone": common.Payload(metadata={"encoding": b"binary/null"}),
+                "kept": payload('"kept"')})))
     return ws.RespondWorkflowTaskCompletedRequest(
         namespace="ns1",
         task_token=b"token",
         identity="seed",
-        commands=[sched, marker, complete, fail],
+        commands=[sched, marker, complete, fail, system, memo],
         messages=[protocol.Message(id="m1", protocol_instance_id="u1",
                                    event_id=5, body=body)],
     )
+
+
+def system_envelope(request) -> common.Payload:
+    return common.Payload(metadata={
+        "encoding": b"binary/protobuf",
+        "messageType": request.DESCRIPTOR.full_name.encode(),
+        "__temporal_system_payload": b"true",
+    }, data=request.SerializeToString())
+
+
+def standalone_system_nexus():
+    sws = ws.SignalWithStartWorkflowExecutionRequest(
+        namespace="ns1", workflow_id="target", workflow_type=common.WorkflowType(name="T"),
+        input=payloads('"standalone sws input"'), signal_name="poke")
+    return ws.StartNexusOperationExecutionRequest(
+        namespace="ns1", operation_id="op-1", endpoint="__temporal_system",
+        service="temporal.api.workflowservice.v1.WorkflowService",
+        operation="SignalWithStartWorkflowExecution", input=system_envelope(sws))
 
 
 def activity_failed():
@@ -186,6 +223,7 @@ def main():
         ("RespondActivityTaskFailed", activity_failed()),
         ("SignalWithStartWorkflowExecution", signal_with_start()),
         ("RespondQueryTaskCompleted", query_completed()),
+        ("StartNexusOperationExecution", standalone_system_nexus()),
     ]:
         raw = msg.SerializeToString()
         sel = selector(name)

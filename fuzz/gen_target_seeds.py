@@ -58,6 +58,21 @@ def activity():
             activity_id="a", activity_type=common.ActivityType(name="act"), input=payloads("act")))
 
 
+def system_signal_with_start(ns, marked=True):
+    request = ws.SignalWithStartWorkflowExecutionRequest(
+        namespace=ns, workflow_id="target", workflow_type=common.WorkflowType(name="T"),
+        input=payloads("sws"), signal_name="poke", signal_input=payloads("signal"))
+    metadata = {"encoding": b"binary/protobuf", "messageType": request.DESCRIPTOR.full_name.encode()}
+    if marked:
+        metadata["__temporal_system_payload"] = b"true"
+    return command.Command(
+        command_type=ct.COMMAND_TYPE_SCHEDULE_NEXUS_OPERATION,
+        schedule_nexus_operation_command_attributes=command.ScheduleNexusOperationCommandAttributes(
+            endpoint="__temporal_system", service="temporal.api.workflowservice.v1.WorkflowService",
+            operation="SignalWithStartWorkflowExecution",
+            input=common.Payload(metadata=metadata, data=request.SerializeToString())))
+
+
 def completed(*commands):
     return ws.RespondWorkflowTaskCompletedRequest(
         namespace="alpha", task_token=b"token", identity="seed", commands=list(commands))
@@ -79,6 +94,8 @@ def constructed():
         "cross-cancel-beta": (COMPLETED, completed(cancel("beta"))),
         "cross-all-mixed": (COMPLETED, completed(activity(), child("beta"), signal(""), cancel("gamma"),
                                                  signal("alpha"), child("delta", "c2"))),
+        "cross-system-nexus-beta": (COMPLETED, completed(system_signal_with_start("beta"))),
+        "edge-system-nexus-unmarked": (COMPLETED, completed(system_signal_with_start("beta", False))),
         "multi-same": (MULTI, multi("alpha", "alpha")),
         "multi-empty": (MULTI, multi("", "")),
         "multi-other": (MULTI, multi("alpha", "beta")),

@@ -80,6 +80,9 @@ pub enum ProxyError {
     Crypto(#[from] crate::crypto::CryptoError),
     #[error("cannot encrypt this call, refusing to forward it: {0}")]
     Encryption(String),
+    /// A Nexus operation addressed to the system endpoint that portcullis cannot read.
+    #[error("refusing to forward this call: {0}")]
+    SystemNexus(String),
     /// An answer of an `encrypted_only` namespace holds a payload portcullis did not seal.
     #[error("the upstream answered with a payload that is not sealed, in a namespace that accepts only sealed payloads: {0}")]
     PlaintextResponse(String),
@@ -180,7 +183,7 @@ impl ProxyError {
                     }
                 }
             }
-            Encryption(_) => Code::FailedPrecondition,
+            Encryption(_) | SystemNexus(_) => Code::FailedPrecondition,
             PlaintextResponse(_) => Code::DataLoss,
         }
     }

@@ -634,6 +634,47 @@ writers = ["cn:writer-ab", "cn:writer-b"]
         }
     }
 
+    /// A signal-with-start through the system Nexus endpoint (as the Python SDK 1.35 sends it
+    /// for `workflow.signal_with_start_workflow`), of a workflow in `namespace`.
+    fn system_signal_with_start(namespace: &str, input: &str) -> Command {
+        use temporalio_protos::protos::temporal::api::command::v1::ScheduleNexusOperationCommandAttributes;
+        use temporalio_protos::protos::temporal::api::common::v1::{Payload, WorkflowType};
+        const REQUEST: &str =
+            "temporal.api.workflowservice.v1.SignalWithStartWorkflowExecutionRequest";
+        let request = wf::SignalWithStartWorkflowExecutionRequest {
+            namespace: namespace.into(),
+            workflow_id: "sws-target".into(),
+            workflow_type: Some(WorkflowType { name: "T".into() }),
+            task_queue: queue("beta-q"),
+            input: json(input),
+            signal_name: "poke".into(),
+            signal_input: json(input),
+            ..Default::default()
+        };
+        Command {
+            command_type: CommandType::ScheduleNexusOperation as i32,
+            attributes: Some(Attributes::ScheduleNexusOperationCommandAttributes(
+                ScheduleNexusOperationCommandAttributes {
+                    endpoint: "__temporal_system".into(),
+                    service: "temporal.api.workflowservice.v1.WorkflowService".into(),
+                    operation: "SignalWithStartWorkflowExecution".into(),
+                    input: Some(Payload {
+                        metadata: [
+                            ("encoding".to_string(), b"binary/protobuf".to_vec()),
+                            ("messageType".to_string(), REQUEST.as_bytes().to_vec()),
+                            ("__temporal_system_payload".to_string(), b"true".to_vec()),
+                        ]
+                        .into(),
+                        data: request.encode_to_vec(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }
+    }
+
     fn has(events: &[HistoryEvent], kind: EventType) -> bool {
         events.iter().any(|e| e.event_type == kind as i32)
     }
@@ -689,6 +730,8 @@ writers = ["cn:writer-ab", "cn:writer-b"]
             &[
                 "--dynamic-config-value",
                 "system.enableCrossNamespaceCommands=true",
+                "--dynamic-config-value",
+                "history.enableSignalWithStartFromWorkflow=true",
             ],
         )
         .await;
@@ -728,6 +771,11 @@ writers = ["cn:writer-ab", "cn:writer-b"]
             ),
             (signal("beta", &marker), "SignalExternalWorkflowExecution"),
             (cancel("beta"), "RequestCancelExternalWorkflowExecution"),
+            // The system Nexus endpoint: the request inside its envelope names beta.
+            (
+                system_signal_with_start("beta", &marker),
+                "SignalWithStartWorkflowExecution",
+            ),
         ] {
             let status = writer_a
                 .respond_workflow_task_completed(complete_in_alpha(&task.task_token, vec![command]))
@@ -814,6 +862,24 @@ writers = ["cn:writer-ab", "cn:writer-b"]
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+
+        // A signal-with-start into beta through the system Nexus endpoint passes the proxy for
+        // a writer in both (sealed for beta); server 1.32 itself refuses it across namespaces.
+        start(&mut writer_a, "alpha", "parent-2", "alpha-q2").await;
+        let task_2 = poll(&mut writer_a, "alpha", "alpha-q2").await;
+        let status = writer_ab
+            .respond_workflow_task_completed(complete_in_alpha(
+                &task_2.task_token,
+                vec![system_signal_with_start("beta", &marker)],
+            ))
+            .await
+            .expect_err("server 1.32 keeps system Nexus operations in their namespace");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            !status.message().starts_with("portcullis")
+                && status.message().contains("does not match namespace"),
+            "the server's own answer: {status:?}"
+        );
 
         // The child runs in beta, on a worker there with rights in beta only: its input opens
         // (it was sealed under beta's key), and it completes.
@@ -927,6 +993,7 @@ writers = ["cn:writer-ab", "cn:writer-b"]
             "StartChildWorkflowExecution",
             "SignalExternalWorkflowExecution",
             "RequestCancelExternalWorkflowExecution",
+            "SignalWithStartWorkflowExecution",
         ] {
             assert_eq!(decision("cn:writer-a", command), ["deny"], "{command}");
             assert_eq!(decision("cn:writer-ab", command), ["allow"], "{command}");

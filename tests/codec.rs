@@ -5,17 +5,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use bytes::Bytes;
 use common::browser::{artifact, open_page, PageRequest};
+use common::codec_http::{Answer, Http};
 use common::jwt::Issuer;
 use common::*;
-use http_body_util::{BodyExt, Full};
 use portcullis::codec::{CodecConfig, CodecOptions, CodecTls};
 use serde_json::{json, Value};
 
@@ -33,119 +31,6 @@ writers = ["cn:writer-a"]
 "#;
 
 const UI_ORIGIN_ALLOWED: &str = "http://ui.allowed.test";
-
-struct Http {
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
-    base: String,
-}
-
-struct Answer {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Value,
-}
-
-impl Http {
-    fn plain(address: SocketAddr) -> Http {
-        Http::with_tls(format!("http://{address}"), None)
-    }
-
-    fn tls(address: SocketAddr, pki: &Pki, client: Option<&ClientCert>) -> Http {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_file(&pki.ca_path).expect("ca"))
-            .expect("add ca");
-        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
-        let config = match client {
-            Some(c) => builder
-                .with_client_auth_cert(
-                    CertificateDer::pem_file_iter(&c.cert)
-                        .expect("cert")
-                        .collect::<Result<Vec<_>, _>>()
-                        .expect("certs"),
-                    PrivateKeyDer::from_pem_file(&c.key).expect("key"),
-                )
-                .expect("client auth"),
-            None => builder.with_no_client_auth(),
-        };
-        Http::with_tls(
-            format!("https://localhost:{}", address.port()),
-            Some(config),
-        )
-    }
-
-    fn with_tls(base: String, tls: Option<rustls::ClientConfig>) -> Http {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let connector = match tls {
-            Some(tls) => builder
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .build(),
-            None => builder
-                .with_tls_config(
-                    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                        rustls::crypto::ring::default_provider(),
-                    ))
-                    .with_safe_default_protocol_versions()
-                    .expect("versions")
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-                )
-                .https_or_http()
-                .enable_http1()
-                .build(),
-        };
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(connector);
-        Http { client, base }
-    }
-
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Vec<u8>,
-    ) -> Answer {
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        for (k, v) in headers {
-            request = request.header(*k, *v);
-        }
-        let response = self
-            .client
-            .request(request.body(Full::new(Bytes::from(body))).expect("request"))
-            .await
-            .expect("codec request");
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.expect("body").to_bytes();
-        Answer {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        }
-    }
-
-    async fn post(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Answer {
-        let mut all = vec![("content-type", "application/json")];
-        all.extend_from_slice(headers);
-        self.send("POST", path, &all, body.to_string().into_bytes())
-            .await
-    }
-}
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -742,6 +627,7 @@ async fn the_web_ui_shows_decrypted_payloads_out_of_the_box_with_portcullis_dev(
         url: &page_url,
         expect: Some(&marker),
         wait_for: None,
+        click: None,
         codec: Some(&codec_endpoint),
         authorization: None,
         screenshot: Some(artifact("codec-web-ui-decrypted.png")),
@@ -758,6 +644,79 @@ async fn the_web_ui_shows_decrypted_payloads_out_of_the_box_with_portcullis_dev(
             .iter()
             .any(|c| c["method"] == "POST" && c["status"] == 200),
         "the page did not decode through the codec server: {page}"
+    );
+
+    // A Nexus endpoint created through the proxy with a description: its page in the Web UI
+    // (which reads the endpoint straight from the server, and asks the codec server with
+    // `X-Namespace: undefined`, the page having no namespace) shows the description. The page
+    // is reached from the endpoint list, as people do: UI 2.54.1 does not call the codec
+    // server when the endpoint's URL is opened directly (its loader runs before the settings
+    // naming the codec server are in place), and shows no description then, with or without
+    // portcullis.
+    let cli_proxy = |args: &[&str]| {
+        let output = std::process::Command::new(temporal_binary())
+            .args(args)
+            .args(["--address", &text("proxy_address")])
+            .args(["--tls-ca-path", &text("ca_cert")])
+            .args(["--tls-cert-path", &text("client_cert")])
+            .args(["--tls-key-path", &text("client_key")])
+            .args(["--tls-server-name", "localhost"])
+            .output()
+            .expect("cli");
+        assert!(
+            output.status.success(),
+            "temporal {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let description = format!("{marker}-endpoint-description");
+    cli_proxy(&[
+        "operator",
+        "nexus",
+        "endpoint",
+        "create",
+        "--name",
+        "ui-endpoint",
+        "--target-namespace",
+        "default",
+        "--target-task-queue",
+        "ui-queue",
+        "--description",
+        &description,
+    ]);
+    let endpoint: Value = serde_json::from_str(&cli_proxy(&[
+        "operator",
+        "nexus",
+        "endpoint",
+        "get",
+        "--name",
+        "ui-endpoint",
+        "-o",
+        "json",
+    ]))
+    .expect("endpoint json");
+    assert!(endpoint["id"].as_str().is_some(), "{endpoint}");
+    let page = open_page(&PageRequest {
+        url: &format!("{ui_url}/nexus"),
+        expect: Some(&description),
+        wait_for: None,
+        click: Some("ui-endpoint"),
+        codec: Some(&codec_endpoint),
+        authorization: None,
+        screenshot: Some(artifact("codec-web-ui-nexus-endpoint.png")),
+        timeout: Duration::from_secs(30),
+    })
+    .await;
+    assert_eq!(
+        page["found"], true,
+        "the Web UI did not show the endpoint's description: {page}"
+    );
+    assert!(
+        page["codec"].as_array().is_some_and(|calls| calls
+            .iter()
+            .any(|c| c["method"] == "POST" && c["status"] == 200)),
+        "the description was not decoded by the codec server: {page}"
     );
 
     // A browser whose token lacks permission in the namespace sees no plaintext.
@@ -778,6 +737,7 @@ async fn the_web_ui_shows_decrypted_payloads_out_of_the_box_with_portcullis_dev(
         url: &page_url,
         expect: None,
         wait_for: Some("Input"),
+        click: None,
         codec: Some(&codec_endpoint),
         authorization: Some(&bearer),
         screenshot: Some(artifact("codec-web-ui-denied.png")),

@@ -92,6 +92,10 @@ fn valid_seeds_rewrite_and_round_trip() {
             if method == "RespondActivityTaskFailed" {
                 assert_failures_encoded(&encoded);
             }
+            if method == "RespondWorkflowTaskCompleted" || method == "StartNexusOperationExecution"
+            {
+                assert_system_envelope_walked_inside(method, &encoded);
+            }
             let restored = decoded.unwrap_or_else(|| panic!("{name}: decode pass changed nothing"));
             assert_eq!(
                 restored, out.message,
@@ -134,6 +138,44 @@ fn assert_failures_encoded(encoded: &[u8]) {
         depth += 1;
     }
     assert_eq!(depth, 3);
+}
+
+/// The system Nexus envelope of the seed stayed as it was (the server reads it), and the
+/// payloads of the request inside it were visited.
+fn assert_system_envelope_walked_inside(method: &str, encoded: &[u8]) {
+    use prost::Message as _;
+    use temporalio_protos::protos::temporal::api::command::v1::command::Attributes;
+    use temporalio_protos::protos::temporal::api::workflowservice::v1::{
+        RespondWorkflowTaskCompletedRequest, SignalWithStartWorkflowExecutionRequest,
+        StartNexusOperationExecutionRequest,
+    };
+    let envelope = if method == "StartNexusOperationExecution" {
+        StartNexusOperationExecutionRequest::decode(encoded)
+            .unwrap()
+            .input
+            .unwrap()
+    } else {
+        RespondWorkflowTaskCompletedRequest::decode(encoded)
+            .unwrap()
+            .commands
+            .into_iter()
+            .find_map(|c| match c.attributes {
+                Some(Attributes::ScheduleNexusOperationCommandAttributes(a)) => a.input,
+                _ => None,
+            })
+            .expect("the seed schedules a system Nexus operation")
+    };
+    assert!(
+        !envelope.metadata.contains_key("fz"),
+        "the envelope was rewritten"
+    );
+    assert_eq!(envelope.metadata["__temporal_system_payload"], b"true");
+    let inner = SignalWithStartWorkflowExecutionRequest::decode(envelope.data.as_slice()).unwrap();
+    let input = &inner.input.unwrap().payloads[0];
+    assert!(
+        input.metadata.contains_key("fz"),
+        "the inner input was not visited"
+    );
 }
 
 /// The `command_targets` target's input path (`fuzz/common/command_targets_input.rs`), in a
@@ -216,6 +258,15 @@ fn command_targets_seeds_read_as_named() {
                     pair("StartChildWorkflowExecution", "delta"),
                 ]
             ),
+            "cross-system-nexus-beta" => assert_eq!(
+                targets(&out),
+                [pair("SignalWithStartWorkflowExecution", "beta")]
+            ),
+            // Not an envelope: refused, as the server could read it but the proxy cannot vouch.
+            "edge-system-nexus-unmarked" => {
+                assert!(out.targets.is_err(), "{name}: {out:?}");
+                assert!(out.typed_agrees, "{name}");
+            }
             "multi-same" => assert!(targets(&out).is_empty(), "{name}"),
             // The server refuses a nested request without a namespace too.
             "multi-other" | "multi-empty" => assert!(out.targets.is_err(), "{name}: {out:?}"),

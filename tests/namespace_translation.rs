@@ -73,7 +73,14 @@ fn strings(value: &Value, out: &mut Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_see_only_the_client_name_and_data_lands_upstream() {
-    let server = DevServer::start(&[UPSTREAM_NAME]).await;
+    let server = DevServer::start_with(
+        &[UPSTREAM_NAME],
+        &[
+            "--dynamic-config-value",
+            "history.enableSignalWithStartFromWorkflow=true",
+        ],
+    )
+    .await;
     let pki = Pki::new();
     let issuer = Issuer::new(&pki);
     let mut config = translating_config(
@@ -111,6 +118,31 @@ async fn clients_see_only_the_client_name_and_data_lands_upstream() {
         .expect("workflow id")
         .to_string();
     let child_id = format!("{workflow_id}-child");
+
+    // A workflow's signal-with-start of another (the system Nexus endpoint): the request in its
+    // envelope names `payments`, which the upstream knows as `payments-up`, and a memo key
+    // deleted with a nil value.
+    let mut args = client_args(address, &pki, &pki.client);
+    args.extend([
+        "--namespace".into(),
+        CLIENT_NAME.into(),
+        "--marker".into(),
+        format!("{marker}-surface"),
+        "--only".into(),
+        "sws,memo".into(),
+    ]);
+    let surface = run_python("sdk_surface.py", &args).await;
+    let reversed: String = format!("{marker}-surface").chars().rev().collect();
+    assert_eq!(
+        surface["results"]["sws.target"],
+        format!("tupni-sws-{reversed}|langis-sws-{reversed}"),
+        "{surface}"
+    );
+    assert_eq!(
+        surface["results"]["memo.described"],
+        serde_json::json!(["added", "keep"]),
+        "{surface}"
+    );
 
     // Through the proxy, the CLI sees `payments` only.
     let through = |args: &[&str]| {

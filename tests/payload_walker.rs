@@ -26,7 +26,7 @@ use temporalio_protos::protos::temporal::api::{
     workflowservice::v1::{
         GetWorkflowExecutionHistoryResponse, PollWorkflowTaskQueueResponse,
         RespondActivityTaskFailedRequest, RespondWorkflowTaskCompletedRequest,
-        StartWorkflowExecutionRequest,
+        SignalWithStartWorkflowExecutionRequest, StartWorkflowExecutionRequest,
     },
 };
 
@@ -894,21 +894,70 @@ fn raw_history_proto3_is_walked_and_other_encodings_refused() {
     );
 }
 
-#[test]
-fn system_nexus_endpoint_is_refused() {
-    let request = |endpoint: &str| RespondWorkflowTaskCompletedRequest {
-        namespace: "ns1".into(),
+const SWS: &str = "temporal.api.workflowservice.v1.SignalWithStartWorkflowExecutionRequest";
+
+/// A system Nexus envelope (as the Python SDK 1.35 writes it) around `inner`.
+fn system_envelope(inner: &[u8], metadata: &[(&str, &str)]) -> Payload {
+    Payload {
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        data: inner.to_vec(),
+        ..Default::default()
+    }
+}
+
+const ENVELOPE_METADATA: &[(&str, &str)] = &[
+    ("__temporal_system_payload", "true"),
+    ("encoding", "binary/protobuf"),
+    ("messageType", SWS),
+];
+
+fn signal_with_start(namespace: &str) -> SignalWithStartWorkflowExecutionRequest {
+    let p = |text: &str| Payload {
+        metadata: [("encoding".to_string(), b"json/plain".to_vec())].into(),
+        data: format!("\"{text}\"").into_bytes(),
+        ..Default::default()
+    };
+    SignalWithStartWorkflowExecutionRequest {
+        namespace: namespace.into(),
+        workflow_id: "target".into(),
+        input: Some(Payloads {
+            payloads: vec![p("input")],
+        }),
+        signal_name: "poke".into(),
+        signal_input: Some(Payloads {
+            payloads: vec![p("signal")],
+        }),
+        memo: Some(Memo {
+            fields: [("m".to_string(), p("memo"))].into(),
+        }),
+        header: Some(Header {
+            fields: [("h".to_string(), p("header"))].into(),
+        }),
+        search_attributes: Some(SearchAttributes {
+            indexed_fields: [("sa".to_string(), p("search"))].into(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn schedule_nexus(
+    endpoint: &str,
+    operation: &str,
+    input: Payload,
+) -> RespondWorkflowTaskCompletedRequest {
+    RespondWorkflowTaskCompletedRequest {
+        namespace: "alpha".into(),
         commands: vec![Command {
             attributes: Some(
                 command::Attributes::ScheduleNexusOperationCommandAttributes(
                     ScheduleNexusOperationCommandAttributes {
                         endpoint: endpoint.into(),
                         service: "temporal.api.workflowservice.v1.WorkflowService".into(),
-                        operation: "SignalWithStartWorkflowExecution".into(),
-                        input: Some(Payload {
-                            data: b"{}".to_vec(),
-                            ..Default::default()
-                        }),
+                        operation: operation.into(),
+                        input: Some(input),
                         ..Default::default()
                     },
                 ),
@@ -916,18 +965,239 @@ fn system_nexus_endpoint_is_refused() {
             ..Default::default()
         }],
         ..Default::default()
+    }
+}
+
+/// Where the walker found each payload: its path and the namespace it belongs to.
+type Seen = Vec<(String, Option<String>)>;
+
+/// Every payload's path and namespace, each wrapped.
+fn walk_recording(
+    message: &str,
+    input: &[u8],
+    options: &WalkOptions,
+) -> Result<(Option<Vec<u8>>, Seen), WalkError> {
+    let mut seen = Vec::new();
+    let mut visitor = |ctx: &PayloadContext<'_>, payload: &[u8]| {
+        seen.push((ctx.to_string(), ctx.namespace().map(str::to_string)));
+        let p = Payload::decode(payload).map_err(bad)?;
+        Ok(Some(wrap(&p).encode_to_vec()))
     };
-    let message = ws("RespondWorkflowTaskCompletedRequest");
-    let err = rewrite(
-        index(),
-        &message,
-        &request("__temporal_system").encode_to_vec(),
-        &mut identity,
+    let out = rewrite_named(index(), message, input, &mut visitor, options)?;
+    Ok((out, seen))
+}
+
+/// The system Nexus endpoint's input is an envelope the server reads: it stays as it is, and
+/// only the payloads of the request inside it are visited, in the namespace that request names.
+#[test]
+fn system_nexus_envelopes_are_walked_inside() {
+    const COMPLETED: &str = "temporal.api.workflowservice.v1.RespondWorkflowTaskCompletedRequest";
+    const OPERATION: &str = "SignalWithStartWorkflowExecution";
+    let inner = signal_with_start("beta");
+    let request = schedule_nexus(
+        "__temporal_system",
+        OPERATION,
+        system_envelope(&inner.encode_to_vec(), ENVELOPE_METADATA),
+    );
+    let (out, seen) = walk_recording(
+        COMPLETED,
+        &request.encode_to_vec(),
+        &WalkOptions::default().request(),
     )
-    .unwrap_err();
-    assert!(matches!(err, WalkError::Unsupported { .. }), "{err}");
-    let (_, paths) = rewrite_wrapped(&message, &request("my-endpoint").encode_to_vec());
-    assert_eq!(paths.len(), 1);
+    .expect("an envelope is walked");
+    let paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+    let envelope_path = format!(
+        "{COMPLETED}.commands.schedule_nexus_operation_command_attributes.input.data<{SWS}>"
+    );
+    for field in [
+        "input.payloads",
+        "signal_input.payloads",
+        "memo.fields.value",
+        "header.fields.value",
+    ] {
+        assert!(
+            paths.contains(&format!("{envelope_path}.{field}").as_str()),
+            "{field} in {paths:?}"
+        );
+    }
+    assert_eq!(seen.len(), 4, "search attributes stay plaintext: {paths:?}");
+    assert!(
+        seen.iter().all(|(_, ns)| ns.as_deref() == Some("beta")),
+        "{seen:?}"
+    );
+    // The envelope is untouched but for its data, whose payloads are wrapped.
+    let out =
+        RespondWorkflowTaskCompletedRequest::decode(out.expect("changed").as_slice()).unwrap();
+    let Some(command::Attributes::ScheduleNexusOperationCommandAttributes(attributes)) =
+        &out.commands[0].attributes
+    else {
+        panic!("the command survives");
+    };
+    let envelope = attributes.input.as_ref().expect("input");
+    assert_eq!(envelope.metadata.len(), 3);
+    assert_eq!(envelope.metadata["__temporal_system_payload"], b"true");
+    let walked = SignalWithStartWorkflowExecutionRequest::decode(envelope.data.as_slice()).unwrap();
+    let mut expected = inner.clone();
+    for payloads in [&mut expected.input, &mut expected.signal_input] {
+        let p = payloads.as_mut().unwrap();
+        p.payloads = p.payloads.iter().map(wrap).collect();
+    }
+    for map in [
+        &mut expected.memo.as_mut().unwrap().fields,
+        &mut expected.header.as_mut().unwrap().fields,
+    ] {
+        for value in map.values_mut() {
+            *value = wrap(value);
+        }
+    }
+    assert_eq!(walked, expected);
+    // An inner request without a namespace is the call's own.
+    let own = schedule_nexus(
+        "__temporal_system",
+        OPERATION,
+        system_envelope(&signal_with_start("").encode_to_vec(), ENVELOPE_METADATA),
+    );
+    let (_, seen) = walk_recording(
+        COMPLETED,
+        &own.encode_to_vec(),
+        &WalkOptions::default().request(),
+    )
+    .unwrap();
+    assert!(seen.iter().all(|(_, ns)| ns.is_none()), "{seen:?}");
+
+    // Requests: anything else at the system endpoint is refused, naming why.
+    let inner = signal_with_start("alpha").encode_to_vec();
+    let refused = [
+        (
+            "unmarked",
+            system_envelope(&inner, &ENVELOPE_METADATA[1..]),
+            OPERATION,
+            "not marked",
+        ),
+        (
+            "json",
+            system_envelope(
+                &inner,
+                &[
+                    ("__temporal_system_payload", "true"),
+                    ("encoding", "json/protobuf"),
+                    ("messageType", SWS),
+                ],
+            ),
+            OPERATION,
+            "json/protobuf",
+        ),
+        (
+            "another type",
+            system_envelope(
+                &inner,
+                &[
+                    ("__temporal_system_payload", "true"),
+                    ("encoding", "binary/protobuf"),
+                    ("messageType", "temporal.api.common.v1.Payloads"),
+                ],
+            ),
+            OPERATION,
+            "messageType",
+        ),
+        (
+            "extra metadata",
+            system_envelope(
+                &inner,
+                &[
+                    ("__temporal_system_payload", "true"),
+                    ("encoding", "binary/protobuf"),
+                    ("messageType", SWS),
+                    ("secret", "x"),
+                ],
+            ),
+            OPERATION,
+            "secret",
+        ),
+        (
+            "unknown operation",
+            system_envelope(&inner, ENVELOPE_METADATA),
+            "WaitExternalWorkflowCompletion",
+            "does not know how to seal",
+        ),
+    ];
+    for (what, input, operation, reason) in refused {
+        let request = schedule_nexus("__temporal_system", operation, input);
+        let err = walk_recording(
+            COMPLETED,
+            &request.encode_to_vec(),
+            &WalkOptions::default().request(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, WalkError::Unsupported { reason: r, .. } if r.contains(reason)),
+            "{what}: {err}"
+        );
+    }
+
+    // Any other endpoint: the input is an ordinary payload.
+    let plain = schedule_nexus(
+        "my-endpoint",
+        OPERATION,
+        system_envelope(&inner, ENVELOPE_METADATA),
+    );
+    let (_, seen) = walk_recording(
+        COMPLETED,
+        &plain.encode_to_vec(),
+        &WalkOptions::default().request(),
+    )
+    .unwrap();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0]
+            .0
+            .ends_with("schedule_nexus_operation_command_attributes.input"),
+        "{seen:?}"
+    );
+
+    // Responses: the scheduled event opens inside the envelope; an input that is not one is
+    // an ordinary payload there.
+    let event = |input: Payload| GetWorkflowExecutionHistoryResponse {
+        history: Some(History {
+            events: vec![HistoryEvent {
+                attributes: Some(Attributes::NexusOperationScheduledEventAttributes(
+                    history::NexusOperationScheduledEventAttributes {
+                        endpoint: "__temporal_system".into(),
+                        service: "temporal.api.workflowservice.v1.WorkflowService".into(),
+                        operation: OPERATION.into(),
+                        input: Some(input),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+        }),
+        ..Default::default()
+    };
+    const HISTORY: &str = "temporal.api.workflowservice.v1.GetWorkflowExecutionHistoryResponse";
+    let (_, seen) = walk_recording(
+        HISTORY,
+        &event(system_envelope(&inner, ENVELOPE_METADATA)).encode_to_vec(),
+        &WalkOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(seen
+        .iter()
+        .all(|(p, ns)| p.contains(&format!(".data<{SWS}>")) && ns.as_deref() == Some("alpha")));
+    let (_, seen) = walk_recording(
+        HISTORY,
+        &event(system_envelope(&inner, &ENVELOPE_METADATA[1..])).encode_to_vec(),
+        &WalkOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0]
+            .0
+            .ends_with("nexus_operation_scheduled_event_attributes.input"),
+        "{seen:?}"
+    );
 }
 
 #[test]

@@ -145,7 +145,7 @@ pub fn one_input(data: &[u8]) -> Option<Outcome> {
         let _ = format!("{ctx:?}");
         Ok(payload.strip_suffix(SUFFIX).map(<[u8]>::to_vec))
     };
-    let encode_opts = WalkOptions::with_failures(FailureMode::Encode);
+    let encode_opts = WalkOptions::with_failures(FailureMode::Encode).request();
     let decode_opts = WalkOptions::with_failures(FailureMode::Decode);
     let name = method.input.full_name();
 

@@ -278,4 +278,77 @@ mod tests {
         assert_eq!(level(HEALTH, "Check"), Some(AccessLevel::Open));
         assert_eq!(level(WORKFLOW, "SomethingNew"), None);
     }
+
+    /// The methods the Python SDK 1.35 exposes beyond the basics, against Temporal's table
+    /// (server `common/api/metadata.go`, checked by hand): standalone activities and Nexus
+    /// operations, worker deployments, batch operations, task queue configuration, activity
+    /// operations, Nexus endpoints (cluster admin, reads included).
+    #[test]
+    fn newer_sdk_methods_have_temporals_levels() {
+        use AccessLevel::{Admin, Read, Write};
+        let expected: &[(&str, &str, AccessLevel)] = &[
+            (WORKFLOW, "StartActivityExecution", Write),
+            (WORKFLOW, "DescribeActivityExecution", Read),
+            (WORKFLOW, "PollActivityExecution", Read),
+            (WORKFLOW, "ListActivityExecutions", Read),
+            (WORKFLOW, "CountActivityExecutions", Read),
+            (WORKFLOW, "RequestCancelActivityExecution", Write),
+            (WORKFLOW, "TerminateActivityExecution", Write),
+            (WORKFLOW, "PauseActivityExecution", Write),
+            (WORKFLOW, "UnpauseActivityExecution", Write),
+            (WORKFLOW, "UpdateActivityExecutionOptions", Write),
+            (WORKFLOW, "StartNexusOperationExecution", Write),
+            (WORKFLOW, "PollNexusOperationExecution", Read),
+            (WORKFLOW, "DescribeNexusOperationExecution", Read),
+            (WORKFLOW, "CountNexusOperationExecutions", Read),
+            (WORKFLOW, "PollNexusTaskQueue", Write),
+            (WORKFLOW, "RespondNexusTaskCompleted", Write),
+            (WORKFLOW, "ExecuteMultiOperation", Write),
+            (WORKFLOW, "StartBatchOperation", Write),
+            (WORKFLOW, "DescribeBatchOperation", Read),
+            (WORKFLOW, "ListBatchOperations", Read),
+            (WORKFLOW, "PauseActivity", Write),
+            (WORKFLOW, "UnpauseActivity", Write),
+            (WORKFLOW, "ResetActivity", Write),
+            (WORKFLOW, "UpdateActivityOptions", Write),
+            (WORKFLOW, "UpdateTaskQueueConfig", Write),
+            (WORKFLOW, "SetWorkerDeploymentCurrentVersion", Write),
+            (WORKFLOW, "SetWorkerDeploymentRampingVersion", Write),
+            (WORKFLOW, "UpdateWorkerDeploymentVersionMetadata", Write),
+            (WORKFLOW, "DescribeWorkerDeployment", Read),
+            (WORKFLOW, "DescribeWorkerDeploymentVersion", Read),
+            (WORKFLOW, "ListWorkerDeployments", Read),
+            (WORKFLOW, "GetWorkerBuildIdCompatibility", Read),
+            (WORKFLOW, "UpdateWorkerBuildIdCompatibility", Write),
+            (WORKFLOW, "GetWorkerTaskReachability", Read),
+            (WORKFLOW, "PatchSchedule", Write),
+            (WORKFLOW, "ListSchedules", Read),
+            (OPERATOR, "CreateNexusEndpoint", Admin),
+            (OPERATOR, "UpdateNexusEndpoint", Admin),
+            (OPERATOR, "DeleteNexusEndpoint", Admin),
+            (OPERATOR, "GetNexusEndpoint", Admin),
+            (OPERATOR, "ListNexusEndpoints", Admin),
+        ];
+        for (service, method, level) in expected {
+            assert_eq!(
+                classified_level(service, method),
+                Some(*level),
+                "{service}/{method}"
+            );
+        }
+        let schema = Schema::global();
+        for method in [
+            "CreateNexusEndpoint",
+            "GetNexusEndpoint",
+            "ListNexusEndpoints",
+        ] {
+            let info = schema
+                .method(&format!("/{OPERATOR}/{method}"))
+                .expect("in the schema");
+            assert_eq!(
+                required_access(info),
+                (crate::schema::Scope::Cluster, Admin)
+            );
+        }
+    }
 }

@@ -21,6 +21,7 @@ use super::{CodecDeps, CodecOptions, DEV_ANONYMOUS_IDENTITY};
 use crate::authz::{caller_of, AccessLevel, AuditEvent, ClaimedRoles, Decision, PolicySet, Role};
 use crate::crypto::CryptoError;
 use crate::error::ProxyError;
+use crate::payload::walker::NEXUS_ENDPOINT_SCOPE;
 use crate::schema::Scope;
 use crate::tls::PeerInfo;
 
@@ -192,17 +193,33 @@ impl PeerService {
             );
             return reply;
         }
-        let namespace = match namespace_of(path_namespace, request.headers()) {
-            Ok(namespace) => namespace,
+        let named = match namespace_of(path_namespace, request.headers()) {
+            Ok(named) => named,
             Err(message) => return error(StatusCode::BAD_REQUEST, "namespace", &message),
         };
-        let namespace = match service.deps.translation.as_ref().map(|t| t.current()) {
-            Some(translation) => match translation.client_name_for(&namespace) {
-                Ok(client) => client.to_string(),
-                Err(message) => return error(StatusCode::BAD_REQUEST, "namespace", &message),
-            },
-            None => namespace,
+        let target = match named {
+            // The Web UI's cluster-level pages (Nexus endpoints) name no namespace: older UIs
+            // send an empty X-Namespace, 2.54 the text `undefined`. Unless a namespace of that
+            // name is configured, such a request is for the cluster scope.
+            Named::Empty => Target::Cluster,
+            Named::Namespace(ns)
+                if ns == UI_NO_NAMESPACE && !service.deps.encryption.is_configured(&ns) =>
+            {
+                Target::Cluster
+            }
+            Named::Namespace(namespace) => {
+                match service.deps.translation.as_ref().map(|t| t.current()) {
+                    Some(translation) => match translation.client_name_for(&namespace) {
+                        Ok(client) => Target::Namespace(client.to_string()),
+                        Err(message) => {
+                            return error(StatusCode::BAD_REQUEST, "namespace", &message)
+                        }
+                    },
+                    None => Target::Namespace(namespace),
+                }
+            }
         };
+        let namespace = target.scope().to_string();
 
         // Authenticate before reading the body.
         let peer = match self.authenticate(request.headers()).await {
@@ -215,13 +232,14 @@ impl PeerService {
                 return reply;
             }
         };
-        let (identity, decision, credential) = self.decide(&peer, &namespace, operation);
+        let level = target.level(operation);
+        let (identity, decision, credential) = self.decide(&peer, &target, level);
         let audit = |count: Option<usize>| {
             let mut event = AuditEvent::new(
                 &identity,
                 Some(&namespace),
                 operation.audit_method(),
-                operation.level(),
+                level,
                 &decision,
                 &peer.remote,
             );
@@ -245,11 +263,17 @@ impl PeerService {
                 StatusCode::FORBIDDEN,
                 "permission_denied",
                 &format!(
-                    "{identity} may not {} payloads in namespace {namespace}: it needs the {required} role",
+                    "{identity} may not {} payloads {}: it needs the {required} role{}",
                     match operation {
                         Operation::Decode => "decode",
                         Operation::Encode => "encode",
-                    }
+                    },
+                    target.described(),
+                    if target == Target::Cluster {
+                        " on the cluster"
+                    } else {
+                        ""
+                    },
                 ),
             );
         }
@@ -314,7 +338,47 @@ impl PeerService {
         }
         let encryption = &service.deps.encryption;
         let encoded = Bytes::from(encoded);
+        let scoped = match (operation, &target) {
+            (Operation::Decode, Target::Namespace(_)) => scoped_payloads(&encoded),
+            _ => Vec::new(),
+        };
+        if scoped.iter().any(|s| *s) {
+            // Nexus endpoint descriptions among a namespace's payloads (the CLI decodes them
+            // with its namespace): they open under the cluster scope, for a cluster reader.
+            let cluster_level = Target::Cluster.level(operation);
+            let (_, decision, _) = self.decide(&peer, &Target::Cluster, cluster_level);
+            let mut event = AuditEvent::new(
+                &identity,
+                Some(NEXUS_ENDPOINT_SCOPE),
+                operation.audit_method(),
+                cluster_level,
+                &decision,
+                &peer.remote,
+            );
+            event.credential = Some(credential);
+            event.count = Some(scoped.iter().filter(|s| **s).count());
+            if let Err(e) = service.deps.audit.record(&event) {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    &format!("the audit log cannot take this request, so it is refused: {e}"),
+                );
+            }
+            if !decision.allowed {
+                let required = decision.required.map_or("", Role::as_str);
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "permission_denied",
+                    &format!(
+                        "{identity} may not decode Nexus endpoint descriptions: it needs the {required} role on the cluster"
+                    ),
+                );
+            }
+        }
         let result = match operation {
+            Operation::Decode if scoped.iter().any(|s| *s) => {
+                open_split(encryption, &namespace, &encoded, &scoped).await
+            }
             Operation::Decode => encryption
                 .open_lenient(&namespace, json::PAYLOADS, &encoded)
                 .await
@@ -390,9 +454,13 @@ impl PeerService {
     fn decide(
         &self,
         peer: &PeerInfo,
-        namespace: &str,
-        operation: Operation,
+        target: &Target,
+        level: AccessLevel,
     ) -> (String, Decision, &'static str) {
+        let (scope, namespace) = match target {
+            Target::Namespace(ns) => (Scope::Namespace, Some(ns.as_str())),
+            Target::Cluster => (Scope::Cluster, None),
+        };
         let policies = match &self.inner.deps.policies {
             Some(store) => store.current(),
             None => {
@@ -403,17 +471,11 @@ impl PeerService {
                 let (identity, claimed, credential) = caller_of(&set, peer);
                 let anonymous = identity == DEV_ANONYMOUS_IDENTITY;
                 let decision = if anonymous {
-                    set.decide_for(
-                        &identity,
-                        claimed,
-                        Scope::Namespace,
-                        Some(namespace),
-                        operation.level(),
-                    )
+                    set.decide_for(&identity, claimed, scope, namespace, level)
                 } else {
                     Decision {
                         allowed: true,
-                        required: Role::required_for(operation.level()),
+                        required: Role::required_for(level),
                         held: None,
                         reason: "authorization disabled",
                     }
@@ -426,13 +488,7 @@ impl PeerService {
             }
         };
         let (identity, claimed, credential) = caller_of(&policies, peer);
-        let decision = policies.decide_for(
-            &identity,
-            claimed,
-            Scope::Namespace,
-            Some(namespace),
-            operation.level(),
-        );
+        let decision = policies.decide_for(&identity, claimed, scope, namespace, level);
         let credential = if identity == DEV_ANONYMOUS_IDENTITY {
             "none"
         } else {
@@ -448,8 +504,110 @@ fn is_loopback_peer(remote: &str) -> bool {
         .is_ok_and(|a| a.ip().is_loopback())
 }
 
-/// The namespace from the path or `X-Namespace`; both present must agree.
-fn namespace_of(from_path: Option<&str>, headers: &HeaderMap) -> Result<String, String> {
+/// What the Web UI 2.54 sends as `X-Namespace` on pages that belong to no namespace.
+const UI_NO_NAMESPACE: &str = "undefined";
+
+/// What a request names: a namespace, or explicitly none (an empty `X-Namespace`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Named {
+    Namespace(String),
+    Empty,
+}
+
+/// Whose payloads a request decodes or encodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Namespace(String),
+    /// The cluster: Nexus endpoint descriptions, sealed under [`NEXUS_ENDPOINT_SCOPE`].
+    Cluster,
+}
+
+impl Target {
+    /// The key scope: the namespace, or the cluster scope.
+    fn scope(&self) -> &str {
+        match self {
+            Target::Namespace(ns) => ns,
+            Target::Cluster => NEXUS_ENDPOINT_SCOPE,
+        }
+    }
+
+    fn described(&self) -> String {
+        match self {
+            Target::Namespace(ns) => format!("in namespace {ns}"),
+            Target::Cluster => "of the cluster (Nexus endpoint descriptions)".into(),
+        }
+    }
+
+    /// The level an operation needs: reader or writer in a namespace; on the cluster, reader
+    /// to decode and admin to encode (as Temporal's Get and Create/UpdateNexusEndpoint).
+    fn level(&self, operation: Operation) -> AccessLevel {
+        match (self, operation) {
+            (Target::Cluster, Operation::Encode) => AccessLevel::Admin,
+            _ => operation.level(),
+        }
+    }
+}
+
+/// For each payload of a serialized Payloads, whether it is sealed under the Nexus endpoint
+/// scope (its envelope says so; the associated data binds it).
+fn scoped_payloads(payloads: &[u8]) -> Vec<bool> {
+    crate::payload::wire::fields(payloads)
+        .flatten()
+        .filter(|f| f.number == 1)
+        .map(|f| crate::crypto::envelope::scope_of(f.value) == Some(NEXUS_ENDPOINT_SCOPE))
+        .collect()
+}
+
+/// Opens a Payloads whose payloads belong to two scopes (`scoped`: the endpoint scope) and puts
+/// them back in their order. `Ok(None)`: nothing changed.
+async fn open_split(
+    encryption: &crate::proxy::Encryption,
+    namespace: &str,
+    payloads: &Bytes,
+    scoped: &[bool],
+) -> Result<Option<Vec<u8>>, ProxyError> {
+    use crate::payload::wire::{fields, put_len_field};
+    let items: Vec<&[u8]> = fields(payloads)
+        .flatten()
+        .filter(|f| f.number == 1)
+        .map(|f| f.value)
+        .collect();
+    let mut parts: [(Vec<u8>, &str); 2] =
+        [(Vec::new(), namespace), (Vec::new(), NEXUS_ENDPOINT_SCOPE)];
+    for (item, in_scope) in items.iter().zip(scoped) {
+        put_len_field(&mut parts[usize::from(*in_scope)].0, 1, item);
+    }
+    let mut opened: Vec<Vec<Vec<u8>>> = Vec::with_capacity(2);
+    for (part, scope) in parts {
+        let part = Bytes::from(part);
+        let message = encryption
+            .open_lenient(scope, json::PAYLOADS, &part)
+            .await?
+            .message
+            .map_or(part, Bytes::from);
+        opened.push(
+            fields(&message)
+                .flatten()
+                .filter(|f| f.number == 1)
+                .map(|f| f.value.to_vec())
+                .collect(),
+        );
+    }
+    let mut iters: Vec<_> = opened.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::with_capacity(payloads.len());
+    for in_scope in scoped {
+        let item = iters
+            .get_mut(usize::from(*in_scope))
+            .and_then(Iterator::next)
+            .ok_or_else(|| ProxyError::Encryption("codec: opened payloads went missing".into()))?;
+        put_len_field(&mut out, 1, &item);
+    }
+    Ok(Some(out))
+}
+
+/// The namespace from the path or `X-Namespace`; both present must agree. An empty
+/// `X-Namespace` (and no path namespace) names none on purpose.
+fn namespace_of(from_path: Option<&str>, headers: &HeaderMap) -> Result<Named, String> {
     let from_header = match headers.get(X_NAMESPACE) {
         Some(value) => Some(
             value
@@ -460,6 +618,7 @@ fn namespace_of(from_path: Option<&str>, headers: &HeaderMap) -> Result<String, 
         None => None,
     };
     let namespace = match (from_path, from_header) {
+        (None, Some("")) => return Ok(Named::Empty),
         (Some(path), Some(header)) if path != header => {
             return Err(format!(
                 "the path names namespace {path:?} but X-Namespace says {header:?}"
@@ -480,7 +639,7 @@ fn namespace_of(from_path: Option<&str>, headers: &HeaderMap) -> Result<String, 
     if !valid {
         return Err(format!("{namespace:?} is not a valid namespace name"));
     }
-    Ok(namespace.to_string())
+    Ok(Named::Namespace(namespace.to_string()))
 }
 
 /// The answer to a CORS preflight from an allowed origin (others were refused already).
@@ -532,13 +691,18 @@ mod tests {
 
     #[test]
     fn namespace_from_path_or_header() {
+        let named = |n: &str| Named::Namespace(n.into());
         let mut headers = HeaderMap::new();
         assert!(namespace_of(None, &headers).is_err());
-        assert_eq!(namespace_of(Some("a"), &headers).unwrap(), "a");
+        assert_eq!(namespace_of(Some("a"), &headers).unwrap(), named("a"));
         headers.insert(X_NAMESPACE, HeaderValue::from_static("b"));
-        assert_eq!(namespace_of(None, &headers).unwrap(), "b");
+        assert_eq!(namespace_of(None, &headers).unwrap(), named("b"));
         assert!(namespace_of(Some("a"), &headers).is_err());
-        assert_eq!(namespace_of(Some("b"), &headers).unwrap(), "b");
+        assert_eq!(namespace_of(Some("b"), &headers).unwrap(), named("b"));
         assert!(namespace_of(Some("a%2Fb"), &HeaderMap::new()).is_err());
+        // An empty X-Namespace names none on purpose (the Web UI's cluster pages).
+        headers.insert(X_NAMESPACE, HeaderValue::from_static(""));
+        assert_eq!(namespace_of(None, &headers).unwrap(), Named::Empty);
+        assert!(namespace_of(Some("a"), &headers).is_err());
     }
 }

@@ -595,6 +595,16 @@ impl Config {
             if ns.name.is_empty() {
                 return invalid("a [[namespaces]] entry has an empty name".into());
             }
+            if ns
+                .name
+                .starts_with(crate::payload::walker::RESERVED_SCOPE_PREFIX)
+            {
+                return invalid(format!(
+                    "namespace {:?}: names starting with {:?} are reserved for portcullis's own key scopes",
+                    ns.name,
+                    crate::payload::walker::RESERVED_SCOPE_PREFIX
+                ));
+            }
             if !seen.insert(ns.name.as_str()) {
                 return invalid(format!("namespace {:?} is listed twice", ns.name));
             }
@@ -622,6 +632,13 @@ impl Config {
                 if !keys.contains_key(key) {
                     return invalid(format!(
                         "encryption.default_key refers to unknown key {key:?}"
+                    ));
+                }
+            }
+            if let Some(key) = &self.encryption.cluster_key {
+                if !keys.contains_key(key) {
+                    return invalid(format!(
+                        "encryption.cluster_key refers to unknown key {key:?}"
                     ));
                 }
             }

@@ -17,6 +17,10 @@ pub struct EncryptionConfig {
     /// The key (from `keys`) for namespaces that do not name one.
     #[serde(default)]
     pub default_key: Option<String>,
+    /// The key (from `keys`) that seals cluster-wide payloads: Nexus endpoint descriptions.
+    /// Default: `default_key`.
+    #[serde(default)]
+    pub cluster_key: Option<String>,
     /// Move Failure `message` and `stack_trace` into the sealed `encoded_attributes` on the way
     /// in, and back on the way out.
     #[serde(default = "yes")]
@@ -91,6 +95,7 @@ impl Default for EncryptionConfig {
         EncryptionConfig {
             disabled: false,
             default_key: None,
+            cluster_key: None,
             encode_failure_attributes: true,
             on_open_failure: OpenFailurePolicy::Fail,
             encrypted_only: false,

@@ -22,6 +22,11 @@ pub const ENCODING_ENCRYPTED: &[u8] = b"binary/encrypted";
 pub const KEY_ID_KEY: &str = "encryption-key-id";
 pub const ENVELOPE_KEY: &str = "portcullis-envelope";
 pub const ENVELOPE_V1: &[u8] = b"v1";
+/// Metadata naming the scope of an envelope sealed for a scope that is not a namespace (Nexus
+/// endpoint descriptions, [`crate::payload::walker::NEXUS_ENDPOINT_SCOPE`]), so a reader
+/// without the context (the codec server) knows which key opens it. Outside the ciphertext, but
+/// the associated data binds the scope: an altered one does not open.
+pub const SCOPE_KEY: &str = "portcullis-scope";
 pub const ENVELOPE_VERSION: u32 = 1;
 /// First component of the associated data: a v1 ciphertext can never verify as another format.
 const FORMAT_TAG: &[u8] = b"portcullis/v1";
@@ -95,11 +100,17 @@ impl Sealer {
     pub(crate) fn new(cipher: Aes256Gcm, namespace: &str, kek_id: &str, wrapped: &[u8]) -> Self {
         let key_id = data_key_id(wrapped);
         let mut metadata = Vec::new();
+        let scope = namespace
+            .starts_with(crate::payload::walker::RESERVED_SCOPE_PREFIX)
+            .then_some((SCOPE_KEY, namespace.as_bytes()));
         for (key, value) in [
             (ENCODING_KEY, ENCODING_ENCRYPTED),
             (KEY_ID_KEY, key_id.as_bytes()),
             (ENVELOPE_KEY, ENVELOPE_V1),
-        ] {
+        ]
+        .into_iter()
+        .chain(scope)
+        {
             let mut entry = Vec::with_capacity(key.len() + value.len() + 4);
             put_len_field(&mut entry, 1, key.as_bytes());
             put_len_field(&mut entry, 2, value);
@@ -249,6 +260,26 @@ impl SealedView<'_> {
             data_key_id: data_key_id(self.wrapped),
         }
     }
+}
+
+/// The scope a sealed payload names ([`SCOPE_KEY`]), if it is a portcullis envelope that names
+/// one.
+pub fn scope_of(payload: &[u8]) -> Option<&str> {
+    let mut scope = None;
+    let mut sealed = false;
+    for field in Fields::new(payload) {
+        let Ok((1, Value::Len(entry))) = field else {
+            continue;
+        };
+        match map_entry(entry) {
+            Some((b"portcullis-envelope", _)) => sealed = true,
+            Some((key, value)) if key == SCOPE_KEY.as_bytes() => scope = Some(value),
+            _ => {}
+        }
+    }
+    scope
+        .filter(|_| sealed)
+        .and_then(|s| std::str::from_utf8(s).ok())
 }
 
 /// Parses a serialized Payload. `Ok(None)`: it does not carry the portcullis marker (plaintext,

@@ -111,7 +111,9 @@ pub fn seal_message(
         message_type,
         message,
         &mut sealing,
-        &WalkOptions::with_failures(failures).limited(limits),
+        &WalkOptions::with_failures(failures)
+            .limited(limits)
+            .request(),
     )
 }
 
@@ -136,6 +138,11 @@ impl PayloadVisitor for Sealing<'_> {
     }
 
     fn visit(&mut self, ctx: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
+        if ctx.is_memo_value() && is_memo_nil(payload) {
+            // The server deletes the key (or leaves it out of a new workflow's memo): sealed,
+            // it would keep it. The one thing sealing leaves visible, on purpose.
+            return Ok(Visit::Keep);
+        }
         let (position, key) = self.keys.key_for(ctx)?;
         if self.keys.keys.len() > 1 {
             self.pending.push_back(position);
@@ -511,6 +518,44 @@ pub fn is_nil_payload(payload: &[u8]) -> bool {
     nil
 }
 
+/// Whether a serialized Payload is a value the Temporal server treats as nil in a memo: it
+/// deletes the key on upsert (`ModifyWorkflowPropertiesCommandAttributes.upserted_memo`) and
+/// leaves it out of a new workflow's memo (server 1.32, `common/payload`: data empty, `null`
+/// or `[]`). portcullis leaves such a value unsealed where it is a memo value, and only in the
+/// spellings SDKs write: metadata exactly `encoding: binary/null` with no data (every SDK's
+/// nil), or `encoding: json/plain` with data `null` or `[]` (JSON null and the empty list).
+/// Anything else is sealed (the server then keeps it).
+pub fn is_memo_nil(payload: &[u8]) -> bool {
+    let (mut encoding, mut data): (Option<&[u8]>, &[u8]) = (None, &[]);
+    for field in wire::fields(payload) {
+        let Ok(field) = field else { return false };
+        match (field.number, field.wire_type) {
+            (1, WireType::Len) if encoding.is_none() => {
+                let (mut key, mut value) = (None, None);
+                for part in wire::fields(field.value) {
+                    let Ok(part) = part else { return false };
+                    match part.number {
+                        1 => key = Some(part.value),
+                        2 => value = Some(part.value),
+                        _ => return false,
+                    }
+                }
+                if key != Some(b"encoding".as_slice()) {
+                    return false;
+                }
+                encoding = Some(value.unwrap_or_default());
+            }
+            (2, WireType::Len) => data = field.value,
+            _ => return false,
+        }
+    }
+    match encoding {
+        Some(b"binary/null") => data.is_empty(),
+        Some(b"json/plain") => data == b"null" || data == b"[]",
+        _ => false,
+    }
+}
+
 /// The `encoding` metadata of a serialized Payload, for error messages.
 fn encoding_of(payload: &[u8]) -> String {
     for field in wire::fields(payload).flatten() {
@@ -530,6 +575,17 @@ fn encoding_of(payload: &[u8]) -> String {
         }
     }
     String::new()
+}
+
+/// Whether an unsealed payload in an answer carries no user data, so an `encrypted_only`
+/// namespace accepts it: a nil payload; a nil memo value (left unsealed on the way in, see
+/// [`is_memo_nil`]); the server's record of a system Nexus operation's result
+/// ([`crate::payload::system_nexus::is_system_response`]).
+fn carries_nothing(ctx: &PayloadContext<'_>, payload: &[u8]) -> bool {
+    is_nil_payload(payload)
+        || (ctx.is_memo_value() && is_memo_nil(payload))
+        || (ctx.field_name() == Some("result")
+            && crate::payload::system_nexus::is_system_response(payload))
 }
 
 /// The first walk of opening: records each distinct data key once, per namespace, and defers
@@ -586,7 +642,7 @@ impl PayloadVisitor for Collect {
     fn visit(&mut self, ctx: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
         let view = match envelope::parse(payload) {
             Ok(Some(view)) => view,
-            Ok(None) if self.options.strict && !is_nil_payload(payload) => {
+            Ok(None) if self.options.strict && !carries_nothing(ctx, payload) => {
                 return Err(WalkError::visitor(PlaintextPayload {
                     path: ctx.to_string(),
                     encoding: encoding_of(payload),
@@ -1478,6 +1534,198 @@ mod tests {
         .encode_to_vec();
         let plan = plan_open(index(), PAGE, &nil_page, strict).unwrap();
         assert!(!plan.has_sealed());
+    }
+
+    /// A memo value the server treats as nil (delete the key) stays as it is, on the way in and
+    /// in strict opening; every other memo value, and a nil anywhere else, is sealed.
+    #[tokio::test]
+    async fn nil_memo_values_stay_nil_and_nothing_else_does() {
+        use temporalio_protos::temporal::api::command::v1::{
+            command, Command, ModifyWorkflowPropertiesCommandAttributes,
+        };
+        use temporalio_protos::temporal::api::common::v1::Memo;
+        use temporalio_protos::temporal::api::workflowservice::v1::RespondWorkflowTaskCompletedRequest;
+        const COMPLETED: &str =
+            "temporal.api.workflowservice.v1.RespondWorkflowTaskCompletedRequest";
+        let value = |encoding: &str, data: &[u8]| Payload {
+            metadata: [("encoding".to_string(), encoding.as_bytes().to_vec())].into(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        let nils = [
+            value("binary/null", b""),
+            value("json/plain", b"null"),
+            value("json/plain", b"[]"),
+        ];
+        let not_nils = [
+            value("json/plain", b"\"secret-marker\""),
+            value("binary/null", b"x"),
+            value("json/plain", b""),
+            value("binary/plain", b""),
+            Payload {
+                metadata: [
+                    ("encoding".to_string(), b"binary/null".to_vec()),
+                    ("other".to_string(), b"x".to_vec()),
+                ]
+                .into(),
+                ..Default::default()
+            },
+        ];
+        for nil in &nils {
+            assert!(is_memo_nil(&nil.encode_to_vec()), "{nil:?}");
+        }
+        for other in &not_nils {
+            assert!(!is_memo_nil(&other.encode_to_vec()), "{other:?}");
+        }
+        let fields: std::collections::HashMap<String, Payload> = nils
+            .iter()
+            .chain(&not_nils)
+            .enumerate()
+            .map(|(i, p)| (format!("k{i}"), p.clone()))
+            .collect();
+        let request = RespondWorkflowTaskCompletedRequest {
+            namespace: "ns".into(),
+            commands: vec![Command {
+                attributes: Some(
+                    command::Attributes::ModifyWorkflowPropertiesCommandAttributes(
+                        ModifyWorkflowPropertiesCommandAttributes {
+                            upserted_memo: Some(Memo {
+                                fields: fields.clone(),
+                            }),
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }],
+            // A nil payload that is not a memo value is sealed.
+            ..Default::default()
+        };
+        let manager = manager();
+        let key = ScopedKeys::new("ns", manager.sealing_key("ns").await.unwrap());
+        let sealed = seal_message(
+            index(),
+            COMPLETED,
+            &request.encode_to_vec(),
+            &key,
+            FailureMode::Keep,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        let sealed = RespondWorkflowTaskCompletedRequest::decode(sealed.as_slice()).unwrap();
+        let Some(command::Attributes::ModifyWorkflowPropertiesCommandAttributes(attributes)) =
+            &sealed.commands[0].attributes
+        else {
+            panic!("command kept");
+        };
+        let memo = &attributes.upserted_memo.as_ref().unwrap().fields;
+        for (k, original) in &fields {
+            let kept = &memo[k];
+            if nils.contains(original) {
+                assert_eq!(kept, original, "{k} stays nil");
+            } else {
+                assert_eq!(
+                    kept.metadata.get("encoding").map(Vec::as_slice),
+                    Some(b"binary/encrypted".as_slice()),
+                    "{k} is sealed"
+                );
+            }
+        }
+        // A nil result (not a memo value) is sealed.
+        let nil_result = GetWorkflowExecutionHistoryResponse {
+            history: Some(History {
+                events: vec![event(
+                    1,
+                    Attributes::ActivityTaskCompletedEventAttributes(
+                        history::ActivityTaskCompletedEventAttributes {
+                            result: Some(Payloads {
+                                payloads: vec![nils[1].clone()],
+                            }),
+                            ..Default::default()
+                        },
+                    ),
+                )],
+            }),
+            ..Default::default()
+        };
+        let sealed_result = seal_message(
+            index(),
+            PAGE,
+            &nil_result.encode_to_vec(),
+            &key,
+            FailureMode::Keep,
+            WalkLimits::default(),
+        )
+        .unwrap();
+        assert!(sealed_result.is_some(), "a JSON null result is sealed");
+
+        // Strict opening: the nil memo values of a WorkflowPropertiesModified event pass, a
+        // JSON null result does not.
+        let strict = OpenOptions {
+            strict: true,
+            ..STRICT
+        };
+        let modified = GetWorkflowExecutionHistoryResponse {
+            history: Some(History {
+                events: vec![event(
+                    1,
+                    Attributes::WorkflowPropertiesModifiedEventAttributes(
+                        history::WorkflowPropertiesModifiedEventAttributes {
+                            upserted_memo: Some(Memo {
+                                fields: nils
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, p)| (format!("k{i}"), p.clone()))
+                                    .collect(),
+                            }),
+                            ..Default::default()
+                        },
+                    ),
+                )],
+            }),
+            ..Default::default()
+        };
+        assert!(plan_open(index(), PAGE, &modified.encode_to_vec(), strict).is_ok());
+        assert!(plan_open(index(), PAGE, &nil_result.encode_to_vec(), strict).is_err());
+    }
+
+    /// The server's record of a system Nexus operation's result carries no user data: an
+    /// encrypted-only namespace accepts it there, and nothing else of the kind.
+    #[test]
+    fn strict_opening_accepts_system_nexus_results() {
+        let record = |message_type: &str| Payload {
+            metadata: [
+                ("encoding".to_string(), b"binary/protobuf".to_vec()),
+                ("messageType".to_string(), message_type.as_bytes().to_vec()),
+            ]
+            .into(),
+            data: b"\x0a\x03run".to_vec(),
+            ..Default::default()
+        };
+        let completed = |result: Payload| {
+            GetWorkflowExecutionHistoryResponse {
+                history: Some(History {
+                    events: vec![event(
+                        1,
+                        Attributes::NexusOperationCompletedEventAttributes(
+                            history::NexusOperationCompletedEventAttributes {
+                                result: Some(result),
+                                ..Default::default()
+                            },
+                        ),
+                    )],
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let strict = OpenOptions {
+            strict: true,
+            ..STRICT
+        };
+        let response = "temporal.api.workflowservice.v1.SignalWithStartWorkflowExecutionResponse";
+        assert!(plan_open(index(), PAGE, &completed(record(response)), strict).is_ok());
+        assert!(plan_open(index(), PAGE, &completed(record("my.app.Result")), strict).is_err());
     }
 
     /// A query handler's error message is sealed into its string form (under

@@ -13,7 +13,9 @@
 //! by its `type_url` (error details, `MultiOperationExecutionFailure`), walks the serialized
 //! history inside `raw_history` and refuses a non-PROTO3 one, and copies every other byte
 //! verbatim: unknown fields and field order survive. Nothing is allocated when no name
-//! changes.
+//! changes. The request inside a system Nexus envelope (see [`super::system_nexus`]) names the
+//! namespace it acts in and the server reads it: it is translated like a nested request (an
+//! input that is not a readable envelope is left alone; the payload walker decides about it).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,6 +23,9 @@ use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
+use super::system_nexus::{
+    self as system, NexusFields, NEXUS_OPERATION_MESSAGES, SYSTEM_OPERATIONS,
+};
 use super::walker::{delta_of, Edit, Replacement, RewritePlan, WalkError, DEFAULT_MAX_DEPTH};
 use super::wire::{self, varint_len, Field, WireError, WireType};
 use crate::schema::Schema;
@@ -79,6 +84,8 @@ struct Plan {
     reaches: bool,
     /// Sorted by number.
     fields: Box<[FieldRule]>,
+    /// For a message that starts a Nexus operation: its endpoint, service, operation and input.
+    nexus: Option<NexusFields>,
 }
 
 impl Plan {
@@ -97,6 +104,8 @@ pub struct NamespaceFieldIndex {
     by_name: HashMap<Box<str>, u32>,
     history: Option<u32>,
     proto3_encoding: Option<i32>,
+    /// The request type of each of `SYSTEM_OPERATIONS`.
+    system_requests: Vec<Option<u32>>,
 }
 
 static GLOBAL: LazyLock<NamespaceFieldIndex> =
@@ -124,10 +133,28 @@ impl NamespaceFieldIndex {
             })
             .collect();
         // Direct name fields, and message-typed edges.
+        let nexus: Vec<Option<NexusFields>> = messages
+            .iter()
+            .map(|m| {
+                if !NEXUS_OPERATION_MESSAGES.contains(&m.full_name()) {
+                    return None;
+                }
+                let number = |name: &str| m.get_field_by_name(name).map(|f| f.number());
+                Some(NexusFields {
+                    endpoint: number("endpoint")?,
+                    service: number("service")?,
+                    operation: number("operation")?,
+                    input: number("input")?,
+                })
+            })
+            .collect();
         let mut reaches: Vec<bool> = messages
             .iter()
             .zip(&kinds)
-            .map(|(m, k)| *k != MessageKind::Plain || m.fields().any(|f| is_name_field(&f)))
+            .zip(&nexus)
+            .map(|((m, k), n)| {
+                *k != MessageKind::Plain || n.is_some() || m.fields().any(|f| is_name_field(&f))
+            })
             .collect();
         let edges: Vec<Vec<(FieldDescriptor, u32)>> = messages
             .iter()
@@ -167,8 +194,9 @@ impl NamespaceFieldIndex {
             .iter()
             .zip(&kinds)
             .zip(edges)
+            .zip(nexus)
             .enumerate()
-            .map(|(i, ((message, kind), edges))| {
+            .map(|(i, (((message, kind), edges), nexus))| {
                 let reach = reaches.get(i).copied().unwrap_or(false);
                 let mut fields: Vec<FieldRule> = Vec::new();
                 if reach && *kind == MessageKind::Plain {
@@ -198,6 +226,7 @@ impl NamespaceFieldIndex {
                     kind: *kind,
                     reaches: reach,
                     fields: fields.into_boxed_slice(),
+                    nexus,
                 }
             })
             .collect();
@@ -208,11 +237,16 @@ impl NamespaceFieldIndex {
             .get_enum_by_name(ENCODING_TYPE)
             .and_then(|e| e.get_value_by_name(ENCODING_TYPE_PROTO3))
             .map(|v| v.number());
+        let system_requests = SYSTEM_OPERATIONS
+            .iter()
+            .map(|o| by_name.get(o.request).copied())
+            .collect();
         NamespaceFieldIndex {
             plans,
             by_name,
             history,
             proto3_encoding,
+            system_requests,
         }
     }
 
@@ -402,9 +436,32 @@ impl Walk<'_, '_> {
             MessageKind::DataBlob => return Ok(0),
             MessageKind::Plain => {}
         }
+        // A Nexus operation at the system endpoint: its input's request names a namespace.
+        let system_input = match plan.nexus {
+            Some(fields) => match system::system_operation(fields, buf) {
+                Ok(Some(operation)) => SYSTEM_OPERATIONS
+                    .iter()
+                    .position(|o| o == operation)
+                    .map(|i| (fields.input, i)),
+                _ => None,
+            },
+            None => None,
+        };
         let mut delta = 0;
         for field in wire::fields(buf) {
             let field = field.map_err(|e| self.malformed(node, e))?;
+            if let Some((input, operation)) = system_input {
+                if field.number == input && field.wire_type == WireType::Len {
+                    let child = Node {
+                        parent: node,
+                        name: "input",
+                    };
+                    delta += self.descend(base, &field, depth, |walk, at, value, depth| {
+                        walk.system_envelope(operation, at, value, depth, Some(&child))
+                    })?;
+                    continue;
+                }
+            }
             let Some(rule) = plan.field(field.number) else {
                 continue;
             };
@@ -540,6 +597,39 @@ impl Walk<'_, '_> {
                     walk.message(id, at, value, depth, Some(&child))
                 })?;
             }
+        }
+        Ok(delta)
+    }
+
+    /// A system Nexus envelope: its `data` walked as the operation's request. An input that is
+    /// not such an envelope is left as it is.
+    fn system_envelope(
+        &mut self,
+        operation: usize,
+        base: usize,
+        buf: &[u8],
+        depth: usize,
+        node: Option<&Node<'_>>,
+    ) -> Result<isize, NameRewriteError> {
+        let index = self.index;
+        let resolved = SYSTEM_OPERATIONS
+            .get(operation)
+            .zip(index.system_requests.get(operation).copied().flatten());
+        let Some((operation, request)) = resolved else {
+            return Ok(0);
+        };
+        let Ok(data) = system::envelope_data(buf, operation) else {
+            return Ok(0);
+        };
+        let child = Node {
+            parent: node,
+            name: "data",
+        };
+        let mut delta = 0;
+        for field in data {
+            delta += self.descend(base, &field, depth, |walk, at, value, depth| {
+                walk.message(request, at, value, depth, Some(&child))
+            })?;
         }
         Ok(delta)
     }
@@ -942,6 +1032,104 @@ mod tests {
                 .unwrap()
                 .workflow_namespace,
             "payments"
+        );
+    }
+
+    /// The request inside a system Nexus envelope names a namespace the server reads: it is
+    /// translated there and back; the envelope is otherwise left as it is.
+    #[test]
+    fn system_nexus_envelopes_are_translated_inside() {
+        use temporalio_protos::temporal::api::command::v1::ScheduleNexusOperationCommandAttributes;
+        use temporalio_protos::temporal::api::history::v1::NexusOperationScheduledEventAttributes;
+        use temporalio_protos::temporal::api::workflowservice::v1::SignalWithStartWorkflowExecutionRequest;
+        const SWS: &str = "temporal.api.workflowservice.v1.SignalWithStartWorkflowExecutionRequest";
+        let envelope = |namespace: &str, marked: bool| Payload {
+            metadata: [
+                ("encoding".to_string(), b"binary/protobuf".to_vec()),
+                ("messageType".to_string(), SWS.as_bytes().to_vec()),
+            ]
+            .into_iter()
+            .chain(marked.then(|| ("__temporal_system_payload".to_string(), b"true".to_vec())))
+            .collect(),
+            data: SignalWithStartWorkflowExecutionRequest {
+                namespace: namespace.into(),
+                workflow_id: "w".into(),
+                input: Some(Payloads::default()),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            ..Default::default()
+        };
+        let completed = |input: Payload| RespondWorkflowTaskCompletedRequest {
+            namespace: "payments".into(),
+            commands: vec![Command {
+                attributes: Some(
+                    command::Attributes::ScheduleNexusOperationCommandAttributes(
+                        ScheduleNexusOperationCommandAttributes {
+                            endpoint: "__temporal_system".into(),
+                            service: "temporal.api.workflowservice.v1.WorkflowService".into(),
+                            operation: "SignalWithStartWorkflowExecution".into(),
+                            input: Some(input),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let out = RespondWorkflowTaskCompletedRequest::decode(
+            rewrite(
+                "RespondWorkflowTaskCompletedRequest",
+                &completed(envelope("payments", true)).encode_to_vec(),
+                forward,
+            )
+            .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(out, {
+            let mut expected = completed(envelope("payments.a1b2c", true));
+            expected.namespace = "payments.a1b2c".into();
+            expected
+        });
+        // Not an envelope: left alone (the payload walker refuses it).
+        let plain = completed(envelope("payments", false));
+        let out = RespondWorkflowTaskCompletedRequest::decode(
+            rewrite(
+                "RespondWorkflowTaskCompletedRequest",
+                &plain.encode_to_vec(),
+                forward,
+            )
+            .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(out.commands, plain.commands);
+        // Back in the scheduled event of a history.
+        let page = |namespace: &str| GetWorkflowExecutionHistoryResponse {
+            history: Some(History {
+                events: vec![HistoryEvent {
+                    attributes: Some(Attributes::NexusOperationScheduledEventAttributes(
+                        NexusOperationScheduledEventAttributes {
+                            endpoint: "__temporal_system".into(),
+                            service: "temporal.api.workflowservice.v1.WorkflowService".into(),
+                            operation: "SignalWithStartWorkflowExecution".into(),
+                            input: Some(envelope(namespace, true)),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        };
+        let back = rewrite(
+            "GetWorkflowExecutionHistoryResponse",
+            &page("payments.a1b2c").encode_to_vec(),
+            backward,
+        );
+        assert_eq!(
+            GetWorkflowExecutionHistoryResponse::decode(back.as_slice()).unwrap(),
+            page("payments")
         );
     }
 

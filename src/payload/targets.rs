@@ -11,6 +11,15 @@
 //!   names another namespace than the outer request, and one that names none ("Namespace  is
 //!   not found."). The proxy refuses both before anything else looks at them.
 //!
+//! - a Nexus operation addressed to the system endpoint (`__temporal_system`): the server runs
+//!   it, and the request inside its input envelope (a `SignalWithStartWorkflowExecutionRequest`)
+//!   names the namespace it acts in ([`SYSTEM_NEXUS_ACTIONS`]). Server 1.32 refuses one that
+//!   names another namespace than the workflow's ("does not match namespace in context"); the
+//!   proxy still treats it as a command aimed there (authorized and sealed for it), so a server
+//!   that allows it gets the right keys. Empty means the request's own namespace. Read at any
+//!   depth, the root included (`StartNexusOperationExecutionRequest`). An input at the system
+//!   endpoint that is not a readable envelope of a known operation is refused here already.
+//!
 //! Other `namespace` fields inside requests are references, not actions: `common.v1.Link`s
 //! (which event caused this call), `ChildWorkflowExecutionFailureInfo` (which child failed),
 //! and the Nexus endpoint target of the cluster-admin `CreateNexusEndpoint`.
@@ -24,6 +33,9 @@ use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, Kind, MessageDescriptor};
 
+use super::system_nexus::{
+    self as system, NexusFields, SystemNexusError, NEXUS_OPERATION_MESSAGES, SYSTEM_OPERATIONS,
+};
 use super::walker::{PayloadIndex, DEFAULT_MAX_DEPTH};
 use super::wire::{self, WireError, WireType};
 use crate::schema::Schema;
@@ -76,6 +88,14 @@ pub const ACTIONS: &[ActionKind] = &[
     },
 ];
 
+/// The actions run through the system Nexus endpoint: one per entry of `SYSTEM_OPERATIONS`, in
+/// the same order (a test checks). `message` is the request inside the envelope.
+pub const SYSTEM_NEXUS_ACTIONS: &[ActionKind] = &[ActionKind {
+    message: "temporal.api.workflowservice.v1.SignalWithStartWorkflowExecutionRequest",
+    command: "SignalWithStartWorkflowExecution",
+    rule: TargetRule::Target,
+}];
+
 /// One action found in a request, as written (the namespace may be empty).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Action<'a> {
@@ -106,6 +126,9 @@ pub enum TargetError {
     TooDeep { message: String, limit: usize },
     #[error("message type {0} is not in the target index")]
     UnknownMessage(String),
+    /// A Nexus operation addressed to the system endpoint that portcullis cannot read.
+    #[error("{0}")]
+    SystemNexus(SystemNexusError),
     /// A nested request names another namespace than the request (or none).
     #[error("{command} names namespace {namespace:?}, but the request is for namespace {expected:?}: nested requests must name the request's namespace")]
     NamespaceMismatch {
@@ -122,6 +145,8 @@ struct Plan {
     fields: Box<[(u32, u32)]>,
     /// Set when the message is an action: its kind and the number of its `namespace` field.
     action: Option<(&'static ActionKind, u32, bool)>,
+    /// Set when the message starts a Nexus operation (it may address the system endpoint).
+    nexus: Option<NexusFields>,
     reaches: bool,
 }
 
@@ -130,6 +155,8 @@ struct Plan {
 pub struct TargetIndex {
     plans: Vec<Plan>,
     by_name: HashMap<Box<str>, u32>,
+    /// For each of `SYSTEM_OPERATIONS`: the `namespace` field of its request.
+    system_namespace_fields: Vec<Option<u32>>,
 }
 
 static GLOBAL: LazyLock<TargetIndex> =
@@ -159,6 +186,29 @@ impl TargetIndex {
                 Some((kind, field.number(), carries))
             })
             .collect();
+        let nexus: Vec<Option<NexusFields>> = messages
+            .iter()
+            .map(|m| {
+                if !NEXUS_OPERATION_MESSAGES.contains(&m.full_name()) {
+                    return None;
+                }
+                let number = |name: &str| m.get_field_by_name(name).map(|f| f.number());
+                Some(NexusFields {
+                    endpoint: number("endpoint")?,
+                    service: number("service")?,
+                    operation: number("operation")?,
+                    input: number("input")?,
+                })
+            })
+            .collect();
+        let system_namespace_fields = SYSTEM_OPERATIONS
+            .iter()
+            .map(|o| {
+                pool.get_message_by_name(o.request)
+                    .and_then(|m| m.get_field_by_name("namespace"))
+                    .map(|f| f.number())
+            })
+            .collect();
         let edges: Vec<Vec<(u32, u32)>> = messages
             .iter()
             .map(|m| {
@@ -172,7 +222,11 @@ impl TargetIndex {
                     .collect()
             })
             .collect();
-        let mut reaches: Vec<bool> = actions.iter().map(Option::is_some).collect();
+        let mut reaches: Vec<bool> = actions
+            .iter()
+            .zip(&nexus)
+            .map(|(a, n)| a.is_some() || n.is_some())
+            .collect();
         loop {
             let mut changed = false;
             for (i, out) in edges.iter().enumerate() {
@@ -196,9 +250,10 @@ impl TargetIndex {
         let plans = messages
             .iter()
             .zip(actions)
+            .zip(nexus)
             .zip(edges)
             .enumerate()
-            .map(|(i, ((message, action), edges))| {
+            .map(|(i, (((message, action), nexus), edges))| {
                 let reach = reaches.get(i).copied().unwrap_or(false);
                 let mut fields: Vec<(u32, u32)> = if reach {
                     edges
@@ -213,11 +268,16 @@ impl TargetIndex {
                     name: message.full_name().into(),
                     fields: fields.into_boxed_slice(),
                     action,
+                    nexus,
                     reaches: reach,
                 }
             })
             .collect();
-        TargetIndex { plans, by_name }
+        TargetIndex {
+            plans,
+            by_name,
+            system_namespace_fields,
+        }
     }
 
     fn id(&self, full_name: &str) -> Option<u32> {
@@ -282,6 +342,9 @@ fn read_message<'a>(
         message: plan.name.to_string(),
         source,
     };
+    if let Some(fields) = plan.nexus {
+        read_system_nexus(index, fields, buf, out)?;
+    }
     if let (Some((kind, field, carries_payloads)), true) = (plan.action, depth > 0) {
         let namespace = wire::validate_and_find_string(buf, Some(field)).map_err(malformed)?;
         out.push(Action {
@@ -303,6 +366,46 @@ fn read_message<'a>(
             return Err(malformed(WireError::UnexpectedWireType { field: number }));
         }
         read_message(index, target, field.value, depth + 1, out)?;
+    }
+    Ok(())
+}
+
+/// A message that starts a Nexus operation: when it addresses the system endpoint, the request
+/// inside its input envelope is an action in the namespace it names.
+fn read_system_nexus<'a>(
+    index: &TargetIndex,
+    fields: NexusFields,
+    buf: &'a [u8],
+    out: &mut Vec<Action<'a>>,
+) -> Result<(), TargetError> {
+    let Some(operation) =
+        system::system_operation(fields, buf).map_err(TargetError::SystemNexus)?
+    else {
+        return Ok(());
+    };
+    let position = SYSTEM_OPERATIONS.iter().position(|o| o == operation);
+    let kind = position.and_then(|p| SYSTEM_NEXUS_ACTIONS.get(p));
+    let namespace_field =
+        position.and_then(|p| index.system_namespace_fields.get(p).copied().flatten());
+    let (Some(kind), Some(namespace_field)) = (kind, namespace_field) else {
+        return Err(TargetError::UnknownMessage(operation.request.to_string()));
+    };
+    for field in wire::fields(buf) {
+        let field = field.map_err(|e| TargetError::SystemNexus(SystemNexusError::Malformed(e)))?;
+        if field.number != fields.input {
+            continue;
+        }
+        for data in
+            system::envelope_data(field.value, operation).map_err(TargetError::SystemNexus)?
+        {
+            let namespace = wire::validate_and_find_string(data.value, Some(namespace_field))
+                .map_err(|e| TargetError::SystemNexus(SystemNexusError::Malformed(e)))?;
+            out.push(Action {
+                kind,
+                namespace: namespace.unwrap_or(""),
+                carries_payloads: true,
+            });
+        }
     }
     Ok(())
 }
@@ -460,12 +563,14 @@ mod tests {
             .map(|m| m.name.as_str())
             .collect();
         reaching.sort_unstable();
-        // StartWorkflowExecution and UpdateWorkflowExecution are actions only when nested.
+        // StartWorkflowExecution and UpdateWorkflowExecution are actions only when nested;
+        // StartNexusOperationExecution may address the system endpoint.
         assert_eq!(
             reaching,
             [
                 "ExecuteMultiOperation",
                 "RespondWorkflowTaskCompleted",
+                "StartNexusOperationExecution",
                 "StartWorkflowExecution",
                 "UpdateWorkflowExecution"
             ]
@@ -655,6 +760,98 @@ mod tests {
         )
         .unwrap()
         .is_empty());
+    }
+
+    /// A Nexus operation at the system endpoint acts in the namespace its envelope's request
+    /// names, at any depth (a workflow's command, a standalone operation's request).
+    #[test]
+    fn system_nexus_operations_are_targets() {
+        use temporalio_protos::temporal::api::command::v1::ScheduleNexusOperationCommandAttributes;
+        use temporalio_protos::temporal::api::common::v1::Payload;
+        use temporalio_protos::temporal::api::workflowservice::v1::{
+            SignalWithStartWorkflowExecutionRequest, StartNexusOperationExecutionRequest,
+        };
+        const SWS: &str = "temporal.api.workflowservice.v1.SignalWithStartWorkflowExecutionRequest";
+        let envelope = |namespace: &str, marked: bool| Payload {
+            metadata: [
+                ("encoding".to_string(), b"binary/protobuf".to_vec()),
+                ("messageType".to_string(), SWS.as_bytes().to_vec()),
+            ]
+            .into_iter()
+            .chain(marked.then(|| ("__temporal_system_payload".to_string(), b"true".to_vec())))
+            .collect(),
+            data: SignalWithStartWorkflowExecutionRequest {
+                namespace: namespace.into(),
+                workflow_id: "w".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            ..Default::default()
+        };
+        let schedule = |endpoint: &str, input: Payload| Command {
+            attributes: Some(
+                command::Attributes::ScheduleNexusOperationCommandAttributes(
+                    ScheduleNexusOperationCommandAttributes {
+                        endpoint: endpoint.into(),
+                        service: "temporal.api.workflowservice.v1.WorkflowService".into(),
+                        operation: "SignalWithStartWorkflowExecution".into(),
+                        input: Some(input),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        };
+        let message = completed(vec![
+            schedule("__temporal_system", envelope("beta", true)),
+            schedule("__temporal_system", envelope("", true)),
+            schedule("__temporal_system", envelope("alpha", true)),
+            // Not the system endpoint: the input is the caller's, nothing to read.
+            schedule("my-endpoint", envelope("gamma", true)),
+        ]);
+        assert_eq!(
+            read_targets(index(), COMPLETED, &message, "alpha").unwrap(),
+            [target("SignalWithStartWorkflowExecution", "beta", true)]
+        );
+        let standalone = StartNexusOperationExecutionRequest {
+            namespace: "alpha".into(),
+            endpoint: "__temporal_system".into(),
+            service: "temporal.api.workflowservice.v1.WorkflowService".into(),
+            operation: "SignalWithStartWorkflowExecution".into(),
+            input: Some(envelope("beta", true)),
+            ..Default::default()
+        };
+        assert_eq!(
+            read_targets(
+                index(),
+                "temporal.api.workflowservice.v1.StartNexusOperationExecutionRequest",
+                &standalone.encode_to_vec(),
+                "alpha"
+            )
+            .unwrap(),
+            [target("SignalWithStartWorkflowExecution", "beta", true)]
+        );
+        // What cannot be read is refused here already (also with encryption off).
+        let unreadable = completed(vec![schedule("__temporal_system", envelope("beta", false))]);
+        assert!(matches!(
+            read_targets(index(), COMPLETED, &unreadable, "alpha"),
+            Err(TargetError::SystemNexus(_))
+        ));
+        let mut unknown = schedule("__temporal_system", envelope("beta", true));
+        if let Some(command::Attributes::ScheduleNexusOperationCommandAttributes(a)) =
+            &mut unknown.attributes
+        {
+            a.operation = "WaitExternalWorkflowCompletion".into();
+        }
+        assert!(matches!(
+            read_targets(index(), COMPLETED, &completed(vec![unknown]), "alpha"),
+            Err(TargetError::SystemNexus(_))
+        ));
+        assert_eq!(SYSTEM_NEXUS_ACTIONS.len(), SYSTEM_OPERATIONS.len());
+        for (action, operation) in SYSTEM_NEXUS_ACTIONS.iter().zip(SYSTEM_OPERATIONS) {
+            assert_eq!(action.message, operation.request);
+            assert_eq!(action.command, operation.operation);
+        }
     }
 
     #[test]

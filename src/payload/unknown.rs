@@ -5,10 +5,13 @@
 //! A namespace that must never see plaintext checks its requests with this first, and refuses
 //! what it cannot vouch for. The walk descends into every message-typed field (map entries
 //! included) and into `google.protobuf.Any` values whose type the schema knows; an `Any` of an
-//! unknown type counts as unknown. It reads without allocating (except for the path it reports).
+//! unknown type counts as unknown. The request inside a system Nexus envelope (see
+//! [`super::system_nexus`]) is checked as its type: the walker seals what it finds there too.
+//! It reads without allocating (except for the path it reports).
 
 use prost_reflect::{Kind, MessageDescriptor};
 
+use super::system_nexus::{self as system, NexusFields, NEXUS_OPERATION_MESSAGES};
 use super::walker::DEFAULT_MAX_DEPTH;
 use super::wire::{self, WireError, WireType};
 use crate::schema::Schema;
@@ -88,6 +91,9 @@ fn check(
             check(&child, field.value, depth + 1, &mut child_path)?;
         }
     }
+    if NEXUS_OPERATION_MESSAGES.contains(&descriptor.full_name()) {
+        check_system_envelope(descriptor, buf, depth, path)?;
+    }
     if is_any && any_value.is_some_and(|v| !v.is_empty()) {
         let url = any_type.unwrap_or_default();
         let inner =
@@ -105,6 +111,54 @@ fn check(
             depth + 1,
             &mut inner_path,
         )?;
+    }
+    Ok(())
+}
+
+/// A Nexus operation at the system endpoint: the request inside its input envelope.
+fn check_system_envelope(
+    descriptor: &MessageDescriptor,
+    buf: &[u8],
+    depth: usize,
+    path: &mut dyn FnMut() -> String,
+) -> Result<(), UnknownField> {
+    let number = |name: &str| descriptor.get_field_by_name(name).map(|f| f.number());
+    let Some(fields) = (|| {
+        Some(NexusFields {
+            endpoint: number("endpoint")?,
+            service: number("service")?,
+            operation: number("operation")?,
+            input: number("input")?,
+        })
+    })() else {
+        return Ok(());
+    };
+    let malformed = |path: &mut dyn FnMut() -> String, reason: String| UnknownField::Malformed {
+        path: path(),
+        reason,
+    };
+    let operation = match system::system_operation(fields, buf) {
+        Ok(Some(operation)) => operation,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(malformed(path, e.to_string())),
+    };
+    let Some(request) = Schema::global().message(operation.request) else {
+        return Err(UnknownField::AnyType {
+            path: path(),
+            type_url: operation.request.to_string(),
+        });
+    };
+    for field in wire::fields(buf) {
+        let field = field.map_err(|e| malformed(path, e.to_string()))?;
+        if field.number != fields.input {
+            continue;
+        }
+        let data = system::envelope_data(field.value, operation)
+            .map_err(|e| malformed(path, e.to_string()))?;
+        for data in data {
+            let mut inner_path = || format!("{}.input.data<{}>", path(), request.full_name());
+            check(&request, data.value, depth + 1, &mut inner_path)?;
+        }
     }
     Ok(())
 }
@@ -170,6 +224,51 @@ mod tests {
             ensure_known(START, &[0x0a, 0x09, b'x']),
             Err(UnknownField::Malformed { .. })
         ));
+    }
+
+    /// The request inside a system Nexus envelope is checked too.
+    #[test]
+    fn system_nexus_envelopes_are_checked_inside() {
+        use temporalio_protos::temporal::api::workflowservice::v1::{
+            SignalWithStartWorkflowExecutionRequest, StartNexusOperationExecutionRequest,
+        };
+        const REQUEST: &str = "temporal.api.workflowservice.v1.StartNexusOperationExecutionRequest";
+        let request = |inner: Vec<u8>| {
+            StartNexusOperationExecutionRequest {
+                namespace: "ns".into(),
+                endpoint: "__temporal_system".into(),
+                service: "temporal.api.workflowservice.v1.WorkflowService".into(),
+                operation: "SignalWithStartWorkflowExecution".into(),
+                input: Some(Payload {
+                    metadata: [
+                        ("encoding".to_string(), b"binary/protobuf".to_vec()),
+                        (
+                            "messageType".to_string(),
+                            b"temporal.api.workflowservice.v1.SignalWithStartWorkflowExecutionRequest".to_vec(),
+                        ),
+                        ("__temporal_system_payload".to_string(), b"true".to_vec()),
+                    ]
+                    .into(),
+                    data: inner,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let inner = SignalWithStartWorkflowExecutionRequest {
+            namespace: "ns".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(ensure_known(REQUEST, &request(inner.clone())), Ok(()));
+        let mut hidden = inner;
+        wire::put_len_field(&mut hidden, 700, b"plaintext");
+        let err = ensure_known(REQUEST, &request(hidden)).unwrap_err();
+        assert!(
+            matches!(&err, UnknownField::Field { number: 700, path } if path.contains(".input.data<")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -20,11 +20,17 @@
 //!   another encoding, or a DataBlob with data anywhere else, is refused
 //!   ([`WalkError::Unsupported`]) rather than passed on unexamined.
 //! - The system Nexus endpoint `__temporal_system`: the server itself runs the operation, so it
-//!   must read the `input` Payload, which wraps a whole `SignalWithStartWorkflowExecutionRequest`
-//!   (usually as `json/protobuf`) whose own payloads would then reach the server in plaintext.
-//!   Sealing the wrapper breaks the operation and passing it leaks, so a
-//!   `ScheduleNexusOperationCommandAttributes` or `StartNexusOperationExecutionRequest` that
-//!   targets it is refused ([`WalkError::Unsupported`]).
+//!   must read the `input` Payload, an envelope (`binary/protobuf`, marked
+//!   `__temporal_system_payload`) holding the operation's request. Where a message that starts a
+//!   Nexus operation names that endpoint, the walker leaves the envelope as it is and walks its
+//!   `data` as the request of the operation (see [`crate::payload::system_nexus`]), so only the
+//!   payloads inside are visited. In requests ([`Direction::Request`]) an operation or an input
+//!   it does not know is refused ([`WalkError::Unsupported`]); in responses such an input is an
+//!   ordinary payload.
+//! - Fixed scopes ([`FIXED_SCOPE_FIELDS`]): a Nexus endpoint's description belongs to the
+//!   cluster scope [`NEXUS_ENDPOINT_SCOPE`], reported as its namespace.
+//! - Memo values are flagged ([`PayloadContext::is_memo_value`]): the server deletes a memo key
+//!   given a nil value.
 //! - Failures: see [`FailureMode`].
 //!
 //! - Legacy Nexus failures (`temporal.api.nexus.v1.Failure`, in the deprecated `HandlerError` /
@@ -44,7 +50,8 @@ use prost_reflect::MessageDescriptor;
 use super::wire::{self, put_varint, varint_len, Field, WireError, WireType};
 pub use failure::{ENCODED_FAILURE_MESSAGE, FAILURE_MARKER_KEY, FAILURE_MARKER_VALUE};
 pub use index::{
-    BlobRule, Exclusion, PayloadField, PayloadIndex, REFUSED_MESSAGES, USER_TEXT_FIELDS,
+    BlobRule, Exclusion, PayloadField, PayloadIndex, FIXED_SCOPE_FIELDS, NEXUS_ENDPOINT_SCOPE,
+    REFUSED_MESSAGES, RESERVED_SCOPE_PREFIX, USER_TEXT_FIELDS,
 };
 use index::{FieldTarget, MessageId, MessageKind, MessagePlan};
 
@@ -56,8 +63,8 @@ pub const DEFAULT_MAX_DEPTH: usize = 100;
 /// bookkeeping (one edit per payload) stays a few MB.
 pub const DEFAULT_MAX_PAYLOADS: usize = 100_000;
 
-/// The reserved name of the system Nexus endpoint, served by the Temporal server itself.
-pub const SYSTEM_NEXUS_ENDPOINT: &str = "__temporal_system";
+pub use super::system_nexus::SYSTEM_NEXUS_ENDPOINT;
+use super::system_nexus::{self as system, SystemNexusError, SYSTEM_OPERATIONS};
 
 /// What to do with `temporal.api.failure.v1.Failure` `message` and `stack_trace`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,11 +85,22 @@ pub enum FailureMode {
     Decode,
 }
 
+/// Which way a message travels: what the walker refuses depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    /// To the upstream: what cannot be sealed safely is refused.
+    Request,
+    /// From the upstream: what the walker does not recognise is an ordinary payload.
+    #[default]
+    Response,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WalkOptions {
     pub failures: FailureMode,
     pub max_depth: usize,
     pub limits: WalkLimits,
+    pub direction: Direction,
 }
 
 /// Bounds on what one walk may build, checked while walking, so a small hostile message
@@ -111,6 +129,7 @@ impl Default for WalkOptions {
             failures: FailureMode::Keep,
             max_depth: DEFAULT_MAX_DEPTH,
             limits: WalkLimits::default(),
+            direction: Direction::Response,
         }
     }
 }
@@ -125,6 +144,12 @@ impl WalkOptions {
 
     pub fn limited(mut self, limits: WalkLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// For a request on its way upstream.
+    pub fn request(mut self) -> Self {
+        self.direction = Direction::Request;
         self
     }
 }
@@ -235,6 +260,8 @@ enum Segment<'a> {
     AnyValue(&'a str),
     /// The `data` of a raw-history DataBlob.
     BlobData,
+    /// The `data` of a system Nexus envelope, with the request type it was walked as.
+    EnvelopeData(&'a str),
 }
 
 /// One step of the path from the root message to the current position, kept on the stack
@@ -248,6 +275,8 @@ struct PathNode<'a> {
     /// The namespace the payloads below belong to, when a message on the path names one
     /// (see [`PayloadContext::namespace`]); inherited from the parent otherwise.
     namespace: Option<&'a str>,
+    /// This is the value of a memo entry.
+    memo_value: bool,
 }
 
 impl<'a> PathNode<'a> {
@@ -261,6 +290,7 @@ impl<'a> PathNode<'a> {
             segment,
             failure_attributes: false,
             namespace: parent.and_then(|p| p.namespace),
+            memo_value: false,
         }
     }
 }
@@ -280,6 +310,7 @@ impl fmt::Display for Path<'_> {
                 Segment::Field(name) => write!(f, ".{name}"),
                 Segment::AnyValue(name) => write!(f, "<{name}>"),
                 Segment::BlobData => write!(f, ".data<History>"),
+                Segment::EnvelopeData(name) => write!(f, ".data<{name}>"),
             }
         }
         f.write_str(self.root)?;
@@ -327,6 +358,13 @@ impl PayloadContext<'_> {
     /// `namespace` is never reported (it is the call's).
     pub fn namespace(&self) -> Option<&str> {
         self.path.node.and_then(|n| n.namespace)
+    }
+
+    /// True when the payload is the value of a memo entry (`temporal.api.common.v1.Memo.fields`),
+    /// where the server gives a nil value a meaning: it deletes the key (and drops it from a
+    /// new workflow's memo).
+    pub fn is_memo_value(&self) -> bool {
+        self.path.node.is_some_and(|n| n.memo_value)
     }
 
     /// True when the payload is the `encoded_attributes` of a `temporal.api.failure.v1.Failure`
@@ -755,7 +793,6 @@ impl<'a> Walk<'a> {
                 self.walk_failure(plan, base, buf, depth, node)
             }
             MessageKind::Failure | MessageKind::Plain => {
-                self.check_system_nexus(plan, buf, node)?;
                 self.walk_fields(plan, base, buf, depth, node, &mut [])
             }
         }
@@ -773,6 +810,15 @@ impl<'a> Walk<'a> {
             FieldTarget::Message(id) => self.walk_message(id, base, buf, depth, node),
             // Text fields are handled where they are found (walk_fields).
             FieldTarget::Text => Ok(0),
+            FieldTarget::SystemEnvelope(operation) => {
+                if depth > self.options.max_depth {
+                    return Err(WalkError::TooDeep {
+                        path: self.path(node),
+                        limit: self.options.max_depth,
+                    });
+                }
+                self.walk_system_envelope(operation, base, buf, depth, node)
+            }
             FieldTarget::Blob(rule) => {
                 if depth > self.options.max_depth {
                     return Err(WalkError::TooDeep {
@@ -868,6 +914,12 @@ impl<'a> Walk<'a> {
                 .or(node.and_then(|n| n.namespace)),
             _ => node.and_then(|n| n.namespace),
         };
+        let system_input = match plan.nexus {
+            Some(fields) => self
+                .system_operation(fields, buf, node)?
+                .map(|operation| (fields.input, operation)),
+            None => None,
+        };
         let mut delta = 0isize;
         for field in wire::fields(buf) {
             let field = field.map_err(|e| self.malformed(node, e))?;
@@ -897,7 +949,8 @@ impl<'a> Walk<'a> {
                 continue;
             };
             let mut child = PathNode::field(node, &fp.name);
-            child.namespace = namespace;
+            child.namespace = fp.scope.or(namespace);
+            child.memo_value = fp.memo_value;
             child.failure_attributes = plan.kind == MessageKind::Failure
                 && self
                     .index
@@ -915,7 +968,13 @@ impl<'a> Walk<'a> {
                 delta += self.visit_text(base, &field, &child)?;
                 continue;
             }
-            delta += self.descend(fp.target, base, &field, depth, &child)?;
+            let target = match system_input {
+                Some((input, operation)) if input == field.number => {
+                    FieldTarget::SystemEnvelope(operation)
+                }
+                _ => fp.target,
+            };
+            delta += self.descend(target, base, &field, depth, &child)?;
         }
         if !overrides.is_empty() {
             delta += self.insert_pending(base + buf.len(), u32::MAX, overrides);
@@ -1076,27 +1135,65 @@ impl<'a> Walk<'a> {
         Ok(delta)
     }
 
-    /// Refuses a Nexus operation addressed to the system endpoint (see the module comment).
-    fn check_system_nexus(
+    /// For a message that starts a Nexus operation: the position in `SYSTEM_OPERATIONS` of the
+    /// system operation it asks for, `None` when it is not addressed to the system endpoint.
+    /// An operation portcullis does not know is refused in requests; in responses its input is
+    /// an ordinary payload.
+    fn system_operation(
         &self,
-        plan: &MessagePlan,
+        fields: system::NexusFields,
         buf: &[u8],
         node: Option<&PathNode<'_>>,
-    ) -> Result<(), WalkError> {
-        let Some(number) = plan.endpoint_field else {
-            return Ok(());
-        };
-        let endpoint = wire::validate_and_find_string(buf, Some(number))
-            .map_err(|e| self.malformed(node, e))?;
-        if endpoint == Some(SYSTEM_NEXUS_ENDPOINT) {
-            return Err(self.unsupported(
-                node,
-                format!(
-                    "the system Nexus endpoint {SYSTEM_NEXUS_ENDPOINT} must read its input, \
-                     which would expose the payloads it wraps"
-                ),
-            ));
+    ) -> Result<Option<usize>, WalkError> {
+        match system::system_operation(fields, buf) {
+            Ok(None) => Ok(None),
+            Ok(Some(operation)) => Ok(SYSTEM_OPERATIONS.iter().position(|o| o == operation)),
+            Err(SystemNexusError::Malformed(e)) => Err(self.malformed(node, e)),
+            Err(e) if self.options.direction == Direction::Request => {
+                Err(self.unsupported(node, e.to_string()))
+            }
+            Err(_) => Ok(None),
         }
-        Ok(())
+    }
+
+    /// The `input` of a system Nexus operation: the envelope stays as it is, its `data` is
+    /// walked as the operation's request (see the module comment).
+    fn walk_system_envelope(
+        &mut self,
+        operation: usize,
+        base: usize,
+        buf: &[u8],
+        depth: usize,
+        node: Option<&PathNode<'_>>,
+    ) -> Result<isize, WalkError> {
+        let index = self.index;
+        let resolved = SYSTEM_OPERATIONS
+            .get(operation)
+            .zip(index.system_requests.get(operation).copied().flatten());
+        let Some((operation, request)) = resolved else {
+            return Err(WalkError::Internal(
+                "a system operation the index did not resolve",
+            ));
+        };
+        let data = match system::envelope_data(buf, operation) {
+            Ok(data) => data,
+            Err(SystemNexusError::Malformed(e)) => return Err(self.malformed(node, e)),
+            Err(e) if self.options.direction == Direction::Request => {
+                return Err(self.unsupported(node, e.to_string()))
+            }
+            Err(_) => {
+                // A response: not an envelope after all, so an ordinary payload.
+                let payload = index
+                    .payload
+                    .ok_or(WalkError::Internal("no Payload in the index"))?;
+                return self.walk_message(payload, base, buf, depth, node);
+            }
+        };
+        let child = PathNode::child(node, Segment::EnvelopeData(operation.request));
+        let mut delta = 0;
+        for field in data {
+            delta += self.descend(FieldTarget::Message(request), base, &field, depth, &child)?;
+        }
+        Ok(delta)
     }
 }

@@ -26,7 +26,10 @@ use crate::error::ProxyError;
 use crate::grpc::headers::{percent_decode, percent_encode};
 use crate::payload::targets::CommandTarget;
 use crate::payload::unknown;
-use crate::payload::walker::{self, FailureMode, PayloadIndex, WalkError, WalkLimits};
+use crate::payload::walker::{
+    self, FailureMode, PayloadIndex, WalkError, WalkLimits, NEXUS_ENDPOINT_SCOPE,
+    RESERVED_SCOPE_PREFIX,
+};
 use crate::payload::wire;
 
 const STATUS_DETAILS: &str = "grpc-status-details-bin";
@@ -123,6 +126,9 @@ pub struct Encryption {
     /// Manager per configured key name.
     by_key: HashMap<String, Arc<DataKeyManager>>,
     default_manager: Option<Arc<DataKeyManager>>,
+    /// `[encryption] cluster_key` (else the default key): seals cluster-wide payloads, Nexus
+    /// endpoint descriptions ([`NEXUS_ENDPOINT_SCOPE`]).
+    cluster_manager: Option<Arc<DataKeyManager>>,
     /// `[encryption] encrypted_only`: the response rule of namespaces not listed.
     default_encrypted_only: bool,
     encode_failures: bool,
@@ -288,6 +294,10 @@ impl Encryption {
                 .ok_or_else(|| EncryptionSetupError::Invalid(format!("unknown key {key:?}")))
         };
         let default_manager = config.default_key.as_deref().map(lookup).transpose()?;
+        let cluster_manager = match config.cluster_key.as_deref() {
+            Some(key) => Some(lookup(key)?),
+            None => default_manager.clone(),
+        };
         let managers = namespace_managers(&by_key, default_manager.as_ref(), namespace_keys)?;
         if needs_default && default_manager.is_none() {
             return Err(EncryptionSetupError::Invalid(
@@ -299,6 +309,7 @@ impl Encryption {
             managers: RwLock::new(Arc::new(managers)),
             by_key,
             default_manager,
+            cluster_manager,
             default_encrypted_only: config.encrypted_only,
             encode_failures: config.encode_failure_attributes,
             on_open_failure: config.on_open_failure,
@@ -360,7 +371,18 @@ impl Encryption {
         }
     }
 
+    /// The data key manager of a namespace, or of a fixed scope (Nexus endpoint descriptions).
     fn manager(&self, namespace: &str) -> Result<Arc<DataKeyManager>, ProxyError> {
+        if namespace.starts_with(RESERVED_SCOPE_PREFIX) {
+            return match namespace {
+                NEXUS_ENDPOINT_SCOPE => self.cluster_manager.clone().ok_or_else(|| {
+                    ProxyError::Encryption(
+                        "Nexus endpoint descriptions are sealed under encryption.cluster_key (or default_key), and neither is set".into(),
+                    )
+                }),
+                _ => Err(ProxyError::UnknownNamespace(namespace.to_string())),
+            };
+        }
         let managers = match self.managers.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -371,6 +393,21 @@ impl Encryption {
             .or(self.default_manager.as_ref())
             .cloned()
             .ok_or_else(|| ProxyError::UnknownNamespace(namespace.to_string()))
+    }
+
+    /// Whether `namespace` is one of the configured `[[namespaces]]`.
+    pub fn is_configured(&self, namespace: &str) -> bool {
+        let managers = match self.managers.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        managers.contains_key(namespace)
+    }
+
+    /// Whether a key seals the payloads of `scope` (a fixed scope such as
+    /// [`NEXUS_ENDPOINT_SCOPE`], or a namespace).
+    pub fn has_key(&self, scope: &str) -> bool {
+        self.manager(scope).is_ok()
     }
 
     /// Whether every payload of `namespace`'s responses must be sealed by portcullis.
@@ -566,7 +603,15 @@ impl Encryption {
         let mut keys = Vec::new();
         let groups = std::iter::once((namespace, plan.refs())).chain(plan.foreign());
         for (scope, refs) in groups {
-            let resolved = match self.manager(scope) {
+            // A fixed scope's payloads open only where the walker puts them in that scope, in
+            // a call of that scope (a history naming one as a child's namespace does not).
+            let misplaced = scope != namespace && scope.starts_with(RESERVED_SCOPE_PREFIX);
+            let manager = if misplaced {
+                Err(ProxyError::UnknownNamespace(scope.to_string()))
+            } else {
+                self.manager(scope)
+            };
+            let resolved = match manager {
                 Ok(manager) => manager.opening_keys(scope, refs.iter().cloned()).await,
                 Err(_) => Err(CryptoError::CannotOpen {
                     key_id: refs
@@ -803,51 +848,190 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: GrpcRequest) -> CallFuture {
+    fn call(&mut self, request: GrpcRequest) -> CallFuture {
         let encryption = self.encryption.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
             let method = request.method;
-            let input = method.input.full_name();
-            let output = method.output.full_name();
+            let (input, output) = (method.input.full_name(), method.output.full_name());
             let Some(namespace) = request.namespace.clone() else {
-                // Cluster-scoped calls carry no namespace to seal under: refuse any that could
-                // carry payloads rather than forward them in plaintext.
-                let index = encryption.index;
-                if index.reaches(input) != Some(false) || index.reaches(output) != Some(false) {
-                    return Err(ProxyError::Encryption(format!(
+                // Cluster-scoped calls carry no namespace to seal under. Those whose payloads
+                // all belong to a fixed scope (the Nexus endpoint methods: descriptions) are
+                // sealed and opened under its key; any other that could carry payloads is
+                // refused rather than forwarded in plaintext.
+                let scope = cluster_scope(encryption.index, input, output).ok_or_else(|| {
+                    ProxyError::Encryption(format!(
                         "{} is cluster-scoped but can carry payloads",
                         method.path
-                    )));
-                }
-                return inner.oneshot(request).await;
+                    ))
+                })?;
+                return match scope {
+                    None => inner.oneshot(request).await,
+                    Some(scope)
+                        if !encryption.has_key(scope)
+                            && !holds_payloads(encryption.index, input, &request.message) =>
+                    {
+                        // No key for the scope, and nothing to seal: an endpoint without a
+                        // description. An answer holding one still needs the key.
+                        let response = inner.oneshot(request).await?;
+                        seal_and_open_response(&encryption, scope, output, response).await
+                    }
+                    Some(scope) => sealed_call(&encryption, inner, request, scope).await,
+                };
             };
-            if let Some(sealed) = encryption
-                .seal(&namespace, &request.targets, input, &request.message)
-                .await?
-            {
-                request.message = sealed;
-            }
-            let mut response = inner.oneshot(request).await?;
-            if let Some(message) = &response.message {
-                let opened = encryption.open(&namespace, output, message).await?;
-                if let Some(opened) = opened.message {
-                    response.message = Some(Bytes::from(opened));
-                }
-                response.foreign_namespaces = opened.foreign;
-            }
-            for headers in [&mut response.headers, &mut response.trailers] {
-                let foreign = encryption.open_details(&namespace, headers).await?;
-                response.foreign_namespaces.extend(foreign);
-            }
-            Ok(response)
+            sealed_call(&encryption, inner, request, &namespace).await
         })
     }
+}
+
+/// Seals the request's payloads under `namespace`'s keys (and its command targets' keys),
+/// forwards it, and opens the answer.
+async fn sealed_call<S>(
+    encryption: &Encryption,
+    inner: S,
+    mut request: GrpcRequest,
+    namespace: &str,
+) -> Result<GrpcResponse, ProxyError>
+where
+    S: Service<GrpcRequest, Response = GrpcResponse, Error = ProxyError, Future = CallFuture>,
+{
+    let method = request.method;
+    if let Some(sealed) = encryption
+        .seal(
+            namespace,
+            &request.targets,
+            method.input.full_name(),
+            &request.message,
+        )
+        .await?
+    {
+        request.message = sealed;
+    }
+    let response = inner.oneshot(request).await?;
+    seal_and_open_response(encryption, namespace, method.output.full_name(), response).await
+}
+
+/// Opens an answer's payloads, error details and sealed texts.
+async fn seal_and_open_response(
+    encryption: &Encryption,
+    namespace: &str,
+    output: &'static str,
+    mut response: GrpcResponse,
+) -> Result<GrpcResponse, ProxyError> {
+    if let Some(message) = &response.message {
+        let opened = encryption.open(namespace, output, message).await?;
+        if let Some(opened) = opened.message {
+            response.message = Some(Bytes::from(opened));
+        }
+        response.foreign_namespaces = opened.foreign;
+    }
+    for headers in [&mut response.headers, &mut response.trailers] {
+        let foreign = encryption.open_details(namespace, headers).await?;
+        response.foreign_namespaces.extend(foreign);
+    }
+    Ok(response)
+}
+
+/// The fixed scope of a cluster-scoped call's payloads: `Some(None)` when neither its request
+/// nor its answer can hold a payload, `Some(Some(scope))` when every payload either can hold
+/// belongs to one fixed scope, `None` otherwise (the call cannot be sealed).
+fn cluster_scope(index: &PayloadIndex, input: &str, output: &str) -> Option<Option<&'static str>> {
+    let mut scope = None;
+    for message in [input, output] {
+        if index.reaches(message) == Some(false) {
+            continue;
+        }
+        match (index.fixed_scope(message), scope) {
+            (Some(found), None) => scope = Some(found),
+            (Some(found), Some(known)) if found == known => {}
+            _ => return None,
+        }
+    }
+    Some(scope)
+}
+
+/// Whether `message` (a serialized `message_type`) holds any payload. Malformed: it might.
+fn holds_payloads(index: &PayloadIndex, message_type: &str, message: &[u8]) -> bool {
+    let mut found = false;
+    let mut visitor = |_: &walker::PayloadContext<'_>, _: &[u8]| {
+        found = true;
+        Ok(None)
+    };
+    let walked = walker::rewrite_named(
+        index,
+        message_type,
+        message,
+        &mut visitor,
+        &walker::WalkOptions::default().request(),
+    );
+    found || walked.is_err()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cluster-scoped calls: the Nexus endpoint methods seal under the endpoint scope, those
+    /// without payloads pass, anything else that could hold a payload has no scope (refused).
+    #[test]
+    fn cluster_calls_are_sealed_only_under_a_fixed_scope() {
+        let index = PayloadIndex::global();
+        let schema = crate::schema::Schema::global();
+        let mut cluster_with_payloads = Vec::new();
+        for method in schema.methods() {
+            if method.scope != crate::schema::Scope::Cluster {
+                continue;
+            }
+            let (input, output) = (method.input.full_name(), method.output.full_name());
+            match cluster_scope(index, input, output) {
+                Some(Some(scope)) => {
+                    assert_eq!(scope, NEXUS_ENDPOINT_SCOPE, "{}", method.path);
+                    cluster_with_payloads.push(method.name.as_str());
+                }
+                Some(None) => {}
+                None => panic!(
+                    "{} is cluster-scoped with payloads of no fixed scope",
+                    method.path
+                ),
+            }
+        }
+        cluster_with_payloads.sort_unstable();
+        assert_eq!(
+            cluster_with_payloads,
+            [
+                "CreateNexusEndpoint",
+                "GetNexusEndpoint",
+                "ListNexusEndpoints",
+                "UpdateNexusEndpoint"
+            ]
+        );
+        assert_eq!(
+            cluster_scope(
+                index,
+                "temporal.api.workflowservice.v1.StartWorkflowExecutionRequest",
+                "temporal.api.operatorservice.v1.GetNexusEndpointResponse"
+            ),
+            None
+        );
+        // A request without a description holds nothing to seal.
+        use prost::Message as _;
+        use temporalio_protos::temporal::api::nexus::v1::EndpointSpec;
+        use temporalio_protos::temporal::api::operatorservice::v1::CreateNexusEndpointRequest;
+        const CREATE: &str = "temporal.api.operatorservice.v1.CreateNexusEndpointRequest";
+        let bare = CreateNexusEndpointRequest {
+            spec: Some(EndpointSpec {
+                name: "e".into(),
+                ..Default::default()
+            }),
+        };
+        assert!(!holds_payloads(index, CREATE, &bare.encode_to_vec()));
+        let mut described = bare.clone();
+        if let Some(spec) = described.spec.as_mut() {
+            spec.description = Some(Default::default());
+        }
+        assert!(holds_payloads(index, CREATE, &described.encode_to_vec()));
+        assert!(holds_payloads(index, CREATE, b"\x0a\x09"));
+    }
 
     #[tokio::test]
     async fn large_messages_wait_for_room_and_give_up_with_resource_exhausted() {

@@ -12,6 +12,7 @@ use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::error::ProxyError;
 use crate::grpc::headers::TEMPORAL_NAMESPACE;
 use crate::payload::targets::{read_targets, TargetError, TargetIndex};
+use crate::payload::walker::RESERVED_SCOPE_PREFIX;
 use crate::payload::wire;
 use crate::schema::Scope;
 
@@ -65,6 +66,11 @@ pub fn resolve_namespace(mut request: GrpcRequest) -> Result<GrpcRequest, ProxyE
         .filter(|ns| !ns.is_empty())
         .ok_or_else(|| ProxyError::MissingNamespace(method.path.clone()))?
         .to_string();
+    // A scope that is not a namespace (Nexus endpoint descriptions) is never one a call may
+    // name: its key would seal and open what belongs to the scope.
+    if namespace.starts_with(RESERVED_SCOPE_PREFIX) {
+        return Err(ProxyError::UnknownNamespace(namespace));
+    }
     match request.headers.get(TEMPORAL_NAMESPACE) {
         Some(header) if header.as_bytes() != namespace.as_bytes() => {
             return Err(ProxyError::NamespaceMismatch {
@@ -98,11 +104,22 @@ pub fn resolve_namespace(mut request: GrpcRequest) -> Result<GrpcRequest, ProxyE
             namespace,
             expected,
         },
+        TargetError::SystemNexus(e) => ProxyError::SystemNexus(e.to_string()),
         other => ProxyError::MalformedMessage {
             message: method.input.full_name().to_string(),
             reason: other.to_string(),
         },
     })?;
+    if let Some(target) = request
+        .targets
+        .iter()
+        .find(|t| t.namespace.starts_with(RESERVED_SCOPE_PREFIX))
+    {
+        return Err(ProxyError::UnknownCommandTarget {
+            command: target.command,
+            namespace: target.namespace.clone(),
+        });
+    }
     request.namespace = Some(namespace);
     Ok(request)
 }

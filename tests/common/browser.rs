@@ -24,6 +24,8 @@ pub struct PageRequest<'a> {
     pub expect: Option<&'a str>,
     /// Wait until this text is on the page before judging.
     pub wait_for: Option<&'a str>,
+    /// Then click the first element showing exactly this text (navigating inside the app).
+    pub click: Option<&'a str>,
     /// Record responses whose URL starts with this (the codec server).
     pub codec: Option<&'a str>,
     /// Sent with every request the page makes (e.g. a bearer token).
@@ -54,6 +56,7 @@ pub async fn open_page(request: &PageRequest<'_>) -> Value {
     for (flag, value) in [
         ("--expect", request.expect),
         ("--wait-for", request.wait_for),
+        ("--click", request.click),
         ("--codec", request.codec),
         ("--authorization", request.authorization),
     ] {

@@ -22,6 +22,7 @@ use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
+use crate::payload::system_nexus::{NexusFields, NEXUS_OPERATION_MESSAGES, SYSTEM_OPERATIONS};
 use crate::schema::Schema;
 
 pub(crate) const PAYLOAD: &str = "temporal.api.common.v1.Payload";
@@ -33,21 +34,25 @@ const SEARCH_ATTRIBUTES: &str = "temporal.api.common.v1.SearchAttributes";
 const ENCODING_TYPE: &str = "temporal.api.enums.v1.EncodingType";
 const ENCODING_TYPE_PROTO3: &str = "ENCODING_TYPE_PROTO3";
 
-/// DataBlob fields that hold serialized `temporal.api.history.v1.History` (the proto comment of
-/// `GetWorkflowExecutionHistoryResponse.raw_history` says so). Every other DataBlob field is
-/// refused when it carries data: the walker cannot know what is inside.
-/// Messages that name a Nexus endpoint next to a Payload input, and that field: when it is the
-/// system endpoint, the walker refuses (see `SYSTEM_NEXUS_ENDPOINT` in the walker).
-const NEXUS_ENDPOINT_FIELDS: &[(&str, &str)] = &[
-    (
-        "temporal.api.command.v1.ScheduleNexusOperationCommandAttributes",
-        "endpoint",
-    ),
-    (
-        "temporal.api.workflowservice.v1.StartNexusOperationExecutionRequest",
-        "endpoint",
-    ),
-];
+/// Fields whose payloads belong to a fixed scope rather than to a namespace: Nexus endpoint
+/// descriptions (cluster-wide resources, managed by cluster admins) are sealed under the key
+/// of the cluster scope [`NEXUS_ENDPOINT_SCOPE`] (see the proxy's encryption stage). The walker
+/// reports the scope as the payload's namespace ([`super::PayloadContext::namespace`]).
+pub const FIXED_SCOPE_FIELDS: &[(&str, &str)] = &[(
+    "temporal.api.nexus.v1.EndpointSpec.description",
+    NEXUS_ENDPOINT_SCOPE,
+)];
+
+/// Scopes that are not namespaces start with this: no namespace name can (Temporal's names and
+/// the proxy's configured ones are refused with it), so their keys never seal a namespace's
+/// payloads.
+pub const RESERVED_SCOPE_PREFIX: &str = "portcullis:";
+
+/// The scope of Nexus endpoint descriptions.
+pub const NEXUS_ENDPOINT_SCOPE: &str = "portcullis:nexus-endpoints";
+
+/// The map entry whose values are memo values (see [`super::PayloadContext::is_memo_value`]).
+const MEMO_ENTRY: &str = "temporal.api.common.v1.Memo.FieldsEntry";
 
 /// Messages that carry user data in fields the walker cannot seal, and why. A request that
 /// holds one with any content is refused ([`super::WalkError::Unsupported`]): fail closed.
@@ -106,6 +111,10 @@ pub(crate) enum FieldTarget {
     Blob(BlobRule),
     /// A string of [`USER_TEXT_FIELDS`].
     Text,
+    /// Chosen at walk time, never in a plan: the `input` of a Nexus operation addressed to the
+    /// system endpoint, an envelope of the request of `SYSTEM_OPERATIONS[i]` (see
+    /// [`crate::payload::system_nexus`]).
+    SystemEnvelope(usize),
 }
 
 #[derive(Debug)]
@@ -116,6 +125,10 @@ pub(crate) struct FieldPlan {
     pub(crate) target: FieldTarget,
     /// Full name of the field's message type.
     pub(crate) type_name: Box<str>,
+    /// The fixed scope its payloads belong to ([`FIXED_SCOPE_FIELDS`]).
+    pub(crate) scope: Option<&'static str>,
+    /// The value of a memo entry (a Payload).
+    pub(crate) memo_value: bool,
 }
 
 #[derive(Debug)]
@@ -129,8 +142,12 @@ pub(crate) struct MessagePlan {
     /// number is above [`DENSE_LIMIT`] (then `fields` is searched). The walker asks this for
     /// every field of every message it descends into, so it is a plain index, not a search.
     slots: Box<[u16]>,
-    /// The string field naming a Nexus endpoint, for messages that start a Nexus operation.
-    pub(crate) endpoint_field: Option<u32>,
+    /// For messages that start a Nexus operation: the fields naming its endpoint, service and
+    /// operation, and its input.
+    pub(crate) nexus: Option<NexusFields>,
+    /// Every payload below this message belongs to this fixed scope (none reaches a payload
+    /// any other way).
+    pub(crate) fixed_scope: Option<&'static str>,
     /// Its `namespace` string field, for a message that reaches payloads and names the
     /// namespace they belong to (a command or event aimed at another namespace, a nested
     /// request): see [`PayloadIndex::namespace_scopes`].
@@ -205,6 +222,10 @@ pub struct PayloadField<'a> {
 pub struct PayloadIndex {
     pub(crate) plans: Vec<MessagePlan>,
     by_name: HashMap<Box<str>, MessageId>,
+    /// `temporal.api.common.v1.Payload`.
+    pub(crate) payload: Option<MessageId>,
+    /// The request type of each of `SYSTEM_OPERATIONS`, in order.
+    pub(crate) system_requests: Vec<Option<MessageId>>,
     pub(crate) failure: Option<FailureFields>,
     pub(crate) history: Option<MessageId>,
     /// Numeric value of `ENCODING_TYPE_PROTO3`.
@@ -250,6 +271,34 @@ fn exclusion(message: &MessageDescriptor, field: &FieldDescriptor) -> Option<&'s
         .iter()
         .find(|(name, _)| *name == field.full_name())
         .map(|(_, reason)| *reason)
+}
+
+/// Marks every message that reaches a `true` of `reaches` through fields `follow` accepts.
+fn fixpoint(
+    mut reaches: Vec<bool>,
+    edges: &[Vec<(FieldDescriptor, MessageId)>],
+    follow: impl Fn(&FieldDescriptor) -> bool,
+) -> Vec<bool> {
+    loop {
+        let mut changed = false;
+        for (i, fields) in edges.iter().enumerate() {
+            if reaches.get(i).copied().unwrap_or(true) {
+                continue;
+            }
+            let hit = fields
+                .iter()
+                .any(|(f, t)| follow(f) && reaches.get(*t as usize).copied().unwrap_or(false));
+            if hit {
+                if let Some(r) = reaches.get_mut(i) {
+                    *r = true;
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return reaches;
+        }
+    }
 }
 
 impl PayloadIndex {
@@ -318,7 +367,7 @@ impl PayloadIndex {
             .collect();
 
         // Reachability: a fixpoint, so cycles need no special care.
-        let mut reaches: Vec<bool> = kinds
+        let base: Vec<bool> = kinds
             .iter()
             .zip(&texts)
             .map(|(k, texts)| {
@@ -331,26 +380,51 @@ impl PayloadIndex {
                 ) || !texts.is_empty()
             })
             .collect();
-        loop {
-            let mut changed = false;
-            for (i, fields) in edges.iter().enumerate() {
-                if reaches.get(i).copied().unwrap_or(true) {
-                    continue;
-                }
-                let hit = fields
+        let reaches = fixpoint(base.clone(), &edges, |_| true);
+        // The same, without passing a fixed-scope field: a message that reaches payloads only
+        // through those holds only payloads of that scope.
+        let scope_of = |field: &FieldDescriptor| {
+            FIXED_SCOPE_FIELDS
+                .iter()
+                .find(|(f, _)| *f == field.full_name())
+                .map(|(_, s)| *s)
+        };
+        let unscoped = fixpoint(base, &edges, |f| scope_of(f).is_none());
+        let mut scopes: Vec<&'static str> = FIXED_SCOPE_FIELDS.iter().map(|(_, s)| *s).collect();
+        scopes.dedup();
+        let reaches_scope: Vec<(&'static str, Vec<bool>)> = scopes
+            .into_iter()
+            .map(|scope| {
+                let holders: Vec<bool> = edges
                     .iter()
-                    .any(|(_, t)| reaches.get(*t as usize).copied().unwrap_or(false));
-                if hit {
-                    if let Some(r) = reaches.get_mut(i) {
-                        *r = true;
-                        changed = true;
-                    }
-                }
+                    .map(|fields| {
+                        fields.iter().any(|(f, t)| {
+                            scope_of(f) == Some(scope)
+                                && reaches.get(*t as usize).copied().unwrap_or(false)
+                        })
+                    })
+                    .collect();
+                (scope, fixpoint(holders, &edges, |_| true))
+            })
+            .collect();
+        let fixed_scope_of = |i: usize| -> Option<&'static str> {
+            if !reaches.get(i).copied().unwrap_or(false) || unscoped.get(i).copied().unwrap_or(true)
+            {
+                return None;
             }
-            if !changed {
-                break;
+            let mut found = reaches_scope
+                .iter()
+                .filter(|(_, r)| r.get(i).copied().unwrap_or(false))
+                .map(|(s, _)| *s);
+            match (found.next(), found.next()) {
+                (Some(scope), None) => Some(scope),
+                _ => None,
             }
-        }
+        };
+        let system_requests: Vec<Option<MessageId>> = SYSTEM_OPERATIONS
+            .iter()
+            .map(|o| by_name.get(o.request).copied())
+            .collect();
 
         let plans = messages
             .iter()
@@ -372,6 +446,9 @@ impl PayloadIndex {
                             };
                             let is_blob = &*type_name == DATA_BLOB;
                             FieldPlan {
+                                scope: scope_of(&field),
+                                memo_value: message.full_name() == MEMO_ENTRY
+                                    && field.name() == "value",
                                 number: field.number(),
                                 name: field.name().into(),
                                 target: if !is_blob {
@@ -393,13 +470,22 @@ impl PayloadIndex {
                     name: f.name().into(),
                     target: FieldTarget::Text,
                     type_name: Box::from("string"),
+                    scope: None,
+                    memo_value: false,
                 }));
                 fields.sort_by_key(|f| f.number);
-                let endpoint_field = NEXUS_ENDPOINT_FIELDS
-                    .iter()
-                    .find(|(m, _)| *m == message.full_name())
-                    .and_then(|(_, f)| message.get_field_by_name(f))
-                    .map(|f| f.number());
+                let number = |name: &str| message.get_field_by_name(name).map(|f| f.number());
+                let nexus = NEXUS_OPERATION_MESSAGES
+                    .contains(&message.full_name())
+                    .then(|| {
+                        Some(NexusFields {
+                            endpoint: number("endpoint")?,
+                            service: number("service")?,
+                            operation: number("operation")?,
+                            input: number("input")?,
+                        })
+                    })
+                    .flatten();
                 let namespace_field = message
                     .get_field_by_name("namespace")
                     .filter(|f| {
@@ -410,7 +496,8 @@ impl PayloadIndex {
                     })
                     .map(|f| f.number());
                 MessagePlan {
-                    endpoint_field,
+                    nexus,
+                    fixed_scope: fixed_scope_of(i),
                     namespace_field,
                     name: message.full_name().into(),
                     kind,
@@ -438,9 +525,12 @@ impl PayloadIndex {
             .map(|v| v.number());
         exclusions.sort_by(|a, b| a.field.cmp(&b.field));
 
+        let payload = by_name.get(PAYLOAD).copied();
         PayloadIndex {
             plans,
             by_name,
+            payload,
+            system_requests,
             failure,
             history,
             proto3_encoding,
@@ -476,12 +566,20 @@ impl PayloadIndex {
                     type_name: &f.type_name,
                     blob: match f.target {
                         FieldTarget::Blob(rule) => Some(rule),
-                        FieldTarget::Message(_) | FieldTarget::Text => None,
+                        _ => None,
                     },
                     text: f.target == FieldTarget::Text,
                 })
                 .collect(),
         )
+    }
+
+    /// The fixed scope every payload of the named message belongs to, when it holds payloads
+    /// only below fields of [`FIXED_SCOPE_FIELDS`] (of one scope). `None` otherwise.
+    pub fn fixed_scope(&self, full_name: &str) -> Option<&'static str> {
+        self.id(full_name)
+            .and_then(|id| self.plan(id))
+            .and_then(|p| p.fixed_scope)
     }
 
     /// Every field left out because the server must read it, sorted by name.
@@ -666,6 +764,8 @@ mod tests {
                 name: "f".into(),
                 target: FieldTarget::Blob(BlobRule::Refuse),
                 type_name: "t".into(),
+                scope: None,
+                memo_value: false,
             })
             .collect();
         let plan = MessagePlan {
@@ -674,7 +774,8 @@ mod tests {
             reaches: true,
             slots: slots_for(&fields),
             fields: fields.into_boxed_slice(),
-            endpoint_field: None,
+            nexus: None,
+            fixed_scope: None,
             namespace_field: None,
         };
         assert!(plan.slots.is_empty());
@@ -730,6 +831,90 @@ mod tests {
                 "temporal.api.history.v1.StartChildWorkflowExecutionInitiatedEventAttributes",
             ]
         );
+    }
+
+    /// Every message of the schema that starts a Nexus operation (an `endpoint` string and an
+    /// `input` Payload) is listed, and resolves; every system operation's request resolves.
+    #[test]
+    fn nexus_operation_messages_are_reviewed() {
+        let pool = &Schema::global().pool;
+        let mut found: Vec<&str> = Vec::new();
+        let messages: Vec<MessageDescriptor> = pool.all_messages().collect();
+        for m in &messages {
+            let endpoint = m
+                .get_field_by_name("endpoint")
+                .is_some_and(|f| matches!(f.kind(), Kind::String));
+            let input = m
+                .get_field_by_name("input")
+                .is_some_and(|f| matches!(f.kind(), Kind::Message(t) if t.full_name() == PAYLOAD));
+            if endpoint && input && !m.full_name().starts_with("coresdk.") {
+                found.push(m.full_name());
+            }
+        }
+        found.sort_unstable();
+        let mut listed = NEXUS_OPERATION_MESSAGES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(found, listed);
+        let index = PayloadIndex::global();
+        for name in NEXUS_OPERATION_MESSAGES {
+            let plan = index.plan(index.id(name).unwrap()).unwrap();
+            assert!(plan.nexus.is_some(), "{name}");
+        }
+        assert!(index.system_requests.iter().all(Option::is_some));
+        assert_eq!(index.system_requests.len(), SYSTEM_OPERATIONS.len());
+    }
+
+    /// Nexus endpoint descriptions belong to the cluster scope, and the OperatorService endpoint
+    /// messages hold no other payload; messages that hold other payloads have no fixed scope.
+    #[test]
+    fn endpoint_descriptions_have_a_fixed_scope() {
+        let index = PayloadIndex::global();
+        assert!(NEXUS_ENDPOINT_SCOPE.starts_with(RESERVED_SCOPE_PREFIX));
+        for message in [
+            "temporal.api.nexus.v1.EndpointSpec",
+            "temporal.api.nexus.v1.Endpoint",
+            "temporal.api.operatorservice.v1.CreateNexusEndpointRequest",
+            "temporal.api.operatorservice.v1.CreateNexusEndpointResponse",
+            "temporal.api.operatorservice.v1.UpdateNexusEndpointRequest",
+            "temporal.api.operatorservice.v1.UpdateNexusEndpointResponse",
+            "temporal.api.operatorservice.v1.GetNexusEndpointResponse",
+            "temporal.api.operatorservice.v1.ListNexusEndpointsResponse",
+        ] {
+            assert_eq!(
+                index.fixed_scope(message),
+                Some(NEXUS_ENDPOINT_SCOPE),
+                "{message}"
+            );
+        }
+        for message in [
+            PAYLOAD,
+            "temporal.api.workflowservice.v1.StartWorkflowExecutionRequest",
+            "temporal.api.workflowservice.v1.GetWorkflowExecutionHistoryResponse",
+            "temporal.api.operatorservice.v1.GetNexusEndpointRequest",
+        ] {
+            assert_eq!(index.fixed_scope(message), None, "{message}");
+        }
+        let spec = index
+            .plan(index.id("temporal.api.nexus.v1.EndpointSpec").unwrap())
+            .unwrap();
+        let description = spec
+            .fields
+            .iter()
+            .find(|f| &*f.name == "description")
+            .unwrap();
+        assert_eq!(description.scope, Some(NEXUS_ENDPOINT_SCOPE));
+        // Memo values are flagged, and only they.
+        let flagged: Vec<String> = index
+            .plans
+            .iter()
+            .flat_map(|p| {
+                p.fields
+                    .iter()
+                    .filter(|f| f.memo_value)
+                    .map(move |f| format!("{}.{}", p.name, f.name))
+            })
+            .collect();
+        assert_eq!(flagged, [format!("{MEMO_ENTRY}.value")]);
     }
 
     /// Every text field resolves to a string field of the schema.

@@ -6,6 +6,7 @@
 //                         [--codec PREFIX] [--timeout MS] [--chromium PATH]
 //   --expect TEXT    wait until TEXT is on the page (fails if it never appears)
 //   --wait-for TEXT  wait until TEXT is on the page before judging (e.g. "binary/encrypted")
+//   --click TEXT     then click the first element showing exactly TEXT (navigate in the app)
 //   --codec PREFIX   record the status of every response whose URL starts with PREFIX
 //   --authorization VALUE  send `Authorization: VALUE` with the page's requests (as a UI that
 //                    passes its user's access token to the codec server would)
@@ -47,18 +48,34 @@ async function main() {
       });
     }
     await page.goto(args.url, { waitUntil: 'domcontentloaded', timeout: args.timeout });
-    const waitText = async (text) => {
-      try {
-        await page.waitForFunction(
-          (t) => document.body && document.body.innerText.includes(t), text,
-          { timeout: args.timeout, polling: 200 });
-        return true;
-      } catch (e) {
-        return false;
+    // The text of the page and of its frames (the Web UI renders Markdown in an iframe).
+    const allText = async () => {
+      const parts = [];
+      for (const frame of page.frames()) {
+        try {
+          parts.push(await frame.evaluate(() => (document.body ? document.body.innerText : '')));
+        } catch (e) {
+          // A frame that is navigating has no text yet.
+        }
       }
+      return parts.join('\n');
+    };
+    const waitText = async (text) => {
+      const until = Date.now() + args.timeout;
+      while (Date.now() < until) {
+        if ((await allText()).includes(text)) return true;
+        await page.waitForTimeout(200);
+      }
+      return false;
     };
     let judged = true;
     if (args['wait-for']) judged = await waitText(args['wait-for']);
+    if (args.click) {
+      judged = judged && await waitText(args.click);
+      // Let the page finish loading first: a click while it still loads is undone by it.
+      await page.waitForLoadState('networkidle', { timeout: 10000 }).catch(() => {});
+      await page.getByText(args.click, { exact: true }).first().click({ timeout: args.timeout });
+    }
     if (args.expect) out.found = await waitText(args.expect);
     // When watching the codec server, wait for the page's first decode call to be answered.
     if (args.codec) {
@@ -69,7 +86,7 @@ async function main() {
     }
     // Let the page render what it got before the picture.
     await page.waitForTimeout(1000);
-    const text = await page.evaluate(() => document.body.innerText);
+    const text = await allText();
     if (args.expect && !out.found) out.found = text.includes(args.expect);
     out.text = text.slice(0, 4000);
     out.waited = judged;
