@@ -685,20 +685,9 @@ writers = ["cn:writer-ab", "cn:writer-b"]
             .any(|w| w == needle.as_bytes())
     }
 
-    /// Occurrences of `needle` in the dev server's SQLite files.
+    /// Occurrences of `needle` in the dev server's SQLite files, in any encoding.
     fn stored(server: &DevServer, needle: &str) -> usize {
-        std::fs::read_dir(server.dir.path())
-            .expect("server dir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("temporal.db"))
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .map(|bytes| {
-                bytes
-                    .windows(needle.len())
-                    .filter(|w| *w == needle.as_bytes())
-                    .count()
-            })
-            .sum()
+        occurrences(&server.dir.path().join("temporal.db"), needle)
     }
 
     /// Beta's state, read straight from the server: (target signaled, target asked to cancel,

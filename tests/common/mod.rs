@@ -198,35 +198,6 @@ impl DevServer {
     }
 }
 
-/// How often `needle` occurs in the dev server's database files (the file and any journal).
-pub fn occurrences(db: &Path, needle: &str) -> usize {
-    let dir = db.parent().expect("db dir");
-    let stem = db
-        .file_name()
-        .expect("db name")
-        .to_string_lossy()
-        .into_owned();
-    let mut count = 0;
-    for entry in std::fs::read_dir(dir).expect("read db dir") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !name.starts_with(&stem) {
-            continue;
-        }
-        // A journal can vanish between listing and reading.
-        if let Ok(bytes) = std::fs::read(&path) {
-            count += bytes
-                .windows(needle.len())
-                .filter(|w| *w == needle.as_bytes())
-                .count();
-        }
-    }
-    count
-}
-
 /// Proxy config: mTLS listener on a free port, one plaintext upstream for everything.
 pub fn proxy_config(pki: &Pki, upstream: &str, namespaces: &[&str]) -> Config {
     let mut text = format!(
