@@ -304,7 +304,7 @@ async fn namespace_endpoints_list_and_api_key_regional_routing() {
     );
     let authorization = r#"
 system.admins = ["cn:test-client"]
-[[namespaces]]
+[[authorization.namespaces]]
 name = "ns-a"
 readers = ["cn:reader-a"]
 "#;
