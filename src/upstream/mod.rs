@@ -812,6 +812,133 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     }
 
+    /// ListNamespaces: the system upstream answers while it serves every namespace; namespaces
+    /// elsewhere or endpoints per namespace make the proxy answer; the setting overrides.
+    #[tokio::test]
+    async fn who_lists_namespaces() {
+        let two = r#"[upstreams.a]
+            address = "127.0.0.1:1"
+            [upstreams.b]
+            address = "127.0.0.1:2"
+            [upstreams.t]
+            address = "{namespace}.example.invalid:7233""#;
+        let lists = |routing: &str, namespaces: &[(&str, &str)]| {
+            let mut text = routing.to_string();
+            for (ns, up) in namespaces {
+                text.push_str(&format!(
+                    "\n[[namespaces]]\nname = \"{ns}\"\nupstream = \"{up}\"\n"
+                ));
+            }
+            Router::from_config(&config(two, &text))
+                .unwrap()
+                .lists_namespaces_itself()
+        };
+        let sys_a = "[routing]\nsystem_upstream = \"a\"";
+        assert!(!lists(sys_a, &[("x", "a"), ("y", "a")]));
+        assert!(lists(sys_a, &[("x", "a"), ("y", "b")]));
+        assert!(lists(sys_a, &[("x", "a"), ("y", "t")]));
+        assert!(lists(
+            "[routing]\nsystem_upstream = \"t\"\nsystem_namespace = \"x\"",
+            &[("x", "t")]
+        ));
+        assert!(lists(
+            "[routing]\nsystem_upstream = \"a\"\ndefault_upstream = \"b\"",
+            &[]
+        ));
+        assert!(!lists(
+            "[routing]\nsystem_upstream = \"a\"\nlist_namespaces = \"upstream\"",
+            &[("y", "b")]
+        ));
+        assert!(lists(
+            "[routing]\nsystem_upstream = \"a\"\nlist_namespaces = \"configured\"",
+            &[("x", "a")]
+        ));
+        let router = Router::from_config(&config(
+            two,
+            &format!("{sys_a}\n[[namespaces]]\nname = \"z\"\nupstream = \"a\"\n[[namespaces]]\nname = \"m\"\nupstream = \"b\""),
+        ))
+        .unwrap();
+        assert_eq!(router.configured_namespaces(), ["m", "z"]);
+    }
+
+    /// A namespace's own API key overrides its upstream's; cluster calls carry the upstream's,
+    /// else the first (by name) namespace key on the system upstream.
+    #[tokio::test]
+    async fn namespace_api_keys_route_with_their_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("{name}\n")).unwrap();
+            path.display().to_string()
+        };
+        let (ka, kb) = (key("key-a"), key("key-b"));
+        let c = config(
+            r#"[upstreams.regional]
+            address = "127.0.0.1:7233""#,
+            &format!(
+                r#"[routing]
+                system_upstream = "regional"
+                [[namespaces]]
+                name = "b"
+                upstream = "regional"
+                api_key = {{ file = "{kb}" }}
+                [[namespaces]]
+                name = "a"
+                upstream = "regional"
+                api_key = {{ file = "{ka}" }}
+                [[namespaces]]
+                name = "plain"
+                upstream = "regional""#
+            ),
+        );
+        let router = Router::from_config(&c).unwrap();
+        let value = |route: Route| {
+            route
+                .api_key
+                .map(|k| k.header_value().to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            value(router.route("a").unwrap()).as_deref(),
+            Some("Bearer key-a")
+        );
+        assert_eq!(
+            value(router.route("b").unwrap()).as_deref(),
+            Some("Bearer key-b")
+        );
+        assert_eq!(value(router.route("plain").unwrap()), None);
+        assert_eq!(
+            value(router.system_route().unwrap()).as_deref(),
+            Some("Bearer key-a")
+        );
+        assert!(Arc::ptr_eq(
+            &router.route("a").unwrap().upstream,
+            &router.route("b").unwrap().upstream
+        ));
+        // A key to a plaintext remote endpoint is refused.
+        let err = Config::from_toml(
+            r#"
+            [listener]
+            address = "127.0.0.1:0"
+            plaintext = true
+            [upstreams.u]
+            address = "temporal.example.com:7233"
+            [routing]
+            system_upstream = "u"
+            [[namespaces]]
+            name = "n"
+            upstream = "u"
+            api_key = { env = "K" }
+            [authorization]
+            disabled = true
+            [encryption]
+            disabled = true
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sent over TLS only"), "{err}");
+    }
+
     #[tokio::test]
     async fn a_config_change_keeps_unchanged_upstreams() {
         let first = config(
