@@ -260,6 +260,160 @@ fn listed(out: &str) -> Vec<String> {
     names
 }
 
+/// `ns-a` behind nginx's first site (client certificate), `ns-b` behind its second (API key).
+fn upstream_sections(nginx: &Nginx, tls: &str, cert: &str, key_b: &Path) -> String {
+    format!(
+        r#"
+[upstreams.a]
+address = "{a}"
+[upstreams.a.tls]
+{tls}
+{cert}
+[upstreams.b]
+address = "{b}"
+[upstreams.b.tls]
+{tls}
+[upstreams.b.credentials]
+type = "api-key"
+file = "{key_b}"
+[routing]
+system_upstream = "a"
+[[namespaces]]
+name = "ns-a"
+upstream = "a"
+[[namespaces]]
+name = "ns-b"
+upstream = "b"
+"#,
+        a = nginx.addresses[0],
+        b = nginx.addresses[1],
+        key_b = key_b.display(),
+    )
+}
+
+/// A CONNECT relay: tunnels to `frontend_port` go to `proxy`, others where they asked.
+async fn connect_relay(
+    frontend_port: u16,
+    proxy: SocketAddr,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let address = listener.local_addr().expect("relay address");
+    let task = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if inbound.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head);
+                let Some(target) = text.split_whitespace().nth(1) else {
+                    return;
+                };
+                let Some(port) = target
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+                else {
+                    return;
+                };
+                let to = if port == frontend_port {
+                    proxy
+                } else {
+                    SocketAddr::from(([127, 0, 0, 1], port))
+                };
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                if inbound
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (address, task)
+}
+
+/// Aborts the relay when dropped.
+struct Relay(tokio::task::JoinHandle<()>);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A dev server whose Web UI's gRPC goes to `proxy` (see the namespace test); killed on drop.
+async fn web_ui_through(
+    proxy: SocketAddr,
+) -> (String, tokio::process::Child, Relay, tempfile::TempDir) {
+    let frontend = portcullis::dev::free_port().expect("port");
+    let ui = portcullis::dev::free_port().expect("port");
+    let (relay, task) = connect_relay(frontend, proxy).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = std::fs::File::create(dir.path().join("ui-host.log")).expect("log");
+    let child = tokio::process::Command::new(temporal_binary())
+        .args([
+            "server",
+            "start-dev",
+            "--ip",
+            "0.0.0.0",
+            "--ui-ip",
+            "127.0.0.1",
+        ])
+        .args([
+            "--port",
+            &frontend.to_string(),
+            "--ui-port",
+            &ui.to_string(),
+        ])
+        .args([
+            "--http-port",
+            &portcullis::dev::free_port().expect("port").to_string(),
+        ])
+        .args([
+            "--metrics-port",
+            &portcullis::dev::free_port().expect("port").to_string(),
+        ])
+        .arg("--db-filename")
+        .arg(dir.path().join("ui-host.db"))
+        .args(["--log-level", "error", "--namespace", "ui-host-only"])
+        .env("HTTPS_PROXY", format!("http://{relay}"))
+        .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the UI host");
+    let url = format!("http://127.0.0.1:{ui}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", ui))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the UI host did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (url, child, Relay(task), dir)
+}
+
 /// Two dev servers stand in for two Cloud namespace endpoints: `ns-a` behind nginx requiring a
 /// client certificate, `ns-b` behind nginx checking an API key. The CLI's namespace list
 /// through the proxy shows both to a caller who may read both and one to a reader of one
@@ -310,33 +464,7 @@ readers = ["cn:reader-a"]
 "#;
     let config = config_with(
         &pki,
-        &format!(
-            r#"
-[upstreams.a]
-address = "{a}"
-[upstreams.a.tls]
-{tls}
-{cert}
-[upstreams.b]
-address = "{b}"
-[upstreams.b.tls]
-{tls}
-[upstreams.b.credentials]
-type = "api-key"
-file = "{key_b}"
-[routing]
-system_upstream = "a"
-[[namespaces]]
-name = "ns-a"
-upstream = "a"
-[[namespaces]]
-name = "ns-b"
-upstream = "b"
-"#,
-            a = nginx.addresses[0],
-            b = nginx.addresses[1],
-            key_b = key_b.display(),
-        ),
+        &upstream_sections(&nginx, &tls, &cert, &key_b),
         authorization,
     );
     let proxy = start_proxy(config).await;
@@ -419,6 +547,38 @@ upstream = "b"
         .into_inner();
     assert_eq!(via_proxy.cluster_id, direct_a.cluster_id);
     proxy.shutdown().await;
+
+    // The Web UI (headless Chromium) through the proxy: the dev server's UI always dials its
+    // own frontend's address, so a UI host is started with its frontend on 0.0.0.0 and an HTTPS
+    // proxy in its environment (grpc-go honours it for a non-loopback target): a CONNECT relay
+    // sends the UI's gRPC to a plaintext loopback listener of the proxy (caller `anonymous`,
+    // a system reader here), everything else to where it was going.
+    let mut ui_config = config_with(
+        &pki,
+        &upstream_sections(&nginx, &tls, &cert, &key_b),
+        r#"system.readers = ["anonymous"]"#,
+    );
+    ui_config.listener.tls = None;
+    ui_config.listener.plaintext = true;
+    let ui_proxy = start_proxy(ui_config).await;
+    let ui_proxy_addr = ui_proxy.local_addr().expect("tcp");
+    let (ui_url, _ui_host, _relay, _ui_dir) = web_ui_through(ui_proxy_addr).await;
+    let page = common::browser::open_page(&common::browser::PageRequest {
+        url: &format!("{ui_url}/namespaces"),
+        expect: Some("ns-b"),
+        wait_for: Some("ns-a"),
+        codec: None,
+        authorization: None,
+        screenshot: Some(common::browser::artifact("cloud-web-ui-namespaces.png")),
+        timeout: Duration::from_secs(40),
+    })
+    .await;
+    assert_eq!(page["found"], true, "{page}");
+    let text = page["text"].as_str().unwrap_or_default();
+    assert!(text.contains("ns-a") && text.contains("ns-b"), "{text}");
+    // Control: the UI host's own namespace is not what the page shows.
+    assert!(!text.contains("ui-host-only"), "{text}");
+    ui_proxy.shutdown().await;
 
     // The regional endpoint: both namespaces behind one address, each with its own key, and
     // the proxy's client certificate as well.
