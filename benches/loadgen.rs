@@ -3,7 +3,7 @@
 //! ```text
 //! cargo bench --bench loadgen -- [--target fake|dev|both] [--concurrency N] [--duration SECS]
 //!     [--mix NAME=WEIGHT,...] [--payload-bytes N] [--moderate N] [--warmup SECS] [--connections N]
-//!     [--stages] [--rotation SECS] [--baselines]
+//!     [--stages] [--identity-keep] [--rotation SECS] [--baselines]
 //! ```
 //!
 //! `--help` lists every option.
@@ -109,6 +109,9 @@ struct Args {
     /// Fake target: also measure reference paths through other intermediaries in the same run
     /// (`relay-tcp` and `nginx-grpc`), to show what any proxy costs on this machine.
     baselines: bool,
+    /// Fake target: also measure the proxy with identity stamping off (`identity = "keep"`;
+    /// the `proxy-mtls` row stamps, the default `append`), in the same run.
+    identity_keep: bool,
 }
 
 const USAGE: &str = "\
@@ -129,6 +132,8 @@ usage: cargo bench --bench loadgen -- [options]
                            provider calls against the payloads it sealed and opened when it stops
   --stages                 fake target: also measure proxies without encryption, without
                            authorization, and with neither, in the same run
+  --identity-keep          fake target: also measure the proxy with identity stamping off
+                           (identity = \"keep\"; proxy-mtls appends, the default), in the same run
   --proxy-threads N        the proxy's serving threads (listener.workers) and control runtime threads
                            (default: one per core, like the binary)
   --rotation SECS          fake target: also measure the proxy speaking mTLS to the upstream with a
@@ -156,6 +161,7 @@ fn parse_args() -> anyhow::Result<Args> {
         proxy_threads: None,
         rotation: None,
         baselines: false,
+        identity_keep: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -212,6 +218,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     Some(count(value("--proxy-threads")?, "--proxy-threads")?.max(1))
             }
             "--stages" => args.stages = true,
+            "--identity-keep" => args.identity_keep = true,
             "--key-provider" => {
                 let provider = value("--key-provider")?;
                 if !matches!(provider.as_str(), "local" | "pkcs11") {
@@ -1731,6 +1738,16 @@ async fn run_fake(
         ));
         variants.push(("proxy-no-authz", plain.addr, String::new(), true, false));
         variants.push(("proxy-bare", plain.addr, String::new(), false, false));
+    }
+    if args.identity_keep {
+        // The namespace's entry (ends the upstream's table; `[routing]` follows).
+        variants.push((
+            "proxy-identity-keep",
+            plain.addr,
+            format!("\n[[namespaces]]\nname = \"{NAMESPACE}\"\nupstream = \"upstream\"\nidentity = \"keep\"\n"),
+            args.encryption,
+            true,
+        ));
     }
     if let Some(lifetime) = args.rotation {
         // The proxy speaks mTLS to the fake upstream, whose clients must chain to the test CA:

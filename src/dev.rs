@@ -358,6 +358,8 @@ fn dev_config(
                 upstream_namespace: None,
                 encryption_key: None,
                 encrypted_only: None,
+                identity: Default::default(),
+                api_key: None,
             })
             .collect(),
         authorization: AuthorizationConfig {

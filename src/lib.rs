@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod dev;
 pub mod error;
 pub mod grpc;
+pub mod identity;
 pub mod payload;
 pub mod proxy;
 pub mod reload;

@@ -24,7 +24,8 @@ use crate::proxy::connection::{self, ConnectionSettings, Lifetime};
 use crate::proxy::limits::{BufferBudget, CloseReason, ConnectionGate, ConnectionSlot, EdgeStats};
 use crate::proxy::{
     Authenticator, EdgeShared, EncryptLayer, Encryption, EncryptionLimits, Forwarder, GrpcEdge,
-    GrpcRequest, GrpcResponse, NamespaceKey, NamespaceLayer, NamespaceTranslation, TranslateLayer,
+    GrpcRequest, GrpcResponse, IdentityLayer, IdentityModes, IdentitySources, IdentityStore,
+    NamespaceKey, NamespaceLayer, NamespaceListLayer, NamespaceTranslation, TranslateLayer,
     TranslationStore,
 };
 use crate::telemetry::readiness::{self, ProbeTargets};
@@ -53,10 +54,12 @@ pub struct PipelineParts {
     pub translation: Option<Arc<TranslationStore>>,
     /// Routing and upstream connections (credential expiry: [`Upstreams::certificate_expiry`]).
     pub upstreams: Arc<Upstreams>,
+    /// The identity mode of each namespace (`[[namespaces]] identity`), swapped on reload.
+    pub identity: Arc<IdentityStore>,
 }
 
-/// Builds the pipeline for a config: namespace → authorization → encryption → namespace
-/// translation → forwarding. (Callers are authenticated before it, by the edge.)
+/// Builds the pipeline for a config: namespace → authorization → identity stamping →
+/// encryption → namespace listing → namespace translation → forwarding. (Callers are authenticated before it, by the edge.)
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let upstreams = Upstreams::from_config(config)?;
@@ -69,6 +72,23 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     if let Some(store) = &translation {
         pipeline = BoxCloneSyncService::new(TranslateLayer::new(store.clone()).layer(pipeline));
     }
+
+    let policies = if config.authorization.disabled {
+        tracing::warn!(
+            "authorization is DISABLED: every authenticated caller may call every method"
+        );
+        None
+    } else {
+        Some(PolicyStore::new(
+            &config.authorization,
+            config.source.as_deref(),
+        )?)
+    };
+
+    // Above translation: its DescribeNamespace calls use client-facing names.
+    pipeline = BoxCloneSyncService::new(
+        NamespaceListLayer::new(upstreams.clone(), policies.clone()).layer(pipeline),
+    );
 
     let encryption = if config.encryption.disabled {
         tracing::warn!(
@@ -103,18 +123,19 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
             )
         })?,
     );
-    let policies = if config.authorization.disabled {
-        tracing::warn!(
-            "authorization is DISABLED: every authenticated caller may call every method"
-        );
-        None
-    } else {
-        let policies = PolicyStore::new(&config.authorization, config.source.as_deref())?;
+    // Right after authorization: the identity stamped is the one decided on and audited.
+    let identity = IdentityStore::new(IdentityModes::from_config(config));
+    let sources = match &policies {
+        Some(store) => IdentitySources::Policies(store.clone()),
+        None => IdentitySources::Fixed(config.authorization.identity.clone().into()),
+    };
+    pipeline =
+        BoxCloneSyncService::new(IdentityLayer::new(identity.clone(), sources).layer(pipeline));
+    if let Some(policies) = &policies {
         pipeline = BoxCloneSyncService::new(
             AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline),
         );
-        Some(policies)
-    };
+    }
 
     pipeline = BoxCloneSyncService::new(NamespaceLayer.layer(pipeline));
     let bearer = match &config.bearer {
@@ -129,6 +150,7 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         audit,
         translation,
         upstreams,
+        identity,
     })
 }
 
@@ -173,6 +195,7 @@ fn spawn_config_reloader(
     upstreams: Arc<Upstreams>,
     encryption: Option<Arc<Encryption>>,
     translation: Option<Arc<TranslationStore>>,
+    identity: Arc<IdentityStore>,
 ) {
     let Some(path) = running.source.clone() else {
         return;
@@ -220,6 +243,7 @@ fn spawn_config_reloader(
             if let (Some(store), Some(t)) = (&translation, new_translation) {
                 store.replace(t);
             }
+            identity.replace(IdentityModes::from_config(&config));
             if !summary.is_empty() {
                 tracing::info!(changes = %summary, "routing updated from the config");
             }
@@ -360,6 +384,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         audit,
         translation,
         upstreams,
+        identity,
     } = build_pipeline(&config).await?;
     if let Some(policies) = &policies {
         policies.spawn_reloader();
@@ -375,6 +400,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
         upstreams.clone(),
         encryption.clone(),
         translation.clone(),
+        identity,
     );
     let telemetry = Telemetry::new();
     telemetry.set_schema(vec![
@@ -549,6 +575,8 @@ fn instrument_pipeline(
         telemetry.watch_upstream_connections(name.clone(), move || {
             source.open_connections(&upstream) as u64
         });
+        let (source, upstream) = (upstreams.clone(), name.clone());
+        telemetry.watch_upstream_pool(name.clone(), move || source.pool_stats(&upstream));
     }
     BoxCloneSyncService::new(HealthLayer::new(telemetry.clone()).layer(pipeline))
 }

@@ -479,6 +479,7 @@ async fn headers_are_forwarded_faithfully() {
                 ("supported-server-versions", ">=1.0.0"),
                 ("temporal-principal-id", "admin"),
                 ("temporal-principal-type", "user"),
+                ("portcullis-identity", "spiffe://spoofed/admin"),
                 ("grpc-timeout", "20S"),
                 ("x-custom", "kept"),
             ],
@@ -528,6 +529,9 @@ async fn headers_are_forwarded_faithfully() {
         "{timeout:?}"
     );
     assert_eq!(seen["te"], "trailers");
+    // The verified identity replaces whatever the caller claimed.
+    let identities: Vec<_> = seen.get_all("portcullis-identity").iter().collect();
+    assert_eq!(identities, ["cn:test-client"], "{seen:?}");
     proxy.shutdown().await;
 }
 

@@ -63,6 +63,7 @@ impl UpstreamPki {
             client_ca: client_ca.map(|i| self.client_cas[i].1.clone()),
             backend: backend.to_string(),
             allowed_authorization: Vec::new(),
+            namespace_routes: Vec::new(),
         }
     }
 

@@ -292,6 +292,10 @@ pub struct UpstreamConfig {
     /// HTTP/2 connections kept to the endpoint (calls are spread over them).
     #[serde(default = "default_connections")]
     pub connections: usize,
+    /// A connection this old takes no new calls (its calls in flight, long polls included,
+    /// finish on it); the next one re-resolves the host. 0 = no limit.
+    #[serde(default = "default_upstream_max_age")]
+    pub max_connection_age_seconds: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -382,6 +386,23 @@ pub struct Routing {
     /// calls.
     #[serde(default)]
     pub system_namespace: Option<String>,
+    /// Who answers `ListNamespaces`: `auto` (default: the system upstream when every configured
+    /// namespace is served by it, else the proxy itself from the configured namespaces),
+    /// `upstream` or `configured`.
+    #[serde(default)]
+    pub list_namespaces: ListNamespacesMode,
+}
+
+/// Who answers `ListNamespaces` (see [`Routing::list_namespaces`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListNamespacesMode {
+    #[default]
+    Auto,
+    /// Forward it to the system upstream (one cluster serves every namespace).
+    Upstream,
+    /// Answer from the configured namespaces, each described by its own upstream.
+    Configured,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -401,6 +422,14 @@ pub struct NamespaceConfig {
     /// default: `[encryption] encrypted_only`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encrypted_only: Option<bool>,
+    /// What happens to the `identity` that requests carry into Temporal's history: `keep`,
+    /// `replace` (the verified identity) or `append` (default: `client (via portcullis: ID)`).
+    #[serde(default)]
+    pub identity: crate::identity::IdentityMode,
+    /// An API key for this namespace's calls (`authorization: Bearer KEY`), overriding the
+    /// upstream's: for a regional endpoint shared by namespaces that each have their own key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeyCredentials>,
 }
 
 fn yes() -> bool {
@@ -462,6 +491,9 @@ fn default_audit_stall() -> u64 {
 }
 fn default_connections() -> usize {
     1
+}
+fn default_upstream_max_age() -> u64 {
+    300
 }
 fn default_cert_lifetime() -> u64 {
     3600
@@ -609,6 +641,25 @@ impl Config {
                 return invalid(format!("namespace {:?} is listed twice", ns.name));
             }
             known(&ns.upstream, &format!("namespace {:?}", ns.name))?;
+            if let Some(key) = &ns.api_key {
+                if key.file.is_some() == key.env.is_some() {
+                    return invalid(format!(
+                        "namespace {:?}: api_key: set exactly one of file and env",
+                        ns.name
+                    ));
+                }
+                let plaintext_remote = self.upstreams.get(&ns.upstream).is_some_and(|u| {
+                    u.tls.is_none()
+                        && !split_host_port(&u.address.replace(NAMESPACE_PLACEHOLDER, "ns"))
+                            .is_some_and(|(host, _)| is_loopback_host(host))
+                });
+                if plaintext_remote {
+                    return invalid(format!(
+                        "namespace {:?}: an API key is sent over TLS only (plaintext is allowed to loopback only)",
+                        ns.name
+                    ));
+                }
+            }
             let upstream_name = ns.upstream_namespace.as_deref().unwrap_or(&ns.name);
             if self
                 .upstreams
@@ -737,6 +788,11 @@ impl Config {
         if let Some(descriptors) = &mut self.schema.descriptor_set {
             fix(descriptors);
         }
+        for ns in &mut self.namespaces {
+            if let Some(path) = ns.api_key.as_mut().and_then(|k| k.file.as_mut()) {
+                fix(path);
+            }
+        }
         for upstream in self.upstreams.values_mut() {
             if let Some(tls) = &mut upstream.tls {
                 for p in [&mut tls.ca, &mut tls.cert, &mut tls.key]
@@ -773,6 +829,7 @@ impl Default for UpstreamConfig {
             tls: None,
             credentials: None,
             connections: default_connections(),
+            max_connection_age_seconds: default_upstream_max_age(),
         }
     }
 }
@@ -794,7 +851,7 @@ impl UpstreamConfig {
         match (&self.credentials, &self.tls) {
             (Some(CredentialsConfig::Files(files)), _) => Some(files.clone()),
             (
-                None,
+                None | Some(CredentialsConfig::ApiKey(_)),
                 Some(UpstreamTls {
                     cert: Some(cert),
                     key: Some(key),
@@ -822,8 +879,15 @@ impl UpstreamConfig {
             if tls.ca.is_none() && !tls.system_roots {
                 return Err("tls: set ca (a CA bundle) or system_roots = true".into());
             }
-            if tls.cert.is_some() && self.credentials.is_some() {
-                return Err("set either tls.cert/tls.key or [credentials], not both".into());
+            if tls.cert.is_some()
+                && matches!(
+                    self.credentials,
+                    Some(CredentialsConfig::Issued(_) | CredentialsConfig::Files(_))
+                )
+            {
+                return Err(
+                    "set either tls.cert/tls.key or a certificate [credentials], not both".into(),
+                );
             }
         }
         match &self.credentials {

@@ -10,6 +10,9 @@ pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 pub const GRPC_ENCODING: &str = "grpc-encoding";
 pub const GRPC_ACCEPT_ENCODING: &str = "grpc-accept-encoding";
 pub const TEMPORAL_NAMESPACE: &str = "temporal-namespace";
+/// The caller's verified identity, set by the proxy (see `proxy::identity`); never taken from
+/// a caller.
+pub const IDENTITY_HEADER: &str = "portcullis-identity";
 
 /// Headers that describe one hop, or that the proxy recomputes for the next hop.
 fn is_hop_header(name: &HeaderName) -> bool {
@@ -36,7 +39,10 @@ fn is_hop_header(name: &HeaderName) -> bool {
 pub fn request_headers_for_upstream(incoming: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(incoming.len() + 4);
     for (name, value) in incoming {
-        if is_hop_header(name) || name.as_str().starts_with("temporal-principal-") {
+        if is_hop_header(name)
+            || name.as_str().starts_with("temporal-principal-")
+            || name.as_str() == IDENTITY_HEADER
+        {
             continue;
         }
         out.append(name.clone(), value.clone());

@@ -11,9 +11,11 @@ use tower::Service;
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::error::{CrossUpstream, ProxyError};
 use crate::grpc::frame::{self, Direction, Encoding, FrameError, HEADER_LEN};
-use crate::grpc::headers::{self, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_TIMEOUT};
+use crate::grpc::headers::{
+    self, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_TIMEOUT, TEMPORAL_NAMESPACE,
+};
 use crate::schema::Scope;
-use crate::upstream::{BodyError, Router, Upstream, Upstreams};
+use crate::upstream::{BodyError, Route, Router, Upstream, Upstreams};
 
 #[derive(Debug, Clone)]
 pub struct Forwarder {
@@ -43,25 +45,32 @@ impl Service<GrpcRequest> for Forwarder {
         let router = self.upstreams.router();
         let max_response_bytes = self.max_response_bytes;
         Box::pin(async move {
-            let upstream = match (request.method.scope, request.namespace.as_deref()) {
-                (Scope::Namespace, Some(namespace)) => router.for_namespace(namespace)?,
+            let mut request = request;
+            let route = match (request.method.scope, request.namespace.as_deref()) {
+                (Scope::Namespace, Some(namespace)) => router.route(namespace)?,
                 (Scope::Namespace, None) => {
                     return Err(ProxyError::MissingNamespace(request.method.path.clone()))
                 }
-                (Scope::Cluster, _) => router.system()?,
+                (Scope::Cluster, _) => {
+                    if request.method.path == GET_SYSTEM_INFO {
+                        // As Temporal's SDKs send it: a regional endpoint that routes by this
+                        // header must not take GetSystemInfo for one namespace's call.
+                        request.headers.remove(TEMPORAL_NAMESPACE);
+                    }
+                    router.system_route()?
+                }
             };
-            check_targets(&router, &upstream, &request)?;
+            check_targets(&router, &route.upstream, &request)?;
             drop(router);
             match request.deadline {
                 // The upstream gets the same deadline; the local timer is the backstop that also
                 // covers connecting and a stalled upstream.
-                Some((deadline, timeout)) => tokio::time::timeout_at(
-                    deadline,
-                    forward(&upstream, request, max_response_bytes),
-                )
-                .await
-                .unwrap_or(Err(ProxyError::DeadlineExceeded(timeout))),
-                None => forward(&upstream, request, max_response_bytes).await,
+                Some((deadline, timeout)) => {
+                    tokio::time::timeout_at(deadline, forward(&route, request, max_response_bytes))
+                        .await
+                        .unwrap_or(Err(ProxyError::DeadlineExceeded(timeout)))
+                }
+                None => forward(&route, request, max_response_bytes).await,
             }
         })
     }
@@ -121,11 +130,14 @@ fn check_targets(
     Ok(())
 }
 
+const GET_SYSTEM_INFO: &str = "/temporal.api.workflowservice.v1.WorkflowService/GetSystemInfo";
+
 async fn forward(
-    upstream: &Arc<Upstream>,
+    route: &Route,
     request: GrpcRequest,
     max_response_bytes: usize,
 ) -> Result<GrpcResponse, ProxyError> {
+    let upstream = &route.upstream;
     let protocol_error = |reason: String| ProxyError::UpstreamProtocol {
         upstream: upstream.name.clone(),
         reason,
@@ -146,7 +158,7 @@ async fn forward(
     let body = frame::encode(&request.message, Encoding::Identity);
 
     let response = upstream
-        .send(&request.method.path, &headers, body)
+        .send_with_key(&request.method.path, &headers, body, route.api_key.as_ref())
         .await
         .map_err(|e| deadline_or(e, request.deadline))?;
     let parts = response.head;

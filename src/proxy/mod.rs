@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! GrpcEdge (authenticate at HEADERS, budgets, body timeout) → NamespaceService → AuthzService
-//!          → EncryptService → TranslateService → Forwarder
+//!          → IdentityService → EncryptService → NamespaceListService → TranslateService
+//!          → Forwarder
 //! ```
 
 mod authn;
@@ -12,7 +13,9 @@ pub mod connection;
 mod edge;
 pub mod encrypt;
 mod forward;
+pub mod identity;
 pub mod limits;
+pub mod list_namespaces;
 mod namespace;
 pub mod translate;
 
@@ -28,6 +31,8 @@ pub use authn::{Authenticated, Authenticator, AuthnFailure};
 pub use edge::{EdgeShared, GrpcEdge};
 pub use encrypt::{EncryptLayer, Encryption, EncryptionLimits, NamespaceKey};
 pub use forward::Forwarder;
+pub use identity::{IdentityLayer, IdentityModes, IdentitySources, IdentityStore, IDENTITY_HEADER};
+pub use list_namespaces::NamespaceListLayer;
 pub use namespace::{NamespaceLayer, NamespaceService};
 pub use translate::{NamespaceTranslation, TranslateLayer, TranslationStore};
 

@@ -201,6 +201,7 @@ pub struct EdgeSources {
     pub audit: Arc<crate::authz::AuditStats>,
 }
 type ConnectionSource = Arc<dyn Fn() -> u64 + Send + Sync>;
+type PoolSource = Arc<dyn Fn() -> crate::upstream::PoolStats + Send + Sync>;
 
 /// Counters of one key provider (one `[encryption.keys.NAME]`), kept by [`TimedProvider`].
 ///
@@ -243,6 +244,7 @@ pub struct Telemetry {
     upstream_failures: RwLock<BTreeMap<&'static str, u64>>,
     certificates: RwLock<BTreeMap<String, CertificateSource>>,
     upstream_connections: RwLock<BTreeMap<String, ConnectionSource>>,
+    upstream_pools: RwLock<BTreeMap<String, PoolSource>>,
     keys: RwLock<Vec<KeyStats>>,
     upstream_targets: RwLock<Vec<(String, String)>>,
     /// Labels of `portcullis_schema_info`: which API schema is in force.
@@ -277,6 +279,7 @@ impl Default for Telemetry {
             upstream_failures: RwLock::default(),
             certificates: RwLock::default(),
             upstream_connections: RwLock::default(),
+            upstream_pools: RwLock::default(),
             keys: RwLock::default(),
             upstream_targets: RwLock::default(),
             schema: RwLock::default(),
@@ -385,6 +388,16 @@ impl Telemetry {
         source: impl Fn() -> u64 + Send + Sync + 'static,
     ) {
         write(&self.upstream_connections).insert(upstream.into(), Arc::new(source));
+    }
+
+    /// Registers a reader of an upstream's pools (resolved addresses, connection ages), read at
+    /// every scrape.
+    pub fn watch_upstream_pool(
+        &self,
+        upstream: impl Into<String>,
+        source: impl Fn() -> crate::upstream::PoolStats + Send + Sync + 'static,
+    ) {
+        write(&self.upstream_pools).insert(upstream.into(), Arc::new(source));
     }
 
     /// Registers the edge's counters (the server does, once).
@@ -845,6 +858,59 @@ impl Collector for TelemetryCollector {
             "portcullis_upstream_connections",
             "Open connections to each upstream, as its connection pool reports them.",
             &connections,
+        )?;
+        let pools: Vec<(String, crate::upstream::PoolStats)> = read(&t.upstream_pools)
+            .iter()
+            .map(|(name, source)| (name.clone(), source()))
+            .collect();
+        let mut resolved = Vec::new();
+        let mut oldest = Vec::new();
+        let mut by_address: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for (name, stats) in &pools {
+            for address in &stats.resolved {
+                resolved.push((
+                    vec![("upstream", name.as_str()), ("address", address.as_str())],
+                    1,
+                ));
+                by_address
+                    .entry((name.as_str(), address.as_str()))
+                    .or_insert(0);
+            }
+            let age = stats
+                .connections
+                .iter()
+                .map(|(_, age)| *age)
+                .fold(0.0_f64, f64::max);
+            oldest.push((vec![("upstream", name.as_str())], age));
+            for (address, _) in &stats.connections {
+                *by_address
+                    .entry((name.as_str(), address.as_str()))
+                    .or_insert(0) += 1;
+            }
+        }
+        gauge(
+            &mut encoder,
+            "portcullis_upstream_resolved_address",
+            "Addresses each upstream's host resolved to at its last connection attempt (1 each).",
+            &resolved,
+        )?;
+        let by_address: Vec<_> = by_address
+            .iter()
+            .map(|((name, address), count)| {
+                (vec![("upstream", *name), ("address", *address)], *count)
+            })
+            .collect();
+        gauge(
+            &mut encoder,
+            "portcullis_upstream_address_connections",
+            "Connections taking new calls, by upstream and the address they are connected to.",
+            &by_address,
+        )?;
+        gauge(
+            &mut encoder,
+            "portcullis_upstream_connection_age_seconds",
+            "Age of each upstream's oldest connection taking new calls (0: none).",
+            &oldest,
         )?;
         gauge(
             &mut encoder,

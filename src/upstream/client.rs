@@ -15,6 +15,7 @@
 //! - a retired connection is only dropped from the pool: its in-flight calls (long polls
 //!   included) finish on it, and h2 closes it once the last one is done.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -27,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::credentials::{ApiKey, CertCell, ClientCredential, CredentialError, FixedClientCert};
+use super::resolve;
 use crate::error::ProxyError;
 use crate::grpc::h2_settings::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
@@ -51,6 +53,9 @@ pub struct ConnectSettings {
     pub connections: usize,
     /// The proxy's serving threads: each gets its own connections.
     pub serving_threads: usize,
+    /// Connections take no new calls after this long (a little earlier for some, so they do
+    /// not all reconnect at once); the next connection resolves the host again.
+    pub max_age: Option<Duration>,
 }
 
 pub struct TlsSettings {
@@ -73,6 +78,10 @@ pub struct Upstream {
     next_id: AtomicU64,
     /// Replaces the caller's `authorization` header.
     api_key: Option<Arc<ApiKey>>,
+    /// Where the host resolved to at the last connection attempt.
+    resolved: Mutex<Vec<SocketAddr>>,
+    /// Rotates the first address tried over the resolved ones.
+    next_address: AtomicUsize,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -115,6 +124,9 @@ struct Pool {
 struct Connection {
     id: u64,
     send: h2::client::SendRequest<Bytes>,
+    /// The address it is connected to, and since when.
+    address: SocketAddr,
+    born: Instant,
     /// The certificate generation it was made with (0 without a client certificate).
     generation: u64,
     /// Takes no new calls from then on (the certificate is about to expire).
@@ -210,7 +222,14 @@ impl Upstream {
             shards,
             next_id: AtomicU64::new(1),
             api_key,
+            resolved: Mutex::default(),
+            next_address: AtomicUsize::new(0),
         }
+    }
+
+    /// The upstream's own API key (`credentials` type `api-key`).
+    pub fn api_key(&self) -> Option<&Arc<ApiKey>> {
+        self.api_key.as_ref()
     }
 
     /// The client certificate's store, if this upstream presents one.
@@ -245,6 +264,19 @@ impl Upstream {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<UpstreamResponse, ProxyError> {
+        let key = self.api_key.clone();
+        self.send_with_key(path, headers, body, key.as_ref()).await
+    }
+
+    /// [`Upstream::send`] with the API key to carry (a namespace's own, see
+    /// [`super::Router::route`]): it replaces the caller's `authorization` header.
+    pub async fn send_with_key(
+        self: &Arc<Self>,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        api_key: Option<&Arc<ApiKey>>,
+    ) -> Result<UpstreamResponse, ProxyError> {
         let path = PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes()))
             .map_err(|e| self.unavailable(format!("invalid request path: {e}")))?;
         let mut last = String::new();
@@ -265,7 +297,7 @@ impl Upstream {
             *request.uri_mut() = uri;
             *request.version_mut() = Version::HTTP_2;
             *request.headers_mut() = headers.clone();
-            if let Some(key) = &self.api_key {
+            if let Some(key) = api_key {
                 request
                     .headers_mut()
                     .insert(http::header::AUTHORIZATION, key.header_value());
@@ -424,14 +456,24 @@ impl Upstream {
             None => None,
         };
         let timeout = self.settings.connect_timeout;
-        let target = (self.settings.host.as_str(), self.settings.port);
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(target))
+        let started = Instant::now();
+        let (tcp, address) = tokio::time::timeout(timeout, self.connect_tcp())
             .await
-            .map_err(|_| self.unavailable(format!("cannot connect: timed out after {timeout:?}")))?
-            .map_err(|e| self.unavailable(format!("cannot connect: {e}")))?;
+            .map_err(|_| {
+                self.unavailable(format!("cannot connect: timed out after {timeout:?}"))
+            })??;
         let _ = tcp.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let retire_at = credential.as_ref().map(|c| c.retire_at);
+        let aged_out = self.settings.max_age.map(|age| {
+            // Up to a tenth earlier, by connection, so a pool made at once does not all
+            // reconnect at once.
+            let spread = age.mul_f64((id % 10) as f64 / 100.0);
+            SystemTime::now() + age.saturating_sub(spread)
+        });
+        let retire_at = match (credential.as_ref().map(|c| c.retire_at), aged_out) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let (send, broken) = match &self.settings.tls {
             None => self.handshake(tcp, id, retire_at).await?,
             Some(tls) => {
@@ -461,16 +503,60 @@ impl Upstream {
             }
         };
         let serial = credential.as_ref().map(|c| c.serial.clone());
-        tracing::debug!(upstream = %self.name, connection = id, serial = serial.as_deref().unwrap_or(""), "connected");
+        tracing::debug!(upstream = %self.name, connection = id, %address, serial = serial.as_deref().unwrap_or(""), "connected");
         Ok(Connection {
             id,
             send,
+            address,
+            born: started,
             generation,
             retire_at,
             serial,
             broken,
             active: Arc::default(),
         })
+    }
+
+    /// Resolves the host again and connects to one of its addresses: each new connection
+    /// starts at the next address (round-robin), and an address that refuses or does not
+    /// answer is skipped for the next.
+    async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), ProxyError> {
+        let addresses = resolve::resolve(&self.settings.host, self.settings.port)
+            .await
+            .map_err(|e| self.unavailable(format!("cannot resolve {}: {e}", self.settings.host)))?;
+        {
+            let mut resolved = match self.resolved.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if *resolved != addresses {
+                if !resolved.is_empty() {
+                    tracing::info!(upstream = %self.name, host = %self.settings.host, from = ?*resolved, to = ?addresses, "upstream host resolves to other addresses");
+                }
+                resolved.clone_from(&addresses);
+            }
+        }
+        let first = self.next_address.fetch_add(1, Ordering::Relaxed);
+        // Each address gets a share of the connect timeout, so one that does not answer leaves
+        // time for the others.
+        let share = self
+            .settings
+            .connect_timeout
+            .checked_div(addresses.len().max(1) as u32)
+            .unwrap_or(self.settings.connect_timeout)
+            .max(Duration::from_millis(200));
+        let mut failures = Vec::new();
+        for i in 0..addresses.len() {
+            let Some(address) = addresses.get((first + i) % addresses.len()).copied() else {
+                continue;
+            };
+            match tokio::time::timeout(share, TcpStream::connect(address)).await {
+                Ok(Ok(tcp)) => return Ok((tcp, address)),
+                Ok(Err(e)) => failures.push(format!("{address}: {e}")),
+                Err(_) => failures.push(format!("{address}: timed out after {share:?}")),
+            }
+        }
+        Err(self.unavailable(format!("cannot connect: {}", failures.join("; "))))
     }
 
     /// The HTTP/2 handshake, and the connection's driver task: it does the I/O and the
@@ -568,6 +654,31 @@ impl Upstream {
                     .count()
             })
             .sum()
+    }
+
+    /// Where the host resolved to at the last connection attempt.
+    pub fn resolved_addresses(&self) -> Vec<SocketAddr> {
+        match self.resolved.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Connections taking new calls: their address and age.
+    pub fn connection_ages(&self) -> Vec<(SocketAddr, Duration)> {
+        let now = SystemTime::now();
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .connections
+                    .iter()
+                    .filter(|c| c.usable(now))
+                    .map(|c| (c.address, c.born.elapsed()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Drops connections that take no new calls from the pool.

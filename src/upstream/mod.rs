@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod credentials;
+pub mod resolve;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -16,8 +17,8 @@ pub use client::{BodyError, Upstream, UpstreamBody, UpstreamResponse};
 pub use credentials::{ApiKey, CertCell, ClientCredential, CredentialError};
 
 use crate::config::{
-    split_host_port, template_safe, Config, CredentialsConfig, Limits, UpstreamConfig,
-    NAMESPACE_PLACEHOLDER,
+    split_host_port, template_safe, Config, CredentialsConfig, Limits, ListNamespacesMode,
+    UpstreamConfig, NAMESPACE_PLACEHOLDER,
 };
 use crate::error::ProxyError;
 use crate::tls::{self, TlsError};
@@ -235,6 +236,8 @@ impl UpstreamGroup {
                 connect_timeout: Duration::from_secs(self.limits.upstream_connect_timeout_seconds),
                 connections: self.config.connections,
                 serving_threads: self.serving_threads,
+                max_age: (self.config.max_connection_age_seconds > 0)
+                    .then(|| Duration::from_secs(self.config.max_connection_age_seconds)),
             },
             self.credentials.api_key.clone(),
         ))
@@ -264,6 +267,17 @@ impl UpstreamGroup {
         }
     }
 
+    /// Its endpoints (one, or a template's instances so far).
+    fn endpoints(&self) -> Vec<Arc<Upstream>> {
+        match &self.fixed {
+            Some(fixed) => vec![fixed.clone()],
+            None => match self.instances.lock() {
+                Ok(guard) => guard.values().cloned().collect(),
+                Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+            },
+        }
+    }
+
     /// The block's current client certificate (expired or not).
     pub fn client_certificate(&self) -> Option<Arc<ClientCredential>> {
         self.credentials.cert.as_ref().and_then(|c| c.peek())
@@ -286,6 +300,28 @@ impl UpstreamGroup {
     }
 }
 
+/// A namespace's own API key (`[[namespaces]] api_key`), watched while the router uses it.
+struct NamespaceApiKey {
+    config: crate::config::ApiKeyCredentials,
+    key: Arc<ApiKey>,
+    _watcher: Option<crate::reload::Reloader>,
+}
+
+impl std::fmt::Debug for NamespaceApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NamespaceApiKey")
+    }
+}
+
+/// Where a call goes: the endpoint, and the API key it carries there (the namespace's own,
+/// else the upstream's; `None`: the caller's `authorization` header passes, see
+/// [`Upstream::send`]).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub upstream: Arc<Upstream>,
+    pub api_key: Option<Arc<ApiKey>>,
+}
+
 /// Maps namespaces (and cluster-scoped calls) to upstreams. Immutable: a config change builds a
 /// new one.
 #[derive(Debug)]
@@ -293,8 +329,17 @@ pub struct Router {
     groups: BTreeMap<String, Arc<UpstreamGroup>>,
     /// Client-facing name → (group, the name its upstream knows it by, which fills templates).
     namespaces: HashMap<String, (Arc<UpstreamGroup>, String)>,
+    /// Namespaces with an API key of their own.
+    keys: HashMap<String, Arc<NamespaceApiKey>>,
     system: (Arc<UpstreamGroup>, Option<String>),
+    /// The key cluster-scoped calls carry: the system upstream's own, else the key of the first
+    /// (by name) namespace it serves that has one.
+    system_key: Option<Arc<ApiKey>>,
     default: Option<Arc<UpstreamGroup>>,
+    /// The configured namespaces, sorted, and whether the proxy answers `ListNamespaces` from
+    /// them (see [`Router::lists_namespaces_itself`]).
+    configured: Vec<String>,
+    lists_itself: bool,
 }
 
 impl Router {
@@ -325,24 +370,107 @@ impl Router {
                 .ok_or_else(|| UpstreamError::Routing(format!("undefined upstream {name:?}")))
         };
         let mut namespaces = HashMap::new();
+        let mut keys = HashMap::new();
         for ns in &config.namespaces {
             let upstream_name = ns.upstream_namespace.clone().unwrap_or(ns.name.clone());
             namespaces.insert(ns.name.clone(), (lookup(&ns.upstream)?, upstream_name));
+            let Some(key_config) = &ns.api_key else {
+                continue;
+            };
+            let kept = previous
+                .and_then(|p| p.keys.get(&ns.name))
+                .filter(|k| k.config == *key_config)
+                .cloned();
+            let key = match kept {
+                Some(key) => key,
+                None => {
+                    let label = format!("{}[{}]", ns.upstream, ns.name);
+                    let (key, watcher) = ApiKey::start(&label, key_config).map_err(|source| {
+                        UpstreamError::Credentials {
+                            name: label.clone(),
+                            source,
+                        }
+                    })?;
+                    Arc::new(NamespaceApiKey {
+                        config: key_config.clone(),
+                        key,
+                        _watcher: watcher,
+                    })
+                }
+            };
+            keys.insert(ns.name.clone(), key);
         }
+        let system = lookup(&config.routing.system_upstream)?;
+        let mut configured: Vec<String> =
+            config.namespaces.iter().map(|n| n.name.clone()).collect();
+        configured.sort();
+        let system_key = system.credentials.api_key.clone().or_else(|| {
+            configured
+                .iter()
+                .filter(|ns| {
+                    namespaces
+                        .get(*ns)
+                        .is_some_and(|(g, _)| g.name() == system.name())
+                })
+                .find_map(|ns| keys.get(ns).map(|k| k.key.clone()))
+        });
+        let default = config
+            .routing
+            .default_upstream
+            .as_deref()
+            .map(lookup)
+            .transpose()?;
+        let lists_itself = match config.routing.list_namespaces {
+            ListNamespacesMode::Upstream => false,
+            ListNamespacesMode::Configured => true,
+            // One cluster behind one endpoint answers for every namespace; namespaces on other
+            // upstreams, or endpoints per namespace (a namespace endpoint refuses to list), need
+            // the proxy's own answer.
+            ListNamespacesMode::Auto => {
+                system.is_template()
+                    || namespaces.values().any(|(g, _)| g.name() != system.name())
+                    || default.as_ref().is_some_and(|d| d.name() != system.name())
+            }
+        };
         Ok(Router {
-            system: (
-                lookup(&config.routing.system_upstream)?,
-                config.routing.system_namespace.clone(),
-            ),
-            default: config
-                .routing
-                .default_upstream
-                .as_deref()
-                .map(lookup)
-                .transpose()?,
+            system: (system, config.routing.system_namespace.clone()),
+            system_key,
+            default,
             namespaces,
+            keys,
             groups,
+            configured,
+            lists_itself,
         })
+    }
+
+    /// Where a namespace's calls go, with the API key they carry.
+    pub fn route(&self, namespace: &str) -> Result<Route, ProxyError> {
+        let upstream = self.for_namespace(namespace)?;
+        let api_key = match self.keys.get(namespace) {
+            Some(own) => Some(own.key.clone()),
+            None => upstream.api_key().cloned(),
+        };
+        Ok(Route { upstream, api_key })
+    }
+
+    /// Where cluster-scoped calls go, with the API key they carry.
+    pub fn system_route(&self) -> Result<Route, ProxyError> {
+        Ok(Route {
+            upstream: self.system()?,
+            api_key: self.system_key.clone(),
+        })
+    }
+
+    /// Whether the proxy answers `ListNamespaces` itself from the configured namespaces
+    /// (`routing.list_namespaces`).
+    pub fn lists_namespaces_itself(&self) -> bool {
+        self.lists_itself
+    }
+
+    /// The configured (client-facing) namespaces, sorted.
+    pub fn configured_namespaces(&self) -> &[String] {
+        &self.configured
     }
 
     pub fn from_config(config: &Config) -> Result<Router, UpstreamError> {
@@ -388,6 +516,15 @@ impl Router {
     pub fn groups(&self) -> impl Iterator<Item = &Arc<UpstreamGroup>> {
         self.groups.values()
     }
+}
+
+/// An upstream's connection pools, for metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolStats {
+    /// Addresses its host resolved to at the last connection attempt (each endpoint's).
+    pub resolved: Vec<String>,
+    /// Connections taking new calls: address and age in seconds.
+    pub connections: Vec<(String, f64)>,
 }
 
 /// Seconds until an upstream's client certificate expires.
@@ -500,6 +637,28 @@ impl Upstreams {
             .groups
             .get(name)
             .map_or(0, |g| g.open_connections())
+    }
+
+    /// What the connection pools of upstream `name` look like now (all endpoints of a
+    /// template together), for metrics.
+    pub fn pool_stats(&self, name: &str) -> PoolStats {
+        let Some(group) = self.router().groups.get(name).cloned() else {
+            return PoolStats::default();
+        };
+        let mut stats = PoolStats::default();
+        for endpoint in group.endpoints() {
+            for address in endpoint.resolved_addresses() {
+                stats.resolved.push(address.to_string());
+            }
+            for (address, age) in endpoint.connection_ages() {
+                stats
+                    .connections
+                    .push((address.to_string(), age.as_secs_f64()));
+            }
+        }
+        stats.resolved.sort();
+        stats.resolved.dedup();
+        stats
     }
 
     /// The current client certificate of upstream `name`.
@@ -651,6 +810,133 @@ mod tests {
         assert_eq!(router.system().unwrap().name, "local");
         let err = router.for_namespace("bad/name").unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    }
+
+    /// ListNamespaces: the system upstream answers while it serves every namespace; namespaces
+    /// elsewhere or endpoints per namespace make the proxy answer; the setting overrides.
+    #[tokio::test]
+    async fn who_lists_namespaces() {
+        let two = r#"[upstreams.a]
+            address = "127.0.0.1:1"
+            [upstreams.b]
+            address = "127.0.0.1:2"
+            [upstreams.t]
+            address = "{namespace}.example.invalid:7233""#;
+        let lists = |routing: &str, namespaces: &[(&str, &str)]| {
+            let mut text = routing.to_string();
+            for (ns, up) in namespaces {
+                text.push_str(&format!(
+                    "\n[[namespaces]]\nname = \"{ns}\"\nupstream = \"{up}\"\n"
+                ));
+            }
+            Router::from_config(&config(two, &text))
+                .unwrap()
+                .lists_namespaces_itself()
+        };
+        let sys_a = "[routing]\nsystem_upstream = \"a\"";
+        assert!(!lists(sys_a, &[("x", "a"), ("y", "a")]));
+        assert!(lists(sys_a, &[("x", "a"), ("y", "b")]));
+        assert!(lists(sys_a, &[("x", "a"), ("y", "t")]));
+        assert!(lists(
+            "[routing]\nsystem_upstream = \"t\"\nsystem_namespace = \"x\"",
+            &[("x", "t")]
+        ));
+        assert!(lists(
+            "[routing]\nsystem_upstream = \"a\"\ndefault_upstream = \"b\"",
+            &[]
+        ));
+        assert!(!lists(
+            "[routing]\nsystem_upstream = \"a\"\nlist_namespaces = \"upstream\"",
+            &[("y", "b")]
+        ));
+        assert!(lists(
+            "[routing]\nsystem_upstream = \"a\"\nlist_namespaces = \"configured\"",
+            &[("x", "a")]
+        ));
+        let router = Router::from_config(&config(
+            two,
+            &format!("{sys_a}\n[[namespaces]]\nname = \"z\"\nupstream = \"a\"\n[[namespaces]]\nname = \"m\"\nupstream = \"b\""),
+        ))
+        .unwrap();
+        assert_eq!(router.configured_namespaces(), ["m", "z"]);
+    }
+
+    /// A namespace's own API key overrides its upstream's; cluster calls carry the upstream's,
+    /// else the first (by name) namespace key on the system upstream.
+    #[tokio::test]
+    async fn namespace_api_keys_route_with_their_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("{name}\n")).unwrap();
+            path.display().to_string()
+        };
+        let (ka, kb) = (key("key-a"), key("key-b"));
+        let c = config(
+            r#"[upstreams.regional]
+            address = "127.0.0.1:7233""#,
+            &format!(
+                r#"[routing]
+                system_upstream = "regional"
+                [[namespaces]]
+                name = "b"
+                upstream = "regional"
+                api_key = {{ file = "{kb}" }}
+                [[namespaces]]
+                name = "a"
+                upstream = "regional"
+                api_key = {{ file = "{ka}" }}
+                [[namespaces]]
+                name = "plain"
+                upstream = "regional""#
+            ),
+        );
+        let router = Router::from_config(&c).unwrap();
+        let value = |route: Route| {
+            route
+                .api_key
+                .map(|k| k.header_value().to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            value(router.route("a").unwrap()).as_deref(),
+            Some("Bearer key-a")
+        );
+        assert_eq!(
+            value(router.route("b").unwrap()).as_deref(),
+            Some("Bearer key-b")
+        );
+        assert_eq!(value(router.route("plain").unwrap()), None);
+        assert_eq!(
+            value(router.system_route().unwrap()).as_deref(),
+            Some("Bearer key-a")
+        );
+        assert!(Arc::ptr_eq(
+            &router.route("a").unwrap().upstream,
+            &router.route("b").unwrap().upstream
+        ));
+        // A key to a plaintext remote endpoint is refused.
+        let err = Config::from_toml(
+            r#"
+            [listener]
+            address = "127.0.0.1:0"
+            plaintext = true
+            [upstreams.u]
+            address = "temporal.example.com:7233"
+            [routing]
+            system_upstream = "u"
+            [[namespaces]]
+            name = "n"
+            upstream = "u"
+            api_key = { env = "K" }
+            [authorization]
+            disabled = true
+            [encryption]
+            disabled = true
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sent over TLS only"), "{err}");
     }
 
     #[tokio::test]

@@ -27,6 +27,18 @@ pub struct Site {
     pub backend: String,
     /// Only these `authorization` header values pass (others: HTTP 401). Empty: no check.
     pub allowed_authorization: Vec<String>,
+    /// A regional endpoint: requests go to the backend of their `temporal-namespace` header
+    /// (without one: `backend`), and must carry that namespace's `authorization` value (without
+    /// a namespace header: any of them). Empty: no routing.
+    pub namespace_routes: Vec<NamespaceRoute>,
+}
+
+/// One namespace of a regional endpoint (see [`Site::namespace_routes`]).
+#[derive(Clone, Debug)]
+pub struct NamespaceRoute {
+    pub namespace: String,
+    pub backend: String,
+    pub authorization: String,
 }
 
 pub struct Nginx {
@@ -59,6 +71,10 @@ pub struct Logged {
     pub grpc_status: String,
     pub uri: String,
     pub authorization: String,
+    /// The `temporal-namespace` header (empty without one).
+    pub namespace: String,
+    /// The `portcullis-identity` header (empty without one).
+    pub identity: String,
 }
 
 impl Nginx {
@@ -97,6 +113,32 @@ impl Nginx {
                 ));
                 format!("if ($auth_ok_{port} = 0) {{ return 401; }}")
             };
+            let mut backend = site.backend.clone();
+            let mut check = check;
+            if !site.namespace_routes.is_empty() {
+                let routes: String = site
+                    .namespace_routes
+                    .iter()
+                    .map(|r| format!("\"{}\" {}; ", r.namespace, r.backend))
+                    .collect();
+                let keys: String = site
+                    .namespace_routes
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "\"{ns}|{key}\" 1; \"|{key}\" 1; ",
+                            ns = r.namespace,
+                            key = r.authorization
+                        )
+                    })
+                    .collect();
+                servers.push_str(&format!(
+                    "    map $http_temporal_namespace $backend_{port} {{ default {}; {routes}}}\n    map \"$http_temporal_namespace|$http_authorization\" $ns_key_ok_{port} {{ default 0; {keys}}}\n",
+                    site.backend
+                ));
+                backend = format!("$backend_{port}");
+                check = format!("if ($ns_key_ok_{port} = 0) {{ return 401; }}");
+            }
             servers.push_str(&format!(
                 r#"
     server {{
@@ -115,7 +157,6 @@ impl Nginx {
 "#,
                 cert = site.cert.display(),
                 key = site.key.display(),
-                backend = site.backend,
             ));
         }
         // Running as root, nginx would switch its worker to an unprivileged user that cannot
@@ -137,7 +178,7 @@ http {{
     scgi_temp_path {root}/scgi;
     client_max_body_size 16m;
     keepalive_timeout 120s;
-    log_format grpc escape=json '{{"port":"$server_port","serial":"$ssl_client_serial","fingerprint":"$ssl_client_fingerprint","v_end":"$ssl_client_v_end","msec":"$msec","request_time":"$request_time","status":"$status","grpc_status":"$upstream_trailer_grpc_status","uri":"$request_uri","authorization":"$http_authorization"}}';
+    log_format grpc escape=json '{{"port":"$server_port","serial":"$ssl_client_serial","fingerprint":"$ssl_client_fingerprint","v_end":"$ssl_client_v_end","msec":"$msec","request_time":"$request_time","status":"$status","grpc_status":"$upstream_trailer_grpc_status","uri":"$request_uri","authorization":"$http_authorization","namespace":"$http_temporal_namespace","identity":"$http_portcullis_identity"}}';
     access_log {access_log} grpc;
 {servers}
 }}
@@ -217,6 +258,8 @@ http {{
                     grpc_status: s("grpc_status"),
                     uri: s("uri"),
                     authorization: s("authorization"),
+                    namespace: s("namespace"),
+                    identity: s("identity"),
                 }
             })
             .collect()
