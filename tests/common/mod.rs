@@ -162,17 +162,34 @@ impl DevServer {
         let namespaces: Vec<String> = namespaces.iter().map(|s| s.to_string()).collect();
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         extra.push("--headless".into());
-        let server = TemporalDevServer::start(
-            &temporal_binary(),
-            port,
-            &dir.path().join("temporal.db"),
-            &namespaces,
-            &extra,
-            &dir.path().join("server.log"),
-        )
-        .await
-        .expect("start the Temporal dev server");
-        DevServer { server, dir, port }
+        let log = dir.path().join("server.log");
+        // The server binds more ports than its own (HTTP, metrics, its services' membership
+        // ports); on a busy machine one of them is now and then taken by another test just as it
+        // starts, and it exits at once. That is the environment, not the proxy: try again, and
+        // say what the server said if it keeps failing.
+        let mut last = String::new();
+        for attempt in 0..3 {
+            match TemporalDevServer::start(
+                &temporal_binary(),
+                port,
+                &dir.path().join("temporal.db"),
+                &namespaces,
+                &extra,
+                &log,
+            )
+            .await
+            {
+                Ok(server) => return DevServer { server, dir, port },
+                Err(e) => {
+                    let said = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = said.lines().rev().take(15).collect();
+                    last = format!("{e}; its log ends:\n{}", tail.join("\n"));
+                    eprintln!("dev server start attempt {attempt} failed: {last}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        panic!("start the Temporal dev server: {last}");
     }
 
     pub fn address(&self) -> String {
