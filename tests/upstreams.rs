@@ -75,6 +75,29 @@ impl UpstreamPki {
     }
 }
 
+/// Failed reloads of `what` counted so far (process-wide), for waiting on evidence that a
+/// rejected file was actually tried.
+fn failed_reloads(proxy: &portcullis::server::RunningProxy, what: &str) -> f64 {
+    common::ops::Scrape::parse(&proxy.telemetry().encode()).sum(
+        "portcullis_config_reloads_total",
+        &[("what", what), ("outcome", "failure")],
+    )
+}
+
+async fn wait_for_failed_reload(proxy: &portcullis::server::RunningProxy, what: &str, before: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failed_reloads(proxy, what) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no failed reload of {what} was counted: the rejection never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const CLIENT_CERT_RELOAD: &str = "upstream client certificate";
+const CONFIG_RELOAD: &str = "config (upstreams, routing, namespaces)";
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
@@ -409,23 +432,23 @@ credentials = {{ type = "files", cert = "{cert}", key = "{key}" }}
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // A corrupt certificate, then a mismatched pair: both rejected.
+        // A corrupt certificate, then a mismatched pair: both rejected, each seen to be tried
+        // (the failed-reload count moves), and the pair in force stays the second one.
+        let before = failed_reloads(&proxy, CLIENT_CERT_RELOAD);
         replace(
             &cert,
             "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
         );
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        wait_for_failed_reload(&proxy, CLIENT_CERT_RELOAD, before).await;
         let third = up.client_cert(0, "files-three", Duration::from_secs(3600));
+        let before = failed_reloads(&proxy, CLIENT_CERT_RELOAD);
         replace(&cert, &third.cert_pem);
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let kept = proxy
+        wait_for_failed_reload(&proxy, CLIENT_CERT_RELOAD, before).await;
+        let in_force = proxy
             .upstreams()
-            .seconds_until_expiry("edge")
-            .expect("expiry");
-        assert!(
-            kept > 3000.0,
-            "the last good pair is still in force: {kept}"
-        );
+            .client_certificate("edge")
+            .expect("a pair in force");
+        assert_eq!(in_force.serial, new_serial, "a rejected pair took effect");
 
         // A namespace added to the config file: a new endpoint of the template, hence a new
         // connection, which must present the last good certificate.
@@ -443,6 +466,7 @@ credentials = {{ type = "files", cert = "{cert}", key = "{key}" }}
             }
         }
         // A broken change (unknown upstream) is rejected: ns2 stays.
+        let before = failed_reloads(&proxy, CONFIG_RELOAD);
         write_config(
             &pki,
             up.dir.path(),
@@ -452,14 +476,15 @@ credentials = {{ type = "files", cert = "{cert}", key = "{key}" }}
                 "name = \"ns2\"\nupstream = \"nowhere\"",
             ),
         );
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        wait_for_failed_reload(&proxy, CONFIG_RELOAD, before).await;
         client
             .describe_namespace(describe("ns2"))
             .await
             .expect("a rejected config leaves ns2 in place");
-        new_serial
+        (new_serial, serial_of(&third))
     };
-    let (load, (calls, errors), new_serial) = tokio::join!(load, calls, scenario);
+    let (load, (calls, errors), (new_serial, rejected_serial)) =
+        tokio::join!(load, calls, scenario);
     eprintln!("python: {load}\nraw calls: {calls}");
     assert!(
         errors.is_empty(),
@@ -469,6 +494,10 @@ credentials = {{ type = "files", cert = "{cert}", key = "{key}" }}
     );
 
     let requests = nginx.requests();
+    assert!(
+        !requests.iter().any(|r| r.serial == rejected_serial),
+        "nginx saw the rejected certificate {rejected_serial}"
+    );
     let first_serial = serial_of(&first);
     let switched = requests
         .iter()
@@ -571,7 +600,31 @@ credentials = {{ type = "files", cert = "{cert}", key = "{key}" }}
             "expired certificate presented: {r:?}"
         );
     }
-    // An already-expired replacement is refused too; a valid one brings calls back.
+    // An already-expired replacement is refused too (seen to be tried, never in force)...
+    let mut stale_spec = LeafSpec::new("stale", Usage::Client, Duration::from_secs(3600));
+    stale_spec.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    stale_spec.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let stale = up.client_cas[0].0.issue(&stale_spec).expect("stale cert");
+    let stale_serial = portcullis::upstream::ClientCredential::from_pem(
+        stale.cert_pem.as_bytes(),
+        stale.key_pem.as_bytes(),
+        None,
+    )
+    .expect("pair")
+    .serial;
+    let before = failed_reloads(&proxy, CLIENT_CERT_RELOAD);
+    replace(&key, &stale.key_pem);
+    replace(&cert, &stale.cert_pem);
+    wait_for_failed_reload(&proxy, CLIENT_CERT_RELOAD, before).await;
+    // Let a reload triggered by the second rename run as well.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_force = proxy
+        .upstreams()
+        .client_certificate("edge")
+        .expect("a pair in force");
+    assert_ne!(in_force.serial, stale_serial, "an expired pair took effect");
+    assert!(!nginx.requests().iter().any(|r| r.serial == stale_serial));
+    // ... and a valid one brings calls back.
     let fresh = up.client_cert(0, "fresh", Duration::from_secs(3600));
     replace(&key, &fresh.key_pem);
     replace(&cert, &fresh.cert_pem);
@@ -640,10 +693,15 @@ credentials = {{ type = "api-key", file = "{key}" }}
     };
     assert_eq!(seen(&upstream), vec![vec!["Bearer key-one".to_string()]]);
 
-    // An empty key file is rejected: the last good key stays.
+    // An empty key file is rejected (seen to be tried): the last good key stays.
+    let before = failed_reloads(&proxy, "upstream API key");
     replace(&key_file, "\n");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    wait_for_failed_reload(&proxy, "upstream API key", before).await;
     call(&mut client).await.expect("key-one still in force");
+    assert_eq!(
+        seen(&upstream).last(),
+        Some(&vec!["Bearer key-one".to_string()])
+    );
     replace(&key_file, "key-two\n");
     wait_for_async(Duration::from_secs(10), "the new key to be sent", || {
         let mut client = client.clone();
@@ -761,8 +819,9 @@ async fn upstreams_and_namespaces_change_without_a_restart() {
     let broken = std::fs::read_to_string(&path)
         .expect("read")
         .replace("upstream = \"two\"", "upstream = \"missing\"");
+    let before = failed_reloads(&proxy, CONFIG_RELOAD);
     replace(&path, &broken);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_for_failed_reload(&proxy, CONFIG_RELOAD, before).await;
     client
         .describe_namespace(describe("beta"))
         .await
