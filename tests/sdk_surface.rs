@@ -101,7 +101,10 @@ async fn every_newer_sdk_feature_runs_through_the_proxy_as_it_runs_directly() {
     let db = server.dir.path().join("temporal.db");
     let pki = Pki::new();
     let issuer = Issuer::new(&pki);
-    let mut config = proxy_config(&pki, &server.address(), &["default"]);
+    // Every request the proxy sends goes through a recording tap: what is never stored (Nexus
+    // inputs and results in flight, failures, query and update traffic) is searched too.
+    let tap = tap::UpstreamTap::start(server.address().parse().expect("address")).await;
+    let mut config = proxy_config(&pki, &tap.address.to_string(), &["default"]);
     // The strict rule: every payload an answer holds must be sealed by the proxy (nil memo
     // values and the server's system Nexus records aside).
     config.namespaces[0].encrypted_only = Some(true);
@@ -206,6 +209,16 @@ async fn every_newer_sdk_feature_runs_through_the_proxy_as_it_runs_directly() {
         );
     }
     assert_eq!(occurrences(&db, &sealed_marker), 0, "some marker leaked");
+    // Nor on the wire, in any encoding (the detector is shown to catch each).
+    leak::assert_detects(sealed_marker.as_bytes());
+    assert!(
+        tap.count() > 100,
+        "the tap saw only {} requests",
+        tap.count()
+    );
+    if let Some(form) = leak::find(&tap.wire(), sealed_marker.as_bytes()) {
+        panic!("a marker went upstream on the wire ({form})");
+    }
 
     // The CLI manages endpoints through the proxy; the description is plaintext to it and
     // sealed at the server.

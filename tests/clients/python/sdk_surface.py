@@ -857,12 +857,18 @@ async def run(args: argparse.Namespace, results: dict, errors: dict, info: dict)
                 return {k: rev(v.data.decode()) for k, v in entries.items()}
 
             await step(results, errors, "deploy.describe_version", described_version())
-            deployments = await client.workflow_service.list_worker_deployments(
-                ListWorkerDeploymentsRequest(namespace=ns)
-            )
-            results["deploy.listed"] = any(
-                d.name == deployment for d in deployments.worker_deployments
-            )
+            # The list comes from visibility, which is eventually consistent: ask until it
+            # shows the deployment (or 10 s pass).
+            listed = False
+            for _ in range(50):
+                deployments = await client.workflow_service.list_worker_deployments(
+                    ListWorkerDeploymentsRequest(namespace=ns)
+                )
+                listed = any(d.name == deployment for d in deployments.worker_deployments)
+                if listed:
+                    break
+                await asyncio.sleep(0.2)
+            results["deploy.listed"] = listed
             results["deploy.run"] = await client.execute_workflow(
                 VersionedWorkflow.run, id=f"versioned-{suffix}", task_queue=f"{tq}-versioned"
             )
