@@ -9,6 +9,8 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod identity;
 pub mod payload;

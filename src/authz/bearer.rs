@@ -242,7 +242,7 @@ pub enum BearerSetupError {
 
 /// One verification key from a JWKS.
 #[derive(Clone)]
-struct VerifyingKey {
+pub(crate) struct VerifyingKey {
     kid: Option<String>,
     /// The JWK's own `alg`, when it names one: tokens must then use exactly that.
     alg: Option<Algorithm>,
@@ -259,7 +259,7 @@ impl VerifyingKey {
 
 /// Parses a JWKS document, keeping the signature keys it can use and skipping (with a log line)
 /// the rest: encryption keys, symmetric keys, unknown key types.
-fn parse_jwks(text: &[u8]) -> Result<Vec<VerifyingKey>, String> {
+pub(crate) fn parse_jwks(text: &[u8]) -> Result<Vec<VerifyingKey>, String> {
     #[derive(Deserialize)]
     struct Document {
         keys: Vec<serde_json::Value>,

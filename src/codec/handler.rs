@@ -509,7 +509,7 @@ const UI_NO_NAMESPACE: &str = "undefined";
 
 /// What a request names: a namespace, or explicitly none (an empty `X-Namespace`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Named {
+pub(crate) enum Named {
     Namespace(String),
     Empty,
 }
@@ -607,7 +607,7 @@ async fn open_split(
 
 /// The namespace from the path or `X-Namespace`; both present must agree. An empty
 /// `X-Namespace` (and no path namespace) names none on purpose.
-fn namespace_of(from_path: Option<&str>, headers: &HeaderMap) -> Result<Named, String> {
+pub(crate) fn namespace_of(from_path: Option<&str>, headers: &HeaderMap) -> Result<Named, String> {
     let from_header = match headers.get(X_NAMESPACE) {
         Some(value) => Some(
             value

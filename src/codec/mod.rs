@@ -10,7 +10,7 @@
 //! disclosure.
 
 pub mod config;
-mod handler;
+pub(crate) mod handler;
 pub mod json;
 
 use std::net::SocketAddr;
