@@ -11,6 +11,7 @@ pub mod dev;
 pub mod error;
 pub mod grpc;
 pub mod identity;
+pub mod offload;
 pub mod payload;
 pub mod proxy;
 pub mod reload;
