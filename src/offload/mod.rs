@@ -189,3 +189,6 @@ impl PayloadServices {
         self.compression.is_none() && self.offload.is_none()
     }
 }
+
+#[cfg(test)]
+mod tests;
