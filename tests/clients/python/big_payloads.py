@@ -101,7 +101,8 @@ async def main() -> None:
         "result": sha(make_payload(args.marker, "result", args.size, args.kind)),
         "signal": sha(signal),
     }
-    workflow_id = f"big-{args.marker}-{uuid.uuid4().hex[:8]}"
+    # Not the marker: workflow ids are stored in plaintext, payloads are what is searched for.
+    workflow_id = f"big-{uuid.uuid4().hex}"
     task_queue = f"big-{uuid.uuid4().hex[:8]}"
     if args.expect_too_large:
         try:
