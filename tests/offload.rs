@@ -512,7 +512,8 @@ async fn an_object_store_outage_fails_closed_and_recovers() {
 async fn large_json_payloads_are_compressed_and_older_envelopes_still_open() {
     let server = DevServer::start(&["json"]).await;
     let pki = Pki::new();
-    let size = "2000000";
+    // Under the server's 2 MiB blob limit once JSON-escaped, so the direct run works too.
+    let size = "1200000";
     let marker = format!("zjson{}", std::process::id());
     let args = |address: SocketAddr, what: &str| {
         let mut args = big_payloads_args(address, &pki, &format!("{marker}{what}"), "json");
@@ -582,9 +583,9 @@ async fn large_json_payloads_are_compressed_and_older_envelopes_still_open() {
         .expect("the old workflow's history")
         .into_inner();
     let inputs = event_data(&history);
-    assert_eq!(inputs.len(), 2);
+    assert_eq!(inputs.len(), 5, "four arguments and the signal");
     assert!(String::from_utf8_lossy(&inputs[0]).contains(&format!("{marker}old-input:")));
-    assert!(inputs[0].len() > 2_000_000, "{}", inputs[0].len());
+    assert!(inputs[0].len() > 1_200_000, "{}", inputs[0].len());
     proxy.shutdown().await;
 }
 
