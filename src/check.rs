@@ -394,7 +394,14 @@ pub async fn run(path: &Path, options: &CheckOptions) -> CheckReport {
             Err(e) => report.push(Severity::Fail, "encryption", e.to_string()),
         }
     }
-    if let Some(offload) = &config.offload {
+    if let Some(offload) = config.offload.as_ref().filter(|_| options.offline) {
+        report.push(
+            Severity::Warn,
+            "offload",
+            format!("bucket {} not checked (offline)", offload.bucket),
+        );
+    }
+    if let Some(offload) = config.offload.as_ref().filter(|_| !options.offline) {
         let checked = match crate::offload::ObjectStore::new(offload).await {
             Ok(store) => store.check().await,
             Err(e) => Err(e),

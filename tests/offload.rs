@@ -414,7 +414,38 @@ async fn an_object_store_outage_fails_closed_and_recovers() {
     store.max_attempts = 1;
     // No cache: every read goes to the store.
     store.cache_bytes = 0;
-    let proxy = start_proxy(offload_config(&pki, &server.address(), store)).await;
+    let config = offload_config(&pki, &server.address(), store);
+
+    // `portcullis check` writes, reads back and removes an object; a bucket that does not
+    // exist fails it.
+    let path = pki.dir.path().join("offload.toml");
+    let check = |config: &Config| {
+        std::fs::write(&path, config.to_toml()).expect("write config");
+        let path = path.clone();
+        async move {
+            let report = portcullis::check::run(&path, &Default::default()).await;
+            let line = report
+                .lines
+                .iter()
+                .find(|l| l.what == "offload")
+                .cloned()
+                .unwrap_or_else(|| panic!("no offload line: {}", report.render()));
+            (line.severity, line.detail)
+        }
+    };
+    let (severity, detail) = check(&config).await;
+    assert_eq!(severity, portcullis::check::Severity::Ok, "{detail}");
+    assert!(detail.contains("wrote and read back") && detail.contains("(removed)"), "{detail}");
+    let mut missing = config.clone();
+    if let Some(offload) = missing.offload.as_mut() {
+        offload.bucket = "no-such-bucket".into();
+    }
+    let (severity, detail) = check(&missing).await;
+    assert_eq!(severity, portcullis::check::Severity::Fail, "{detail}");
+    assert!(detail.contains("HeadBucket"), "{detail}");
+    assert!(objects(&s3).await.is_empty(), "check left an object behind");
+
+    let proxy = start_proxy(config).await;
     let address = proxy.local_addr().expect("tcp");
     let mut client = workflow_client(address, &pki, &pki.client)
         .await
