@@ -437,7 +437,16 @@ fn dev_config(
             plaintext: false,
             workers: None,
         },
-        limits: Default::default(),
+        limits: if offloading {
+            // Clients may send payloads far above Temporal's limits: they are offloaded.
+            crate::config::Limits {
+                max_request_bytes: 32 << 20,
+                max_connection_buffered_bytes: 80 << 20,
+                ..Default::default()
+            }
+        } else {
+            Default::default()
+        },
         upstreams,
         routing: Routing {
             system_upstream: "dev".into(),
