@@ -394,6 +394,23 @@ pub async fn run(path: &Path, options: &CheckOptions) -> CheckReport {
             Err(e) => report.push(Severity::Fail, "encryption", e.to_string()),
         }
     }
+    if let Some(offload) = config.offload.as_ref().filter(|_| options.offline) {
+        report.push(
+            Severity::Warn,
+            "offload",
+            format!("bucket {} not checked (offline)", offload.bucket),
+        );
+    }
+    if let Some(offload) = config.offload.as_ref().filter(|_| !options.offline) {
+        let checked = match crate::offload::ObjectStore::new(offload).await {
+            Ok(store) => store.check().await,
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(detail) => report.push(Severity::Ok, "offload", detail),
+            Err(e) => report.push(Severity::Fail, "offload", e),
+        }
+    }
 
     for (name, upstream) in &config.upstreams {
         let label = format!("upstream {name}");

@@ -31,6 +31,97 @@ pub struct DevOptions {
     pub namespaces: Vec<String>,
     /// The codec server's address: loopback only (port 0 picks a free one).
     pub codec_listen: String,
+    /// Where large payloads are offloaded: `auto` (a local `moto_server` S3 endpoint when one
+    /// is installed, else none), `none`, or the URL of an S3-compatible endpoint (its bucket
+    /// `portcullis-dev` is created when missing; credentials from the AWS environment).
+    pub object_store: String,
+}
+
+/// The bucket `portcullis dev` offloads to.
+pub const DEV_BUCKET: &str = "portcullis-dev";
+
+/// A local S3 endpoint for `portcullis dev`: `moto_server` (PyPI `moto[server]`, which
+/// `scripts/setup.sh` installs into .venv), killed when dropped. It keeps objects in memory:
+/// they are gone when `portcullis dev` stops, and so are the large payloads of workflows run
+/// until then (their references then fail with DATA_LOSS).
+pub struct LocalObjectStore {
+    _child: Child,
+    pub endpoint: String,
+}
+
+/// `moto_server` in .venv/bin or on PATH.
+pub fn find_moto_binary() -> Option<PathBuf> {
+    let mut candidates = vec![PathBuf::from(".venv/bin/moto_server")];
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(root) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+            candidates.push(root.join(".venv/bin/moto_server"));
+        }
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server"));
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|p| p.join("moto_server")));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+impl LocalObjectStore {
+    pub async fn start(binary: &Path, log: &Path) -> anyhow::Result<LocalObjectStore> {
+        let port = free_port()?;
+        let log_file = std::fs::File::create(log)?;
+        let child = Command::new(binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if std::time::Instant::now() > deadline {
+                bail!("{} did not listen on port {port}", binary.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(LocalObjectStore {
+            _child: child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        })
+    }
+}
+
+/// The `[offload]` section for an S3-compatible endpoint in development, with its bucket
+/// created when missing.
+async fn dev_offload(
+    endpoint: &str,
+    local: bool,
+) -> anyhow::Result<crate::offload::OffloadConfig> {
+    let mut offload = crate::offload::OffloadConfig::new(DEV_BUCKET);
+    offload.endpoint = Some(endpoint.to_string());
+    offload.force_path_style = true;
+    if local {
+        // moto accepts any credentials.
+        offload.credentials = Some(crate::crypto::StaticCredentials {
+            access_key_id: "portcullis-dev".into(),
+            secret_access_key: "portcullis-dev".into(),
+            session_token: None,
+        });
+    }
+    let mut setup = offload.clone();
+    setup.timeout = Duration::from_secs(30);
+    let client = crate::offload::store::sdk_client(&setup).await;
+    if client.head_bucket().bucket(DEV_BUCKET).send().await.is_err() {
+        client
+            .create_bucket()
+            .bucket(DEV_BUCKET)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create bucket {DEV_BUCKET} at {endpoint}: {e:?}"))?;
+    }
+    Ok(offload)
 }
 
 /// Paths of the development PKI inside the dev directory.
@@ -322,7 +413,9 @@ fn dev_config(
     pki: &DevPki,
     namespaces: &[String],
     dir: &Path,
+    offload: Option<crate::offload::OffloadConfig>,
 ) -> Config {
+    let offloading = offload.is_some();
     let mut upstreams = std::collections::BTreeMap::new();
     upstreams.insert(
         "dev".to_string(),
@@ -344,7 +437,16 @@ fn dev_config(
             plaintext: false,
             workers: None,
         },
-        limits: Default::default(),
+        limits: if offloading {
+            // Clients may send payloads far above Temporal's limits: they are offloaded.
+            crate::config::Limits {
+                max_request_bytes: 32 << 20,
+                max_connection_buffered_bytes: 80 << 20,
+                ..Default::default()
+            }
+        } else {
+            Default::default()
+        },
         upstreams,
         routing: Routing {
             system_upstream: "dev".into(),
@@ -360,6 +462,10 @@ fn dev_config(
                 encrypted_only: None,
                 identity: Default::default(),
                 api_key: None,
+                // On in development, to show both; see the README before turning compression
+                // on elsewhere.
+                compression: Some(Default::default()),
+                offload: offloading.then(Default::default),
             })
             .collect(),
         authorization: AuthorizationConfig {
@@ -417,6 +523,7 @@ fn dev_config(
         }),
         codec: None,
         schema: Default::default(),
+        offload,
         source: None,
     }
 }
@@ -482,7 +589,30 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         }
     };
 
-    let mut config = dev_config(&options.listen, &upstream_address, &pki, &namespaces, &dir);
+    let (local_store, offload) = match options.object_store.as_str() {
+        "none" => (None, None),
+        "auto" => match find_moto_binary() {
+            Some(binary) => {
+                let store =
+                    LocalObjectStore::start(&binary, &dir.join("object-store.log")).await?;
+                let offload = dev_offload(&store.endpoint, true).await?;
+                (Some(store), Some(offload))
+            }
+            None => {
+                tracing::warn!("no moto_server found (.venv/bin or PATH): large payloads are not offloaded; pass --object-store URL for an S3-compatible endpoint");
+                (None, None)
+            }
+        },
+        url => (None, Some(dev_offload(url, false).await?)),
+    };
+    let mut config = dev_config(
+        &options.listen,
+        &upstream_address,
+        &pki,
+        &namespaces,
+        &dir,
+        offload,
+    );
     let ui_url = dev_server
         .as_ref()
         .map(|s| format!("http://127.0.0.1:{}", s.ui_port));
@@ -507,11 +637,17 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
             && c.authorization.namespaces.len() == config.authorization.namespaces.len()
             && c.codec == config.codec
             && c.bearer == config.bearer
+            && c.offload == config.offload
+            && c.namespaces.iter().map(|n| (n.compression, n.offload)).eq(config
+                .namespaces
+                .iter()
+                .map(|n| (n.compression, n.offload)))
     });
     if !unchanged {
         std::fs::write(&config_path, text)?;
     }
     let config = Config::load(&config_path)?;
+    let offload_summary = config.offload.clone();
 
     // The codec server lets callers without credentials decode: the dev server's Web UI sends
     // none. Only `portcullis dev` can set this, and only on a plaintext loopback listener.
@@ -577,6 +713,8 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         "ui_url": ui_url,
         "codec_endpoint": codec_url,
         "codec_auth": codec_auth,
+        "object_store": offload_summary.as_ref().and_then(|o| o.endpoint.clone()),
+        "bucket": offload_summary.as_ref().map(|o| o.bucket.clone()),
     });
     let endpoints_path = dir.join("endpoints.json");
     let tmp = dir.join("endpoints.json.tmp");
@@ -607,7 +745,18 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
             .unwrap_or_default(),
     );
 
+    if let Some(offload) = &offload_summary {
+        println!(
+            "Payloads: compressed (zstd) before sealing; those of 256 KiB or more are offloaded to bucket {} at {}{}.\n",
+            offload.bucket,
+            offload.endpoint.as_deref().unwrap_or("AWS S3"),
+            if local_store.is_some() { " (a local moto_server, in memory)" } else { "" }
+        );
+    } else {
+        println!("Payloads: compressed (zstd) before sealing; no object store, so none is offloaded.\n");
+    }
     proxy.run_until_signal().await;
+    drop(local_store);
     if let Some(server) = dev_server {
         server.stop().await;
     }

@@ -80,6 +80,9 @@ pub enum ProxyError {
     Crypto(#[from] crate::crypto::CryptoError),
     #[error("cannot encrypt this call, refusing to forward it: {0}")]
     Encryption(String),
+    /// Offloading a payload to object storage, or resolving one, failed.
+    #[error("{0}")]
+    Offload(crate::offload::OffloadError),
     /// A Nexus operation addressed to the system endpoint that portcullis cannot read.
     #[error("refusing to forward this call: {0}")]
     SystemNexus(String),
@@ -184,6 +187,10 @@ impl ProxyError {
                 }
             }
             Encryption(_) | SystemNexus(_) => Code::FailedPrecondition,
+            Offload(e) if e.is_data_loss() => Code::DataLoss,
+            Offload(e) if e.is_unavailable() => Code::Unavailable,
+            Offload(crate::offload::OffloadError::TooLarge { .. }) => Code::ResourceExhausted,
+            Offload(_) => Code::FailedPrecondition,
             PlaintextResponse(_) => Code::DataLoss,
         }
     }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod grpc;
 pub mod identity;
+pub mod offload;
 pub mod payload;
 pub mod proxy;
 pub mod reload;

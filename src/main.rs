@@ -51,6 +51,10 @@ enum Command {
         /// Where the codec server listens (loopback only; port 0 picks a free one).
         #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7444")]
         codec_listen: String,
+        /// Where large payloads are offloaded: `auto` (a local moto_server when installed),
+        /// `none`, or an S3-compatible endpoint URL (bucket `portcullis-dev`).
+        #[arg(long, value_name = "auto|none|URL", default_value = "auto")]
+        object_store: String,
     },
     /// Manage key-encryption keys: a local keyring, or keys on a PKCS#11 token.
     Keys {
@@ -170,6 +174,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             namespaces,
             codec_listen,
+            object_store,
         } => {
             portcullis::dev::run(portcullis::dev::DevOptions {
                 dir,
@@ -177,6 +182,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 listen,
                 namespaces,
                 codec_listen,
+                object_store,
             })
             .await
         }

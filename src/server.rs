@@ -96,15 +96,20 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         );
         None
     } else {
-        let encryption = Arc::new(
-            Encryption::new(
-                &config.encryption,
-                &namespace_keys(config),
-                config.routing.default_upstream.is_some(),
-            )
-            .await?
-            .with_limits(encryption_limits(config)),
-        );
+        let mut built = Encryption::new(
+            &config.encryption,
+            &namespace_keys(config),
+            config.routing.default_upstream.is_some(),
+        )
+        .await?
+        .with_limits(encryption_limits(config));
+        if let Some(offload) = &config.offload {
+            let store = crate::offload::ObjectStore::new(offload)
+                .await
+                .map_err(|e| anyhow::anyhow!("offload: {e}"))?;
+            built = built.with_offload(Arc::new(store));
+        }
+        let encryption = Arc::new(built);
         pipeline = BoxCloneSyncService::new(EncryptLayer::new(encryption.clone()).layer(pipeline));
         Some(encryption)
     };
@@ -182,6 +187,10 @@ pub fn namespace_keys(config: &Config) -> Vec<NamespaceKey> {
             encrypted_only: ns
                 .encrypted_only
                 .unwrap_or(config.encryption.encrypted_only),
+            services: crate::offload::PayloadServices {
+                compression: ns.compression,
+                offload: ns.offload,
+            },
         })
         .collect()
 }
@@ -555,6 +564,7 @@ fn instrument_pipeline(
     telemetry.set_upstreams(upstreams.addresses());
     if let Some(encryption) = encryption {
         telemetry.set_keys(encryption.key_stats());
+        telemetry.set_offload(encryption.payload_stats().clone());
     }
     // Upstream client certificates as they rotate (issued, files, the tls.cert shorthand),
     // and each upstream's open connections, read live at every scrape by upstream name (a

@@ -384,6 +384,27 @@ fn every_example_in_config_is_checked() {
     );
 }
 
+/// The service example shows both payload services: offload with its object store and raised
+/// request limits, compression on a namespace of its own.
+#[test]
+fn service_example_offloads_and_compresses() {
+    let config = load("service.toml");
+    let offload = config.offload.as_ref().expect("[offload]");
+    assert_eq!(offload.bucket, "corp-portcullis-payloads");
+    let orders = config.namespaces.iter().find(|n| n.name == "orders");
+    assert!(orders.and_then(|n| n.offload).is_some());
+    let reporting = config.namespaces.iter().find(|n| n.name == "reporting");
+    assert!(reporting.and_then(|n| n.compression).is_some());
+    assert!(config.limits.max_request_bytes > 4 << 20);
+    // Offload without an object store is refused.
+    let text = std::fs::read_to_string(config_dir().join("service.toml")).expect("read");
+    let start = text.find("[offload]").expect("section");
+    let end = start + text[start..].find("\n\n").expect("end of section");
+    let without = format!("{}{}", &text[..start], &text[end..]);
+    let err = Config::from_toml(&without).expect_err("offload without [offload]");
+    assert!(err.to_string().contains("[offload]"), "{err}");
+}
+
 #[test]
 fn sidecar_examples_are_local_only() {
     let sidecar = load("sidecar.toml");

@@ -53,6 +53,10 @@ pub struct Config {
     /// Temporal's API schema: the built-in one, or a newer descriptor set.
     #[serde(default)]
     pub schema: crate::schema::SchemaConfig,
+    /// The object store large payloads are offloaded to (namespaces with `offload`). Off when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<crate::offload::OffloadConfig>,
     /// The file this config was loaded from (for reloads).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -430,6 +434,14 @@ pub struct NamespaceConfig {
     /// upstream's: for a regional endpoint shared by namespaces that each have their own key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<ApiKeyCredentials>,
+    /// Compress payloads (zstd) before sealing them. Off when absent: see the README on
+    /// compress-then-encrypt before turning it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::crypto::CompressionConfig>,
+    /// Store large payloads in the `[offload]` object store, with a sealed reference upstream.
+    /// Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<crate::offload::NamespaceOffload>,
 }
 
 fn yes() -> bool {
@@ -693,7 +705,21 @@ impl Config {
                     ));
                 }
             }
+            if let Some(offload) = &self.offload {
+                offload.validate().map_err(ConfigError::Invalid)?;
+            }
             for ns in &self.namespaces {
+                if let Some(compression) = &ns.compression {
+                    compression
+                        .validate()
+                        .map_err(|e| ConfigError::Invalid(format!("namespace {:?}: {e}", ns.name)))?;
+                }
+                if ns.offload.is_some() && self.offload.is_none() {
+                    return invalid(format!(
+                        "namespace {:?} offloads payloads: configure the [offload] object store",
+                        ns.name
+                    ));
+                }
                 match &ns.encryption_key {
                     Some(key) if !keys.contains_key(key) => {
                         return invalid(format!("namespace {:?} refers to unknown encryption key {key:?}", ns.name))

@@ -22,14 +22,23 @@ pub const ENCODING_ENCRYPTED: &[u8] = b"binary/encrypted";
 pub const KEY_ID_KEY: &str = "encryption-key-id";
 pub const ENVELOPE_KEY: &str = "portcullis-envelope";
 pub const ENVELOPE_V1: &[u8] = b"v1";
+/// The marker of an envelope whose plaintext was compressed before sealing (envelope version 2):
+/// a reader that knows only v1 refuses it instead of handing out compressed bytes.
+pub const ENVELOPE_V2: &[u8] = b"v2";
 /// Metadata naming the scope of an envelope sealed for a scope that is not a namespace (Nexus
 /// endpoint descriptions, [`crate::payload::walker::NEXUS_ENDPOINT_SCOPE`]), so a reader
 /// without the context (the codec server) knows which key opens it. Outside the ciphertext, but
 /// the associated data binds the scope: an altered one does not open.
 pub const SCOPE_KEY: &str = "portcullis-scope";
 pub const ENVELOPE_VERSION: u32 = 1;
+/// The version of an envelope whose plaintext is compressed ([`ENVELOPE_V2`]).
+pub const ENVELOPE_VERSION_COMPRESSED: u32 = 2;
 /// First component of the associated data: a v1 ciphertext can never verify as another format.
 const FORMAT_TAG: &[u8] = b"portcullis/v1";
+/// The same for v2 (compressed plaintext).
+const FORMAT_TAG_V2: &[u8] = b"portcullis/v2";
+/// `portcullis.v1.Compression.COMPRESSION_ZSTD`.
+const COMPRESSION_ZSTD: u64 = 1;
 pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
 
@@ -83,6 +92,24 @@ pub(crate) fn associated_data(namespace: &str, kek_id: &str, data_key_id: &str) 
     ])
 }
 
+/// The associated data of a v2 envelope: v1's parts under another tag, then the compression
+/// and the size of the original Payload, so neither can be changed or stripped.
+fn associated_data_v2(
+    namespace: &str,
+    kek_id: &str,
+    data_key_id: &str,
+    plaintext_size: u64,
+) -> Vec<u8> {
+    length_prefixed(&[
+        FORMAT_TAG_V2,
+        namespace.as_bytes(),
+        kek_id.as_bytes(),
+        data_key_id.as_bytes(),
+        b"zstd",
+        &plaintext_size.to_be_bytes(),
+    ])
+}
+
 /// Everything about sealing under one data key in one namespace that does not change per
 /// payload, computed once per rotation.
 pub(crate) struct Sealer {
@@ -90,6 +117,9 @@ pub(crate) struct Sealer {
     aad: Vec<u8>,
     /// The sealed Payload's metadata fields, encoded.
     metadata: Vec<u8>,
+    /// The same with the v2 marker (compressed plaintext).
+    metadata_v2: Vec<u8>,
+    namespace: String,
     /// Envelope fields 1-3 (version, kek_id, wrapped_data_key), encoded.
     envelope_head: Vec<u8>,
     pub(crate) kek_id: String,
@@ -99,23 +129,28 @@ pub(crate) struct Sealer {
 impl Sealer {
     pub(crate) fn new(cipher: Aes256Gcm, namespace: &str, kek_id: &str, wrapped: &[u8]) -> Self {
         let key_id = data_key_id(wrapped);
-        let mut metadata = Vec::new();
         let scope = namespace
             .starts_with(crate::payload::walker::RESERVED_SCOPE_PREFIX)
             .then_some((SCOPE_KEY, namespace.as_bytes()));
-        for (key, value) in [
-            (ENCODING_KEY, ENCODING_ENCRYPTED),
-            (KEY_ID_KEY, key_id.as_bytes()),
-            (ENVELOPE_KEY, ENVELOPE_V1),
-        ]
-        .into_iter()
-        .chain(scope)
-        {
-            let mut entry = Vec::with_capacity(key.len() + value.len() + 4);
-            put_len_field(&mut entry, 1, key.as_bytes());
-            put_len_field(&mut entry, 2, value);
-            put_len_field(&mut metadata, 1, &entry);
-        }
+        let metadata_for = |marker: &[u8]| {
+            let mut metadata = Vec::new();
+            for (key, value) in [
+                (ENCODING_KEY, ENCODING_ENCRYPTED),
+                (KEY_ID_KEY, key_id.as_bytes()),
+                (ENVELOPE_KEY, marker),
+            ]
+            .into_iter()
+            .chain(scope)
+            {
+                let mut entry = Vec::with_capacity(key.len() + value.len() + 4);
+                put_len_field(&mut entry, 1, key.as_bytes());
+                put_len_field(&mut entry, 2, value);
+                put_len_field(&mut metadata, 1, &entry);
+            }
+            metadata
+        };
+        let metadata = metadata_for(ENVELOPE_V1);
+        let metadata_v2 = metadata_for(ENVELOPE_V2);
         let mut envelope_head = Vec::with_capacity(kek_id.len() + wrapped.len() + 8);
         put_varint(&mut envelope_head, 1 << 3 | WIRE_VARINT);
         put_varint(&mut envelope_head, u64::from(ENVELOPE_VERSION));
@@ -125,6 +160,8 @@ impl Sealer {
             cipher,
             aad: associated_data(namespace, kek_id, &key_id),
             metadata,
+            metadata_v2,
+            namespace: namespace.to_owned(),
             envelope_head,
             kek_id: kek_id.to_owned(),
             data_key_id: key_id,
@@ -193,6 +230,42 @@ impl Sealer {
     }
 }
 
+impl Sealer {
+    /// Seals `compressed`, the zstd frame of a serialized Payload of `plaintext_size` bytes, as a
+    /// v2 envelope; returns the serialized sealed Payload.
+    pub(crate) fn seal_compressed(
+        &self,
+        compressed: &[u8],
+        plaintext_size: usize,
+        nonce: &Nonce<<Aes256Gcm as AeadCore>::NonceSize>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let size = plaintext_size as u64;
+        let aad = associated_data_v2(&self.namespace, &self.kek_id, &self.data_key_id, size);
+        let mut body = compressed.to_vec();
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(nonce, &aad, &mut body)
+            .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM"))?;
+        body.extend_from_slice(&tag);
+        let mut envelope = Vec::with_capacity(body.len() + self.envelope_head.len() + 48);
+        put_varint(&mut envelope, 1 << 3 | WIRE_VARINT);
+        put_varint(&mut envelope, u64::from(ENVELOPE_VERSION_COMPRESSED));
+        // Fields 2 and 3 (kek_id, wrapped key), as v1 writes them after its version.
+        let head_rest = self.envelope_head.get(2..).unwrap_or_default();
+        envelope.extend_from_slice(head_rest);
+        put_varint(&mut envelope, 6 << 3 | WIRE_VARINT);
+        put_varint(&mut envelope, COMPRESSION_ZSTD);
+        put_varint(&mut envelope, 7 << 3 | WIRE_VARINT);
+        put_varint(&mut envelope, size);
+        put_len_field(&mut envelope, 4, nonce);
+        put_len_field(&mut envelope, 5, &body);
+        let mut out = Vec::with_capacity(self.metadata_v2.len() + envelope.len() + 8);
+        out.extend_from_slice(&self.metadata_v2);
+        put_len_field(&mut out, 2, &envelope);
+        Ok(out)
+    }
+}
+
 /// Random 96-bit nonces for one call's worth of seals, drawn from the operating system in
 /// batches: one `getrandom` per batch rather than one per payload (on a history page of
 /// thousands of small payloads the syscalls cost as much as the encryption). Batches grow
@@ -241,6 +314,8 @@ pub(crate) struct SealedView<'a> {
     nonce: &'a [u8],
     /// Ciphertext followed by the tag.
     ciphertext: &'a [u8],
+    /// v2: the size of the original Payload (the ciphertext holds it compressed with zstd).
+    plaintext_size: Option<u64>,
 }
 
 impl SealedView<'_> {
@@ -248,10 +323,16 @@ impl SealedView<'_> {
         self.wrapped
     }
 
-    /// The size of the original Payload (parse() checked the ciphertext holds a tag).
+    /// The size of the original Payload (parse() checked the ciphertext holds a tag). For a
+    /// compressed envelope, the size it records (authenticated when opened): a size beyond
+    /// memory comes out as `usize::MAX`, which every output limit refuses.
     pub(crate) fn opened_len(&self) -> usize {
-        self.ciphertext.len().saturating_sub(TAG_LEN)
+        match self.plaintext_size {
+            Some(size) => usize::try_from(size).unwrap_or(usize::MAX),
+            None => self.ciphertext.len().saturating_sub(TAG_LEN),
+        }
     }
+
 
     pub(crate) fn envelope_ref(&self) -> EnvelopeRef {
         EnvelopeRef {
@@ -313,9 +394,11 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
     let Some(marker) = marker else {
         return Ok(None);
     };
-    if marker != ENVELOPE_V1 {
-        return Err(malformed("unsupported portcullis-envelope version"));
-    }
+    let expected_version = match marker {
+        ENVELOPE_V1 => ENVELOPE_VERSION,
+        ENVELOPE_V2 => ENVELOPE_VERSION_COMPRESSED,
+        _ => return Err(malformed("unsupported portcullis-envelope version")),
+    };
     if encoding != Some(ENCODING_ENCRYPTED) {
         return Err(malformed(
             "a portcullis envelope must have encoding binary/encrypted",
@@ -328,6 +411,8 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
     let mut wrapped: &[u8] = &[];
     let mut nonce: &[u8] = &[];
     let mut ciphertext: &[u8] = &[];
+    let mut compression = 0u64;
+    let mut plaintext_size = None;
     for field in Fields::new(data) {
         let (number, value) = field.map_err(|_| malformed("the envelope is not valid protobuf"))?;
         match (number, value) {
@@ -336,14 +421,24 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
             (3, Value::Len(v)) => wrapped = v,
             (4, Value::Len(v)) => nonce = v,
             (5, Value::Len(v)) => ciphertext = v,
-            (1..=5, _) => return Err(malformed("an envelope field has the wrong wire type")),
+            (6, Value::Varint(v)) => compression = v,
+            (7, Value::Varint(v)) => plaintext_size = Some(v),
+            (1..=7, _) => return Err(malformed("an envelope field has the wrong wire type")),
             // Unknown fields: skipped, as protobuf readers do; nothing in them is trusted.
             _ => {}
         }
     }
-    if version != u64::from(ENVELOPE_VERSION) {
+    if version != u64::from(expected_version) {
         return Err(malformed("unsupported envelope version"));
     }
+    let plaintext_size = if expected_version == ENVELOPE_VERSION_COMPRESSED {
+        if compression != COMPRESSION_ZSTD {
+            return Err(malformed("unsupported envelope compression"));
+        }
+        Some(plaintext_size.unwrap_or_default())
+    } else {
+        None
+    };
     let kek_id = std::str::from_utf8(kek_id).map_err(|_| malformed("kek_id is not UTF-8"))?;
     if kek_id.is_empty() {
         return Err(malformed("kek_id is empty"));
@@ -363,6 +458,7 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
         wrapped,
         nonce,
         ciphertext,
+        plaintext_size,
     }))
 }
 
@@ -436,6 +532,9 @@ impl Opener {
             return Err(CryptoError::MalformedEnvelope("the nonce is not 12 bytes"));
         }
         let (body, tag) = view.ciphertext.split_at(body_len);
+        if let Some(size) = view.plaintext_size {
+            return self.open_compressed_into(view, namespace, size, out);
+        }
         let start = out.len();
         out.extend_from_slice(body);
         let opened = match out.get_mut(start..) {
@@ -456,6 +555,43 @@ impl Opener {
             out.truncate(start);
         }
         opened
+    }
+}
+
+impl Opener {
+    /// [`Opener::open_into`] for a v2 envelope: decrypts into a buffer of its own (the size and
+    /// compression are authenticated with it), then decompresses exactly `size` bytes onto `out`.
+    fn open_compressed_into(
+        &self,
+        view: &SealedView<'_>,
+        namespace: &str,
+        size: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        let cannot_open = |reason| CryptoError::CannotOpen {
+            key_id: self.data_key_id.clone(),
+            namespace: namespace.to_owned(),
+            reason,
+        };
+        let body_len = view.ciphertext.len().saturating_sub(TAG_LEN);
+        let (body, tag) = view.ciphertext.split_at(body_len);
+        let aad = associated_data_v2(namespace, &self.kek_id, &self.data_key_id, size);
+        let mut compressed = zeroize::Zeroizing::new(body.to_vec());
+        self.cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(view.nonce),
+                &aad,
+                &mut compressed,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| cannot_open(OpenFailure::Authentication))?;
+        // Authenticated: the size is the one this proxy recorded when it sealed.
+        let size = usize::try_from(size)
+            .map_err(|_| CryptoError::MalformedEnvelope("the recorded size is too large"))?;
+        let opened = super::compress::decompress(&compressed, size)
+            .map_err(|_| CryptoError::MalformedEnvelope("the compressed payload does not decompress to its recorded size"))?;
+        out.extend_from_slice(&opened);
+        Ok(())
     }
 }
 

@@ -412,6 +412,24 @@ impl SealingKey {
         sealed
     }
 
+    /// Seals `compressed`, the zstd frame of a serialized Payload of `payload_len` bytes
+    /// ([`super::compress`]), as a v2 envelope; returns the serialized sealed Payload.
+    pub fn seal_compressed(
+        &self,
+        compressed: &[u8],
+        payload_len: usize,
+        nonces: &mut Nonces,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let sealed = self.count_use().and_then(|()| {
+            let nonce = nonces.next_nonce()?;
+            self.key
+                .sealer
+                .seal_compressed(compressed, payload_len, &nonce)
+        });
+        self.count(&sealed);
+        sealed
+    }
+
     fn count_use(&self) -> Result<(), CryptoError> {
         let previous_uses = self.key.uses.fetch_add(1, Ordering::Relaxed);
         if previous_uses >= NONCE_SAFETY_LIMIT {

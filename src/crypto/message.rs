@@ -100,11 +100,40 @@ pub fn seal_message(
     failures: FailureMode,
     limits: WalkLimits,
 ) -> Result<Option<Vec<u8>>, WalkError> {
+    seal_message_with(index, message_type, message, keys, failures, limits, None)
+}
+
+/// Seals a payload some other way than the plain v1 envelope: compressed first, or stored in
+/// object storage with a sealed reference in its place (see [`crate::offload`]). Asked for each
+/// payload of the input (not for those the walker builds, such as encoded failure attributes).
+pub trait SealExtras {
+    /// The sealed replacement of `payload`, sealed with `key` (and `nonces`); `None`: seal it
+    /// as usual.
+    fn seal(
+        &mut self,
+        ctx: &PayloadContext<'_>,
+        key: &SealingKey,
+        nonces: &mut Nonces,
+        payload: &[u8],
+    ) -> Result<Option<Vec<u8>>, WalkError>;
+}
+
+/// [`seal_message`] with [`SealExtras`] asked first about every payload.
+pub fn seal_message_with<'k>(
+    index: &PayloadIndex,
+    message_type: &str,
+    message: &[u8],
+    keys: &'k ScopedKeys<SealingKey>,
+    failures: FailureMode,
+    limits: WalkLimits,
+    extras: Option<&'k mut dyn SealExtras>,
+) -> Result<Option<Vec<u8>>, WalkError> {
     let mut sealing = Sealing {
         keys,
         seal_text: failures == FailureMode::Encode,
         nonces: Nonces::new(),
         pending: VecDeque::new(),
+        extras,
     };
     walker::rewrite_named(
         index,
@@ -119,6 +148,7 @@ pub fn seal_message(
 
 struct Sealing<'k> {
     keys: &'k ScopedKeys<SealingKey>,
+    extras: Option<&'k mut dyn SealExtras>,
     /// Seal text fields too ([`FailureMode::Encode`]).
     seal_text: bool,
     nonces: Nonces,
@@ -144,6 +174,11 @@ impl PayloadVisitor for Sealing<'_> {
             return Ok(Visit::Keep);
         }
         let (position, key) = self.keys.key_for(ctx)?;
+        if let Some(extras) = self.extras.as_deref_mut() {
+            if let Some(sealed) = extras.seal(ctx, key, &mut self.nonces, payload)? {
+                return Ok(Visit::Replace(sealed));
+            }
+        }
         if self.keys.keys.len() > 1 {
             self.pending.push_back(position);
         }

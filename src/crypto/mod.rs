@@ -11,6 +11,7 @@
 //! Fail closed: every failure is an error; there is no path that returns plaintext instead.
 
 pub mod aws_kms;
+pub mod compress;
 pub mod config;
 pub mod envelope;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/portcullis.v1.rs"));
 }
 
+pub use compress::CompressionConfig;
 pub use aws_kms::{AwsKmsConfig, AwsKmsError, AwsKmsProvider, StaticCredentials};
 pub use envelope::{envelope_info, inspect, EnvelopeRef};
 pub use error::{CryptoError, OpenFailure};

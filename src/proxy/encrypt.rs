@@ -32,6 +32,8 @@ use crate::payload::walker::{
 };
 use crate::payload::wire;
 
+mod offload;
+
 const STATUS_DETAILS: &str = "grpc-status-details-bin";
 const GRPC_MESSAGE: &str = "grpc-message";
 
@@ -142,6 +144,11 @@ pub struct Encryption {
     keys: Vec<ConfiguredKey>,
     limits: EncryptionLimits,
     off_thread: OffThreadBudget,
+    /// `[offload]`: where namespaces with `offload` store large payloads (and where references
+    /// are resolved from).
+    store: Option<Arc<crate::offload::ObjectStore>>,
+    /// Compression and offload counters (the store's own when there is one).
+    payload_stats: Arc<crate::telemetry::OffloadStats>,
 }
 
 /// One `[encryption.keys.NAME]`: its manager and its (timed) provider.
@@ -161,6 +168,8 @@ pub struct NamespaceKey {
     pub key: Option<String>,
     /// Every payload of its responses must be sealed by portcullis.
     pub encrypted_only: bool,
+    /// Compression and offload (`[[namespaces]] compression`, `offload`).
+    pub services: crate::offload::PayloadServices,
 }
 
 impl NamespaceKey {
@@ -169,6 +178,7 @@ impl NamespaceKey {
             namespace: namespace.to_string(),
             key: key.map(str::to_string),
             encrypted_only: false,
+            services: Default::default(),
         }
     }
 }
@@ -178,6 +188,7 @@ impl NamespaceKey {
 struct NamespaceCrypto {
     manager: Arc<DataKeyManager>,
     encrypted_only: bool,
+    services: crate::offload::PayloadServices,
 }
 
 fn namespace_managers(
@@ -190,6 +201,7 @@ fn namespace_managers(
         namespace,
         key,
         encrypted_only,
+        services,
     } in namespace_keys
     {
         let manager = match key.as_deref() {
@@ -209,6 +221,7 @@ fn namespace_managers(
             NamespaceCrypto {
                 manager,
                 encrypted_only: *encrypted_only,
+                services: *services,
             },
         );
     }
@@ -322,6 +335,8 @@ impl Encryption {
                 EncryptionLimits::default().off_thread_budget_bytes,
                 EncryptionLimits::default().off_thread_wait,
             ),
+            store: None,
+            payload_stats: Arc::default(),
         })
     }
 
@@ -515,14 +530,18 @@ impl Encryption {
         // A field the API schema in force does not know may hold a payload the walk cannot see:
         // a namespace that must never see plaintext refuses it rather than pass it on.
         let vouch = self.encrypted_only(namespace);
+        let services = self.services_for(namespace);
+        if !services.is_empty() {
+            return self
+                .seal_with_services(services, keys, failures, limits, vouch, message_type, message)
+                .await;
+        }
         let (index, plain, size) = (self.index, message.clone(), message.len());
         let sealed = self
             .off_thread
             .run(size, move || {
                 if vouch {
-                    unknown::ensure_known(message_type, &plain).map_err(|e| {
-                        ProxyError::Encryption(format!("{e}: it could carry a payload this proxy cannot seal, and the namespace is encrypted_only"))
-                    })?;
+                    ensure_known(message_type, &plain)?;
                 }
                 message::seal_message(index, message_type, &plain, &keys, failures, limits).map_err(
                     |e| match e {
@@ -539,6 +558,18 @@ impl Encryption {
             })
             .await??;
         Ok(sealed.map(Bytes::from))
+    }
+
+    /// A served namespace's compression and offload settings.
+    fn services_for(&self, namespace: &str) -> crate::offload::PayloadServices {
+        let managers = match self.managers.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        managers
+            .get(namespace)
+            .map(|n| n.services)
+            .unwrap_or_default()
     }
 
     /// Opens every payload this proxy sealed in `message`; others are left exactly as they are
@@ -649,6 +680,14 @@ impl Encryption {
             })
             .await?
             .map_err(|e| walk_error(e, message_type, false))?;
+        // References to offloaded payloads are sealed like any payload: only an opened answer
+        // can hold one.
+        let opened = match opened {
+            Some(opened) if crate::offload::resolve::may_hold_references(&opened) => {
+                Some(self.resolve_offloaded(namespace, message_type, opened).await?)
+            }
+            other => other,
+        };
         Ok(Opened {
             message: opened,
             foreign,
@@ -765,6 +804,13 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
+
+/// Refuses a message with fields the API schema in force does not know (`encrypted_only`).
+fn ensure_known(message_type: &str, message: &[u8]) -> Result<(), ProxyError> {
+    unknown::ensure_known(message_type, message).map_err(|e| {
+        ProxyError::Encryption(format!("{e}: it could carry a payload this proxy cannot seal, and the namespace is encrypted_only"))
+    })
+}
 
 fn crypto_error(error: CryptoError) -> ProxyError {
     ProxyError::Crypto(error)

@@ -225,6 +225,45 @@ impl Default for ProviderStats {
     }
 }
 
+/// Counters of the object store that large payloads are offloaded to (`[offload]`), kept by
+/// [`crate::offload::ObjectStore`].
+#[derive(Debug)]
+pub struct OffloadStats {
+    pub objects_written: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub write_errors: AtomicU64,
+    /// Objects read from the store (cache hits not included).
+    pub objects_read: AtomicU64,
+    pub bytes_read: AtomicU64,
+    /// Reads that failed: unavailable, missing, wrong digest or size.
+    pub read_errors: AtomicU64,
+    /// Objects that were missing or did not match their digest (DATA_LOSS).
+    pub objects_lost: AtomicU64,
+    pub cache_hits: AtomicU64,
+    /// Payloads compressed before sealing.
+    pub payloads_compressed: AtomicU64,
+    pub write_duration: Histogram,
+    pub read_duration: Histogram,
+}
+
+impl Default for OffloadStats {
+    fn default() -> Self {
+        OffloadStats {
+            objects_written: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            objects_read: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            read_errors: AtomicU64::new(0),
+            objects_lost: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            payloads_compressed: AtomicU64::new(0),
+            write_duration: Histogram::new(&histogram::PROVIDER_BUCKETS),
+            read_duration: Histogram::new(&histogram::PROVIDER_BUCKETS),
+        }
+    }
+}
+
 /// One configured key as metrics see it.
 #[derive(Clone)]
 pub struct KeyStats {
@@ -246,6 +285,7 @@ pub struct Telemetry {
     upstream_connections: RwLock<BTreeMap<String, ConnectionSource>>,
     upstream_pools: RwLock<BTreeMap<String, PoolSource>>,
     keys: RwLock<Vec<KeyStats>>,
+    offload: RwLock<Option<Arc<OffloadStats>>>,
     upstream_targets: RwLock<Vec<(String, String)>>,
     /// Labels of `portcullis_schema_info`: which API schema is in force.
     schema: RwLock<Vec<(&'static str, String)>>,
@@ -281,6 +321,7 @@ impl Default for Telemetry {
             upstream_connections: RwLock::default(),
             upstream_pools: RwLock::default(),
             keys: RwLock::default(),
+            offload: RwLock::default(),
             upstream_targets: RwLock::default(),
             schema: RwLock::default(),
             readiness: RwLock::default(),
@@ -407,6 +448,11 @@ impl Telemetry {
 
     pub fn set_keys(&self, keys: Vec<KeyStats>) {
         *write(&self.keys) = keys;
+    }
+
+    /// Registers the object store's counters (`[offload]`).
+    pub fn set_offload(&self, stats: Arc<OffloadStats>) {
+        *write(&self.offload) = Some(stats);
     }
 
     /// Upstreams the readiness prober checks: (name, HOST:PORT). Call again after a reload.
@@ -592,6 +638,37 @@ fn encode_edge(
         "Writes to the audit sink that failed (the lines are kept and retried).",
         &[(vec![], edge.audit.write_errors())],
     )
+}
+
+fn encode_offload(
+    encoder: &mut DescriptorEncoder<'_>,
+    stats: &OffloadStats,
+) -> Result<(), std::fmt::Error> {
+    let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+    let counters: [(&str, &str, &AtomicU64); 9] = [
+        ("portcullis_offload_objects_written", "Payload objects written to the object store.", &stats.objects_written),
+        ("portcullis_offload_bytes_written", "Bytes of payload objects written to the object store.", &stats.bytes_written),
+        ("portcullis_offload_write_errors", "Object writes that failed (the call failed with UNAVAILABLE, nothing forwarded).", &stats.write_errors),
+        ("portcullis_offload_objects_read", "Payload objects read from the object store (cache hits not included).", &stats.objects_read),
+        ("portcullis_offload_bytes_read", "Bytes of payload objects read from the object store.", &stats.bytes_read),
+        ("portcullis_offload_read_errors", "Object reads that failed (unavailable, missing, wrong digest or size).", &stats.read_errors),
+        ("portcullis_offload_objects_lost", "Objects missing or not matching their digest (the call failed with DATA_LOSS).", &stats.objects_lost),
+        ("portcullis_offload_cache_hits", "Object reads answered by the in-memory cache.", &stats.cache_hits),
+        ("portcullis_payloads_compressed", "Payloads compressed before sealing.", &stats.payloads_compressed),
+    ];
+    for (name, help, value) in counters {
+        counter(encoder, name, help, &[(vec![], load(value))])?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "portcullis_offload_duration_seconds",
+        "Object store call latency by operation (put, get).",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (operation, histogram) in [("put", &stats.write_duration), ("get", &stats.read_duration)] {
+        histogram.encode(family.encode_family(&[("operation", operation)])?)?;
+    }
+    Ok(())
 }
 
 impl Collector for TelemetryCollector {
@@ -800,6 +877,10 @@ impl Collector for TelemetryCollector {
                     histogram.encode(family.encode_family(&labels)?)?;
                 }
             }
+        }
+
+        if let Some(stats) = read(&t.offload).clone() {
+            encode_offload(&mut encoder, &stats)?;
         }
 
         let now = unix_now();
