@@ -398,7 +398,7 @@ fn service_example_offloads_and_compresses() {
     assert!(config.limits.max_request_bytes > 4 << 20);
     // Offload without an object store is refused.
     let text = std::fs::read_to_string(config_dir().join("service.toml")).expect("read");
-    let start = text.find("[offload]").expect("section");
+    let start = text.find("\n[offload]\n").expect("section") + 1;
     let end = start + text[start..].find("\n\n").expect("end of section");
     let without = format!("{}{}", &text[..start], &text[end..]);
     let err = Config::from_toml(&without).expect_err("offload without [offload]");
