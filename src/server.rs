@@ -364,6 +364,30 @@ async fn wait_for_signal() {
     }
 }
 
+/// A write past the process's file size limit (RLIMIT_FSIZE) raises SIGXFSZ, whose default
+/// action ends the process. Handled instead, the write fails with EFBIG: the audit log then
+/// fails closed (calls refused until it can write again) and everything else keeps serving.
+fn survive_file_size_limit() {
+    // SIGXFSZ's number on Linux (every architecture but MIPS) and the BSDs, macOS included.
+    #[cfg(all(unix, not(any(target_arch = "mips", target_arch = "mips64"))))]
+    const SIGXFSZ: i32 = 25;
+    #[cfg(all(unix, any(target_arch = "mips", target_arch = "mips64")))]
+    const SIGXFSZ: i32 = 31;
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let xfsz = SignalKind::from_raw(SIGXFSZ);
+        // Once installed, tokio's handler stays for the life of the process.
+        if let Ok(mut received) = signal(xfsz) {
+            tokio::spawn(async move {
+                while received.recv().await.is_some() {
+                    tracing::warn!("a write passed the file size limit (SIGXFSZ)");
+                }
+            });
+        }
+    }
+}
+
 /// Binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
     start_with(config, StartOptions::default()).await
@@ -371,6 +395,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
 
 /// Like [`start`], with options only the program itself can set (`portcullis dev`).
 pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result<RunningProxy> {
+    survive_file_size_limit();
     if let Some(codec) = &config.codec {
         // Refuse before anything binds.
         crate::codec::check_options(codec, &options.codec)?;

@@ -230,18 +230,13 @@ struct AuditWriter {
 impl AuditLog {
     /// "stdout", "stderr", "off", or a file path (appended to).
     pub fn open(target: &str, settings: AuditSettings) -> std::io::Result<AuditLog> {
-        let writer: Box<dyn Write + Send> = match target {
+        let sink = match target {
             "off" => return Ok(AuditLog::disabled()),
-            "stdout" => Box::new(std::io::stdout()),
-            "stderr" => Box::new(std::io::stderr()),
-            path => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+            "stdout" => Sink::Stream(Box::new(std::io::stdout())),
+            "stderr" => Sink::Stream(Box::new(std::io::stderr())),
+            path => Sink::File(AuditFile::open(path)?),
         };
-        AuditLog::with_writer(writer, settings)
+        AuditLog::spawn(sink, settings)
     }
 
     /// A log writing to `out` (any sink; tests use one they can stall).
@@ -249,6 +244,10 @@ impl AuditLog {
         out: Box<dyn Write + Send>,
         settings: AuditSettings,
     ) -> std::io::Result<AuditLog> {
+        AuditLog::spawn(Sink::Stream(out), settings)
+    }
+
+    fn spawn(out: Sink, settings: AuditSettings) -> std::io::Result<AuditLog> {
         let stats = Arc::new(AuditStats::default());
         let (sender, receiver) = mpsc::channel::<String>();
         let (done_tx, done) = mpsc::channel::<()>();
@@ -333,6 +332,83 @@ impl AuditLog {
     }
 }
 
+/// An audit file that follows its path: when the file at the path is no longer the one open
+/// (rotated by renaming, or deleted), the next batch goes to a new file at the path, so no line
+/// is written where nobody will read it. Checked once per batch (one `stat`).
+struct AuditFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    /// (device, inode) of `file`.
+    identity: (u64, u64),
+}
+
+impl AuditFile {
+    fn open(path: &str) -> std::io::Result<AuditFile> {
+        let path = std::path::PathBuf::from(path);
+        let (file, identity) = Self::open_at(&path)?;
+        Ok(AuditFile {
+            path,
+            file,
+            identity,
+        })
+    }
+
+    fn open_at(path: &std::path::Path) -> std::io::Result<(std::fs::File, (u64, u64))> {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let meta = file.metadata()?;
+        Ok((file, (meta.dev(), meta.ino())))
+    }
+
+    /// Reopens when the path names another file or none.
+    fn follow_path(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let current = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino()));
+        if current.ok() != Some(self.identity) {
+            let (file, identity) = Self::open_at(&self.path)?;
+            tracing::warn!(path = %self.path.display(), "the audit log file was moved or deleted: writing to a new one at its path");
+            self.file = file;
+            self.identity = identity;
+        }
+        Ok(())
+    }
+}
+
+/// Where the writer thread writes.
+enum Sink {
+    Stream(Box<dyn Write + Send>),
+    File(AuditFile),
+}
+
+impl Sink {
+    /// Before each batch (and each retry of one).
+    fn start_batch(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Stream(_) => Ok(()),
+            Sink::File(file) => file.follow_path(),
+        }
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Stream(out) => out.write(buf),
+            Sink::File(file) => file.file.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Stream(out) => out.flush(),
+            Sink::File(file) => file.file.flush(),
+        }
+    }
+}
+
 impl Drop for AuditLog {
     /// Writes out every recorded line before the log goes away (at shutdown the pipeline, and
     /// with it the last reference to the log, is dropped before the process exits). A sink
@@ -368,7 +444,7 @@ impl Drop for AuditLog {
 /// Ends, after writing everything, when the log is dropped.
 fn write_batches(
     receiver: mpsc::Receiver<String>,
-    mut out: Box<dyn Write + Send>,
+    mut out: Sink,
     stats: &AuditStats,
     closing: &AtomicBool,
 ) {
@@ -408,16 +484,12 @@ fn write_batches(
 
 /// Writes the whole batch, retrying failures (from where the last attempt stopped, so no line
 /// is written twice). False when the log was dropped while the sink kept failing.
-fn write_retrying(
-    out: &mut Box<dyn Write + Send>,
-    batch: &[u8],
-    stats: &AuditStats,
-    closing: &AtomicBool,
-) -> bool {
+fn write_retrying(out: &mut Sink, batch: &[u8], stats: &AuditStats, closing: &AtomicBool) -> bool {
     let mut offset = 0;
     let mut reported = false;
     loop {
         let attempt = (|| {
+            out.start_batch()?;
             while offset < batch.len() {
                 match out.write(&batch[offset..]) {
                     Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -498,6 +570,58 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(v["identity"], format!("caller-{i}"));
         }
+    }
+
+    /// A rotated (renamed) or deleted audit file is not written to any more: the next batch
+    /// goes to a new file at the path, and across the files no line is lost or repeated.
+    #[test]
+    fn a_moved_or_deleted_file_is_followed_by_a_new_one_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let rotated = dir.path().join("audit.jsonl.1");
+        let log = AuditLog::open(path.to_str().unwrap(), AuditSettings::default()).unwrap();
+        let wait_for = |path: &std::path::Path, lines: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(path)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+                < lines
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{path:?}: {lines} lines"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        for i in 0..100 {
+            log.record(&event(i)).unwrap();
+        }
+        wait_for(&path, 100);
+        std::fs::rename(&path, &rotated).unwrap();
+        for i in 100..200 {
+            log.record(&event(i)).unwrap();
+        }
+        wait_for(&path, 100);
+        std::fs::remove_file(&path).unwrap();
+        for i in 200..300 {
+            log.record(&event(i)).unwrap();
+        }
+        drop(log);
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        let identities = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["identity"].to_string()
+                })
+                .collect()
+        };
+        let expect = |range: std::ops::Range<usize>| -> Vec<String> {
+            range.map(|i| format!("\"caller-{i}\"")).collect()
+        };
+        assert_eq!(identities(&old), expect(0..100));
+        assert_eq!(identities(&new), expect(200..300));
     }
 
     /// Whether the gate is open, and what went through it.
