@@ -233,6 +233,26 @@ http {{
         }
     }
 
+    /// Stops nginx and starts it again on the same ports with the same configuration, reading
+    /// the certificate files anew (a server whose certificate rotated). Not a SIGHUP reload:
+    /// with `master_process off` nginx does not reconfigure reliably (it starts refusing TLS).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let config_path = self.dir.path().join("nginx.conf");
+        self.child = Command::new(NGINX)
+            .arg("-c")
+            .arg(&config_path)
+            .arg("-p")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart nginx");
+        self.wait_ready();
+    }
+
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(&self.error_log).unwrap_or_default()
     }

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Temporal load that keeps going while things fail around it (tests/chaos.rs): a worker, and
+starters that run a workflow with an activity, a signal and a query, one after another, with a
+marker in every input. Client calls are not retried by the SDK (RetryConfig max_retries=0), so
+every failed call is seen and recorded with its gRPC status; a result that differs from what the
+workflow must return is recorded as "WRONG" (never acceptable).
+
+Usage:
+  chaos_load.py --address HOST:PORT --marker TEXT --events FILE --stop-file FILE
+                [--namespace NS] [--starters N] [--seconds MAX] [--ca/--cert/--key ...]
+
+Runs until the stop file exists (or MAX seconds), then writes every call as a JSON line
+{"t": unix time, "op": start|query|signal|result, "outcome": "OK"|STATUS|"TIMEOUT"|"WRONG"|...}
+to the events file and prints one JSON line with counts per outcome.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import traceback
+import uuid
+from datetime import timedelta
+
+from temporalio import activity, workflow
+
+with workflow.unsafe.imports_passed_through():
+    import common
+
+
+@activity.defn
+async def shout(text: str) -> str:
+    return text.upper()
+
+
+@workflow.defn
+class ChaosWorkflow:
+    def __init__(self) -> None:
+        self.suffix = ""
+
+    @workflow.run
+    async def run(self, text: str) -> str:
+        await workflow.wait_condition(lambda: self.suffix != "")
+        loud = await workflow.execute_activity(
+            shout, text, start_to_close_timeout=timedelta(seconds=30)
+        )
+        return loud + self.suffix
+
+    @workflow.signal
+    def finish(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    @workflow.query
+    def current(self) -> str:
+        return self.suffix
+
+
+def outcome_of(e: BaseException) -> str:
+    from temporalio.client import RPCError as ClientRPCError  # noqa: F401
+    from temporalio.service import RPCError
+
+    if isinstance(e, RPCError):
+        return e.status.name
+    if isinstance(e, asyncio.TimeoutError):
+        return "TIMEOUT"
+    cause = e.__cause__
+    if isinstance(cause, RPCError):
+        return cause.status.name
+    return type(e).__name__
+
+
+async def run(args: argparse.Namespace) -> dict:
+    from temporalio.service import RetryConfig
+    from temporalio.worker import Worker
+
+    client = await common.connect(args, retry_config=RetryConfig(max_retries=0))
+    events: list[dict] = []
+    samples: list[str] = []
+    started = time.monotonic()
+
+    def stopping() -> bool:
+        return os.path.exists(args.stop_file) or time.monotonic() - started > args.seconds
+
+    async def call(op: str, coro, timeout: float):
+        try:
+            value = await asyncio.wait_for(coro, timeout)
+            events.append({"t": time.time(), "op": op, "outcome": "OK"})
+            return True, value
+        except Exception as e:  # noqa: BLE001
+            outcome = outcome_of(e)
+            events.append({"t": time.time(), "op": op, "outcome": outcome})
+            if len(samples) < 20:
+                samples.append(f"{op}: {outcome}: {type(e).__name__}: {e}"[:300])
+            return False, None
+
+    async def starter(index: int) -> None:
+        while not stopping():
+            run = f"{index}-{uuid.uuid4().hex[:8]}"
+            # The marker goes in the input only: workflow ids are operational fields the server
+            # must read (they are never sealed).
+            text = f"{args.marker}-{run}"
+            ok, handle = await call(
+                "start",
+                client.start_workflow(
+                    ChaosWorkflow.run, text, id=f"chaos-{run}", task_queue=args.task_queue
+                ),
+                10,
+            )
+            if not ok:
+                await asyncio.sleep(0.2)
+                continue
+            ok, value = await call("query", handle.query(ChaosWorkflow.current), 10)
+            if ok and value not in ("", "!"):
+                events.append({"t": time.time(), "op": "query", "outcome": "WRONG"})
+            # The signal must land for the workflow to finish: try until it does.
+            while not stopping():
+                ok, _ = await call("signal", handle.signal(ChaosWorkflow.finish, "!"), 10)
+                if ok:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                break
+            while not stopping():
+                ok, value = await call("result", handle.result(), 20)
+                if ok:
+                    if value != text.upper() + "!":
+                        events.append({"t": time.time(), "op": "result", "outcome": "WRONG"})
+                        if len(samples) < 20:
+                            samples.append(f"result: WRONG: {value!r}"[:300])
+                    break
+                await asyncio.sleep(0.2)
+
+    async with Worker(
+        client,
+        task_queue=args.task_queue,
+        workflows=[ChaosWorkflow],
+        activities=[shout],
+    ):
+        await asyncio.gather(*(starter(i) for i in range(args.starters)))
+    with open(args.events, "w") as out:
+        for event in events:
+            out.write(json.dumps(event) + "\n")
+    counts: dict[str, int] = {}
+    for event in events:
+        key = f"{event['op']}:{event['outcome']}"
+        counts[key] = counts.get(key, 0) + 1
+    return {"events": len(events), "counts": counts, "samples": samples}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_connection_args(parser)
+    parser.add_argument("--marker", required=True)
+    parser.add_argument("--events", required=True)
+    parser.add_argument("--stop-file", required=True)
+    parser.add_argument("--seconds", type=float, default=3600.0)
+    parser.add_argument("--starters", type=int, default=3)
+    parser.add_argument("--task-queue", default=f"chaos-{uuid.uuid4().hex[:8]}")
+    args = parser.parse_args()
+    try:
+        result = asyncio.run(run(args))
+    except BaseException as e:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        common.finish(False, {"error": f"{type(e).__name__}: {e}"})
+    common.finish(result["events"] > 0, result)
+
+
+if __name__ == "__main__":
+    main()
