@@ -484,10 +484,15 @@ fn envelope_corpus_replays_and_real_envelopes_open() {
             [&[0u8][..], &message].concat(),
         ),
         ("valid-text".into(), [&[1u8][..], text.as_bytes()].concat()),
+        (
+            "valid-reference".into(),
+            [&[2u8][..], &reference_message(&key)].concat(),
+        ),
     ];
     maybe_write_seeds("envelope", &generated);
     for (_, data) in &generated {
-        assert!(opens_to_seeds(&envelope::one_envelope_input(data).unwrap()));
+        let out = envelope::one_envelope_input(data).unwrap();
+        assert!(opens_to_seeds(&out), "{out:?}");
     }
     for file in corpus("envelope", 2) {
         let name = name_of(&file);
@@ -504,8 +509,37 @@ fn envelope_corpus_replays_and_real_envelopes_open() {
     }
 }
 
+/// A Payloads message holding a sealed offload reference (to the fixture's fixed object) next
+/// to a plain payload, as an upstream sends an offloaded payload back.
+fn reference_message(key: &portcullis::crypto::SealingKey) -> Vec<u8> {
+    use prost::Message as _;
+    use temporalio_protos::protos::temporal::api::common::v1::{Payload, Payloads};
+    let object = envelope::fixed_object();
+    let reference = portcullis::offload::Reference {
+        bucket: "bucket".into(),
+        key: "portcullis/ns1/seed".into(),
+        size: object.len() as u64,
+        sha256: portcullis::offload::reference::sha256(object),
+        payload_size: envelope::fixed_payload().len() as u64,
+    };
+    let sealed = key.seal(&reference.to_payload()).unwrap();
+    Payloads {
+        payloads: vec![
+            Payload::decode(sealed.as_slice()).unwrap(),
+            Payload {
+                data: b"plain".to_vec(),
+                ..Default::default()
+            },
+        ],
+    }
+    .encode_to_vec()
+}
+
 fn opens_to_seeds(out: &envelope::EnvelopeOutcome) -> bool {
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    if let Some(resolved) = &out.resolved {
+        return matches!(resolved, Ok((1, message)) if contains(message, b"seed-offloaded"));
+    }
     match (&out.strict, &out.text) {
         (Some(Ok(Some(opened))), _) => {
             contains(opened, b"seed-one") && contains(opened, b"seed-two")

@@ -5,9 +5,11 @@
 // `tests/fuzz_corpus.rs`. Nothing here may panic, whatever the bytes; refusals are fine.
 //
 // Input layout:
-//   byte 0 (mod 2): 0 = the rest is a `temporal.api.common.v1.Payloads` message, opened
+//   byte 0 (mod 3): 0 = the rest is a `temporal.api.common.v1.Payloads` message, opened
 //                   strictly and leniently (pass-through); 1 = the rest is an error message
-//                   text whose sealed texts are opened
+//                   text whose sealed texts are opened; 2 = the rest is a Payloads message
+//                   opened, then its offload references found (plan_resolve), each checked to
+//                   re-encode to itself, and resolved with one fixed sealed object for every key
 //
 // Check reported in the outcome: `valid-*` seeds (sealed by this fixture's keyring for
 // namespace "ns1") open, to payloads whose data starts with "seed-".
@@ -60,6 +62,61 @@ pub struct EnvelopeOutcome {
     /// Lenient opening (pass-through): must not fail where strict opening succeeded.
     pub lenient: Option<Result<Option<Vec<u8>>, String>>,
     pub text: Option<Result<String, String>>,
+    /// Offload references found in the opened message, and the message with them resolved.
+    pub resolved: Option<Result<(usize, Vec<u8>), String>>,
+}
+
+/// The object every reference resolves to in mode 2: a sealed Payload whose data is
+/// "seed-offloaded".
+pub fn fixed_object() -> &'static bytes::Bytes {
+    static OBJECT: OnceLock<bytes::Bytes> = OnceLock::new();
+    OBJECT.get_or_init(|| {
+        let fixture = envelope_fixture();
+        let key = fixture
+            .runtime
+            .block_on(fixture.manager.sealing_key(NAMESPACE))
+            .expect("sealing key");
+        bytes::Bytes::from(key.seal(&fixed_payload()).expect("seal"))
+    })
+}
+
+/// The serialized Payload [`fixed_object`] opens to.
+pub fn fixed_payload() -> Vec<u8> {
+    use prost::Message as _;
+    temporalio_protos::protos::temporal::api::common::v1::Payload {
+        metadata: [("encoding".to_string(), b"json/plain".to_vec())].into(),
+        data: b"seed-offloaded".to_vec(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn resolve_references(data: &[u8]) -> Result<(usize, Vec<u8>), String> {
+    use portcullis::offload::resolve::plan_resolve;
+    use portcullis::offload::Reference;
+    let opened = open_message(data, false)?.unwrap_or_else(|| data.to_vec());
+    let index = PayloadIndex::global();
+    let Some(plan) =
+        plan_resolve(index, PAYLOADS, &opened, WalkLimits::default()).map_err(|e| e.to_string())?
+    else {
+        return Ok((0, opened));
+    };
+    let mut objects = std::collections::HashMap::new();
+    for (_, reference) in plan.references() {
+        let again = Reference::from_payload(&reference.to_payload());
+        assert_eq!(again, Ok(Some(reference.clone())), "a reference re-encodes to another");
+        objects.insert(reference.key.clone(), fixed_object().clone());
+    }
+    let fixture = envelope_fixture();
+    let refs = portcullis::crypto::envelope_info(fixed_object());
+    let keys = fixture
+        .runtime
+        .block_on(fixture.manager.opening_keys(NAMESPACE, refs))
+        .map_err(|e| e.to_string())?;
+    let resolved = plan
+        .apply(&opened, &objects, &[(None, keys)])
+        .map_err(|e| e.to_string())?;
+    Ok((plan.references().len(), resolved))
 }
 
 fn open_message(data: &[u8], pass_through: bool) -> Result<Option<Vec<u8>>, String> {
@@ -90,7 +147,9 @@ fn open_message(data: &[u8], pass_through: bool) -> Result<Option<Vec<u8>>, Stri
 pub fn one_envelope_input(data: &[u8]) -> Option<EnvelopeOutcome> {
     let (&selector, rest) = data.split_first()?;
     let mut outcome = EnvelopeOutcome::default();
-    if selector % 2 == 0 {
+    if selector % 3 == 2 {
+        outcome.resolved = Some(resolve_references(rest));
+    } else if selector % 3 == 0 {
         outcome.strict = Some(open_message(rest, false));
         outcome.lenient = Some(open_message(rest, true));
     } else {
