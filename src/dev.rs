@@ -95,10 +95,7 @@ impl LocalObjectStore {
 
 /// The `[offload]` section for an S3-compatible endpoint in development, with its bucket
 /// created when missing.
-async fn dev_offload(
-    endpoint: &str,
-    local: bool,
-) -> anyhow::Result<crate::offload::OffloadConfig> {
+async fn dev_offload(endpoint: &str, local: bool) -> anyhow::Result<crate::offload::OffloadConfig> {
     let mut offload = crate::offload::OffloadConfig::new(DEV_BUCKET);
     offload.endpoint = Some(endpoint.to_string());
     offload.force_path_style = true;
@@ -113,13 +110,21 @@ async fn dev_offload(
     let mut setup = offload.clone();
     setup.timeout = Duration::from_secs(30);
     let client = crate::offload::store::sdk_client(&setup).await;
-    if client.head_bucket().bucket(DEV_BUCKET).send().await.is_err() {
+    if client
+        .head_bucket()
+        .bucket(DEV_BUCKET)
+        .send()
+        .await
+        .is_err()
+    {
         client
             .create_bucket()
             .bucket(DEV_BUCKET)
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("cannot create bucket {DEV_BUCKET} at {endpoint}: {e:?}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("cannot create bucket {DEV_BUCKET} at {endpoint}: {e:?}")
+            })?;
     }
     Ok(offload)
 }
@@ -593,8 +598,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         "none" => (None, None),
         "auto" => match find_moto_binary() {
             Some(binary) => {
-                let store =
-                    LocalObjectStore::start(&binary, &dir.join("object-store.log")).await?;
+                let store = LocalObjectStore::start(&binary, &dir.join("object-store.log")).await?;
                 let offload = dev_offload(&store.endpoint, true).await?;
                 (Some(store), Some(offload))
             }
@@ -638,10 +642,10 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
             && c.codec == config.codec
             && c.bearer == config.bearer
             && c.offload == config.offload
-            && c.namespaces.iter().map(|n| (n.compression, n.offload)).eq(config
-                .namespaces
+            && c.namespaces
                 .iter()
-                .map(|n| (n.compression, n.offload)))
+                .map(|n| (n.compression, n.offload))
+                .eq(config.namespaces.iter().map(|n| (n.compression, n.offload)))
     });
     if !unchanged {
         std::fs::write(&config_path, text)?;
@@ -753,7 +757,9 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
             if local_store.is_some() { " (a local moto_server, in memory)" } else { "" }
         );
     } else {
-        println!("Payloads: compressed (zstd) before sealing; no object store, so none is offloaded.\n");
+        println!(
+            "Payloads: compressed (zstd) before sealing; no object store, so none is offloaded.\n"
+        );
     }
     proxy.run_until_signal().await;
     drop(local_store);

@@ -221,7 +221,10 @@ async fn ten_megabyte_payloads_run_through_the_object_store() {
         grown < 8 << 20,
         "the database grew by {grown} bytes for 30 MB of payloads"
     );
-    assert_eq!(occurrences(&server.dir.path().join("temporal.db"), &marker), 0);
+    assert_eq!(
+        occurrences(&server.dir.path().join("temporal.db"), &marker),
+        0
+    );
 
     // The bucket holds the three payloads, sealed, under the namespace's prefix.
     let objects = objects(&s3).await;
@@ -233,7 +236,9 @@ async fn ten_megabyte_payloads_run_through_the_object_store() {
             leak::find(bytes, marker.as_bytes()).is_none(),
             "{key} holds the marker"
         );
-        assert!(portcullis::crypto::inspect(bytes).expect("sealed").is_some());
+        assert!(portcullis::crypto::inspect(bytes)
+            .expect("sealed")
+            .is_some());
         // Content-addressed: the key ends in the object's SHA-256.
         let digest = portcullis::offload::reference::sha256(bytes);
         assert!(key.ends_with(&portcullis::offload::reference::hex(&digest)));
@@ -301,7 +306,10 @@ async fn ten_megabyte_payloads_run_through_the_object_store() {
     assert!(without.len() < 100_000, "{} bytes shown", without.len());
     let with = show(Some(&codec));
     for what in ["input", "signal", "result"] {
-        assert!(shows(&with, what), "{what} not resolved by the codec server");
+        assert!(
+            shows(&with, what),
+            "{what} not resolved by the codec server"
+        );
     }
     proxy.shutdown().await;
 
@@ -435,7 +443,10 @@ async fn an_object_store_outage_fails_closed_and_recovers() {
     };
     let (severity, detail) = check(&config).await;
     assert_eq!(severity, portcullis::check::Severity::Ok, "{detail}");
-    assert!(detail.contains("wrote and read back") && detail.contains("(removed)"), "{detail}");
+    assert!(
+        detail.contains("wrote and read back") && detail.contains("(removed)"),
+        "{detail}"
+    );
     let mut missing = config.clone();
     if let Some(offload) = missing.offload.as_mut() {
         offload.bucket = "no-such-bucket".into();
@@ -466,7 +477,9 @@ async fn an_object_store_outage_fails_closed_and_recovers() {
         .expect_err("a signal while the store is down");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
-        refused.message().contains("cannot write the offloaded payload"),
+        refused
+            .message()
+            .contains("cannot write the offloaded payload"),
         "{refused:?}"
     );
     let read = client
@@ -489,7 +502,10 @@ async fn an_object_store_outage_fails_closed_and_recovers() {
         .await
         .expect("history once the store is back")
         .into_inner();
-    assert_eq!(event_data(&history), vec![input.clone(), first_signal.clone()]);
+    assert_eq!(
+        event_data(&history),
+        vec![input.clone(), first_signal.clone()]
+    );
 
     // The objects (input, signal, and the one the refused signal's write left behind: the store
     // took it after the proxy gave up; nothing refers to it) are deleted: DATA_LOSS naming the
@@ -510,8 +526,14 @@ async fn an_object_store_outage_fails_closed_and_recovers() {
         .await
         .expect_err("history with the objects gone");
     assert_eq!(lost.code(), tonic::Code::DataLoss, "{lost:?}");
-    assert!(lost.message().contains("is missing from bucket"), "{lost:?}");
-    assert!(keys.iter().any(|k| lost.message().contains(k.as_str())), "{lost:?}");
+    assert!(
+        lost.message().contains("is missing from bucket"),
+        "{lost:?}"
+    );
+    assert!(
+        keys.iter().any(|k| lost.message().contains(k.as_str())),
+        "{lost:?}"
+    );
 
     // Each object put back under another's key (same size, other bytes): DATA_LOSS too, by
     // the digest.
@@ -531,8 +553,14 @@ async fn an_object_store_outage_fails_closed_and_recovers() {
         .await
         .expect_err("history with swapped objects");
     assert_eq!(corrupt.code(), tonic::Code::DataLoss, "{corrupt:?}");
-    assert!(corrupt.message().contains("does not match its reference"), "{corrupt:?}");
-    assert!(keys.iter().any(|k| corrupt.message().contains(k.as_str())), "{corrupt:?}");
+    assert!(
+        corrupt.message().contains("does not match its reference"),
+        "{corrupt:?}"
+    );
+    assert!(
+        keys.iter().any(|k| corrupt.message().contains(k.as_str())),
+        "{corrupt:?}"
+    );
     proxy.shutdown().await;
 }
 
@@ -563,7 +591,11 @@ async fn large_json_payloads_are_compressed_and_older_envelopes_still_open() {
     config.limits.max_request_bytes = 32 << 20;
     config.limits.max_connection_buffered_bytes = 80 << 20;
     let proxy = start_proxy(config.clone()).await;
-    let old = run_python_long("big_payloads.py", &args(proxy.local_addr().expect("tcp"), "old")).await;
+    let old = run_python_long(
+        "big_payloads.py",
+        &args(proxy.local_addr().expect("tcp"), "old"),
+    )
+    .await;
     proxy.shutdown().await;
     let old_id = old["workflow_id"].as_str().expect("id").to_string();
     let old_stored = stored_payloads(&server, "json", &old_id).await;
@@ -596,7 +628,13 @@ async fn large_json_payloads_are_compressed_and_older_envelopes_still_open() {
         compressed_total * 3 < plain_total,
         "direct {plain_total}, compressed {compressed_total}"
     );
-    assert_eq!(occurrences(&server.dir.path().join("temporal.db"), &format!("{marker}new")), 0);
+    assert_eq!(
+        occurrences(
+            &server.dir.path().join("temporal.db"),
+            &format!("{marker}new")
+        ),
+        0
+    );
     // Identical results: the workflow saw the same bytes (its hashes are checked by the script
     // against the ones it computed), and so did the direct run.
     assert_eq!(compressed["hashes"], compressed["expected"]);

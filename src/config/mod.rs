@@ -710,9 +710,9 @@ impl Config {
             }
             for ns in &self.namespaces {
                 if let Some(compression) = &ns.compression {
-                    compression
-                        .validate()
-                        .map_err(|e| ConfigError::Invalid(format!("namespace {:?}: {e}", ns.name)))?;
+                    compression.validate().map_err(|e| {
+                        ConfigError::Invalid(format!("namespace {:?}: {e}", ns.name))
+                    })?;
                 }
                 if ns.offload.is_some() && self.offload.is_none() {
                     return invalid(format!(

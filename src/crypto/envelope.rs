@@ -333,7 +333,6 @@ impl SealedView<'_> {
         }
     }
 
-
     pub(crate) fn envelope_ref(&self) -> EnvelopeRef {
         EnvelopeRef {
             kek_id: self.kek_id.to_owned(),
@@ -588,8 +587,11 @@ impl Opener {
         // Authenticated: the size is the one this proxy recorded when it sealed.
         let size = usize::try_from(size)
             .map_err(|_| CryptoError::MalformedEnvelope("the recorded size is too large"))?;
-        let opened = super::compress::decompress(&compressed, size)
-            .map_err(|_| CryptoError::MalformedEnvelope("the compressed payload does not decompress to its recorded size"))?;
+        let opened = super::compress::decompress(&compressed, size).map_err(|_| {
+            CryptoError::MalformedEnvelope(
+                "the compressed payload does not decompress to its recorded size",
+            )
+        })?;
         out.extend_from_slice(&opened);
         Ok(())
     }

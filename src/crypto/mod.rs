@@ -28,8 +28,8 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/portcullis.v1.rs"));
 }
 
-pub use compress::CompressionConfig;
 pub use aws_kms::{AwsKmsConfig, AwsKmsError, AwsKmsProvider, StaticCredentials};
+pub use compress::CompressionConfig;
 pub use envelope::{envelope_info, inspect, EnvelopeRef};
 pub use error::{CryptoError, OpenFailure};
 pub use keyring::{Keyring, KeyringError, LocalKeyProvider};

@@ -85,11 +85,7 @@ struct Collect {
 }
 
 impl PayloadVisitor for Collect {
-    fn payload(
-        &mut self,
-        _: &PayloadContext<'_>,
-        _: &[u8],
-    ) -> Result<Option<Vec<u8>>, WalkError> {
+    fn payload(&mut self, _: &PayloadContext<'_>, _: &[u8]) -> Result<Option<Vec<u8>>, WalkError> {
         Ok(None)
     }
 
@@ -114,19 +110,14 @@ struct Writer<'a> {
 }
 
 impl PayloadVisitor for Writer<'_> {
-    fn payload(
-        &mut self,
-        _: &PayloadContext<'_>,
-        _: &[u8],
-    ) -> Result<Option<Vec<u8>>, WalkError> {
+    fn payload(&mut self, _: &PayloadContext<'_>, _: &[u8]) -> Result<Option<Vec<u8>>, WalkError> {
         Ok(None)
     }
 
     fn write(&mut self, _: &[u8], out: &mut Vec<u8>) -> Result<(), WalkError> {
-        let (namespace, reference) = self
-            .refs
-            .next()
-            .ok_or(WalkError::Internal("more deferred payloads than references"))?;
+        let (namespace, reference) = self.refs.next().ok_or(WalkError::Internal(
+            "more deferred payloads than references",
+        ))?;
         let object = self
             .objects
             .get(&reference.key)

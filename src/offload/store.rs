@@ -33,7 +33,9 @@ pub enum OffloadError {
     ReadFailed { key: String, reason: String },
     #[error("the offloaded payload {key} is missing from bucket {bucket}")]
     Missing { bucket: String, key: String },
-    #[error("the offloaded payload {key} in bucket {bucket} does not match its reference: {reason}")]
+    #[error(
+        "the offloaded payload {key} in bucket {bucket} does not match its reference: {reason}"
+    )]
     Corrupt {
         bucket: String,
         key: String,
@@ -41,8 +43,14 @@ pub enum OffloadError {
     },
     #[error("{0}")]
     Malformed(#[from] MalformedReference),
-    #[error("the offloaded payload {key} is {size} bytes, more than offload.max_object_bytes ({limit})")]
-    TooLarge { key: String, size: u64, limit: usize },
+    #[error(
+        "the offloaded payload {key} is {size} bytes, more than offload.max_object_bytes ({limit})"
+    )]
+    TooLarge {
+        key: String,
+        size: u64,
+        limit: usize,
+    },
     #[error("payloads of this call are offloaded, but no [offload] object store is configured")]
     NotConfigured,
 }
@@ -52,7 +60,9 @@ impl OffloadError {
     pub fn is_data_loss(&self) -> bool {
         matches!(
             self,
-            OffloadError::Missing { .. } | OffloadError::Corrupt { .. } | OffloadError::Malformed(_)
+            OffloadError::Missing { .. }
+                | OffloadError::Corrupt { .. }
+                | OffloadError::Malformed(_)
         )
     }
 
@@ -269,7 +279,14 @@ impl ObjectStore {
             .acquire()
             .await
             .map_err(|_| unavailable("the store is closed".into()))?;
-        let output = match self.client.get_object().bucket(bucket).key(key).send().await {
+        let output = match self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(output) => output,
             Err(SdkError::ServiceError(service))
                 if service.err().is_no_such_key() || service.raw().status().as_u16() == 404 =>
@@ -388,7 +405,11 @@ impl ObjectStore {
         Ok(format!(
             "bucket {} reachable; wrote and read back {key}{}",
             self.bucket,
-            if deleted { " (removed)" } else { " (not removed: no delete permission)" }
+            if deleted {
+                " (removed)"
+            } else {
+                " (not removed: no delete permission)"
+            }
         ))
     }
 }

@@ -56,8 +56,11 @@ fn big_json(len: usize) -> Vec<u8> {
     let mut i = 0u64;
     while out.len() < len {
         out.extend_from_slice(
-            format!("{{\"order\":{i},\"customer\":\"secret-marker-{}\",\"status\":\"shipped\"}},", i % 97)
-                .as_bytes(),
+            format!(
+                "{{\"order\":{i},\"customer\":\"secret-marker-{}\",\"status\":\"shipped\"}},",
+                i % 97
+            )
+            .as_bytes(),
         );
         i += 1;
     }
@@ -95,7 +98,9 @@ async fn compressed_payloads_are_v2_envelopes_that_open_to_the_original() {
     let big = big_json(200_000);
     // One that compresses, one below the threshold, one that does not shrink.
     let noise: Vec<u8> = (0..8192u32)
-        .flat_map(|i| ring::digest::digest(&ring::digest::SHA256, &i.to_be_bytes()).as_ref()[..4].to_vec())
+        .flat_map(|i| {
+            ring::digest::digest(&ring::digest::SHA256, &i.to_be_bytes()).as_ref()[..4].to_vec()
+        })
         .collect();
     let original = start(vec![big.clone(), b"\"small\"".to_vec(), noise]);
     let mut extras = SealServices::new(Some(CompressionConfig::default()), None);
@@ -120,7 +125,11 @@ async fn compressed_payloads_are_v2_envelopes_that_open_to_the_original() {
     let envelope = Envelope::decode(first.data.as_slice()).unwrap();
     assert_eq!(envelope.version, 2);
     assert_eq!(envelope.compression, 1);
-    assert!(envelope.ciphertext.len() < big.len() / 5, "{}", envelope.ciphertext.len());
+    assert!(
+        envelope.ciphertext.len() < big.len() / 5,
+        "{}",
+        envelope.ciphertext.len()
+    );
     assert!(sealed.len() < original.len() / 2);
     assert_eq!(open(&manager, &sealed).await, original);
 
@@ -204,9 +213,7 @@ async fn offloaded_payloads_become_sealed_references_and_resolve_back() {
         .map(|o| crate::crypto::inspect(&o.bytes).unwrap().unwrap())
         .collect();
     let opening = manager.opening_keys("ns", refs).await.unwrap();
-    let resolved = plan
-        .apply(&opened, &by_key, &[(None, opening)])
-        .unwrap();
+    let resolved = plan.apply(&opened, &by_key, &[(None, opening)]).unwrap();
     assert_eq!(resolved, original);
 
     // The response limit applies to the expanded answer, before anything is fetched.

@@ -533,30 +533,38 @@ impl Encryption {
         let services = self.services_for(namespace);
         if !services.is_empty() {
             return self
-                .seal_with_services(services, keys, failures, limits, vouch, message_type, message)
+                .seal_with_services(
+                    services,
+                    keys,
+                    failures,
+                    limits,
+                    vouch,
+                    message_type,
+                    message,
+                )
                 .await;
         }
         let (index, plain, size) = (self.index, message.clone(), message.len());
-        let sealed = self
-            .off_thread
-            .run(size, move || {
-                if vouch {
-                    ensure_known(message_type, &plain)?;
-                }
-                message::seal_message(index, message_type, &plain, &keys, failures, limits).map_err(
-                    |e| match e {
-                        WalkError::OutputTooLarge { size: sealed, limit } => {
-                            ProxyError::MessageTooLarge {
+        let sealed =
+            self.off_thread
+                .run(size, move || {
+                    if vouch {
+                        ensure_known(message_type, &plain)?;
+                    }
+                    message::seal_message(index, message_type, &plain, &keys, failures, limits)
+                        .map_err(|e| match e {
+                            WalkError::OutputTooLarge {
+                                size: sealed,
+                                limit,
+                            } => ProxyError::MessageTooLarge {
                                 what: "sealed request",
                                 size: format!("at least {sealed} bytes ({size} before encryption)"),
                                 limit,
-                            }
-                        }
-                        other => walk_error(other, message_type, true),
-                    },
-                )
-            })
-            .await??;
+                            },
+                            other => walk_error(other, message_type, true),
+                        })
+                })
+                .await??;
         Ok(sealed.map(Bytes::from))
     }
 
@@ -683,9 +691,10 @@ impl Encryption {
         // References to offloaded payloads are sealed like any payload: only an opened answer
         // can hold one.
         let opened = match opened {
-            Some(opened) if crate::offload::resolve::may_hold_references(&opened) => {
-                Some(self.resolve_offloaded(namespace, message_type, opened).await?)
-            }
+            Some(opened) if crate::offload::resolve::may_hold_references(&opened) => Some(
+                self.resolve_offloaded(namespace, message_type, opened)
+                    .await?,
+            ),
             other => other,
         };
         Ok(Opened {

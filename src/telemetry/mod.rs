@@ -646,15 +646,51 @@ fn encode_offload(
 ) -> Result<(), std::fmt::Error> {
     let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
     let counters: [(&str, &str, &AtomicU64); 9] = [
-        ("portcullis_offload_objects_written", "Payload objects written to the object store.", &stats.objects_written),
-        ("portcullis_offload_bytes_written", "Bytes of payload objects written to the object store.", &stats.bytes_written),
-        ("portcullis_offload_write_errors", "Object writes that failed (the call failed with UNAVAILABLE, nothing forwarded).", &stats.write_errors),
-        ("portcullis_offload_objects_read", "Payload objects read from the object store (cache hits not included).", &stats.objects_read),
-        ("portcullis_offload_bytes_read", "Bytes of payload objects read from the object store.", &stats.bytes_read),
-        ("portcullis_offload_read_errors", "Object reads that failed (unavailable, missing, wrong digest or size).", &stats.read_errors),
-        ("portcullis_offload_objects_lost", "Objects missing or not matching their digest (the call failed with DATA_LOSS).", &stats.objects_lost),
-        ("portcullis_offload_cache_hits", "Object reads answered by the in-memory cache.", &stats.cache_hits),
-        ("portcullis_payloads_compressed", "Payloads compressed before sealing.", &stats.payloads_compressed),
+        (
+            "portcullis_offload_objects_written",
+            "Payload objects written to the object store.",
+            &stats.objects_written,
+        ),
+        (
+            "portcullis_offload_bytes_written",
+            "Bytes of payload objects written to the object store.",
+            &stats.bytes_written,
+        ),
+        (
+            "portcullis_offload_write_errors",
+            "Object writes that failed (the call failed with UNAVAILABLE, nothing forwarded).",
+            &stats.write_errors,
+        ),
+        (
+            "portcullis_offload_objects_read",
+            "Payload objects read from the object store (cache hits not included).",
+            &stats.objects_read,
+        ),
+        (
+            "portcullis_offload_bytes_read",
+            "Bytes of payload objects read from the object store.",
+            &stats.bytes_read,
+        ),
+        (
+            "portcullis_offload_read_errors",
+            "Object reads that failed (unavailable, missing, wrong digest or size).",
+            &stats.read_errors,
+        ),
+        (
+            "portcullis_offload_objects_lost",
+            "Objects missing or not matching their digest (the call failed with DATA_LOSS).",
+            &stats.objects_lost,
+        ),
+        (
+            "portcullis_offload_cache_hits",
+            "Object reads answered by the in-memory cache.",
+            &stats.cache_hits,
+        ),
+        (
+            "portcullis_payloads_compressed",
+            "Payloads compressed before sealing.",
+            &stats.payloads_compressed,
+        ),
     ];
     for (name, help, value) in counters {
         counter(encoder, name, help, &[(vec![], load(value))])?;
@@ -665,7 +701,10 @@ fn encode_offload(
         None,
         MetricType::Histogram,
     )?;
-    for (operation, histogram) in [("put", &stats.write_duration), ("get", &stats.read_duration)] {
+    for (operation, histogram) in [
+        ("put", &stats.write_duration),
+        ("get", &stats.read_duration),
+    ] {
         histogram.encode(family.encode_family(&[("operation", operation)])?)?;
     }
     Ok(())

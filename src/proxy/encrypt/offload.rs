@@ -178,10 +178,7 @@ impl Encryption {
         let (plan, opened) = self
             .off_thread
             .run(opened.len(), move || {
-                (
-                    plan_resolve(index, message_type, &opened, limits),
-                    opened,
-                )
+                (plan_resolve(index, message_type, &opened, limits), opened)
             })
             .await?;
         let Some(plan) = plan.map_err(|e| resolve_error(e, message_type))? else {
