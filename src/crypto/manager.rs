@@ -98,7 +98,12 @@ pub struct DataKeyManager {
 struct NamespaceKeys {
     current: RwLock<Option<Arc<ActiveKey>>>,
     /// Held while a new key is fetched: concurrent callers wait for that one provider call.
-    rotation: tokio::sync::Mutex<()>,
+    /// Holds the last failed attempt (its number in `attempts_done`, and why): callers that
+    /// waited while it ran share its failure instead of each paying the provider's timeout in
+    /// turn (during a KMS outage, a queue of N callers would otherwise wait N timeouts).
+    rotation: tokio::sync::Mutex<Option<(u64, CryptoError)>>,
+    /// Provider attempts finished (written under `rotation`).
+    attempts_done: AtomicU64,
 }
 
 struct ActiveKey {
@@ -182,17 +187,23 @@ impl DataKeyManager {
         if let Some(key) = self.usable(&slot) {
             return Ok(self.handle(key));
         }
-        let _rotation = slot.rotation.lock().await;
-        // Whoever held the lock before us may have rotated already.
+        let done_before = slot.attempts_done.load(Ordering::Acquire);
+        let mut last_failure = slot.rotation.lock().await;
+        // Whoever held the lock before us may have rotated already ...
         if let Some(key) = self.usable(&slot) {
             return Ok(self.handle(key));
         }
+        // ... or failed while we waited: that answer is ours too.
+        if let Some((attempt, error)) = last_failure.as_ref() {
+            if *attempt > done_before {
+                return Err(error.clone());
+            }
+        }
 
         self.metrics.provider_calls();
-        let material = self
-            .provider
-            .generate_data_key(namespace)
-            .await
+        let generated = self.provider.generate_data_key(namespace).await;
+        let attempt = slot.attempts_done.fetch_add(1, Ordering::AcqRel) + 1;
+        let material = generated
             .map_err(|e| {
                 self.metrics.provider_errors();
                 match e {
@@ -205,7 +216,9 @@ impl DataKeyManager {
                         reason: other.to_string(),
                     },
                 }
-            })?;
+            })
+            .inspect_err(|e| *last_failure = Some((attempt, e.clone())))?;
+        *last_failure = None;
         if material.kek_id.is_empty() || material.wrapped.is_empty() {
             return Err(CryptoError::ProviderRejected {
                 namespace: namespace.to_owned(),

@@ -358,6 +358,50 @@ async fn rotates_after_max_age() {
     assert_eq!(provider.generated(), 3);
 }
 
+/// During an outage, callers queued behind a failing provider call share its failure: 32 of
+/// them cost one provider timeout, not 32 in turn. A caller arriving afterwards tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_waiting_on_a_failing_provider_call_share_its_failure() {
+    let provider = TestProvider::with_delay(Duration::from_millis(200));
+    provider.set_down(true);
+    let manager = Arc::new(manager(&provider, DataKeyPolicy::default()));
+    let barrier = Arc::new(tokio::sync::Barrier::new(32));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let manager = Arc::clone(&manager);
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                manager.sealing_key("ns").await.map(|_| ())
+            })
+        })
+        .collect();
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, CryptoError::ProviderUnavailable { .. }),
+            "{err}"
+        );
+    }
+    // Without sharing: 32 x 200 ms one after another.
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        provider.generated() <= 2,
+        "{} provider calls",
+        provider.generated()
+    );
+    // The failure is not remembered for later callers: once the provider is back, they seal.
+    let calls = provider.generated();
+    provider.set_down(false);
+    manager.sealing_key("ns").await.unwrap();
+    assert_eq!(provider.generated(), calls + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_at_rotation_share_one_provider_call() {
     let provider = TestProvider::with_delay(Duration::from_millis(50));
