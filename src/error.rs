@@ -70,6 +70,8 @@ pub enum ProxyError {
     UpstreamHttpStatus { upstream: String, status: u16 },
     #[error("upstream {upstream} reset the call ({code:?})")]
     UpstreamReset { upstream: String, code: h2::Reason },
+    #[error("upstream {upstream} gave the call up (RST_STREAM CANCEL before its deadline)")]
+    UpstreamGaveUp { upstream: String },
     #[error("upstream {upstream} sent a malformed response: {reason}")]
     UpstreamProtocol { upstream: String, reason: String },
     #[error("deadline of {0:?} exceeded in the proxy")]
@@ -164,9 +166,10 @@ impl ProxyError {
             UnknownNamespace(_) | UnknownCommandTarget { .. } => Code::NotFound,
             CrossUpstreamCommand(_) => Code::FailedPrecondition,
             NoSystemUpstream(_) => Code::Unimplemented,
-            UpstreamUnavailable { .. } | UpstreamCredentials { .. } | ShuttingDown => {
-                Code::Unavailable
-            }
+            UpstreamUnavailable { .. }
+            | UpstreamGaveUp { .. }
+            | UpstreamCredentials { .. }
+            | ShuttingDown => Code::Unavailable,
             UpstreamHttpStatus { status, .. } => http_status_to_code(*status),
             UpstreamProtocol { .. } => Code::Internal,
             UpstreamReset { code, .. } => reset_to_code(*code),
@@ -204,7 +207,7 @@ impl ProxyError {
 /// "Errors"). A refused stream (not processed) is retried before it gets here.
 fn reset_to_code(code: h2::Reason) -> Code {
     match code {
-        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::CANCEL => Code::Cancelled, // see proxy::forward::deadline_or
         h2::Reason::REFUSED_STREAM => Code::Unavailable,
         h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
         h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,

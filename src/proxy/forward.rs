@@ -81,6 +81,11 @@ impl Service<GrpcRequest> for Forwarder {
 /// rounded down): that is the caller's deadline passing.
 const DEADLINE_SLACK: Duration = Duration::from_millis(250);
 
+/// What an upstream's RST_STREAM CANCEL means to the caller, who did not cancel (a caller's
+/// cancellation never reaches here): at the deadline, the deadline; before it, the upstream gave
+/// the call up (nginx does so when its own backend goes away mid-call), which is UNAVAILABLE,
+/// retryable, as Envoy reports an upstream reset. gRPC's table (CANCEL = CANCELLED) is for a
+/// client talking to the server itself, and CANCELLED would tell the SDK it cancelled.
 fn deadline_or(
     error: ProxyError,
     deadline: Option<(tokio::time::Instant, Duration)>,
@@ -95,6 +100,15 @@ fn deadline_or(
         ) if at.saturating_duration_since(tokio::time::Instant::now()) <= DEADLINE_SLACK => {
             ProxyError::DeadlineExceeded(timeout)
         }
+        (
+            ProxyError::UpstreamReset {
+                code: h2::Reason::CANCEL,
+                upstream,
+            },
+            _,
+        ) => ProxyError::UpstreamGaveUp {
+            upstream: upstream.clone(),
+        },
         _ => error,
     }
 }
@@ -315,18 +329,18 @@ disabled = true
         let timeout = Duration::from_secs(5);
         let expiring = Some((now + Duration::from_millis(100), timeout));
         let far = Some((now + Duration::from_secs(30), timeout));
-        // CANCEL at the deadline is the deadline; earlier, or without one, a cancellation.
+        // CANCEL at the deadline is the deadline; earlier, or without one, the upstream gave up.
         assert_eq!(
             deadline_or(reset(h2::Reason::CANCEL), expiring).code(),
             Code::DeadlineExceeded
         );
         assert_eq!(
             deadline_or(reset(h2::Reason::CANCEL), far).code(),
-            Code::Cancelled
+            Code::Unavailable
         );
         assert_eq!(
             deadline_or(reset(h2::Reason::CANCEL), None).code(),
-            Code::Cancelled
+            Code::Unavailable
         );
         for (code, expected) in [
             (h2::Reason::REFUSED_STREAM, Code::Unavailable),
