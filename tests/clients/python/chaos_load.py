@@ -63,6 +63,9 @@ def outcome_of(e: BaseException) -> str:
     from temporalio.service import RPCError
 
     if isinstance(e, RPCError):
+        # The SDK's own HTTP/2 connection failing (no status from the proxy) is told apart.
+        if e.status.name == "INTERNAL" and str(e).startswith("h2 protocol error"):
+            return "TRANSPORT"
         return e.status.name
     if isinstance(e, asyncio.TimeoutError):
         return "TIMEOUT"
