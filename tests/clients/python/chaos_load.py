@@ -10,7 +10,8 @@ Usage:
                 [--namespace NS] [--starters N] [--seconds MAX] [--ca/--cert/--key ...]
 
 Runs until the stop file exists (or MAX seconds), then writes every call as a JSON line
-{"t": unix time, "op": start|query|signal|result, "outcome": "OK"|STATUS|"TIMEOUT"|"WRONG"|...}
+{"t": unix time, "op": start|query|signal|result, "outcome": "OK"|STATUS|"HUNG"|"WRONG"|...}
+(every call has a deadline; HUNG: it had not ended 15 s past it).
 to the events file and prints one JSON line with counts per outcome.
 """
 from __future__ import annotations
@@ -67,8 +68,6 @@ def outcome_of(e: BaseException) -> str:
         if e.status.name == "INTERNAL" and str(e).startswith("h2 protocol error"):
             return "TRANSPORT"
         return e.status.name
-    if isinstance(e, asyncio.TimeoutError):
-        return "TIMEOUT"
     cause = e.__cause__
     if isinstance(cause, RPCError):
         return cause.status.name
@@ -88,8 +87,19 @@ async def run(args: argparse.Namespace) -> dict:
         return os.path.exists(args.stop_file) or time.monotonic() - started > args.seconds
 
     async def call(op: str, coro, timeout: float):
+        # Every call carries a deadline (rpc_timeout) the proxy must honour; this bound, 15 s
+        # past it, only catches a call that never ends ("HUNG"), without waiting for it (a
+        # cancelled SDK call may not end either).
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({task}, timeout=timeout + 15)
+        if not done:
+            task.cancel()
+            events.append({"t": time.time(), "op": op, "outcome": "HUNG"})
+            if len(samples) < 20:
+                samples.append(f"{op}: HUNG past {timeout + 15} s")
+            return False, None
         try:
-            value = await asyncio.wait_for(coro, timeout)
+            value = task.result()
             events.append({"t": time.time(), "op": op, "outcome": "OK"})
             return True, value
         except Exception as e:  # noqa: BLE001
@@ -108,26 +118,36 @@ async def run(args: argparse.Namespace) -> dict:
             ok, handle = await call(
                 "start",
                 client.start_workflow(
-                    ChaosWorkflow.run, text, id=f"chaos-{run}", task_queue=args.task_queue
+                    ChaosWorkflow.run,
+                    text,
+                    id=f"chaos-{run}",
+                    task_queue=args.task_queue,
+                    rpc_timeout=timedelta(seconds=10),
                 ),
                 10,
             )
             if not ok:
                 await asyncio.sleep(0.2)
                 continue
-            ok, value = await call("query", handle.query(ChaosWorkflow.current), 10)
+            ok, value = await call(
+                "query", handle.query(ChaosWorkflow.current, rpc_timeout=timedelta(seconds=10)), 10
+            )
             if ok and value not in ("", "!"):
                 events.append({"t": time.time(), "op": "query", "outcome": "WRONG"})
             # The signal must land for the workflow to finish: try until it does.
             while not stopping():
-                ok, _ = await call("signal", handle.signal(ChaosWorkflow.finish, "!"), 10)
+                ok, _ = await call(
+                    "signal",
+                    handle.signal(ChaosWorkflow.finish, "!", rpc_timeout=timedelta(seconds=10)),
+                    10,
+                )
                 if ok:
                     break
                 await asyncio.sleep(0.2)
             else:
                 break
             while not stopping():
-                ok, value = await call("result", handle.result(), 20)
+                ok, value = await call("result", handle.result(rpc_timeout=timedelta(seconds=20)), 20)
                 if ok:
                     if value != text.upper() + "!":
                         events.append({"t": time.time(), "op": "result", "outcome": "WRONG"})
