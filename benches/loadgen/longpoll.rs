@@ -19,9 +19,12 @@ use serde_json::json;
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 
+use http_body_util::Full;
+use hyper::client::conn::http2::SendRequest;
+
 use super::{
-    load_average, round, unary, Args, Client, Endpoint, FakeUpstream, Kind, Mix, Pki, Requests,
-    Rng, NAMESPACE, SERVICE,
+    h2_connect, load_average, round, unary, Args, Client, Endpoint, FakeUpstream, Kind, Mix, Pki,
+    Requests, Rng, NAMESPACE, SERVICE,
 };
 use temporalio_protos::temporal::api::command::v1 as command;
 use temporalio_protos::temporal::api::common::v1 as common;
@@ -670,6 +673,59 @@ async fn start_dev_server(
 // ---------------------------------------------------------------------------------------------
 // Soak
 
+/// Client connections that are opened again when the proxy closes them, as SDK clients do: the
+/// proxy sends GOAWAY at `max_connection_age_seconds` (300 s by default), lets the calls in
+/// flight finish, and new calls must go on a new connection.
+struct Connections {
+    endpoint: Endpoint,
+    /// Each slot: its generation (bumped at each reconnect) and its connection.
+    slots: Vec<tokio::sync::Mutex<(u64, SendRequest<Full<Bytes>>)>>,
+    /// Calls that failed at the connection level and went again on a new connection.
+    retried: AtomicU64,
+}
+
+impl Connections {
+    async fn open(endpoint: &Endpoint, count: usize) -> anyhow::Result<Arc<Connections>> {
+        let mut slots = Vec::new();
+        for _ in 0..count.max(1) {
+            slots.push(tokio::sync::Mutex::new((0, h2_connect(endpoint).await?)));
+        }
+        Ok(Arc::new(Connections {
+            endpoint: endpoint.clone(),
+            slots,
+            retried: AtomicU64::new(0),
+        }))
+    }
+
+    async fn get(&self, index: usize) -> (u64, SendRequest<Full<Bytes>>) {
+        let slot = self.slots[index % self.slots.len()].lock().await;
+        (slot.0, slot.1.clone())
+    }
+
+    /// A new connection in the slot, unless another task already replaced the one of
+    /// `generation`.
+    async fn renew(
+        &self,
+        index: usize,
+        generation: u64,
+    ) -> Result<(u64, SendRequest<Full<Bytes>>), String> {
+        let mut slot = self.slots[index % self.slots.len()].lock().await;
+        if slot.0 == generation {
+            let sender = h2_connect(&self.endpoint)
+                .await
+                .map_err(|e| format!("cannot reconnect: {e:#}"))?;
+            *slot = (generation + 1, sender);
+        }
+        Ok((slot.0, slot.1.clone()))
+    }
+}
+
+/// A failure of the connection rather than of the call (hyper's wording): after the proxy's
+/// GOAWAY the call was not taken, and a gRPC client sends it again on a new connection.
+fn connection_failure(error: &str) -> bool {
+    error.starts_with("connection not ready") || error.starts_with("request failed")
+}
+
 /// `--soak SECS` (dev target): the proxy as its own process in front of a dev server; the
 /// closed-loop mix at `--concurrency` plus `--long-polls` pollers that keep a poll held at all
 /// times on the task queue the started workflows use, completing every workflow task they get.
@@ -727,6 +783,7 @@ pub async fn run_soak(
         let mut tasks = JoinSet::new();
         // The mix: closed loop, like `measure`.
         let client = Client::connect(&endpoint, args.connections).await?;
+        let mix_connections = Connections::open(&endpoint, args.connections).await?;
         let label = "soak";
         if args.mix.contains(Kind::Signal) {
             let mut sender = client.sender(0);
@@ -741,7 +798,7 @@ pub async fn run_soak(
             }
         }
         for task in 0..args.concurrency {
-            let mut sender = client.sender(task);
+            let connections = mix_connections.clone();
             let uris = client.uris.clone();
             let mix: Mix = args.mix.clone();
             let requests = requests.clone();
@@ -749,16 +806,33 @@ pub async fn run_soak(
             tasks.spawn(async move {
                 let mut rng = Rng::new(task as u64 + 7);
                 let mut seq = 0u64;
+                let (mut generation, mut sender) = connections.get(task).await;
                 while Instant::now() < until {
                     let kind = mix.pick(&mut rng);
                     let message = requests.build(kind, label, task, seq);
                     seq += 1;
-                    let result = tokio::time::timeout(
-                        Duration::from_secs(30),
-                        Client::call(&mut sender, &uris[kind.index()], kind, &message),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err("no answer within 30 s".into()));
+                    let mut result = Err(String::new());
+                    for attempt in 0..2 {
+                        result = tokio::time::timeout(
+                            Duration::from_secs(30),
+                            Client::call(&mut sender, &uris[kind.index()], kind, &message),
+                        )
+                        .await
+                        .unwrap_or_else(|_| Err("no answer within 30 s".into()));
+                        match &result {
+                            Err(e) if attempt == 0 && connection_failure(e) => {
+                                match connections.renew(task, generation).await {
+                                    Ok(renewed) => (generation, sender) = renewed,
+                                    Err(e) => {
+                                        result = Err(e);
+                                        break;
+                                    }
+                                }
+                                connections.retried.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => break,
+                        }
+                    }
                     calls.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = result {
                         note(format!("{}: {e}", kind.method()));
@@ -768,12 +842,12 @@ pub async fn run_soak(
             });
         }
         // The pollers: each keeps one poll held, and completes the workflow tasks it gets.
-        let poll_client = Client::connect(&endpoint, poll_connections).await?;
+        let poll_client = Connections::open(&endpoint, poll_connections).await?;
         let poll_uri = method_uri(&endpoint, "PollWorkflowTaskQueue")?;
         let respond_uri = method_uri(&endpoint, "RespondWorkflowTaskCompleted")?;
         let polls = Arc::new(PollCounters::default());
         for i in 0..pollers {
-            let mut sender = poll_client.sender(i);
+            let connections = poll_client.clone();
             let (poll_uri, respond_uri) = (poll_uri.clone(), respond_uri.clone());
             let (polls, note, calls) = (polls.clone(), note.clone(), calls.clone());
             tasks.spawn(async move {
@@ -781,14 +855,32 @@ pub async fn run_soak(
                 // per namespace).
                 tokio::time::sleep(Duration::from_millis(2 * i as u64)).await;
                 let message = poll_request("loadgen");
+                let (mut generation, mut sender) = connections.get(i).await;
                 while Instant::now() < until {
                     // Each poll is held up to 30 s by the server (then answered empty).
                     let left = until.saturating_duration_since(Instant::now());
                     let timeout = format!("{}S", left.as_secs().clamp(5, 30));
                     polls.sent.fetch_add(1, Ordering::Relaxed);
-                    let answer = unary(&mut sender, &poll_uri, Some(NAMESPACE), &timeout, &message)
-                        .await
-                        .and_then(|m| {
+                    let mut answer =
+                        unary(&mut sender, &poll_uri, Some(NAMESPACE), &timeout, &message).await;
+                    if matches!(&answer, Err(e) if connection_failure(e)) {
+                        match connections.renew(i, generation).await {
+                            Ok(renewed) => {
+                                (generation, sender) = renewed;
+                                connections.retried.fetch_add(1, Ordering::Relaxed);
+                                answer = unary(
+                                    &mut sender,
+                                    &poll_uri,
+                                    Some(NAMESPACE),
+                                    &timeout,
+                                    &message,
+                                )
+                                .await;
+                            }
+                            Err(e) => answer = Err(e),
+                        }
+                    }
+                    let answer = answer.and_then(|m| {
                             ws::PollWorkflowTaskQueueResponse::decode(m)
                                 .map_err(|e| format!("bad PollWorkflowTaskQueueResponse: {e}"))
                         });
@@ -858,6 +950,8 @@ pub async fn run_soak(
             end,
             calls.load(Ordering::Relaxed),
             errors.load(Ordering::Relaxed),
+            mix_connections.retried.load(Ordering::Relaxed)
+                + poll_client.retried.load(Ordering::Relaxed),
             &polls,
             &first_errors.lock().map(|v| v.clone()).unwrap_or_default(),
             alive,
@@ -936,6 +1030,7 @@ fn report_soak(
     end: Memory,
     calls: u64,
     errors: u64,
+    retried: u64,
     polls: &PollCounters,
     first_errors: &[String],
     alive: bool,
@@ -981,7 +1076,7 @@ fn report_soak(
     );
     let tasks = polls.tasks.load(Ordering::Relaxed);
     println!(
-        "calls {calls} (polls {} sent, {} answered, {} failed; {tasks} workflow tasks completed); errors {errors}; proxy {}",
+        "calls {calls} (polls {} sent, {} answered, {} failed; {tasks} workflow tasks completed); errors {errors}; {retried} calls sent again on a new connection after the proxy closed theirs (GOAWAY at its max connection age); proxy {}",
         polls.sent.load(Ordering::Relaxed),
         polls.ok.load(Ordering::Relaxed),
         polls.failed.load(Ordering::Relaxed),
@@ -1008,6 +1103,7 @@ fn report_soak(
             "samples": samples.iter().map(|(t, m)| json!([round(*t, 0), m.rss])).collect::<Vec<_>>(),
             "calls": calls,
             "errors": errors,
+            "retried_on_new_connection": retried,
             "workflow_tasks_completed": tasks,
             "proxy_alive": alive,
         })
