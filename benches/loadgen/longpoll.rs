@@ -894,15 +894,31 @@ pub async fn run_soak(
                             polls.tasks.fetch_add(1, Ordering::Relaxed);
                             let respond = complete_workflow_task(task.task_token);
                             calls.fetch_add(1, Ordering::Relaxed);
-                            if let Err(e) = unary(
-                                &mut sender,
-                                &respond_uri,
-                                Some(NAMESPACE),
-                                "10S",
-                                &respond,
-                            )
-                            .await
-                            {
+                            let mut result = Err(String::new());
+                            for attempt in 0..2 {
+                                result = unary(
+                                    &mut sender,
+                                    &respond_uri,
+                                    Some(NAMESPACE),
+                                    "10S",
+                                    &respond,
+                                )
+                                .await;
+                                match &result {
+                                    Err(e) if attempt == 0 && connection_failure(e) => {
+                                        match connections.renew(i, generation).await {
+                                            Ok(renewed) => (generation, sender) = renewed,
+                                            Err(e) => {
+                                                result = Err(e);
+                                                break;
+                                            }
+                                        }
+                                        connections.retried.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            if let Err(e) = result {
                                 note(format!("RespondWorkflowTaskCompleted: {e}"));
                             }
                         }
