@@ -14,8 +14,8 @@ use http::{HeaderMap, HeaderValue};
 use portcullis::authz::IdentitySource;
 use portcullis::identity::{stamp_identities, stamped, IdentityFieldIndex, IdentityMode};
 use portcullis::proxy::{
-    CallFuture, GrpcRequest, GrpcResponse, IdentityLayer, IdentityModes, IdentitySources,
-    IdentityStore,
+    CallFuture, CallRequest, GrpcRequest, GrpcResponse, IdentityLayer, IdentityModes,
+    IdentitySources, IdentityStore,
 };
 use portcullis::schema::Schema;
 use portcullis::tls::{CertificateNames, PeerInfo};
@@ -93,7 +93,7 @@ fn poll_message() -> Vec<u8> {
 }
 
 fn request(path: &str, message: &Bytes, peer: &Arc<PeerInfo>) -> GrpcRequest {
-    GrpcRequest {
+    Box::new(CallRequest {
         method: Schema::global().method(path).expect("method"),
         headers: HeaderMap::new(),
         message: message.clone(),
@@ -101,7 +101,7 @@ fn request(path: &str, message: &Bytes, peer: &Arc<PeerInfo>) -> GrpcRequest {
         namespace: Some("default".into()),
         targets: Vec::new(),
         peer: peer.clone(),
-    }
+    })
 }
 
 fn rewrite(c: &mut Criterion) {

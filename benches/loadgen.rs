@@ -112,7 +112,25 @@ struct Args {
     /// Fake target: also measure the proxy with identity stamping off (`identity = "keep"`;
     /// the `proxy-mtls` row stamps, the default `append`), in the same run.
     identity_keep: bool,
+    /// `--long-polls N`: hold N long polls through the proxy binary as its own process and
+    /// report its memory and CPU (instead of the closed-loop measurements). With `--soak`: the
+    /// number of pollers.
+    long_polls: usize,
+    poll_connections: Option<usize>,
+    /// How long the polls are held per round.
+    poll_hold: Duration,
+    /// New polls per second while opening them.
+    poll_ramp: usize,
+    rounds: usize,
+    /// The proxy binary for `--long-polls` and `--soak` (default: `portcullis` next to this
+    /// binary's directory).
+    proxy_binary: Option<PathBuf>,
+    /// `--soak SECS` (dev target): the mix plus held long polls for this long.
+    soak: Option<Duration>,
 }
+
+#[path = "loadgen/longpoll.rs"]
+mod longpoll;
 
 const USAGE: &str = "\
 usage: cargo bench --bench loadgen -- [options]
@@ -143,6 +161,21 @@ usage: cargo bench --bench loadgen -- [options]
                            end to end to the mTLS fake) and nginx-grpc (nginx at /usr/sbin/nginx
                            terminating mTLS, grpc_pass to the h2c fake); compared with the direct
                            rows, and each proxy row with nginx-grpc
+  --long-polls N           instead of the closed loop: hold N PollWorkflowTaskQueue calls through the
+                           proxy binary run as its own process (`portcullis serve`, realistic config)
+                           and report its RSS idle, with the polls held and after they were answered,
+                           and its CPU per held poll per second. Target fake (the fake holds the polls
+                           until released or until the caller's deadline) or dev (the server answers
+                           at the deadline)
+  --poll-connections M     connections the polls use (default one per 500 polls)
+  --poll-hold SECS         how long the polls are held in each round (default 30)
+  --poll-ramp N            new polls per second while opening them (default 2000; the dev server
+                           rate-limits new calls per namespace: use about 500 there)
+  --rounds N               hold-and-answer rounds, to show memory comes back and is reused (default 2)
+  --proxy-binary PATH      the portcullis binary for --long-polls and --soak (default: target/release/portcullis)
+  --soak SECS              dev target: the mix at --concurrency plus --long-polls pollers (default 1000)
+                           that keep a poll held at all times and complete the workflow tasks they
+                           get, through the proxy as its own process; RSS sampled every 10 s
   --bench                  ignored (cargo passes it)";
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -162,6 +195,13 @@ fn parse_args() -> anyhow::Result<Args> {
         rotation: None,
         baselines: false,
         identity_keep: false,
+        long_polls: 0,
+        poll_connections: None,
+        poll_hold: Duration::from_secs(30),
+        poll_ramp: 2000,
+        rounds: 2,
+        proxy_binary: None,
+        soak: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -227,6 +267,16 @@ fn parse_args() -> anyhow::Result<Args> {
                 let _ = KEY_PROVIDER.set(provider);
             }
             "--baselines" => args.baselines = true,
+            "--long-polls" => args.long_polls = count(value("--long-polls")?, "--long-polls")?,
+            "--poll-connections" => {
+                args.poll_connections =
+                    Some(count(value("--poll-connections")?, "--poll-connections")?.max(1))
+            }
+            "--poll-hold" => args.poll_hold = seconds(value("--poll-hold")?, "--poll-hold")?,
+            "--poll-ramp" => args.poll_ramp = count(value("--poll-ramp")?, "--poll-ramp")?,
+            "--rounds" => args.rounds = count(value("--rounds")?, "--rounds")?.max(1),
+            "--proxy-binary" => args.proxy_binary = Some(PathBuf::from(value("--proxy-binary")?)),
+            "--soak" => args.soak = Some(seconds(value("--soak")?, "--soak")?),
             "--rotation" => {
                 args.rotation = Some(count(value("--rotation")?, "--rotation")?.max(2) as u64)
             }
@@ -253,6 +303,17 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     if args.duration.is_zero() {
         bail!("--duration must be positive");
+    }
+    if args.soak.is_some() {
+        if args.target == Target::Fake {
+            bail!("--soak runs against the dev server: use --target dev");
+        }
+        args.target = Target::Dev;
+        if args.long_polls == 0 {
+            args.long_polls = 1000;
+        }
+    } else if args.long_polls > 0 && args.target == Target::Both {
+        bail!("--long-polls measures one target: pass --target fake or --target dev");
     }
     if args.baselines && args.target == Target::Dev {
         bail!("--baselines measures the fake target only: use --target fake (or both)");
@@ -649,62 +710,9 @@ impl Client {
         kind: Kind,
         message: &[u8],
     ) -> Result<(), String> {
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(uri.clone())
-            .header(CONTENT_TYPE, "application/grpc")
-            .header("te", "trailers")
-            .header("grpc-timeout", "10S")
-            .header("user-agent", "portcullis-loadgen");
-        if kind.namespaced() {
-            builder = builder.header("temporal-namespace", NAMESPACE);
-        }
-        let request = builder
-            .body(Full::new(grpc_frame(message)))
-            .map_err(|e| format!("cannot build request: {e}"))?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| format!("connection not ready: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let (parts, body) = response.into_parts();
-        if parts.status != StatusCode::OK {
-            return Err(format!("HTTP status {}", parts.status));
-        }
-        if parts.headers.contains_key("grpc-status") {
-            // Trailers-only response.
-            return check_status(&parts.headers)
-                .and(Err("trailers-only response with status 0".into()));
-        }
-        let collected = body
-            .collect()
-            .await
-            .map_err(|e| format!("response body failed: {e}"))?;
-        match collected.trailers() {
-            Some(trailers) => check_status(trailers)?,
-            None => return Err("response without trailers".into()),
-        }
-        let data = collected.to_bytes();
-        if data.len() < 5 {
-            return Err(format!(
-                "response body of {} bytes has no gRPC frame",
-                data.len()
-            ));
-        }
-        if data[0] != 0 {
-            return Err(format!("unexpected compressed flag {}", data[0]));
-        }
-        let length = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
-        if length != data.len() - 5 {
-            return Err(format!(
-                "gRPC frame says {length} bytes, body has {}",
-                data.len() - 5
-            ));
-        }
-        let message = &data[5..];
+        let namespace = kind.namespaced().then_some(NAMESPACE);
+        let data = unary(sender, uri, namespace, "10S", message).await?;
+        let message = &data[..];
         let bad = |e: prost::DecodeError| format!("bad {} response: {e}", kind.method());
         match kind {
             Kind::DescribeNamespace => {
@@ -730,6 +738,74 @@ impl Client {
                 .map_err(bad),
         }
     }
+}
+
+/// One unary gRPC call: the response message when the answer is HTTP 200 with grpc-status 0
+/// and one uncompressed message (an empty body with status 0 is an error: every method answers
+/// with a message).
+async fn unary(
+    sender: &mut SendRequest<Full<Bytes>>,
+    uri: &Uri,
+    namespace: Option<&str>,
+    timeout: &str,
+    message: &[u8],
+) -> Result<Bytes, String> {
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri(uri.clone())
+        .header(CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .header("user-agent", "portcullis-loadgen");
+    if let Some(namespace) = namespace {
+        builder = builder.header("temporal-namespace", namespace);
+    }
+    let request = builder
+        .body(Full::new(grpc_frame(message)))
+        .map_err(|e| format!("cannot build request: {e}"))?;
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("connection not ready: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let (parts, body) = response.into_parts();
+    if parts.status != StatusCode::OK {
+        return Err(format!("HTTP status {}", parts.status));
+    }
+    if parts.headers.contains_key("grpc-status") {
+        // Trailers-only response.
+        return check_status(&parts.headers)
+            .and(Err("trailers-only response with status 0".into()));
+    }
+    let collected = body
+        .collect()
+        .await
+        .map_err(|e| format!("response body failed: {e}"))?;
+    match collected.trailers() {
+        Some(trailers) => check_status(trailers)?,
+        None => return Err("response without trailers".into()),
+    }
+    let data = collected.to_bytes();
+    if data.len() < 5 {
+        return Err(format!(
+            "response body of {} bytes has no gRPC frame",
+            data.len()
+        ));
+    }
+    if data[0] != 0 {
+        return Err(format!("unexpected compressed flag {}", data[0]));
+    }
+    let length = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+    if length != data.len() - 5 {
+        return Err(format!(
+            "gRPC frame says {length} bytes, body has {}",
+            data.len() - 5
+        ));
+    }
+    Ok(data.slice(5..))
 }
 
 fn check_status(headers: &HeaderMap) -> Result<(), String> {
@@ -812,16 +888,88 @@ fn canned_responses() -> HashMap<String, Bytes> {
     ])
 }
 
+/// Long polls held by a fake upstream: `Poll*TaskQueue` calls are answered (with an empty
+/// response, as Temporal answers a poll that found no task) when released, or a moment before the
+/// caller's `grpc-timeout` runs out, whichever comes first.
+#[derive(Debug)]
+struct PollGate {
+    held: std::sync::atomic::AtomicUsize,
+    release: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for PollGate {
+    fn default() -> Self {
+        PollGate {
+            held: Default::default(),
+            release: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl PollGate {
+    /// Polls held now.
+    fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Answers every poll held now.
+    fn release_all(&self) {
+        self.release.send_modify(|generation| *generation += 1);
+    }
+
+    /// Holds one poll until it is released or `timeout` (its caller's) is nearly over.
+    async fn hold(&self, timeout: Option<Duration>) {
+        struct Held<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let mut release = self.release.subscribe();
+        let generation = *release.borrow_and_update();
+        self.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _held = Held(&self.held);
+        // Temporal answers an empty poll about a second before the caller's deadline.
+        let until = timeout
+            .map(|t| t.saturating_sub(Duration::from_millis(500)))
+            .unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = release.wait_for(|g| *g > generation) => {}
+            () = tokio::time::sleep(until) => {}
+        }
+    }
+}
+
+/// `grpc-timeout` as a duration (only the units the load generator and SDKs send).
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
 async fn fake_respond(
     request: Request<Incoming>,
     canned: Arc<HashMap<String, Bytes>>,
+    gate: Arc<PollGate>,
 ) -> Result<Response<GrpcBody>, Infallible> {
-    let data = canned
-        .get(request.uri().path())
-        .cloned()
-        .unwrap_or_else(|| grpc_frame(&[]));
+    let path = request.uri().path();
+    let poll = path.ends_with("/PollWorkflowTaskQueue") || path.ends_with("/PollActivityTaskQueue");
+    let timeout = grpc_timeout(request.headers());
+    let data = canned.get(path).cloned().unwrap_or_else(|| grpc_frame(&[]));
     let mut trailers = HeaderMap::new();
     let ok = request.into_body().collect().await.is_ok();
+    if poll && ok {
+        gate.hold(timeout).await;
+    }
     trailers.insert(
         "grpc-status",
         HeaderValue::from_static(if ok { "0" } else { "13" }),
@@ -833,11 +981,12 @@ async fn fake_respond(
     Ok(response)
 }
 
-async fn fake_serve(io: impl Io, canned: Arc<HashMap<String, Bytes>>) {
-    let service = hyper::service::service_fn(move |r| fake_respond(r, canned.clone()));
+async fn fake_serve(io: impl Io, canned: Arc<HashMap<String, Bytes>>, gate: Arc<PollGate>) {
+    let service =
+        hyper::service::service_fn(move |r| fake_respond(r, canned.clone(), gate.clone()));
     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .max_concurrent_streams(1000)
+        .max_concurrent_streams(20_000)
         .serve_connection(TokioIo::new(io), service)
         .await;
 }
@@ -845,6 +994,8 @@ async fn fake_serve(io: impl Io, canned: Arc<HashMap<String, Bytes>>) {
 /// A fast fake Temporal frontend; stops when dropped.
 struct FakeUpstream {
     addr: SocketAddr,
+    /// Its held long polls.
+    gate: Arc<PollGate>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -864,6 +1015,8 @@ impl FakeUpstream {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let canned = Arc::new(canned_responses());
+        let gate = Arc::new(PollGate::default());
+        let fake_gate = gate.clone();
         let task = handle.spawn(async move {
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -882,18 +1035,19 @@ impl FakeUpstream {
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let canned = canned.clone();
+                let gate = fake_gate.clone();
                 connections.spawn(async move {
                     match acceptor {
                         Some(acceptor) => match acceptor.accept(tcp).await {
-                            Ok(tls) => fake_serve(tls, canned).await,
+                            Ok(tls) => fake_serve(tls, canned, gate).await,
                             Err(e) => eprintln!("loadgen: fake upstream TLS handshake: {e}"),
                         },
-                        None => fake_serve(tcp, canned).await,
+                        None => fake_serve(tcp, canned, gate).await,
                     }
                 });
             }
         });
-        Ok(FakeUpstream { addr, task })
+        Ok(FakeUpstream { addr, gate, task })
     }
 }
 
@@ -2195,6 +2349,29 @@ fn real_main() -> anyhow::Result<()> {
     let pki = Pki::generate()?;
     let client_tls = pki.client_config()?;
     let requests = Arc::new(Requests::new(args.payload_bytes));
+    if args.soak.is_some() || args.long_polls > 0 {
+        let result = client_rt.block_on(async {
+            match (&args.soak, &dev_binary) {
+                (Some(_), Some(binary)) => {
+                    longpoll::run_soak(&args, &pki, &client_tls, binary).await
+                }
+                _ => {
+                    longpoll::run_long_polls(
+                        &args,
+                        &pki,
+                        &client_tls,
+                        fake_rt.handle(),
+                        dev_binary.as_deref(),
+                    )
+                    .await
+                }
+            }
+        });
+        client_rt.shutdown_timeout(Duration::from_secs(2));
+        proxy_rt.shutdown_timeout(Duration::from_secs(2));
+        fake_rt.shutdown_timeout(Duration::from_secs(2));
+        return result;
+    }
 
     let result = client_rt.block_on(async {
         let mut rows = Vec::new();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
-use portcullis::proxy::{CallFuture, GrpcRequest, GrpcResponse};
+use portcullis::proxy::{CallFuture, CallRequest, GrpcRequest, GrpcResponse};
 use portcullis::schema::Schema;
 use portcullis::telemetry::{Telemetry, TelemetryLayer, UpstreamTimerLayer};
 use portcullis::tls::PeerInfo;
@@ -47,7 +47,7 @@ fn request() -> GrpcRequest {
     // DescribeNamespaceRequest { namespace = "payments" }
     let mut message = vec![0x0a, 8];
     message.extend_from_slice(b"payments");
-    GrpcRequest {
+    Box::new(CallRequest {
         method,
         headers: HeaderMap::new(),
         message: Bytes::from(message),
@@ -55,7 +55,7 @@ fn request() -> GrpcRequest {
         namespace: None,
         targets: Vec::new(),
         peer: Arc::new(PeerInfo::default()),
-    }
+    })
 }
 
 fn layer(c: &mut Criterion) {

@@ -505,6 +505,7 @@ fn filter_namespaces(
 
 #[cfg(test)]
 mod tests {
+    use crate::proxy::CallRequest;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
@@ -547,7 +548,7 @@ mod tests {
         for (namespace, role) in roles {
             claimed.grant_namespace(namespace, *role);
         }
-        GrpcRequest {
+        Box::new(CallRequest {
             method: Schema::global().method(COMPLETED).unwrap(),
             headers: HeaderMap::new(),
             message: Bytes::new(),
@@ -569,7 +570,7 @@ mod tests {
                 })),
                 ..PeerInfo::default()
             }),
-        }
+        })
     }
 
     async fn call(

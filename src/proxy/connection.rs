@@ -210,7 +210,7 @@ where
                             error_response(&ProxyError::ConnectionClosing(reason.message())),
                         ),
                         None => calls.push(StreamTask {
-                            call: Box::pin(edge.clone().handle(request)),
+                            call: Box::pin(edge.clone().handle(Box::new(request))),
                             respond,
                         }),
                     }

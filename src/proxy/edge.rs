@@ -19,7 +19,7 @@ use tower::{Service, ServiceExt};
 
 use super::authn::Authenticator;
 use super::limits::{header_bytes, BudgetScope, BufferBudget, EdgeStats, Refusal, Reservation};
-use super::{CallFuture, GrpcRequest, GrpcResponse};
+use super::{CallFuture, CallRequest, GrpcRequest, GrpcResponse};
 use crate::authz::{AuditLog, EdgeAuditEvent, EdgeEventKind};
 use crate::error::ProxyError;
 use crate::grpc::frame::{self, Direction, Encoding, HEADER_LEN};
@@ -85,93 +85,27 @@ where
         + 'static,
 {
     /// Answers one HTTP/2 request: every outcome, success or error, is a gRPC response.
-    pub async fn handle(self, request: Request<RecvStream>) -> Response<GrpcBody> {
-        let (parts, body) = request.into_parts();
-        let respond_gzip = request_is_gzip(&parts.headers) && headers::accepts_gzip(&parts.headers);
-        match self.call(parts, body).await {
+    /// The request comes boxed: a future keeps its arguments for its whole life, and this one
+    /// lives as long as the call (a long poll: minutes); boxed, the request's head goes away
+    /// once it was read.
+    pub async fn handle(self, request: Box<Request<RecvStream>>) -> Response<GrpcBody> {
+        let respond_gzip =
+            request_is_gzip(request.headers()) && headers::accepts_gzip(request.headers());
+        match self.call(request).await {
             Ok(response) => success_response(response, respond_gzip),
             Err(error) => error_response(&error),
         }
     }
 
-    async fn call(
-        self,
-        mut parts: http::request::Parts,
-        mut body: RecvStream,
-    ) -> Result<GrpcResponse, ProxyError> {
-        let arrived = Instant::now();
+    async fn call(self, request: Box<Request<RecvStream>>) -> Result<GrpcResponse, ProxyError> {
+        // The steps before forwarding (authentication, reading the body) are a large future:
+        // boxed, it is gone once the call is forwarded, and what stays while the call waits for
+        // its answer (a long poll, for minutes) is small. The request's own headers and body
+        // stream go with it (what goes upstream is in `call`).
         let connection = &*self.connection;
-        let shared = &*connection.shared;
-        let mut limit = shared.max_request_bytes;
-        let (peer, valid_until) = match &shared.authenticator {
-            Some(authenticator) => {
-                match authenticator
-                    .authenticate(&mut parts.headers, &connection.peer)
-                    .await
-                {
-                    Ok(authenticated) => (authenticated.peer, authenticated.valid_until),
-                    Err(_) if parts.uri.path() == HEALTH_CHECK => {
-                        limit = limit.min(UNAUTHENTICATED_HEALTH_CHECK_BYTES);
-                        (connection.peer.clone(), None)
-                    }
-                    Err(failure) => {
-                        // Answered now; dropping `body` makes HTTP/2 discard what the caller
-                        // sends (and tell it to stop) without buffering any of it.
-                        drop(body);
-                        shared.stats.call_refused(Refusal::Unauthenticated);
-                        tracing::debug!(method = %parts.uri.path(), peer = %connection.peer.remote, error = %failure.error, "call refused: unauthenticated");
-                        let mut event = EdgeAuditEvent::new(
-                            EdgeEventKind::AuthenticationFailed,
-                            failure.reason,
-                            &connection.peer.remote,
-                        )
-                        .detail(match &failure.error {
-                            ProxyError::Unauthenticated(why) => why.clone(),
-                            other => other.to_string(),
-                        });
-                        event.method = Some(parts.uri.path().to_string());
-                        event.credential = Some(failure.credential);
-                        shared.audit.record_best_effort(&event);
-                        return Err(failure.error);
-                    }
-                }
-            }
-            None => (connection.peer.clone(), None),
-        };
-        let mut reservation = Reservation::new(&connection.budget, &shared.budget);
-        let call = match read_call(
-            &mut parts,
-            &mut body,
-            peer,
-            limit,
-            &mut reservation,
-            (arrived, shared.body_timeout),
-        )
-        .await
-        {
-            Ok(call) => call,
-            Err(error) => {
-                drop(body);
-                match &error {
-                    ProxyError::BufferLimit { scope, .. } => {
-                        shared.stats.call_refused(if *scope == "process" {
-                            Refusal::ProcessBudget
-                        } else {
-                            Refusal::ConnectionBudget
-                        })
-                    }
-                    ProxyError::BodyTimeout(_) => shared.stats.call_refused(Refusal::BodyTimeout),
-                    _ => {}
-                }
-                // Calls that reach the pipeline are logged (and measured) by its telemetry
-                // layer, inside the call's span; only requests refused before that are logged
-                // here.
-                tracing::info!(method = %parts.uri.path(), code = ?error.code(), error = %error, peer = %connection.peer.remote, "request refused");
-                return Err(error);
-            }
-        };
-        drop(body);
-        let answer = self.pipeline.oneshot(call);
+        let (call, _reservation, valid_until) = Box::pin(prepare(connection, request)).await?;
+        // Pinned in place: one future for both arms below.
+        let mut answer = std::pin::pin!(self.pipeline.oneshot(call));
         match valid_until {
             // Nothing runs past the token's expiry: the call (and its upstream call) ends then.
             Some(until) => {
@@ -179,13 +113,93 @@ where
                     .duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO);
                 tokio::select! {
-                    answer = answer => answer,
+                    answer = &mut answer => answer,
                     _ = tokio::time::sleep(left) => Err(ProxyError::Unauthenticated(
                         "the bearer token expired during the call".into(),
                     )),
                 }
             }
             None => answer.await,
+        }
+    }
+}
+
+/// Authenticates the caller and reads the request: the call to forward, the reservation
+/// of its bytes against the budgets (held until the call ends), and when its bearer token
+/// expires.
+async fn prepare(
+    connection: &ConnectionState,
+    request: Box<Request<RecvStream>>,
+) -> Result<(GrpcRequest, Reservation<'_>, Option<SystemTime>), ProxyError> {
+    let (mut parts, mut body) = request.into_parts();
+    let arrived = Instant::now();
+    let shared = &*connection.shared;
+    let mut limit = shared.max_request_bytes;
+    let (peer, valid_until) = match &shared.authenticator {
+        Some(authenticator) => {
+            match authenticator
+                .authenticate(&mut parts.headers, &connection.peer)
+                .await
+            {
+                Ok(authenticated) => (authenticated.peer, authenticated.valid_until),
+                Err(_) if parts.uri.path() == HEALTH_CHECK => {
+                    limit = limit.min(UNAUTHENTICATED_HEALTH_CHECK_BYTES);
+                    (connection.peer.clone(), None)
+                }
+                Err(failure) => {
+                    // Answered now; dropping `body` makes HTTP/2 discard what the caller
+                    // sends (and tell it to stop) without buffering any of it.
+                    drop(body);
+                    shared.stats.call_refused(Refusal::Unauthenticated);
+                    tracing::debug!(method = %parts.uri.path(), peer = %connection.peer.remote, error = %failure.error, "call refused: unauthenticated");
+                    let mut event = EdgeAuditEvent::new(
+                        EdgeEventKind::AuthenticationFailed,
+                        failure.reason,
+                        &connection.peer.remote,
+                    )
+                    .detail(match &failure.error {
+                        ProxyError::Unauthenticated(why) => why.clone(),
+                        other => other.to_string(),
+                    });
+                    event.method = Some(parts.uri.path().to_string());
+                    event.credential = Some(failure.credential);
+                    shared.audit.record_best_effort(&event);
+                    return Err(failure.error);
+                }
+            }
+        }
+        None => (connection.peer.clone(), None),
+    };
+    let mut reservation = Reservation::new(&connection.budget, &shared.budget);
+    match read_call(
+        &mut parts,
+        &mut body,
+        peer,
+        limit,
+        &mut reservation,
+        (arrived, shared.body_timeout),
+    )
+    .await
+    {
+        Ok(call) => Ok((call, reservation, valid_until)),
+        Err(error) => {
+            drop(body);
+            match &error {
+                ProxyError::BufferLimit { scope, .. } => {
+                    shared.stats.call_refused(if *scope == "process" {
+                        Refusal::ProcessBudget
+                    } else {
+                        Refusal::ConnectionBudget
+                    })
+                }
+                ProxyError::BodyTimeout(_) => shared.stats.call_refused(Refusal::BodyTimeout),
+                _ => {}
+            }
+            // Calls that reach the pipeline are logged (and measured) by its telemetry
+            // layer, inside the call's span; only requests refused before that are logged
+            // here.
+            tracing::info!(method = %parts.uri.path(), code = ?error.code(), error = %error, peer = %connection.peer.remote, "request refused");
+            Err(error)
         }
     }
 }
@@ -243,7 +257,7 @@ async fn read_call(
         drop(wire);
         reservation.shrink(wire_len);
     }
-    Ok(GrpcRequest {
+    Ok(Box::new(CallRequest {
         method,
         headers: headers::request_headers_for_upstream(&parts.headers),
         message,
@@ -251,7 +265,7 @@ async fn read_call(
         namespace: None,
         targets: Vec::new(),
         peer,
-    })
+    }))
 }
 
 /// Reads a request body of at most `limit` message bytes. Each chunk is reserved against the

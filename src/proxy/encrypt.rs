@@ -929,7 +929,7 @@ where
                         // No key for the scope, and nothing to seal: an endpoint without a
                         // description. An answer holding one still needs the key.
                         let response = inner.oneshot(request).await?;
-                        seal_and_open_response(&encryption, scope, output, response).await
+                        Box::pin(seal_and_open_response(&encryption, scope, output, response)).await
                     }
                     Some(scope) => sealed_call(&encryption, inner, request, scope).await,
                 };
@@ -951,19 +951,26 @@ where
     S: Service<GrpcRequest, Response = GrpcResponse, Error = ProxyError, Future = CallFuture>,
 {
     let method = request.method;
-    if let Some(sealed) = encryption
-        .seal(
-            namespace,
-            &request.targets,
-            method.input.full_name(),
-            &request.message,
-        )
-        .await?
+    // Sealing and opening are boxed: inline, their (large) futures would stay in the call's
+    // future while it waits for the upstream (a held long poll waits for minutes).
+    if let Some(sealed) = Box::pin(encryption.seal(
+        namespace,
+        &request.targets,
+        method.input.full_name(),
+        &request.message,
+    ))
+    .await?
     {
         request.message = sealed;
     }
     let response = inner.oneshot(request).await?;
-    seal_and_open_response(encryption, namespace, method.output.full_name(), response).await
+    Box::pin(seal_and_open_response(
+        encryption,
+        namespace,
+        method.output.full_name(),
+        response,
+    ))
+    .await
 }
 
 /// Opens an answer's payloads, error details and sealed texts.

@@ -62,15 +62,16 @@ impl Service<GrpcRequest> for Forwarder {
             };
             check_targets(&router, &route.upstream, &request)?;
             drop(router);
-            match request.deadline {
+            let deadline = request.deadline;
+            // One `forward` future for both arms (two would each take room in this future).
+            let call = forward(&route, request, max_response_bytes);
+            match deadline {
                 // The upstream gets the same deadline; the local timer is the backstop that also
                 // covers connecting and a stalled upstream.
-                Some((deadline, timeout)) => {
-                    tokio::time::timeout_at(deadline, forward(&route, request, max_response_bytes))
-                        .await
-                        .unwrap_or(Err(ProxyError::DeadlineExceeded(timeout)))
-                }
-                None => forward(&route, request, max_response_bytes).await,
+                Some((deadline, timeout)) => tokio::time::timeout_at(deadline, call)
+                    .await
+                    .unwrap_or(Err(ProxyError::DeadlineExceeded(timeout))),
+                None => call.await,
             }
         })
     }
@@ -227,6 +228,7 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
+    use crate::proxy::CallRequest;
     use std::sync::Arc;
 
     use bytes::Bytes;
@@ -275,7 +277,7 @@ disabled = true
     fn check(own: &str, target: &str) -> Result<(), ProxyError> {
         let config = Config::from_toml(CONFIG).unwrap();
         let router = Router::from_config(&config).unwrap();
-        let request = GrpcRequest {
+        let request = Box::new(CallRequest {
             method: Schema::global()
                 .method(
                     "/temporal.api.workflowservice.v1.WorkflowService/RespondWorkflowTaskCompleted",
@@ -291,7 +293,7 @@ disabled = true
                 carries_payloads: true,
             }],
             peer: Arc::default(),
-        };
+        });
         let upstream = router.for_namespace(own).unwrap();
         check_targets(&router, &upstream, &request)
     }

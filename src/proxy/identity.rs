@@ -199,6 +199,7 @@ pub fn stamp_request(
 
 #[cfg(test)]
 mod tests {
+    use crate::proxy::CallRequest;
     use std::sync::Mutex;
 
     use prost::Message;
@@ -229,7 +230,7 @@ mod tests {
     fn request(path: &str, message: Vec<u8>, namespace: Option<&str>, cn: &str) -> GrpcRequest {
         let mut headers = http::HeaderMap::new();
         headers.insert(IDENTITY_HEADER, HeaderValue::from_static("spoofed"));
-        GrpcRequest {
+        Box::new(CallRequest {
             method: Schema::global().method(path).unwrap(),
             headers,
             message: Bytes::from(message),
@@ -244,7 +245,7 @@ mod tests {
                 },
                 ..PeerInfo::default()
             }),
-        }
+        })
     }
 
     const TERMINATE: &str =

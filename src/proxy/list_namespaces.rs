@@ -25,7 +25,7 @@ use temporalio_protos::temporal::api::workflowservice::v1::{
 };
 use tower::{Layer, Service, ServiceExt};
 
-use super::{CallFuture, GrpcRequest, GrpcResponse};
+use super::{CallFuture, CallRequest, GrpcRequest, GrpcResponse};
 use crate::authz::PolicyStore;
 use crate::error::ProxyError;
 use crate::grpc::headers::TEMPORAL_NAMESPACE;
@@ -243,7 +243,7 @@ where
         reason: "namespace is not a valid header value".into(),
     })?;
     headers.insert(TEMPORAL_NAMESPACE, value);
-    let request = GrpcRequest {
+    let request = Box::new(CallRequest {
         method,
         headers,
         message: Bytes::from(
@@ -257,7 +257,7 @@ where
         namespace: Some(name.to_string()),
         targets: Vec::new(),
         peer: list.peer.clone(),
-    };
+    });
     let response = inner.oneshot(request).await?;
     if let Some(status) = response
         .trailers

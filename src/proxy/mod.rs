@@ -41,9 +41,14 @@ use crate::payload::targets::CommandTarget;
 use crate::schema::MethodInfo;
 use crate::tls::PeerInfo;
 
-/// One unary call on its way upstream.
+/// One unary call on its way upstream, boxed: every stage's future holds the request (in its
+/// captures and in the inner service's `Oneshot`), and a call waiting for its answer (a long
+/// poll, for minutes) keeps all those futures; boxed, each holds a pointer instead of ~220 bytes.
+pub type GrpcRequest = Box<CallRequest>;
+
+/// What a [`GrpcRequest`] carries.
 #[derive(Debug, Clone)]
-pub struct GrpcRequest {
+pub struct CallRequest {
     pub method: &'static MethodInfo,
     /// The caller's headers that may go upstream (hop-by-hop and principal headers removed).
     pub headers: HeaderMap,

@@ -126,6 +126,7 @@ pub fn resolve_namespace(mut request: GrpcRequest) -> Result<GrpcRequest, ProxyE
 
 #[cfg(test)]
 mod tests {
+    use crate::proxy::CallRequest;
     use std::sync::Arc;
 
     use bytes::Bytes;
@@ -140,7 +141,7 @@ mod tests {
         if let Some(h) = header {
             headers.insert(TEMPORAL_NAMESPACE, HeaderValue::from_str(h).unwrap());
         }
-        GrpcRequest {
+        Box::new(CallRequest {
             method: Schema::global().method(method).unwrap(),
             headers,
             message: Bytes::from(message),
@@ -148,7 +149,7 @@ mod tests {
             namespace: None,
             targets: Vec::new(),
             peer: Arc::default(),
-        }
+        })
     }
 
     const START: &str = "/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution";

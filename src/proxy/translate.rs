@@ -522,6 +522,7 @@ fn replace_status_message(status: &[u8], from: &str, to: &str) -> Option<Vec<u8>
 
 #[cfg(test)]
 mod tests {
+    use crate::proxy::CallRequest;
     use std::sync::Mutex;
 
     use prost::Message;
@@ -577,7 +578,7 @@ mod tests {
         if let Some(ns) = namespace {
             headers.insert(TEMPORAL_NAMESPACE, HeaderValue::from_str(ns).unwrap());
         }
-        GrpcRequest {
+        Box::new(CallRequest {
             method: Schema::global().method(path).unwrap(),
             headers,
             message: Bytes::from(message),
@@ -585,7 +586,7 @@ mod tests {
             namespace: namespace.map(str::to_owned),
             targets: Vec::new(),
             peer: Arc::default(),
-        }
+        })
     }
 
     #[test]

@@ -8,7 +8,12 @@ use std::sync::OnceLock;
 use prost_reflect::{DescriptorPool, Kind, MessageDescriptor, MethodDescriptor};
 use serde::{Deserialize, Serialize};
 
-/// The compiled FileDescriptorSet of Temporal's API (see build.rs).
+mod strip;
+
+pub use strip::strip_source_info;
+
+/// The compiled FileDescriptorSet of Temporal's API (see build.rs), without its comments and
+/// source positions ([`strip_source_info`]).
 pub static DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/temporal_descriptors.bin"));
 
@@ -98,8 +103,11 @@ impl Schema {
     /// A schema from a descriptor set given at run time. A set without `grpc.health.v1`
     /// (Temporal's API repository does not carry it) gets the built-in health service.
     pub fn from_runtime_set(bytes: &[u8], origin: SchemaOrigin) -> Result<Schema, SchemaError> {
-        let mut pool =
-            DescriptorPool::decode(bytes).map_err(|e| SchemaError::Invalid(e.to_string()))?;
+        // `buf build` keeps comments and source positions by default: they are never read, and
+        // decoded they are most of the pool's memory.
+        let stripped = strip_source_info(bytes);
+        let mut pool = DescriptorPool::decode(stripped.as_deref().unwrap_or(bytes))
+            .map_err(|e| SchemaError::Invalid(e.to_string()))?;
         if pool.get_service_by_name("grpc.health.v1.Health").is_none() {
             let embedded = DescriptorPool::decode(DESCRIPTOR_SET)
                 .map_err(|e| SchemaError::Invalid(e.to_string()))?;
@@ -282,5 +290,67 @@ mod tests {
             .map(|m| m.path.clone())
             .collect();
         assert_eq!(streaming, vec!["/grpc.health.v1.Health/Watch".to_string()]);
+    }
+
+    /// Comments and source positions are dropped, byte for byte nothing else: options and
+    /// fields `prost-types` does not know survive.
+    #[test]
+    fn source_info_is_stripped_and_nothing_else() {
+        use prost::Message;
+        use prost_reflect::prost_types::{
+            source_code_info::Location, DescriptorProto, FileDescriptorProto, FileDescriptorSet,
+            FileOptions, SourceCodeInfo,
+        };
+        let file = |name: &str, info: bool| FileDescriptorProto {
+            name: Some(name.into()),
+            package: Some("p".into()),
+            message_type: vec![DescriptorProto {
+                name: Some("M".into()),
+                ..Default::default()
+            }],
+            options: Some(FileOptions {
+                go_package: Some("example.com/p".into()),
+                ..Default::default()
+            }),
+            source_code_info: info.then(|| SourceCodeInfo {
+                location: vec![Location {
+                    path: vec![4, 0],
+                    span: vec![1, 2, 3],
+                    leading_comments: Some("a comment".repeat(100)),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        };
+        let with = FileDescriptorSet {
+            file: vec![file("a.proto", true), file("b.proto", false)],
+        };
+        let without = FileDescriptorSet {
+            file: vec![file("a.proto", false), file("b.proto", false)],
+        };
+        let mut bytes = with.encode_to_vec();
+        // A field descriptor.proto does not have (on the set itself): kept as it is.
+        bytes.extend_from_slice(&[0xa0, 0x06, 0x2a]);
+        let mut expected = without.encode_to_vec();
+        expected.extend_from_slice(&[0xa0, 0x06, 0x2a]);
+        assert_eq!(strip_source_info(&bytes).unwrap(), expected);
+        assert!(
+            strip_source_info(&[0x0a, 0x05, 0x01]).is_none(),
+            "truncated"
+        );
+        assert!(strip_source_info(&[0x0b]).is_none(), "a group");
+    }
+
+    /// The embedded schema carries no comments, and the same methods and messages as the set
+    /// `temporalio-protos` publishes.
+    #[test]
+    fn the_embedded_set_has_no_source_info() {
+        let schema = Schema::global();
+        assert!(schema
+            .pool
+            .files()
+            .all(|f| f.file_descriptor_proto().source_code_info.is_none()));
+        assert!(schema.pool.all_messages().count() > 1000);
+        assert!(DESCRIPTOR_SET.len() < 600_000, "{}", DESCRIPTOR_SET.len());
     }
 }

@@ -283,25 +283,36 @@ impl Upstream {
         // A second attempt only for calls the upstream provably did not process (refused
         // stream, graceful GOAWAY, a connection that died before the request went out).
         for _ in 0..2 {
-            let connection = self.connection().await?;
-            let uri = Uri::from_parts({
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(self.scheme.clone());
-                parts.authority = Some(self.authority.clone());
-                parts.path_and_query = Some(path.clone());
-                parts
-            })
-            .map_err(|e| self.unavailable(format!("invalid request URI: {e}")))?;
-            let mut request = Request::new(());
-            *request.method_mut() = Method::POST;
-            *request.uri_mut() = uri;
-            *request.version_mut() = Version::HTTP_2;
-            *request.headers_mut() = headers.clone();
-            if let Some(key) = api_key {
-                request
-                    .headers_mut()
-                    .insert(http::header::AUTHORIZATION, key.header_value());
-            }
+            // The pool usually has one: opening a connection (TCP, TLS and HTTP/2 handshakes)
+            // is a large future, boxed so that it does not inflate every call's future (a held
+            // long poll keeps its future for minutes).
+            let connection = match self.pick() {
+                Some(connection) => connection,
+                None => Box::pin(self.connection()).await?,
+            };
+            // The request is built once the connection can take it (not held across an await:
+            // it would take room in the call's future while the call waits for its answer).
+            let request = || -> Result<Request<()>, String> {
+                let uri = Uri::from_parts({
+                    let mut parts = http::uri::Parts::default();
+                    parts.scheme = Some(self.scheme.clone());
+                    parts.authority = Some(self.authority.clone());
+                    parts.path_and_query = Some(path.clone());
+                    parts
+                })
+                .map_err(|e| format!("invalid request URI: {e}"))?;
+                let mut request = Request::new(());
+                *request.method_mut() = Method::POST;
+                *request.uri_mut() = uri;
+                *request.version_mut() = Version::HTTP_2;
+                *request.headers_mut() = headers.clone();
+                if let Some(key) = api_key {
+                    request
+                        .headers_mut()
+                        .insert(http::header::AUTHORIZATION, key.header_value());
+                }
+                Ok(request)
+            };
             match attempt(&connection, request, body.clone()).await {
                 Ok(response) => return Ok(response),
                 Err(error) => {
@@ -710,7 +721,7 @@ async fn keepalive(mut ping_pong: h2::PingPong) -> String {
 /// One try of a call on one connection.
 async fn attempt(
     connection: &Connection,
-    request: Request<()>,
+    request: impl FnOnce() -> Result<Request<()>, String>,
     body: Bytes,
 ) -> Result<UpstreamResponse, AttemptError> {
     let active = ActiveCall::new(&connection.active);
@@ -720,6 +731,12 @@ async fn attempt(
         .ready()
         .await
         .map_err(|e| AttemptError::new(&e, false))?;
+    let request = request().map_err(|reason| AttemptError {
+        reason,
+        retry: false,
+        dead: false,
+        reset: None,
+    })?;
     let (response, mut stream) = send
         .send_request(request, false)
         .map_err(|e| AttemptError::new(&e, false))?;
