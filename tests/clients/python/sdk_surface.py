@@ -715,10 +715,18 @@ async def run(args: argparse.Namespace, results: dict, errors: dict, info: dict)
                 return d.state if d.state != 1 else None  # not RUNNING
 
             results["batch.state"] = await eventually(batch_described)
-            listed_batches = await client.workflow_service.list_batch_operations(
-                ListBatchOperationsRequest(namespace=ns)
-            )
-            results["batch.listed"] = any(o.job_id == job for o in listed_batches.operation_info)
+            # Listed from visibility, which is eventually consistent: ask until it shows the
+            # job (or 10 s pass).
+            listed = False
+            for _ in range(50):
+                listed_batches = await client.workflow_service.list_batch_operations(
+                    ListBatchOperationsRequest(namespace=ns)
+                )
+                listed = any(o.job_id == job for o in listed_batches.operation_info)
+                if listed:
+                    break
+                await asyncio.sleep(0.2)
+            results["batch.listed"] = listed
 
         # --- Activity operations on a workflow's activity.
         if want("activity"):
