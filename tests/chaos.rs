@@ -179,6 +179,7 @@ client_ca = "{ca}"
 [limits]
 shutdown_grace_seconds = 5
 audit_stall_seconds = 2
+max_connection_age_seconds = {max_age}
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -220,6 +221,8 @@ keys.kms = {{ provider = "aws-kms", key_id = "{kms_key}", region = "us-east-1", 
         up_cert = upstream.client_cert.display(),
         up_key = upstream.client_key.display(),
         audit = dir.join("audit.jsonl").display(),
+        // CHAOS_MAX_AGE: the client connections' max age (default 300 s, as in production).
+        max_age = std::env::var("CHAOS_MAX_AGE").unwrap_or_else(|_| "300".into()),
         moto_port = moto.port,
     )
 }

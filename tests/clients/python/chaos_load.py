@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Temporal load that keeps going while things fail around it (tests/chaos.rs): a worker, and
 starters that run a workflow with an activity, a signal and a query, one after another, with a
-marker in every input. Client calls are not retried by the SDK (RetryConfig max_retries=0), so
-every failed call is seen and recorded with its gRPC status; a result that differs from what the
+marker in every input. The starters' calls are not retried by the SDK (RetryConfig
+max_retries=0), so every failed call is seen and recorded with its gRPC status (the worker
+retries as usual); a result that differs from what the
 workflow must return is recorded as "WRONG" (never acceptable).
 
 Usage:
@@ -67,6 +68,9 @@ def outcome_of(e: BaseException) -> str:
         # The SDK's own HTTP/2 connection failing (no status from the proxy) is told apart.
         if e.status.name == "INTERNAL" and str(e).startswith("h2 protocol error"):
             return "TRANSPORT"
+        # The SDK's own client-side deadline (tonic's "Timeout expired", reported CANCELLED).
+        if e.status.name == "CANCELLED" and "Timeout expired" in str(e):
+            return "DEADLINE_EXCEEDED"
         return e.status.name
     cause = e.__cause__
     if isinstance(cause, RPCError):
@@ -78,7 +82,9 @@ async def run(args: argparse.Namespace) -> dict:
     from temporalio.service import RetryConfig
     from temporalio.worker import Worker
 
+    # The starters see every failure (no retries); the worker retries as SDK workers do.
     client = await common.connect(args, retry_config=RetryConfig(max_retries=0))
+    worker_client = await common.connect(args)
     events: list[dict] = []
     samples: list[str] = []
     started = time.monotonic()
@@ -157,7 +163,7 @@ async def run(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(0.2)
 
     async with Worker(
-        client,
+        worker_client,
         task_queue=args.task_queue,
         workflows=[ChaosWorkflow],
         activities=[shout],
