@@ -168,34 +168,55 @@ impl AwsKmsConfig {
     /// Its HTTP client uses rustls with ring and the system's root certificates.
     pub async fn sdk_client(&self) -> Result<aws_sdk_kms::Client, AwsKmsError> {
         self.validate()?;
-        let http_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(TlsProvider::Rustls(CryptoMode::Ring))
-            .build_https();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(self.region.clone()))
-            .http_client(http_client)
-            .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(self.timeout)
-                    .operation_timeout(self.timeout)
-                    .build(),
-            );
-        if let Some(endpoint) = &self.endpoint {
-            loader = loader.endpoint_url(endpoint.clone());
-        }
-        if let Some(creds) = &self.credentials {
-            loader = loader.credentials_provider(Credentials::new(
-                creds.access_key_id.clone(),
-                creds.secret_access_key.clone(),
-                creds.session_token.clone(),
-                None,
-                "portcullis-config",
-            ));
-        }
-        let sdk_config = loader.load().await;
+        let sdk_config = aws_sdk_config(
+            &self.region,
+            self.endpoint.as_deref(),
+            self.credentials.as_ref(),
+            self.timeout,
+            MAX_ATTEMPTS,
+        )
+        .await;
         Ok(aws_sdk_kms::Client::new(&sdk_config))
     }
+}
+
+/// The AWS SDK configuration portcullis uses for every AWS service (KMS, and S3 for offload):
+/// rustls with ring and the system's roots, standard retries up to `max_attempts`, `timeout`
+/// for connecting and for each operation (retries included), an endpoint override, and static
+/// credentials when given (else the default chain).
+pub(crate) async fn aws_sdk_config(
+    region: &str,
+    endpoint: Option<&str>,
+    credentials: Option<&StaticCredentials>,
+    timeout: Duration,
+    max_attempts: u32,
+) -> aws_config::SdkConfig {
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(TlsProvider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .http_client(http_client)
+        .retry_config(RetryConfig::standard().with_max_attempts(max_attempts))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(timeout)
+                .operation_timeout(timeout)
+                .build(),
+        );
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(creds) = credentials {
+        loader = loader.credentials_provider(Credentials::new(
+            creds.access_key_id.clone(),
+            creds.secret_access_key.clone(),
+            creds.session_token.clone(),
+            None,
+            "portcullis-config",
+        ));
+    }
+    loader.load().await
 }
 
 /// The `aws-kms` provider.

@@ -6,13 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
-use aws_sdk_s3::config::{Credentials, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider as TlsProvider};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::try_join_all;
 use tokio::sync::Semaphore;
@@ -450,32 +446,14 @@ where
 
 /// An S3 client as `config` describes it.
 pub async fn sdk_client(config: &OffloadConfig) -> aws_sdk_s3::Client {
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(TlsProvider::Rustls(CryptoMode::Ring))
-        .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new(config.region.clone()))
-        .http_client(http_client)
-        .retry_config(RetryConfig::standard().with_max_attempts(config.max_attempts))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(config.timeout)
-                .operation_timeout(config.timeout)
-                .build(),
-        );
-    if let Some(endpoint) = &config.endpoint {
-        loader = loader.endpoint_url(endpoint.clone());
-    }
-    if let Some(creds) = &config.credentials {
-        loader = loader.credentials_provider(Credentials::new(
-            creds.access_key_id.clone(),
-            creds.secret_access_key.clone(),
-            creds.session_token.clone(),
-            None,
-            "portcullis-config",
-        ));
-    }
-    let sdk_config = loader.load().await;
+    let sdk_config = crate::crypto::aws_kms::aws_sdk_config(
+        &config.region,
+        config.endpoint.as_deref(),
+        config.credentials.as_ref(),
+        config.timeout,
+        config.max_attempts,
+    )
+    .await;
     let s3 = aws_sdk_s3::config::Builder::from(&sdk_config)
         .force_path_style(config.force_path_style)
         // portcullis checks a SHA-256 of every object itself; the SDK's own CRC trailers
