@@ -27,37 +27,14 @@ import traceback
 import uuid
 from datetime import timedelta
 
-from temporalio import activity, workflow
+from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     import common
 
-
-@activity.defn
-async def shout(text: str) -> str:
-    return text.upper()
-
-
-@workflow.defn
-class ChaosWorkflow:
-    def __init__(self) -> None:
-        self.suffix = ""
-
-    @workflow.run
-    async def run(self, text: str) -> str:
-        await workflow.wait_condition(lambda: self.suffix != "")
-        loud = await workflow.execute_activity(
-            shout, text, start_to_close_timeout=timedelta(seconds=30)
-        )
-        return loud + self.suffix
-
-    @workflow.signal
-    def finish(self, suffix: str) -> None:
-        self.suffix = suffix
-
-    @workflow.query
-    def current(self) -> str:
-        return self.suffix
+# The same workflow and activity as the steady load (an activity, a signal, a query).
+from steady_load import SteadyWorkflow as ChaosWorkflow
+from steady_load import shout
 
 
 def outcome_of(e: BaseException) -> str:
