@@ -715,18 +715,14 @@ async def run(args: argparse.Namespace, results: dict, errors: dict, info: dict)
                 return d.state if d.state != 1 else None  # not RUNNING
 
             results["batch.state"] = await eventually(batch_described)
-            # Listed from visibility, which is eventually consistent: ask until it shows the
-            # job (or 10 s pass).
-            listed = False
-            for _ in range(50):
-                listed_batches = await client.workflow_service.list_batch_operations(
+            # Listed from visibility, which is eventually consistent: ask until it shows the job.
+            async def batch_listed():
+                listed = await client.workflow_service.list_batch_operations(
                     ListBatchOperationsRequest(namespace=ns)
                 )
-                listed = any(o.job_id == job for o in listed_batches.operation_info)
-                if listed:
-                    break
-                await asyncio.sleep(0.2)
-            results["batch.listed"] = listed
+                return any(o.job_id == job for o in listed.operation_info)
+
+            results["batch.listed"] = await eventually(batch_listed)
 
         # --- Activity operations on a workflow's activity.
         if want("activity"):
@@ -866,17 +862,14 @@ async def run(args: argparse.Namespace, results: dict, errors: dict, info: dict)
 
             await step(results, errors, "deploy.describe_version", described_version())
             # The list comes from visibility, which is eventually consistent: ask until it
-            # shows the deployment (or 10 s pass).
-            listed = False
-            for _ in range(50):
+            # shows the deployment.
+            async def deployment_listed():
                 deployments = await client.workflow_service.list_worker_deployments(
                     ListWorkerDeploymentsRequest(namespace=ns)
                 )
-                listed = any(d.name == deployment for d in deployments.worker_deployments)
-                if listed:
-                    break
-                await asyncio.sleep(0.2)
-            results["deploy.listed"] = listed
+                return any(d.name == deployment for d in deployments.worker_deployments)
+
+            results["deploy.listed"] = await eventually(deployment_listed)
             results["deploy.run"] = await client.execute_workflow(
                 VersionedWorkflow.run, id=f"versioned-{suffix}", task_queue=f"{tq}-versioned"
             )
