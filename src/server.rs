@@ -377,7 +377,14 @@ fn survive_file_size_limit() {
     {
         use tokio::signal::unix::{signal, SignalKind};
         let xfsz = SignalKind::from_raw(SIGXFSZ);
-        // Once installed, tokio's handler stays for the life of the process.
+        // Once installed, tokio's handler stays for the life of the process: install it once
+        // (a process may start several proxies, as the tests do).
+        static INSTALLED: std::sync::Once = std::sync::Once::new();
+        let mut first = false;
+        INSTALLED.call_once(|| first = true);
+        if !first {
+            return;
+        }
         if let Ok(mut received) = signal(xfsz) {
             tokio::spawn(async move {
                 while received.recv().await.is_some() {
