@@ -23,9 +23,7 @@ use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
-use super::system_nexus::{
-    self as system, NexusFields, NEXUS_OPERATION_MESSAGES, SYSTEM_OPERATIONS,
-};
+use super::system_nexus::{self as system, NexusFields, SYSTEM_OPERATIONS};
 use super::walker::{delta_of, Edit, Replacement, RewritePlan, WalkError, DEFAULT_MAX_DEPTH};
 use super::wire::{self, varint_len, Field, WireError, WireType};
 use crate::schema::Schema;
@@ -133,21 +131,7 @@ impl NamespaceFieldIndex {
             })
             .collect();
         // Direct name fields, and message-typed edges.
-        let nexus: Vec<Option<NexusFields>> = messages
-            .iter()
-            .map(|m| {
-                if !NEXUS_OPERATION_MESSAGES.contains(&m.full_name()) {
-                    return None;
-                }
-                let number = |name: &str| m.get_field_by_name(name).map(|f| f.number());
-                Some(NexusFields {
-                    endpoint: number("endpoint")?,
-                    service: number("service")?,
-                    operation: number("operation")?,
-                    input: number("input")?,
-                })
-            })
-            .collect();
+        let nexus: Vec<Option<NexusFields>> = messages.iter().map(NexusFields::of).collect();
         let mut reaches: Vec<bool> = messages
             .iter()
             .zip(&kinds)

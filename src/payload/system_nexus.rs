@@ -100,6 +100,22 @@ pub struct NexusFields {
     pub input: u32,
 }
 
+impl NexusFields {
+    /// The fields of `message` when it is one of [`NEXUS_OPERATION_MESSAGES`] (and has them all).
+    pub fn of(message: &prost_reflect::MessageDescriptor) -> Option<NexusFields> {
+        if !NEXUS_OPERATION_MESSAGES.contains(&message.full_name()) {
+            return None;
+        }
+        let number = |name: &str| message.get_field_by_name(name).map(|f| f.number());
+        Some(NexusFields {
+            endpoint: number("endpoint")?,
+            service: number("service")?,
+            operation: number("operation")?,
+            input: number("input")?,
+        })
+    }
+}
+
 /// What a Nexus-operation message (by `fields`) asks for: `None` when its endpoint is not the
 /// system endpoint, else the system operation, or why it is not one portcullis knows.
 pub fn system_operation(

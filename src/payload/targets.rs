@@ -33,9 +33,7 @@ use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, Kind, MessageDescriptor};
 
-use super::system_nexus::{
-    self as system, NexusFields, SystemNexusError, NEXUS_OPERATION_MESSAGES, SYSTEM_OPERATIONS,
-};
+use super::system_nexus::{self as system, NexusFields, SystemNexusError, SYSTEM_OPERATIONS};
 use super::walker::{PayloadIndex, DEFAULT_MAX_DEPTH};
 use super::wire::{self, WireError, WireType};
 use crate::schema::Schema;
@@ -186,21 +184,7 @@ impl TargetIndex {
                 Some((kind, field.number(), carries))
             })
             .collect();
-        let nexus: Vec<Option<NexusFields>> = messages
-            .iter()
-            .map(|m| {
-                if !NEXUS_OPERATION_MESSAGES.contains(&m.full_name()) {
-                    return None;
-                }
-                let number = |name: &str| m.get_field_by_name(name).map(|f| f.number());
-                Some(NexusFields {
-                    endpoint: number("endpoint")?,
-                    service: number("service")?,
-                    operation: number("operation")?,
-                    input: number("input")?,
-                })
-            })
-            .collect();
+        let nexus: Vec<Option<NexusFields>> = messages.iter().map(NexusFields::of).collect();
         let system_namespace_fields = SYSTEM_OPERATIONS
             .iter()
             .map(|o| {
