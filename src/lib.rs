@@ -7,6 +7,7 @@ pub mod check;
 pub mod codec;
 pub mod config;
 pub mod crypto;
+pub mod deadlines;
 pub mod dev;
 pub mod error;
 #[doc(hidden)]

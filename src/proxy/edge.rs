@@ -239,11 +239,15 @@ async fn read_call(
     reservation
         .grow(header_bytes(parts))
         .map_err(|scope| reservation.refusal(scope))?;
-    let wire =
-        match tokio::time::timeout_at(body_deadline, read_body(body, limit, reservation)).await {
-            Ok(read) => read?,
-            Err(_) => return Err(ProxyError::BodyTimeout(body_timeout)),
-        };
+    let wire = match crate::deadlines::timeout_at(
+        body_deadline,
+        read_body(body, limit, reservation),
+    )
+    .await
+    {
+        Ok(read) => read?,
+        Err(_) => return Err(ProxyError::BodyTimeout(body_timeout)),
+    };
     let wire_len = wire.len();
     let compressed = wire.first() == Some(&1);
     let message = frame::decode_unary(&wire, encoding, limit, Direction::Request)

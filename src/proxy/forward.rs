@@ -68,7 +68,7 @@ impl Service<GrpcRequest> for Forwarder {
             match deadline {
                 // The upstream gets the same deadline; the local timer is the backstop that also
                 // covers connecting and a stalled upstream.
-                Some((deadline, timeout)) => tokio::time::timeout_at(deadline, call)
+                Some((deadline, timeout)) => crate::deadlines::timeout_at(deadline, call)
                     .await
                     .unwrap_or(Err(ProxyError::DeadlineExceeded(timeout))),
                 None => call.await,
