@@ -94,6 +94,25 @@ struct Fault {
     end: f64,
 }
 
+/// Reads a child's pipe into `sink` for as long as the child writes: a pipe nobody reads
+/// fills up (64 KiB) and blocks the writer. (The SDK load's core logs a warning for every
+/// failed poll; unread, its pipe filled after 5-7 minutes of faults and froze the SDK's whole
+/// runtime, which looked like a stall behind the proxy.)
+fn drain(
+    mut pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    sink: Arc<Mutex<Vec<u8>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            sink.lock().expect("pipe sink").extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
 struct Proxy {
     child: Child,
     pid: u32,
@@ -252,17 +271,8 @@ async fn start_proxy_process(text: String, dir: &Path, address: SocketAddr) -> P
         .spawn()
         .expect("start portcullis serve");
     let stderr = Arc::new(Mutex::new(Vec::new()));
-    if let Some(mut pipe) = child.stderr.take() {
-        let sink = stderr.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = pipe.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().expect("stderr").extend_from_slice(&buf[..n]);
-            }
-        });
+    if let Some(pipe) = child.stderr.take() {
+        let _reader = drain(pipe, stderr.clone());
     }
     let pid = child.id().expect("pid");
     let mut proxy = Proxy {
@@ -518,7 +528,15 @@ async fn the_proxy_keeps_its_promises_while_everything_around_it_fails() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let sdk = sdk.spawn().expect("start chaos_load.py");
+    let mut sdk = sdk.spawn().expect("start chaos_load.py");
+    let (sdk_stdout, sdk_stderr) = (
+        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let sdk_readers = [
+        drain(sdk.stdout.take().expect("stdout pipe"), sdk_stdout.clone()),
+        drain(sdk.stderr.take().expect("stderr pipe"), sdk_stderr.clone()),
+    ];
     let (stop_raw, stop_rx) = tokio::sync::watch::channel(false);
     let raw = tokio::spawn(raw_load(
         address,
@@ -656,10 +674,19 @@ async fn the_proxy_keeps_its_promises_while_everything_around_it_fails() {
     std::fs::write(&stop_file, b"stop").expect("stop file");
     stop_raw.send(true).expect("stop raw load");
     let raw_events = raw.await.expect("raw load");
-    let sdk_output = tokio::time::timeout(Duration::from_secs(120), sdk.wait_with_output())
+    let sdk_status = tokio::time::timeout(Duration::from_secs(120), sdk.wait())
         .await
         .expect("chaos_load.py stops")
-        .expect("chaos_load.py output");
+        .expect("chaos_load.py exit status");
+    // The readers end with the pipes (at the script's exit, unless it left a child holding them).
+    for reader in sdk_readers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+    }
+    let sdk_output = std::process::Output {
+        status: sdk_status,
+        stdout: std::mem::take(&mut *sdk_stdout.lock().expect("stdout")),
+        stderr: std::mem::take(&mut *sdk_stderr.lock().expect("stderr")),
+    };
     let sdk_summary = parse_client_output("chaos_load.py", &sdk_output);
     let mut polls = long_polls(address, &pki, &raw_client, 20).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -692,12 +719,14 @@ async fn the_proxy_keeps_its_promises_while_everything_around_it_fails() {
         *poll_outcomes.entry(outcome).or_default() += 1;
     }
 
-    // CHAOS_LOG=FILE: the proxy's log (RUST_LOG=info) and nginx's error log, to study a run.
+    // CHAOS_LOG=FILE: the proxy's log (RUST_LOG=info), nginx's error log and the SDK load's
+    // stderr (core warnings, worker slots over time), to study a run.
     if let Ok(path) = std::env::var("CHAOS_LOG") {
         let text = format!(
-            "{}\n--- nginx\n{}",
+            "{}\n--- nginx\n{}\n--- chaos_load.py (stderr)\n{}",
             proxy.stderr_text(),
-            upstream.nginx.error_log()
+            upstream.nginx.error_log(),
+            String::from_utf8_lossy(&sdk_output.stderr)
         );
         std::fs::write(path, text).expect("write CHAOS_LOG");
     }

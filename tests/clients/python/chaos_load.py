@@ -55,13 +55,98 @@ def outcome_of(e: BaseException) -> str:
     return type(e).__name__
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_gauges(metrics_url: str) -> str:
+    """The worker's free task slots and pollers, from the SDK's own Prometheus metrics."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(metrics_url, timeout=2).read().decode()
+    except Exception as e:  # noqa: BLE001
+        return f"metrics unavailable: {e}"
+    wanted = ("temporal_worker_task_slots_available", "temporal_num_pollers")
+    return "; ".join(
+        line.split("{", 1)[0] + "{" + line.split('worker_type="', 1)[-1].split('"', 1)[0] + "} "
+        + line.rsplit(" ", 1)[-1]
+        for line in text.splitlines()
+        if line.startswith(wanted) and "worker_type=" in line
+    )
+
+
+def thread_times() -> dict[str, tuple[str, int]]:
+    """CPU ticks (user + system) and name of each thread of this process."""
+    times = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        times[tid] = (name, int(fields[11]) + int(fields[12]))
+    return times
+
+
+def dump_threads(out) -> None:
+    """Which threads burn CPU while nothing completes (5 s apart), and where each waits in the
+    kernel (wchan, syscall): where the SDK's core runtime is stuck. With CHAOS_GDB=1 also every
+    thread's native stack, from a gdb left running on its own (it can take minutes)."""
+    import subprocess
+
+    before = thread_times()
+    time.sleep(5)
+    after = thread_times()
+    for tid, (name, ticks) in sorted(after.items()):
+        spent = ticks - before.get(tid, (name, ticks))[1]
+        where = []
+        for item in ("wchan", "syscall"):
+            try:
+                with open(f"/proc/self/task/{tid}/{item}") as f:
+                    where.append(f"{item}={f.read().strip()}")
+            except OSError:
+                pass
+        print(f"chaos_load: thread {tid} {name}: {spent} ticks in 5 s; {' '.join(where)}", file=out)
+    out.flush()
+    if os.environ.get("CHAOS_GDB") == "1":
+        subprocess.Popen(
+            ["gdb", "-p", str(os.getpid()), "-batch", "-ex", "thread apply all bt 25"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 async def run(args: argparse.Namespace) -> dict:
+    from temporalio.runtime import (
+        LoggingConfig,
+        PrometheusConfig,
+        Runtime,
+        TelemetryConfig,
+        TelemetryFilter,
+    )
     from temporalio.service import RetryConfig
     from temporalio.worker import Worker
 
+    # What the SDK's core says when things fail (warnings to stderr), and the worker's task
+    # slots over time: to tell a worker that stops polling from calls that fail.
+    metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+    runtime = Runtime(
+        telemetry=TelemetryConfig(
+            logging=LoggingConfig(filter=TelemetryFilter(core_level="WARN", other_level="ERROR")),
+            metrics=PrometheusConfig(bind_address=metrics_url.split("/")[2]),
+        )
+    )
     # The starters see every failure (no retries); the worker retries as SDK workers do.
-    client = await common.connect(args, retry_config=RetryConfig(max_retries=0))
-    worker_client = await common.connect(args)
+    client = await common.connect(args, retry_config=RetryConfig(max_retries=0), runtime=runtime)
+    worker_client = await common.connect(args, runtime=runtime)
     events: list[dict] = []
     samples: list[str] = []
     started = time.monotonic()
@@ -139,13 +224,43 @@ async def run(args: argparse.Namespace) -> dict:
                     break
                 await asyncio.sleep(0.2)
 
+    # Diagnostics go to CHAOS_SDK_DIAG (a file that survives a test that gives up on this
+    # script) or to stderr.
+    diag_path = os.environ.get("CHAOS_SDK_DIAG")
+    diag = open(diag_path, "a") if diag_path else sys.stderr
+
+    async def watch() -> None:
+        # Every 15 s: the worker's gauges and the count of completed workflows, to stderr; when
+        # none completed for 60 s, every task's stack once (where the starters wait).
+        completed_at, completed, dumped = time.monotonic(), 0, False
+        while not stopping():
+            await asyncio.sleep(15)
+            done = sum(1 for e in events if e["op"] == "result" and e["outcome"] == "OK")
+            if done != completed:
+                completed_at, completed = time.monotonic(), done
+            gauges = await asyncio.to_thread(worker_gauges, metrics_url)
+            print(
+                f"chaos_load t={time.monotonic() - started:.0f}s completed={done} {gauges}",
+                file=diag,
+                flush=True,
+            )
+            if time.monotonic() - completed_at > 60 and not dumped:
+                dumped = True
+                print("chaos_load: no workflow completed for 60 s; tasks:", file=diag)
+                for task in asyncio.all_tasks():
+                    task.print_stack(limit=8, file=diag)
+                diag.flush()
+                await asyncio.to_thread(dump_threads, diag)
+
     async with Worker(
         worker_client,
         task_queue=args.task_queue,
         workflows=[ChaosWorkflow],
         activities=[shout],
     ):
+        watcher = asyncio.ensure_future(watch())
         await asyncio.gather(*(starter(i) for i in range(args.starters)))
+        watcher.cancel()
     with open(args.events, "w") as out:
         for event in events:
             out.write(json.dumps(event) + "\n")
