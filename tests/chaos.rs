@@ -13,7 +13,7 @@
 //! the time to recover after each fault is measured and printed.
 //!
 //! Short form (the suite): one round of faults, about two minutes. Long form (documented in
-//! the README): `CHAOS_ROUNDS=10 cargo test --test chaos -- --nocapture`.
+//! the README): `CHAOS_ROUNDS=12 cargo test --test chaos -- --nocapture`.
 
 mod common;
 

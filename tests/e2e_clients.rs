@@ -172,6 +172,8 @@ async fn typescript_client_starts_a_workflow_that_a_python_worker_runs() {
             .contains("\"ready\": true"),
         "{ready:?}"
     );
+    // Keep reading: the SDK core logs its warnings to stdout, and a full pipe would block it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let ts = repo_root().join("tests/clients/ts");
     assert!(

@@ -122,6 +122,19 @@ async fn metrics_count_real_traffic_and_the_dashboard_queries_exist() {
     assert_eq!(health(address, &pki, "no.such.Service").await, (5, None));
     // A handshake without a client certificate is refused and counted.
     assert!(tls_probe(address, &pki, None).await.is_err());
+    // Counted once the proxy's handshake task ends, which can be just after the client saw
+    // the refusal.
+    wait_until(
+        Duration::from_secs(10),
+        "the refused handshake counted",
+        || async move {
+            scrape(admin)
+                .await
+                .sum("portcullis_tls_handshake_failures_total", &[])
+                >= 1.0
+        },
+    )
+    .await;
 
     let m = scrape(admin).await;
     let calls = |ns: &str, method: &str, code: &str| {
@@ -351,15 +364,19 @@ async fn readiness_follows_the_key_provider() {
     .await;
     // The local key is still fine: only the one provider is named.
     assert!(readyz(admin).await.1.contains("ok   key local"));
-    let m = scrape(admin).await;
-    assert!(
-        m.sum(
-            "portcullis_key_provider_errors_total",
-            &[("key", "kms"), ("operation", "generate")]
-        ) >= 1.0,
-        "{}",
-        m.text
-    );
+    // The probe gives up after 2 s; the provider call it started fails (and is counted) only at
+    // the provider's own timeout, a few seconds later.
+    wait_until(
+        Duration::from_secs(30),
+        "the frozen provider's failure counted",
+        || async move {
+            scrape(admin).await.sum(
+                "portcullis_key_provider_errors_total",
+                &[("key", "kms"), ("operation", "generate")],
+            ) >= 1.0
+        },
+    )
+    .await;
     signal("-CONT");
     wait_until(Duration::from_secs(30), "ready again", || async move {
         readyz(admin).await.0 == 200
@@ -445,6 +462,8 @@ async fn certificate_rotation_keeps_workers_connected() {
             .contains("\"ready\": true"),
         "{ready:?}"
     );
+    // Keep reading: the SDK core logs its warnings to stdout, and a full pipe would block it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     // Each run is a new CLI process: a new connection and handshake. The worker runs it.
     let run = |name: &str| {
