@@ -266,12 +266,13 @@ impl Sealer {
     }
 }
 
-/// Random 96-bit nonces for one call's worth of seals, drawn from the operating system in
-/// batches: one `getrandom` per batch rather than one per payload (on a history page of
-/// thousands of small payloads the syscalls cost as much as the encryption). Batches grow
-/// 1, 2, 4, … up to 256 nonces, so a call with one payload draws 12 bytes, as before. The
-/// nonces are exactly as random as one `getrandom` each; each is handed out once and never
-/// kept. Deliberately not `Clone`: a copy would hand out the same nonces again.
+/// Random 96-bit nonces, drawn from the operating system in batches: one `getrandom` per batch
+/// rather than one per payload (on a history page of thousands of small payloads the syscalls
+/// cost as much as the encryption). Batches grow 1, 2, 4, … up to 256 nonces. The nonces are
+/// exactly as random as one `getrandom` each, and each is handed out once. Sealing takes its
+/// thread's batch ([`Nonces::for_this_thread`]), so the batches outlive a call: a serving
+/// thread draws once per up to 256 sealed messages, not once per message. Deliberately not
+/// `Clone`: a copy would hand out the same nonces again.
 #[derive(Debug, Default)]
 pub struct Nonces {
     buffer: Vec<u8>,
@@ -280,9 +281,49 @@ pub struct Nonces {
 
 const MAX_NONCE_BATCH: usize = 256;
 
+thread_local! {
+    static THREAD_NONCES: std::cell::Cell<Nonces> = std::cell::Cell::new(Nonces::default());
+}
+
+/// A thread's [`Nonces`], taken for one sealing pass and given back when dropped. Taken, not
+/// shared: a pass nested on the same thread starts an empty batch of its own, and whichever
+/// is given back last stays (the other's remaining nonces are dropped, never handed out twice).
+#[derive(Debug)]
+pub struct ThreadNonces(Nonces);
+
+impl std::ops::Deref for ThreadNonces {
+    type Target = Nonces;
+    fn deref(&self) -> &Nonces {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ThreadNonces {
+    fn deref_mut(&mut self) -> &mut Nonces {
+        &mut self.0
+    }
+}
+
+impl Drop for ThreadNonces {
+    fn drop(&mut self) {
+        let nonces = std::mem::take(&mut self.0);
+        // At thread exit the slot may be gone: the nonces go with the thread.
+        let _ = THREAD_NONCES.try_with(|slot| slot.set(nonces));
+    }
+}
+
 impl Nonces {
     pub fn new() -> Self {
         Nonces::default()
+    }
+
+    /// This thread's batch, for one sealing pass.
+    pub fn for_this_thread() -> ThreadNonces {
+        ThreadNonces(
+            THREAD_NONCES
+                .try_with(std::cell::Cell::take)
+                .unwrap_or_default(),
+        )
     }
 
     pub(crate) fn next_nonce(
@@ -885,6 +926,44 @@ mod tests {
         let mut single = Nonces::new();
         single.next_nonce().unwrap();
         assert_eq!(single.buffer.len(), NONCE_LEN);
+    }
+
+    /// A thread's nonces carry over from one sealing pass to the next (a pass of one payload
+    /// does not draw again while the thread's batch lasts), every nonce is still handed out
+    /// once, and a pass nested on the same thread never gets the outer pass's nonces.
+    #[test]
+    fn thread_nonces_outlive_a_pass_and_never_repeat() {
+        std::thread::spawn(|| {
+            let mut seen = std::collections::HashSet::new();
+            let mut draws = 0;
+            for _ in 0..600 {
+                let mut pass = Nonces::for_this_thread();
+                let nonce = pass.next_nonce().unwrap();
+                // The first nonce of a batch: this draw refilled it.
+                if pass.next == NONCE_LEN {
+                    draws += 1;
+                }
+                assert!(seen.insert(nonce.to_vec()), "a nonce repeated");
+            }
+            // 600 one-payload passes: batches 1, 2, 4, … 256, then one more of 256: 10 draws.
+            assert_eq!(draws, 10, "draws for 600 one-payload passes");
+
+            let mut outer = Nonces::for_this_thread();
+            let a = outer.next_nonce().unwrap();
+            {
+                let mut inner = Nonces::for_this_thread();
+                assert!(
+                    inner.buffer.is_empty(),
+                    "the nested pass shares the outer batch"
+                );
+                let b = inner.next_nonce().unwrap();
+                assert_ne!(a, b);
+            }
+            let c = outer.next_nonce().unwrap();
+            assert!(seen.insert(a.to_vec()) && seen.insert(c.to_vec()));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! already sized exactly: a payload's plaintext is copied once (into place, then encrypted or
 //! decrypted there) and no buffer is allocated per payload.
 //!
-//! - Sealing is one walk. Nonces come from [`Nonces`], one `getrandom` per batch.
+//! - Sealing is one walk. Nonces come from the thread's [`Nonces`], one `getrandom` per batch.
 //! - Opening needs the data keys before it can decrypt, and fetching them is async, so it is
 //!   split: [`plan_open`] walks once, collecting the distinct keys and planning the output;
 //!   after the caller resolved the keys, [`OpenPlan::open`] writes the output without walking
@@ -25,7 +25,7 @@ use std::collections::{HashSet, VecDeque};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
-use super::envelope::{self, EnvelopeRef, Nonces};
+use super::envelope::{self, EnvelopeRef, Nonces, ThreadNonces};
 use super::error::CryptoError;
 use super::manager::{OpeningKeys, SealingKey};
 use crate::payload::walker::{
@@ -131,7 +131,7 @@ pub fn seal_message_with<'k>(
     let mut sealing = Sealing {
         keys,
         seal_text: failures == FailureMode::Encode,
-        nonces: Nonces::new(),
+        nonces: Nonces::for_this_thread(),
         pending: VecDeque::new(),
         extras,
     };
@@ -151,7 +151,7 @@ struct Sealing<'k> {
     extras: Option<&'k mut dyn SealExtras>,
     /// Seal text fields too ([`FailureMode::Encode`]).
     seal_text: bool,
-    nonces: Nonces,
+    nonces: ThreadNonces,
     /// For each deferred payload, in order, the key it was sized for (only with several keys).
     pending: VecDeque<usize>,
 }
