@@ -216,7 +216,8 @@ async fn ten_megabyte_payloads_run_through_the_object_store() {
         );
     }
     assert!(large.len() >= 3, "{large:?}");
-    let grown = db_bytes(&server) - before;
+    // A WAL checkpoint between the two readings can leave the files smaller than before.
+    let grown = db_bytes(&server).saturating_sub(before);
     assert!(
         grown < 8 << 20,
         "the database grew by {grown} bytes for 30 MB of payloads"
