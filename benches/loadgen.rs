@@ -1257,6 +1257,21 @@ http {{
     }
 }
 
+/// Sends SIGTERM and waits up to `grace` for the process to exit; false if it is still running.
+fn terminate(child: &mut std::process::Child, grace: Duration) -> bool {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 impl Drop for NginxBaseline {
     fn drop(&mut self) {
         let pid = self.child.id();
@@ -1265,15 +1280,8 @@ impl Drop for NginxBaseline {
         }
         let workers = descendants(pid);
         // SIGTERM: the master stops its workers, waits for them and exits.
-        if let Some(master) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process(master, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if terminate(&mut self.child, Duration::from_secs(3)) {
+            return;
         }
         // It did not stop in time: kill the master, then its orphaned workers.
         let _ = self.child.kill();

@@ -247,15 +247,8 @@ keyring = "{keyring}"
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if super::terminate(&mut self.child, Duration::from_secs(10)) {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -718,6 +711,29 @@ impl Connections {
         }
         Ok((slot.0, slot.1.clone()))
     }
+
+    /// Sends `call` on `current` (the slot's connection and its generation); when the
+    /// connection failed rather than the call, renews it and sends once more, as gRPC clients
+    /// do after a GOAWAY.
+    async fn send<T, F, Fut>(
+        &self,
+        index: usize,
+        current: &mut (u64, SendRequest<Full<Bytes>>),
+        mut call: F,
+    ) -> Result<T, String>
+    where
+        F: FnMut(SendRequest<Full<Bytes>>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        match call(current.1.clone()).await {
+            Err(e) if connection_failure(&e) => {
+                *current = self.renew(index, current.0).await?;
+                self.retried.fetch_add(1, Ordering::Relaxed);
+                call(current.1.clone()).await
+            }
+            other => other,
+        }
+    }
 }
 
 /// A failure of the connection rather than of the call (hyper's wording): after the proxy's
@@ -806,33 +822,22 @@ pub async fn run_soak(
             tasks.spawn(async move {
                 let mut rng = Rng::new(task as u64 + 7);
                 let mut seq = 0u64;
-                let (mut generation, mut sender) = connections.get(task).await;
+                let mut current = connections.get(task).await;
                 while Instant::now() < until {
                     let kind = mix.pick(&mut rng);
                     let message = requests.build(kind, label, task, seq);
                     seq += 1;
-                    let mut result = Err(String::new());
-                    for attempt in 0..2 {
-                        result = tokio::time::timeout(
-                            Duration::from_secs(30),
-                            Client::call(&mut sender, &uris[kind.index()], kind, &message),
-                        )
-                        .await
-                        .unwrap_or_else(|_| Err("no answer within 30 s".into()));
-                        match &result {
-                            Err(e) if attempt == 0 && connection_failure(e) => {
-                                match connections.renew(task, generation).await {
-                                    Ok(renewed) => (generation, sender) = renewed,
-                                    Err(e) => {
-                                        result = Err(e);
-                                        break;
-                                    }
-                                }
-                                connections.retried.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => break,
-                        }
-                    }
+                    let (uri, message) = (&uris[kind.index()], &message);
+                    let result = connections
+                        .send(task, &mut current, |mut sender| async move {
+                            tokio::time::timeout(
+                                Duration::from_secs(30),
+                                Client::call(&mut sender, uri, kind, message),
+                            )
+                            .await
+                            .unwrap_or_else(|_| Err("no answer within 30 s".into()))
+                        })
+                        .await;
                     calls.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = result {
                         note(format!("{}: {e}", kind.method()));
@@ -855,31 +860,18 @@ pub async fn run_soak(
                 // per namespace).
                 tokio::time::sleep(Duration::from_millis(2 * i as u64)).await;
                 let message = poll_request("loadgen");
-                let (mut generation, mut sender) = connections.get(i).await;
+                let mut current = connections.get(i).await;
                 while Instant::now() < until {
                     // Each poll is held up to 30 s by the server (then answered empty).
                     let left = until.saturating_duration_since(Instant::now());
                     let timeout = format!("{}S", left.as_secs().clamp(5, 30));
                     polls.sent.fetch_add(1, Ordering::Relaxed);
-                    let mut answer =
-                        unary(&mut sender, &poll_uri, Some(NAMESPACE), &timeout, &message).await;
-                    if matches!(&answer, Err(e) if connection_failure(e)) {
-                        match connections.renew(i, generation).await {
-                            Ok(renewed) => {
-                                (generation, sender) = renewed;
-                                connections.retried.fetch_add(1, Ordering::Relaxed);
-                                answer = unary(
-                                    &mut sender,
-                                    &poll_uri,
-                                    Some(NAMESPACE),
-                                    &timeout,
-                                    &message,
-                                )
-                                .await;
-                            }
-                            Err(e) => answer = Err(e),
-                        }
-                    }
+                    let (uri, timeout, poll) = (&poll_uri, &timeout, &message);
+                    let answer = connections
+                        .send(i, &mut current, |mut sender| async move {
+                            unary(&mut sender, uri, Some(NAMESPACE), timeout, poll).await
+                        })
+                        .await;
                     let answer = answer.and_then(|m| {
                             ws::PollWorkflowTaskQueueResponse::decode(m)
                                 .map_err(|e| format!("bad PollWorkflowTaskQueueResponse: {e}"))
@@ -894,30 +886,12 @@ pub async fn run_soak(
                             polls.tasks.fetch_add(1, Ordering::Relaxed);
                             let respond = complete_workflow_task(task.task_token);
                             calls.fetch_add(1, Ordering::Relaxed);
-                            let mut result = Err(String::new());
-                            for attempt in 0..2 {
-                                result = unary(
-                                    &mut sender,
-                                    &respond_uri,
-                                    Some(NAMESPACE),
-                                    "10S",
-                                    &respond,
-                                )
+                            let (uri, respond) = (&respond_uri, &respond);
+                            let result = connections
+                                .send(i, &mut current, |mut sender| async move {
+                                    unary(&mut sender, uri, Some(NAMESPACE), "10S", respond).await
+                                })
                                 .await;
-                                match &result {
-                                    Err(e) if attempt == 0 && connection_failure(e) => {
-                                        match connections.renew(i, generation).await {
-                                            Ok(renewed) => (generation, sender) = renewed,
-                                            Err(e) => {
-                                                result = Err(e);
-                                                break;
-                                            }
-                                        }
-                                        connections.retried.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    _ => break,
-                                }
-                            }
                             if let Err(e) = result {
                                 note(format!("RespondWorkflowTaskCompleted: {e}"));
                             }
