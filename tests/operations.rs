@@ -124,15 +124,12 @@ async fn metrics_count_real_traffic_and_the_dashboard_queries_exist() {
     assert!(tls_probe(address, &pki, None).await.is_err());
     // Counted once the proxy's handshake task ends, which can be just after the client saw
     // the refusal.
-    wait_until(
+    wait_for_metric(
+        admin,
         Duration::from_secs(10),
         "the refused handshake counted",
-        || async move {
-            scrape(admin)
-                .await
-                .sum("portcullis_tls_handshake_failures_total", &[])
-                >= 1.0
-        },
+        ("portcullis_tls_handshake_failures_total", &[]),
+        |n| n >= 1.0,
     )
     .await;
 
@@ -366,15 +363,15 @@ async fn readiness_follows_the_key_provider() {
     assert!(readyz(admin).await.1.contains("ok   key local"));
     // The probe gives up after 2 s; the provider call it started fails (and is counted) only at
     // the provider's own timeout, a few seconds later.
-    wait_until(
+    wait_for_metric(
+        admin,
         Duration::from_secs(30),
         "the frozen provider's failure counted",
-        || async move {
-            scrape(admin).await.sum(
-                "portcullis_key_provider_errors_total",
-                &[("key", "kms"), ("operation", "generate")],
-            ) >= 1.0
-        },
+        (
+            "portcullis_key_provider_errors_total",
+            &[("key", "kms"), ("operation", "generate")],
+        ),
+        |n| n >= 1.0,
     )
     .await;
     signal("-CONT");
@@ -536,15 +533,15 @@ async fn certificate_rotation_keeps_workers_connected() {
         &[("what", "listener-tls"), ("outcome", "failure")],
     );
     replace_file(&pki.server_cert, "not a certificate");
-    wait_until(
+    wait_for_metric(
+        admin,
         Duration::from_secs(15),
         "the broken reload is counted",
-        || async move {
-            scrape(admin).await.sum(
-                "portcullis_config_reloads_total",
-                &[("what", "listener-tls"), ("outcome", "failure")],
-            ) > failures_before
-        },
+        (
+            "portcullis_config_reloads_total",
+            &[("what", "listener-tls"), ("outcome", "failure")],
+        ),
+        |n| n > failures_before,
     )
     .await;
     assert_eq!(served_certificate(address, &pki).await, new_der);

@@ -131,6 +131,22 @@ pub async fn scrape(admin: SocketAddr) -> Scrape {
     Scrape::parse(&body)
 }
 
+/// Scrapes until the sum of `name` over the series with `labels` passes `done`; panics with
+/// `what` after `limit`. For counters the proxy bumps just after the client sees the outcome.
+pub async fn wait_for_metric(
+    admin: SocketAddr,
+    limit: Duration,
+    what: &str,
+    (name, labels): (&str, &[(&str, &str)]),
+    done: impl Fn(f64) -> bool,
+) {
+    let done = &done;
+    wait_until(limit, what, || async move {
+        done(scrape(admin).await.sum(name, labels))
+    })
+    .await;
+}
+
 /// Polls `check` until it returns true; panics with `what` after `limit`.
 pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
