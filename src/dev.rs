@@ -65,31 +65,54 @@ pub fn find_moto_binary() -> Option<PathBuf> {
 }
 
 impl LocalObjectStore {
+    /// Starts moto on a free port; started again on another when it exits during start-up
+    /// (the port taken just then).
     pub async fn start(binary: &Path, log: &Path) -> anyhow::Result<LocalObjectStore> {
-        let port = free_port()?;
-        let log_file = std::fs::File::create(log)?;
-        let child = Command::new(binary)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if std::time::Instant::now() > deadline {
-                bail!("{} did not listen on port {port}", binary.display());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port()?;
+            let log_file = std::fs::File::create(log)?;
+            let mut child = Command::new(binary)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start {}", binary.display()))?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    if attempt < 3 {
+                        tracing::warn!(%status, attempt, "{} exited during start-up; starting it again", binary.display());
+                        break;
+                    }
+                    bail!(
+                        "{} exited ({status}) during start-up; see {}",
+                        binary.display(),
+                        log.display()
+                    );
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return Ok(LocalObjectStore {
+                        _child: child,
+                        endpoint: format!("http://127.0.0.1:{port}"),
+                    });
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "{} did not listen on port {port} within 60 s; see {}",
+                        binary.display(),
+                        log.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(LocalObjectStore {
-            _child: child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        })
     }
 }
 
@@ -272,6 +295,49 @@ fn port_is_free(port: u16) -> bool {
     StdTcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// Whether a plaintext HTTP/2 gRPC server on `address` answers a `grpc.health.v1.Health/Check`
+/// (any gRPC answer counts: the point is who listens, not its health).
+async fn answers_grpc_health(address: SocketAddr) -> bool {
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(address).await.ok()?;
+        let (mut client, connection) = h2::client::handshake(tcp).await.ok()?;
+        tokio::spawn(connection);
+        let request = http::Request::post(format!("http://{address}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .ok()?;
+        let (response, mut body) = client.send_request(request, false).ok()?;
+        // An empty HealthCheckRequest: uncompressed, length 0.
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .ok()?;
+        let response = response.await.ok()?;
+        let grpc = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        Some(response.status() == http::StatusCode::OK && grpc)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), exchange).await,
+        Ok(Some(true))
+    )
+}
+
+/// Why one start of the dev server failed.
+enum StartFailure {
+    Exited(std::process::ExitStatus),
+    Silent,
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StartFailure {
+    fn from(e: anyhow::Error) -> Self {
+        StartFailure::Other(e)
+    }
+}
+
 /// A `temporal server start-dev` child process, killed when dropped.
 pub struct TemporalDevServer {
     child: Child,
@@ -282,6 +348,11 @@ pub struct TemporalDevServer {
 
 impl TemporalDevServer {
     /// Starts a dev server on `port` with its database at `db_file`, and waits until it answers.
+    ///
+    /// Besides `port` the server binds its UI, HTTP and metrics ports (picked here) and its
+    /// services' membership ports (picked by itself); on a busy machine one of them is now and
+    /// then taken just as it starts, and it exits at once. It is started again (with fresh
+    /// ports) up to twice before the error, with the end of its log, is returned.
     pub async fn start(
         binary: &Path,
         port: u16,
@@ -290,6 +361,46 @@ impl TemporalDevServer {
         extra_args: &[String],
         log_file: &Path,
     ) -> anyhow::Result<TemporalDevServer> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(binary, port, db_file, namespaces, extra_args, log_file).await {
+                Ok(server) => return Ok(server),
+                Err(StartFailure::Exited(status)) if attempt < 3 => {
+                    tracing::warn!(%status, attempt, log = %log_file.display(), "the Temporal dev server exited during start-up; starting it again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(failure) => {
+                    let said = std::fs::read_to_string(log_file).unwrap_or_default();
+                    let mut tail: Vec<&str> = said.lines().rev().take(15).collect();
+                    tail.reverse();
+                    let what = match failure {
+                        StartFailure::Exited(status) => {
+                            format!("the Temporal dev server exited ({status}) during start-up")
+                        }
+                        StartFailure::Silent => {
+                            format!("the Temporal dev server did not listen on 127.0.0.1:{port} within 60 s")
+                        }
+                        StartFailure::Other(e) => return Err(e),
+                    };
+                    bail!(
+                        "{what} (attempt {attempt}); {} ends:\n{}",
+                        log_file.display(),
+                        tail.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    async fn start_once(
+        binary: &Path,
+        port: u16,
+        db_file: &Path,
+        namespaces: &[String],
+        extra_args: &[String],
+        log_file: &Path,
+    ) -> Result<TemporalDevServer, StartFailure> {
         let ui_port = free_port()?;
         let mut command = Command::new(binary);
         command
@@ -315,7 +426,7 @@ impl TemporalDevServer {
             .with_context(|| format!("cannot create {}", log_file.display()))?;
         command
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
+            .stdout(log.try_clone().map_err(anyhow::Error::from)?)
             .stderr(log)
             .kill_on_drop(true);
         let mut child = command
@@ -324,20 +435,15 @@ impl TemporalDevServer {
         let address: SocketAddr = ([127, 0, 0, 1], port).into();
         let started = std::time::Instant::now();
         loop {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "the Temporal dev server exited ({status}) during start-up; see {}",
-                    log_file.display()
-                );
+            if let Some(status) = child.try_wait().map_err(anyhow::Error::from)? {
+                return Err(StartFailure::Exited(status));
             }
-            if tokio::net::TcpStream::connect(address).await.is_ok() {
+            // Something answering TCP on the port is not enough: it may be whoever took it.
+            if answers_grpc_health(address).await {
                 break;
             }
             if started.elapsed() > Duration::from_secs(60) {
-                bail!(
-                    "the Temporal dev server did not listen on {address} within 60 s; see {}",
-                    log_file.display()
-                );
+                return Err(StartFailure::Silent);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -535,35 +535,11 @@ async fn the_dev_anonymous_reader_cannot_leave_loopback_or_come_from_a_config_fi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_shows_decrypted_payloads_out_of_the_box_with_portcullis_dev() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let endpoints_path = dir.path().join("endpoints.json");
-    let mut dev = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--codec-listen",
-            "127.0.0.1:0",
-            "--dir",
-        ])
-        .arg(dir.path())
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start portcullis dev");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !endpoints_path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "portcullis dev wrote no endpoints.json"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let endpoints: Value =
-        serde_json::from_str(&std::fs::read_to_string(&endpoints_path).expect("read"))
-            .expect("json");
+    let (mut dev, endpoints) = start_portcullis_dev(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--codec-listen", "127.0.0.1:0"],
+    )
+    .await;
     let text = |key: &str| {
         endpoints[key]
             .as_str()

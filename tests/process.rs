@@ -183,32 +183,8 @@ async fn sigterm_under_load_drains_in_flight_calls_within_the_grace_period() {
     );
 }
 
-fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json")
-}
-
 async fn start_dev(dir: &Path) -> (Child, serde_json::Value) {
-    let endpoints = dir.join("endpoints.json");
-    let _ = std::fs::remove_file(&endpoints);
-    let child = Command::new(BINARY)
-        .args(["dev", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(dir)
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start portcullis dev");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !endpoints.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "portcullis dev wrote no endpoints.json"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    (child, read_json(&endpoints))
+    start_portcullis_dev(dir, &["--listen", "127.0.0.1:0"]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1018,4 +994,38 @@ async fn callers_cannot_make_the_proxy_buffer_unauthenticated_or_past_its_budget
         "{failures} authentication failures audited"
     );
     assert!(lines.contains("\"reason\":\"no_credential\",\"peer\":\"127.0.0.1:"));
+}
+
+/// A dev server that cannot bind its port is started three times, and the error quotes its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_server_that_cannot_start_says_why_after_three_attempts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let log = dir.path().join("server.log");
+    let started = Instant::now();
+    let error = match portcullis::dev::TemporalDevServer::start(
+        &temporal_binary(),
+        port,
+        &dir.path().join("temporal.db"),
+        &[],
+        &["--headless".to_string()],
+        &log,
+    )
+    .await
+    {
+        Ok(_) => panic!("a dev server started on a taken port"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("exited") && error.contains("attempt 3"),
+        "{error}"
+    );
+    assert!(error.contains("address already in use"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(taken);
 }

@@ -35,6 +35,54 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Runs `portcullis dev --dir DIR ARGS…` and waits for its endpoints.json (written once it
+/// serves). Its output goes to DIR/dev-output.log; when it exits or is not up within 120 s the
+/// panic quotes that log and the dev server's.
+pub async fn start_portcullis_dev(dir: &Path, args: &[&str]) -> (tokio::process::Child, Value) {
+    let endpoints = dir.join("endpoints.json");
+    let _ = std::fs::remove_file(&endpoints);
+    let output_path = dir.join("dev-output.log");
+    let output = std::fs::File::create(&output_path).expect("create dev-output.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("dev")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(output.try_clone().expect("clone"))
+        .stderr(output)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start portcullis dev");
+    let started = std::time::Instant::now();
+    while !endpoints.exists() {
+        let exited = child.try_wait().expect("try_wait");
+        if exited.is_some() || started.elapsed() > Duration::from_secs(120) {
+            let tail = |path: &Path| {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let mut lines: Vec<&str> = text.lines().rev().take(20).collect();
+                lines.reverse();
+                lines.join("\n")
+            };
+            panic!(
+                "portcullis dev wrote no endpoints.json ({} after {:?}); its output ends:\n{}\n\
+                 the dev server's log ends:\n{}",
+                exited.map_or("still running".to_string(), |s| format!("exited {s}")),
+                started.elapsed(),
+                tail(&output_path),
+                tail(&dir.join("temporal-server.log")),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = std::fs::read_to_string(&endpoints).expect("read endpoints.json");
+    (
+        child,
+        serde_json::from_str(&text).expect("endpoints.json is JSON"),
+    )
+}
+
 /// The real `temporal` CLI from the project's venv. Missing means the setup was skipped: fail loudly.
 pub fn temporal_binary() -> PathBuf {
     let path = repo_root().join(".venv/bin/temporal");
@@ -163,33 +211,21 @@ impl DevServer {
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         extra.push("--headless".into());
         let log = dir.path().join("server.log");
-        // The server binds more ports than its own (HTTP, metrics, its services' membership
-        // ports); on a busy machine one of them is now and then taken by another test just as it
-        // starts, and it exits at once. That is the environment, not the proxy: try again, and
-        // say what the server said if it keeps failing.
-        let mut last = String::new();
-        for attempt in 0..3 {
-            match TemporalDevServer::start(
-                &temporal_binary(),
-                port,
-                &dir.path().join("temporal.db"),
-                &namespaces,
-                &extra,
-                &log,
-            )
-            .await
-            {
-                Ok(server) => return DevServer { server, dir, port },
-                Err(e) => {
-                    let said = std::fs::read_to_string(&log).unwrap_or_default();
-                    let tail: Vec<&str> = said.lines().rev().take(15).collect();
-                    last = format!("{e}; its log ends:\n{}", tail.join("\n"));
-                    eprintln!("dev server start attempt {attempt} failed: {last}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
+        // Started again with fresh ports when it exits during start-up (a port taken by another
+        // test just then); the error says what its log ends with.
+        match TemporalDevServer::start(
+            &temporal_binary(),
+            port,
+            &dir.path().join("temporal.db"),
+            &namespaces,
+            &extra,
+            &log,
+        )
+        .await
+        {
+            Ok(server) => DevServer { server, dir, port },
+            Err(e) => panic!("start the Temporal dev server: {e:#}"),
         }
-        panic!("start the Temporal dev server: {last}");
     }
 
     pub fn address(&self) -> String {
