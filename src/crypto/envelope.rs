@@ -346,6 +346,15 @@ impl Nonces {
     }
 }
 
+/// Where an uncompressed envelope's nonce and ciphertext (with its tag) sit inside its
+/// serialized Payload: what opening needs once the names in it have been checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SealedParts {
+    nonce_at: u32,
+    ciphertext_at: u32,
+    ciphertext_len: u32,
+}
+
 /// A sealed payload, parsed but not decrypted. Borrows from the payload bytes.
 #[derive(Debug)]
 pub(crate) struct SealedView<'a> {
@@ -372,6 +381,36 @@ impl SealedView<'_> {
             Some(size) => usize::try_from(size).unwrap_or(usize::MAX),
             None => self.ciphertext.len().saturating_sub(TAG_LEN),
         }
+    }
+
+    pub(crate) fn kek_id(&self) -> &str {
+        self.kek_id
+    }
+
+    pub(crate) fn metadata_key_id(&self) -> &[u8] {
+        self.metadata_key_id
+    }
+
+    /// Where this (uncompressed) envelope's nonce and ciphertext sit in `payload`, the bytes it
+    /// was parsed from, so it can be opened later without parsing it again. `None` for a
+    /// compressed envelope, or when `payload` is not what it was parsed from.
+    pub(crate) fn parts_in(&self, payload: &[u8]) -> Option<SealedParts> {
+        if self.plaintext_size.is_some() {
+            return None;
+        }
+        let offset = |part: &[u8]| -> Option<u32> {
+            // Address arithmetic only: both slices borrow from `payload` when it is the parsed
+            // buffer, and the bounds are checked before the offset is trusted.
+            let start = (part.as_ptr() as usize).checked_sub(payload.as_ptr() as usize)?;
+            let end = start.checked_add(part.len())?;
+            (end <= payload.len()).then_some(())?;
+            u32::try_from(start).ok()
+        };
+        Some(SealedParts {
+            nonce_at: offset(self.nonce)?,
+            ciphertext_at: offset(self.ciphertext)?,
+            ciphertext_len: u32::try_from(self.ciphertext.len()).ok()?,
+        })
     }
 
     pub(crate) fn envelope_ref(&self) -> EnvelopeRef {
@@ -416,7 +455,7 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
         match (number, value) {
             (1, Value::Len(entry)) => {
                 let (key, value) =
-                    map_entry(entry).ok_or(malformed("invalid payload metadata entry"))?;
+                    map_entry(entry).ok_or_else(|| malformed("invalid payload metadata entry"))?;
                 // Protobuf maps: the last entry for a key wins.
                 match key {
                     b"encoding" => encoding = Some(value),
@@ -444,7 +483,7 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
             "a portcullis envelope must have encoding binary/encrypted",
         ));
     }
-    let metadata_key_id = key_id.ok_or(malformed("encryption-key-id is missing"))?;
+    let metadata_key_id = key_id.ok_or_else(|| malformed("encryption-key-id is missing"))?;
 
     let mut version = 0u64;
     let mut kek_id: &[u8] = &[];
@@ -571,22 +610,74 @@ impl Opener {
         if view.nonce.len() != NONCE_LEN {
             return Err(CryptoError::MalformedEnvelope("the nonce is not 12 bytes"));
         }
-        let (body, tag) = view.ciphertext.split_at(body_len);
         if let Some(size) = view.plaintext_size {
             return self.open_compressed_into(view, namespace, size, out);
         }
+        let (body, tag) = view.ciphertext.split_at(body_len);
+        self.decrypt_into(view.nonce, body, tag, namespace, out)
+    }
+
+    pub(crate) fn kek_id(&self) -> &str {
+        &self.kek_id
+    }
+
+    pub(crate) fn data_key_id(&self) -> &str {
+        &self.data_key_id
+    }
+
+    /// [`Opener::open_into`] for an envelope parsed before (by the walk that planned the
+    /// output), whose key names were checked then against the [`EnvelopeRef`] this opener was
+    /// resolved for. `payload` must be the bytes `parts` was found in; anything else fails.
+    pub(crate) fn open_parts_into(
+        &self,
+        payload: &[u8],
+        parts: SealedParts,
+        namespace: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        let misplaced = || CryptoError::MalformedEnvelope("the envelope is not where it was found");
+        let at = |offset: u32| usize::try_from(offset).map_err(|_| misplaced());
+        let nonce_at = at(parts.nonce_at)?;
+        let ciphertext_at = at(parts.ciphertext_at)?;
+        let nonce = payload
+            .get(nonce_at..nonce_at.saturating_add(NONCE_LEN))
+            .ok_or_else(misplaced)?;
+        let ciphertext = payload
+            .get(ciphertext_at..ciphertext_at.saturating_add(at(parts.ciphertext_len)?))
+            .ok_or_else(misplaced)?;
+        let body_len = ciphertext
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or_else(misplaced)?;
+        let (body, tag) = ciphertext.split_at(body_len);
+        self.decrypt_into(nonce, body, tag, namespace, out)
+    }
+
+    /// Appends `body` to `out` and decrypts it there; on failure `out` is left as it was.
+    fn decrypt_into(
+        &self,
+        nonce: &[u8],
+        body: &[u8],
+        tag: &[u8],
+        namespace: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
         let start = out.len();
         out.extend_from_slice(body);
         let opened = match out.get_mut(start..) {
             Some(buffer) => self
                 .cipher
                 .decrypt_in_place_detached(
-                    Nonce::from_slice(view.nonce),
+                    Nonce::from_slice(nonce),
                     &self.aad,
                     buffer,
                     Tag::from_slice(tag),
                 )
-                .map_err(|_| cannot_open(OpenFailure::Authentication)),
+                .map_err(|_| CryptoError::CannotOpen {
+                    key_id: self.data_key_id.clone(),
+                    namespace: namespace.to_owned(),
+                    reason: OpenFailure::Authentication,
+                }),
             None => Err(CryptoError::MalformedEnvelope(
                 "output buffer shorter than written",
             )),

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use aes_gcm::{Aes256Gcm, Key, KeyInit};
 use moka::future::Cache;
 
-use super::envelope::{self, data_key_id, EnvelopeRef, Nonces, Opener, SealedView, Sealer};
+use super::envelope::{
+    self, data_key_id, EnvelopeRef, Nonces, Opener, SealedParts, SealedView, Sealer,
+};
 use super::error::{CryptoError, OpenFailure};
 use super::metrics::CryptoMetrics;
 use super::provider::{KeyProvider, ProviderError};
@@ -545,6 +547,27 @@ impl OpeningKeys {
 
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// The opener resolved for a wrapped data key, for opening many payloads under it without
+    /// a lookup each ([`OpeningKeys::open_parts_into`]).
+    pub(crate) fn opener(&self, wrapped: &[u8]) -> Option<&Opener> {
+        self.keys.get(wrapped)
+    }
+
+    /// [`OpeningKeys::open_into`] for a payload the planning walk parsed already: `opener` is
+    /// one of these keys, and the walk checked the payload's key names against the reference
+    /// it was resolved for.
+    pub(crate) fn open_parts_into(
+        &self,
+        opener: &Opener,
+        payload: &[u8],
+        parts: SealedParts,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        let opened = opener.open_parts_into(payload, parts, &self.namespace, out);
+        self.count(&opened);
+        opened
     }
 
     pub fn len(&self) -> usize {

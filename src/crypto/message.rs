@@ -20,12 +20,12 @@
 //! each payload belongs ([`PayloadContext::namespace`]); sealing picks the key by it
 //! ([`ScopedKeys`]), and opening groups the keys it needs by it ([`OpenPlan::foreign`]).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
-use super::envelope::{self, EnvelopeRef, Nonces, ThreadNonces};
+use super::envelope::{self, EnvelopeRef, Nonces, Opener, SealedParts, ThreadNonces};
 use super::error::CryptoError;
 use super::manager::{OpeningKeys, SealingKey};
 use crate::payload::walker::{
@@ -199,7 +199,7 @@ impl PayloadVisitor for Sealing<'_> {
         let key = self
             .keys
             .get(position)
-            .ok_or(WalkError::Internal("no key for a deferred payload"))?;
+            .ok_or_else(|| WalkError::Internal("no key for a deferred payload"))?;
         key.seal_into(payload, &mut self.nonces, out)
             .map_err(WalkError::visitor)
     }
@@ -385,9 +385,18 @@ struct Group {
     /// `None`: the call's own namespace.
     namespace: Option<String>,
     refs: Vec<EnvelopeRef>,
-    /// Wrapped keys already in `refs`: a page of thousands of payloads usually needs one key,
-    /// and hashing and allocating per payload would cost more than finding them.
-    seen: HashSet<Vec<u8>>,
+    /// Wrapped keys already in `refs`, with their position there: a page of thousands of
+    /// payloads usually needs one key (the last one found is compared before this is asked).
+    seen: HashMap<Vec<u8>, u32>,
+}
+
+/// A deferred payload as the planning walk found it: which of its group's keys opens it and
+/// where its nonce and ciphertext are, so the second half neither parses it nor looks its key
+/// up again.
+#[derive(Debug, Clone, Copy)]
+struct Located {
+    key: u32,
+    parts: SealedParts,
 }
 
 /// The first half of opening a message: the data keys it needs, by namespace, and (usually)
@@ -398,6 +407,9 @@ pub struct OpenPlan {
     groups: Vec<Group>,
     /// For each deferred payload, in order, its group; empty while there is only one group.
     scopes: Vec<u16>,
+    /// For each deferred payload, in order, where it was found; `None`: it is opened the general
+    /// way (a compressed envelope, or key names that differ from its key's first envelope).
+    located: Vec<Option<Located>>,
     /// `None` when the second half must walk again (see the module comment), or when nothing
     /// is sealed.
     plan: Option<RewritePlan>,
@@ -418,6 +430,7 @@ pub fn plan_open(
     let mut collect = Collect {
         groups: vec![Group::default()],
         scopes: Vec::new(),
+        located: Vec::new(),
         deferred: 0,
         options,
         sealed_failure_attributes: false,
@@ -435,6 +448,7 @@ pub fn plan_open(
     Ok(OpenPlan {
         groups: collect.groups,
         scopes: collect.scopes,
+        located: collect.located,
         plan: if rewalk { None } else { plan },
         rewalk,
         options,
@@ -497,10 +511,28 @@ impl OpenPlan {
                 "opening keys do not match the namespaces of the plan",
             ));
         }
+        // Each group's keys in the order of its refs, looked up once for the whole message.
+        let openers: Vec<Vec<Option<&Opener>>> = self
+            .groups
+            .iter()
+            .zip(keys)
+            .map(|(group, keys)| {
+                group
+                    .refs
+                    .iter()
+                    .map(|r| {
+                        keys.opener(&r.wrapped_data_key)
+                            .filter(|o| o.kek_id() == r.kek_id && o.data_key_id() == r.data_key_id)
+                    })
+                    .collect()
+            })
+            .collect();
         let mut opening = Opening {
             groups: &self.groups,
             keys,
+            openers,
             scopes: self.scopes.iter(),
+            located: self.located.iter(),
             pass_through: self.options.pass_through,
         };
         if self.rewalk {
@@ -628,6 +660,7 @@ fn carries_nothing(ctx: &PayloadContext<'_>, payload: &[u8]) -> bool {
 struct Collect {
     groups: Vec<Group>,
     scopes: Vec<u16>,
+    located: Vec<Option<Located>>,
     /// Payloads deferred so far.
     deferred: usize,
     options: OpenOptions,
@@ -691,12 +724,42 @@ impl PayloadVisitor for Collect {
         let group = self
             .groups
             .get_mut(position)
-            .ok_or(WalkError::Internal("group out of range"))?;
-        let last = group.refs.last().map(|r| r.wrapped_data_key.as_slice());
-        if last != Some(view.wrapped()) && !group.seen.contains(view.wrapped()) {
-            group.seen.insert(view.wrapped().to_vec());
-            group.refs.push(view.envelope_ref());
-        }
+            .ok_or_else(|| WalkError::Internal("group out of range"))?;
+        let last = group.refs.len().checked_sub(1);
+        let key = match last {
+            Some(i)
+                if group.refs.get(i).map(|r| r.wrapped_data_key.as_slice())
+                    == Some(view.wrapped()) =>
+            {
+                i
+            }
+            _ => match group.seen.get(view.wrapped()) {
+                Some(&i) => usize::try_from(i).unwrap_or(usize::MAX),
+                None => {
+                    let i = group.refs.len();
+                    group.seen.insert(
+                        view.wrapped().to_vec(),
+                        u32::try_from(i).unwrap_or(u32::MAX),
+                    );
+                    group.refs.push(view.envelope_ref());
+                    i
+                }
+            },
+        };
+        // The names in this envelope must be those of the reference its key is resolved by;
+        // one that differs is opened (and refused) the general way.
+        let located = group
+            .refs
+            .get(key)
+            .filter(|r| {
+                r.kek_id == view.kek_id() && r.data_key_id.as_bytes() == view.metadata_key_id()
+            })
+            .and_then(|_| {
+                Some(Located {
+                    key: u32::try_from(key).ok()?,
+                    parts: view.parts_in(payload)?,
+                })
+            });
         self.sealed_failure_attributes |= ctx.is_failure_attributes();
         if self.options.pass_through {
             // Opened (or not) by the second walk.
@@ -707,6 +770,7 @@ impl PayloadVisitor for Collect {
             self.scopes
                 .push(u16::try_from(position).unwrap_or(u16::MAX));
         }
+        self.located.push(located);
         self.deferred += 1;
         Ok(Visit::Deferred(view.opened_len()))
     }
@@ -716,8 +780,11 @@ impl PayloadVisitor for Collect {
 struct Opening<'k> {
     groups: &'k [Group],
     keys: &'k [OpeningKeys],
+    /// Per group, the opener of each of its refs (`None`: not resolved as that ref).
+    openers: Vec<Vec<Option<&'k Opener>>>,
     /// The groups of deferred payloads, in order (empty: all the call's own).
     scopes: std::slice::Iter<'k, u16>,
+    located: std::slice::Iter<'k, Option<Located>>,
     pass_through: bool,
 }
 
@@ -732,9 +799,7 @@ impl Opening<'_> {
         };
         position
             .and_then(|i| self.keys.get(i))
-            .ok_or(WalkError::Internal(
-                "a payload of a namespace the plan did not see",
-            ))
+            .ok_or_else(|| WalkError::Internal("a payload of a namespace the plan did not see"))
     }
 }
 
@@ -769,8 +834,20 @@ impl PayloadVisitor for Opening<'_> {
         let keys = self
             .keys
             .get(position)
-            .ok_or(WalkError::Internal("no keys for a deferred payload"))?;
-        keys.open_into(payload, out).map_err(WalkError::visitor)
+            .ok_or_else(|| WalkError::Internal("no keys for a deferred payload"))?;
+        let located = self.located.next().copied().flatten();
+        let opener = located.and_then(|l| {
+            let key = usize::try_from(l.key).ok()?;
+            Some((
+                self.openers.get(position)?.get(key).copied().flatten()?,
+                l.parts,
+            ))
+        });
+        match opener {
+            Some((opener, parts)) => keys.open_parts_into(opener, payload, parts, out),
+            None => keys.open_into(payload, out),
+        }
+        .map_err(WalkError::visitor)
     }
 }
 
@@ -1209,6 +1286,62 @@ mod tests {
         })
         .unwrap();
         assert_eq!((plain, still_sealed), (39, 1));
+    }
+
+    /// Opening uses what the planning walk found (no second parse, no lookup per payload) only
+    /// for envelopes whose key names agree with their key's first envelope; a later envelope
+    /// under the same wrapped key that names another key id or key-encryption key is refused
+    /// exactly as before.
+    #[tokio::test]
+    async fn envelopes_that_rename_their_key_are_refused_even_after_a_good_one() {
+        let manager = manager();
+        let key = manager.sealing_key("ns").await.unwrap();
+        let original = page(false);
+        let sealed = seal_message(
+            index(),
+            PAGE,
+            &original,
+            &ScopedKeys::new("ns", key.clone()),
+            FailureMode::Keep,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        let (opened, _) = open(&manager, &sealed, STRICT).await.unwrap();
+        assert_eq!(opened.as_deref(), Some(original.as_slice()));
+
+        // The third payload (second event's result), renamed one way or the other.
+        let rename = |edit: &dyn Fn(&mut Payload)| {
+            let mut page = GetWorkflowExecutionHistoryResponse::decode(sealed.as_slice()).unwrap();
+            let event = &mut page.history.as_mut().unwrap().events[1];
+            let Some(Attributes::ActivityTaskCompletedEventAttributes(a)) = &mut event.attributes
+            else {
+                panic!("second event is not a completion")
+            };
+            edit(&mut a.result.as_mut().unwrap().payloads[0]);
+            page.encode_to_vec()
+        };
+        let manager = &manager;
+        let refusal = |message: Vec<u8>| async move {
+            match open(manager, &message, STRICT).await {
+                Err(WalkError::Visitor(inner)) => match inner.downcast_ref::<CryptoError>() {
+                    Some(CryptoError::CannotOpen { reason, .. }) => reason.clone(),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("opened a renamed envelope: {other:?}"),
+            }
+        };
+        let other_key_id = rename(&|p: &mut Payload| {
+            p.metadata
+                .insert("encryption-key-id".into(), b"0123456789abcdef".to_vec());
+        });
+        assert_eq!(refusal(other_key_id).await, OpenFailure::KeyIdMismatch);
+        let other_kek = rename(&|p: &mut Payload| {
+            let mut envelope = Envelope::decode(p.data.as_slice()).unwrap();
+            envelope.kek_id.push_str("-other");
+            p.data = envelope.encode_to_vec();
+        });
+        assert_eq!(refusal(other_kek).await, OpenFailure::KeyNotResolved);
     }
 
     /// A payload marked as a portcullis envelope that is not one fails the first walk, unless

@@ -460,7 +460,7 @@ pub fn plan_named(
     let output_len = input
         .len()
         .checked_add_signed(delta)
-        .ok_or(WalkError::Internal("negative output length"))?;
+        .ok_or_else(|| WalkError::Internal("negative output length"))?;
     if output_len > options.limits.max_output {
         return Err(WalkError::OutputTooLarge {
             size: output_len,
@@ -492,7 +492,7 @@ impl RewritePlan {
     ) -> Result<RewritePlan, WalkError> {
         let output_len = input_len
             .checked_add_signed(delta)
-            .ok_or(WalkError::Internal("negative output length"))?;
+            .ok_or_else(|| WalkError::Internal("negative output length"))?;
         Ok(RewritePlan {
             edits,
             input_len,
@@ -531,7 +531,7 @@ impl RewritePlan {
         for edit in &self.edits {
             let kept = input
                 .get(cursor..edit.start)
-                .ok_or(WalkError::Internal("edits out of order"))?;
+                .ok_or_else(|| WalkError::Internal("edits out of order"))?;
             out.extend_from_slice(kept);
             match &edit.with {
                 Replacement::Bytes(bytes) => out.extend_from_slice(bytes),
@@ -539,7 +539,7 @@ impl RewritePlan {
                 Replacement::Deferred(len) => {
                     let payload = input
                         .get(edit.start..edit.end)
-                        .ok_or(WalkError::Internal("deferred payload out of range"))?;
+                        .ok_or_else(|| WalkError::Internal("deferred payload out of range"))?;
                     let before = out.len();
                     writer.write(payload, &mut out)?;
                     if out.len().checked_sub(before) != Some(*len) {
@@ -553,7 +553,7 @@ impl RewritePlan {
         }
         let rest = input
             .get(cursor..)
-            .ok_or(WalkError::Internal("edit past the end"))?;
+            .ok_or_else(|| WalkError::Internal("edit past the end"))?;
         out.extend_from_slice(rest);
         if out.len() != self.output_len {
             return Err(WalkError::Internal("output length differs from the plan"));
@@ -766,7 +766,7 @@ impl<'a> Walk<'a> {
         let index = self.index;
         let plan = index
             .plan(id)
-            .ok_or(WalkError::Internal("message id out of range"))?;
+            .ok_or_else(|| WalkError::Internal("message id out of range"))?;
         match plan.kind {
             MessageKind::Payload => {
                 self.count_payload()?;
@@ -851,7 +851,7 @@ impl<'a> Walk<'a> {
             .value
             .len()
             .checked_add_signed(delta)
-            .ok_or(WalkError::Internal("negative length"))?;
+            .ok_or_else(|| WalkError::Internal("negative length"))?;
         let len_at = base + field.offset + field.tag_len;
         let old_prefix = value_at - len_at;
         let new_prefix = varint_len(new_len as u64);
@@ -1185,7 +1185,7 @@ impl<'a> Walk<'a> {
                 // A response: not an envelope after all, so an ordinary payload.
                 let payload = index
                     .payload
-                    .ok_or(WalkError::Internal("no Payload in the index"))?;
+                    .ok_or_else(|| WalkError::Internal("no Payload in the index"))?;
                 return self.walk_message(payload, base, buf, depth, node);
             }
         };
