@@ -15,7 +15,9 @@ fn main() {
     // them, and a decoded descriptor pool would keep them in memory.
     let full = fs::read(&source).expect("read the descriptor set");
     let stripped = strip::strip_source_info(&full).expect("the descriptor set is valid protobuf");
-    fs::write(out.join("temporal_descriptors.bin"), stripped).expect("write the descriptor set");
+    let served =
+        strip::drop_files(&stripped, strip::NOT_SERVED).expect("drop files nothing serves");
+    fs::write(out.join("temporal_descriptors.bin"), served).expect("write the descriptor set");
     println!("cargo:rerun-if-changed={source}");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/schema/strip.rs");

@@ -350,7 +350,65 @@ mod tests {
             .pool
             .files()
             .all(|f| f.file_descriptor_proto().source_code_info.is_none()));
-        assert!(schema.pool.all_messages().count() > 1000);
-        assert!(DESCRIPTOR_SET.len() < 600_000, "{}", DESCRIPTOR_SET.len());
+        assert!(schema.pool.all_messages().count() > 700);
+        assert!(DESCRIPTOR_SET.len() < 400_000, "{}", DESCRIPTOR_SET.len());
+    }
+
+    /// The embedded set leaves out what the proxy never serves, and keeps every forwarded
+    /// service and what the payload walker reaches behind an `Any` or in status details.
+    #[test]
+    fn the_embedded_set_leaves_out_what_is_not_served() {
+        let pool = &Schema::global().pool;
+        let names: Vec<String> = pool.files().map(|f| f.name().to_string()).collect();
+        for prefix in strip::NOT_SERVED {
+            assert!(!names.iter().any(|n| n.starts_with(prefix)), "{prefix}");
+        }
+        for service in FORWARDED_SERVICES {
+            assert!(pool.get_service_by_name(service).is_some(), "{service}");
+        }
+        for message in [
+            "google.rpc.Status",
+            "temporal.api.errordetails.v1.NotFoundFailure",
+            "temporal.api.update.v1.Acceptance",
+            "temporal.api.protocol.v1.Message",
+        ] {
+            assert!(pool.get_message_by_name(message).is_some(), "{message}");
+        }
+    }
+
+    /// Files go by prefix; a file that stays cannot lose one it imports.
+    #[test]
+    fn dropping_files_keeps_their_importers_whole() {
+        use prost::Message;
+        use prost_reflect::prost_types::{FileDescriptorProto, FileDescriptorSet};
+        let file = |name: &str, imports: &[&str]| FileDescriptorProto {
+            name: Some(name.into()),
+            dependency: imports.iter().map(|i| i.to_string()).collect(),
+            ..Default::default()
+        };
+        let set = FileDescriptorSet {
+            file: vec![
+                file("keep/a.proto", &["keep/b.proto"]),
+                file("keep/b.proto", &[]),
+                file("drop/c.proto", &["keep/b.proto"]),
+            ],
+        }
+        .encode_to_vec();
+        let kept = FileDescriptorSet::decode(
+            strip::drop_files(&set, &["drop/"])
+                .expect("nothing kept imports drop/")
+                .as_slice(),
+        )
+        .expect("decode");
+        assert_eq!(
+            kept.file.iter().map(|f| f.name()).collect::<Vec<_>>(),
+            ["keep/a.proto", "keep/b.proto"]
+        );
+        let refused = strip::drop_files(&set, &["keep/b"]).unwrap_err();
+        assert!(
+            refused.contains("keep/a.proto imports keep/b.proto"),
+            "{refused}"
+        );
+        assert!(strip::drop_files(&[0x0a, 0x05, 0x01], &["x"]).is_err());
     }
 }

@@ -814,7 +814,7 @@ mod tests {
         let mut nested: Vec<&str> = PayloadIndex::global()
             .namespace_scopes()
             .filter(|m| !requests.contains(m))
-            // The pool also holds the SDK core's and the Cloud API's messages; never walked.
+            // A descriptor set given at run time may hold the Cloud API's messages; never walked.
             .filter(|m| m.starts_with("temporal.api.") && !m.starts_with("temporal.api.cloud."))
             .collect();
         nested.sort_unstable();
