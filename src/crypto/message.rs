@@ -979,6 +979,25 @@ mod tests {
         Ok((plan.open(index(), PAGE, message, &keys)?, plan.rewalks()))
     }
 
+    /// `original` (a history page) sealed for namespace `ns`.
+    async fn seal_page(
+        manager: &DataKeyManager,
+        original: &[u8],
+        failures: FailureMode,
+    ) -> Vec<u8> {
+        let key = manager.sealing_key("ns").await.unwrap();
+        seal_message(
+            index(),
+            PAGE,
+            original,
+            &ScopedKeys::new("ns", key),
+            failures,
+            WalkLimits::default(),
+        )
+        .unwrap()
+        .unwrap()
+    }
+
     /// Every sealed payload decodes (prost) as a Payload whose data is a v1 Envelope.
     fn assert_sealed_with_prost(sealed: &[u8]) -> usize {
         let mut count = 0;
@@ -1115,18 +1134,8 @@ mod tests {
     #[tokio::test]
     async fn a_page_seals_and_opens_in_one_walk_each() {
         let manager = manager();
-        let key = manager.sealing_key("ns").await.unwrap();
         let original = page(false);
-        let sealed = seal_message(
-            index(),
-            PAGE,
-            &original,
-            &ScopedKeys::new("ns", key.clone()),
-            FailureMode::Encode,
-            WalkLimits::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let sealed = seal_page(&manager, &original, FailureMode::Encode).await;
         assert!(!contains(&sealed, SECRET));
         assert_eq!(assert_sealed_with_prost(&sealed), 40);
         assert_eq!(manager.metrics().snapshot().seals, 40);
@@ -1145,18 +1154,8 @@ mod tests {
     #[tokio::test]
     async fn sealed_failure_attributes_are_restored_by_a_second_walk() {
         let manager = manager();
-        let key = manager.sealing_key("ns").await.unwrap();
         let original = page(true);
-        let sealed = seal_message(
-            index(),
-            PAGE,
-            &original,
-            &ScopedKeys::new("ns", key.clone()),
-            FailureMode::Encode,
-            WalkLimits::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let sealed = seal_page(&manager, &original, FailureMode::Encode).await;
         assert!(!contains(&sealed, SECRET));
         assert_eq!(assert_sealed_with_prost(&sealed), 41);
         let (opened, rewalked) = open(&manager, &sealed, STRICT).await.unwrap();
@@ -1239,18 +1238,8 @@ mod tests {
     #[tokio::test]
     async fn tampered_payloads_fail_or_pass_through() {
         let manager = manager();
-        let key = manager.sealing_key("ns").await.unwrap();
         let original = page(false);
-        let mut sealed = seal_message(
-            index(),
-            PAGE,
-            &original,
-            &ScopedKeys::new("ns", key.clone()),
-            FailureMode::Keep,
-            WalkLimits::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let mut sealed = seal_page(&manager, &original, FailureMode::Keep).await;
         // The last byte of the page is in the last payload's tag.
         let position = sealed.len() - b"next".len() - 3;
         sealed[position] ^= 1;
@@ -1295,18 +1284,8 @@ mod tests {
     #[tokio::test]
     async fn envelopes_that_rename_their_key_are_refused_even_after_a_good_one() {
         let manager = manager();
-        let key = manager.sealing_key("ns").await.unwrap();
         let original = page(false);
-        let sealed = seal_message(
-            index(),
-            PAGE,
-            &original,
-            &ScopedKeys::new("ns", key.clone()),
-            FailureMode::Keep,
-            WalkLimits::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let sealed = seal_page(&manager, &original, FailureMode::Keep).await;
         let (opened, _) = open(&manager, &sealed, STRICT).await.unwrap();
         assert_eq!(opened.as_deref(), Some(original.as_slice()));
 
