@@ -23,8 +23,11 @@ use std::sync::LazyLock;
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 use serde::{Deserialize, Serialize};
 
-use crate::payload::walker::{delta_of, Edit, Replacement, RewritePlan, DEFAULT_MAX_DEPTH};
-use crate::payload::wire::{self, varint_len, Field, WireError, WireType};
+use crate::payload::walker::{
+    delta_of, replace_len_value, resize_len_prefix, value_offset, Edit, Replacement, RewritePlan,
+    DEFAULT_MAX_DEPTH,
+};
+use crate::payload::wire::{self, Field, WireError, WireType};
 use crate::schema::Schema;
 
 /// What a namespace does with the `identity` a client sends.
@@ -367,10 +370,6 @@ struct Walk<'a> {
     edits: Vec<Edit>,
 }
 
-fn value_offset(field: &Field<'_>) -> usize {
-    field.offset + field.raw.len() - field.value.len()
-}
-
 impl Walk<'_> {
     fn malformed(&self, plan: &Plan, source: WireError) -> StampError {
         StampError::Malformed {
@@ -439,21 +438,12 @@ impl Walk<'_> {
     fn identity(&mut self, base: usize, field: &Field<'_>) -> Result<isize, StampError> {
         let client = String::from_utf8_lossy(field.value);
         let new = (self.stamp)(&client);
-        let value_at = base + value_offset(field);
-        let len_at = base + field.offset + field.tag_len;
-        let delta = delta_of(new.len(), field.value.len())
-            + delta_of(varint_len(new.len() as u64), value_at - len_at);
-        self.edits.push(Edit {
-            start: len_at,
-            end: value_at,
-            with: Replacement::Varint(new.len() as u64),
-        });
-        self.edits.push(Edit {
-            start: value_at,
-            end: value_at + field.value.len(),
-            with: Replacement::Bytes(new.into_bytes()),
-        });
-        Ok(delta)
+        Ok(replace_len_value(
+            &mut self.edits,
+            base,
+            field,
+            new.into_bytes(),
+        ))
     }
 
     /// Walks a nested message and rewrites its length prefix if it changed size.
@@ -467,24 +457,8 @@ impl Walk<'_> {
         let value_at = base + value_offset(field);
         let mark = self.edits.len();
         let delta = self.message(target, value_at, field.value, depth + 1)?;
-        if delta == 0 {
-            return Ok(0);
-        }
-        let new_len = field
-            .value
-            .len()
-            .checked_add_signed(delta)
-            .ok_or_else(|| StampError::Internal("negative length".into()))?;
-        let len_at = base + field.offset + field.tag_len;
-        self.edits.insert(
-            mark,
-            Edit {
-                start: len_at,
-                end: value_at,
-                with: Replacement::Varint(new_len as u64),
-            },
-        );
-        Ok(delta + delta_of(varint_len(new_len as u64), value_at - len_at))
+        resize_len_prefix(&mut self.edits, mark, base, field, delta)
+            .ok_or_else(|| StampError::Internal("negative length".into()))
     }
 }
 

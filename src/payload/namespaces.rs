@@ -24,8 +24,11 @@ use std::sync::LazyLock;
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
 use super::system_nexus::{self as system, NexusFields, SYSTEM_OPERATIONS};
-use super::walker::{delta_of, Edit, Replacement, RewritePlan, WalkError, DEFAULT_MAX_DEPTH};
-use super::wire::{self, varint_len, Field, WireError, WireType};
+use super::walker::{
+    replace_len_value, resize_len_prefix, value_offset, Edit, RewritePlan, WalkError,
+    DEFAULT_MAX_DEPTH,
+};
+use super::wire::{self, Field, WireError, WireType};
 use crate::schema::Schema;
 
 const ANY: &str = "google.protobuf.Any";
@@ -374,10 +377,6 @@ struct Walk<'a, 'm> {
     edits: Vec<Edit>,
 }
 
-fn value_offset(field: &Field<'_>) -> usize {
-    field.offset + field.raw.len() - field.value.len()
-}
-
 impl Walk<'_, '_> {
     fn path(&self, node: Option<&Node<'_>>) -> String {
         PathDisplay {
@@ -490,21 +489,12 @@ impl Walk<'_, '_> {
         if new.as_bytes() == field.value {
             return Ok(0);
         }
-        let value_at = base + value_offset(field);
-        let len_at = base + field.offset + field.tag_len;
-        let delta = delta_of(new.len(), field.value.len())
-            + delta_of(varint_len(new.len() as u64), value_at - len_at);
-        self.edits.push(Edit {
-            start: len_at,
-            end: value_at,
-            with: Replacement::Varint(new.len() as u64),
-        });
-        self.edits.push(Edit {
-            start: value_at,
-            end: value_at + field.value.len(),
-            with: Replacement::Bytes(new.into_bytes()),
-        });
-        Ok(delta)
+        Ok(replace_len_value(
+            &mut self.edits,
+            base,
+            field,
+            new.into_bytes(),
+        ))
     }
 
     /// Walks the content of a length-delimited field with `walk`, and rewrites its length
@@ -519,24 +509,8 @@ impl Walk<'_, '_> {
         let value_at = base + value_offset(field);
         let mark = self.edits.len();
         let delta = walk(self, value_at, field.value, depth + 1)?;
-        if delta == 0 {
-            return Ok(0);
-        }
-        let new_len = field
-            .value
-            .len()
-            .checked_add_signed(delta)
-            .ok_or_else(|| NameRewriteError::Internal("negative length".into()))?;
-        let len_at = base + field.offset + field.tag_len;
-        self.edits.insert(
-            mark,
-            Edit {
-                start: len_at,
-                end: value_at,
-                with: Replacement::Varint(new_len as u64),
-            },
-        );
-        Ok(delta + delta_of(varint_len(new_len as u64), value_at - len_at))
+        resize_len_prefix(&mut self.edits, mark, base, field, delta)
+            .ok_or_else(|| NameRewriteError::Internal("negative length".into()))
     }
 
     /// `google.protobuf.Any`: `value` (2) walked as the message `type_url` (1) names.

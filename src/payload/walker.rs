@@ -667,8 +667,62 @@ pub(crate) fn delta_of(new: usize, old: usize) -> isize {
 }
 
 /// Offset of a length-delimited field's content within the buffer it was read from.
-fn value_offset(field: &Field<'_>) -> usize {
+/// Where a field's value starts, relative to the buffer it was read from.
+pub(crate) fn value_offset(field: &Field<'_>) -> usize {
     field.offset + field.raw.len() - field.value.len()
+}
+
+/// Edits that replace the value of a length-delimited `field` (read from `input[base..]`) with
+/// `new`, its length prefix included. Returns the field's growth.
+pub(crate) fn replace_len_value(
+    edits: &mut Vec<Edit>,
+    base: usize,
+    field: &Field<'_>,
+    new: Vec<u8>,
+) -> isize {
+    let value_at = base + value_offset(field);
+    let len_at = base + field.offset + field.tag_len;
+    let delta = delta_of(new.len(), field.value.len())
+        + delta_of(varint_len(new.len() as u64), value_at - len_at);
+    edits.push(Edit {
+        start: len_at,
+        end: value_at,
+        with: Replacement::Varint(new.len() as u64),
+    });
+    edits.push(Edit {
+        start: value_at,
+        end: value_at + field.value.len(),
+        with: Replacement::Bytes(new),
+    });
+    delta
+}
+
+/// After the content of a length-delimited `field` (read from `input[base..]`) was walked,
+/// its edits pushed from `mark` on and growing it by `delta`: the edit of its length prefix,
+/// inserted before them (edits stay in order). Returns the field's growth, prefix included;
+/// `None` if the new length would be negative (a walker's internal error).
+pub(crate) fn resize_len_prefix(
+    edits: &mut Vec<Edit>,
+    mark: usize,
+    base: usize,
+    field: &Field<'_>,
+    delta: isize,
+) -> Option<isize> {
+    if delta == 0 {
+        return Some(0);
+    }
+    let new_len = field.value.len().checked_add_signed(delta)?;
+    let value_at = base + value_offset(field);
+    let len_at = base + field.offset + field.tag_len;
+    edits.insert(
+        mark,
+        Edit {
+            start: len_at,
+            end: value_at,
+            with: Replacement::Varint(new_len as u64),
+        },
+    );
+    Some(delta + delta_of(varint_len(new_len as u64), value_at - len_at))
 }
 
 impl<'a> Walk<'a> {
@@ -844,45 +898,13 @@ impl<'a> Walk<'a> {
         let value_at = base + value_offset(field);
         let mark = self.edits.len();
         let delta = self.walk_target(target, value_at, field.value, depth + 1, Some(node))?;
-        if delta == 0 {
-            return Ok(0);
-        }
-        let new_len = field
-            .value
-            .len()
-            .checked_add_signed(delta)
-            .ok_or_else(|| WalkError::Internal("negative length"))?;
-        let len_at = base + field.offset + field.tag_len;
-        let old_prefix = value_at - len_at;
-        let new_prefix = varint_len(new_len as u64);
-        self.edits.insert(
-            mark,
-            Edit {
-                start: len_at,
-                end: value_at,
-                with: Replacement::Varint(new_len as u64),
-            },
-        );
-        Ok(delta + delta_of(new_prefix, old_prefix))
+        resize_len_prefix(&mut self.edits, mark, base, field, delta)
+            .ok_or_else(|| WalkError::Internal("negative length"))
     }
 
     /// Replaces the content of a length-delimited `field` with `new`.
     fn replace_value(&mut self, base: usize, field: &Field<'_>, new: Vec<u8>) -> isize {
-        let value_at = base + value_offset(field);
-        let len_at = base + field.offset + field.tag_len;
-        let delta = delta_of(new.len(), field.value.len());
-        let prefix_delta = delta_of(varint_len(new.len() as u64), value_at - len_at);
-        self.edits.push(Edit {
-            start: len_at,
-            end: value_at,
-            with: Replacement::Varint(new.len() as u64),
-        });
-        self.edits.push(Edit {
-            start: value_at,
-            end: value_at + field.value.len(),
-            with: Replacement::Bytes(new),
-        });
-        delta + prefix_delta
+        replace_len_value(&mut self.edits, base, field, new)
     }
 
     /// Inserts a length-delimited field at `at`.
