@@ -166,3 +166,19 @@ pub fn drop_files(set: &[u8], prefixes: &[&str]) -> Result<Vec<u8>, String> {
         None => Ok(out),
     }
 }
+
+/// Each file of a serialized `FileDescriptorSet`, in order; `None` if `set` is not well-formed
+/// protobuf or carries anything but files.
+#[cfg_attr(not(test), allow(dead_code))] // not used by build.rs
+pub fn file_entries(set: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut files = Vec::new();
+    let mut at = 0;
+    while at < set.len() {
+        let field = next_field(set, &mut at)?;
+        if field.number != SET_FILE || field.wire != WIRE_LEN {
+            return None;
+        }
+        files.push(set.get(field.body..field.end)?);
+    }
+    Some(files)
+}
