@@ -587,17 +587,12 @@ impl Opener {
         namespace: &str,
         out: &mut Vec<u8>,
     ) -> Result<(), CryptoError> {
-        let cannot_open = |reason| CryptoError::CannotOpen {
-            key_id: self.data_key_id.clone(),
-            namespace: namespace.to_owned(),
-            reason,
-        };
         if view.kek_id != self.kek_id {
-            return Err(cannot_open(OpenFailure::KeyNotResolved));
+            return Err(self.cannot_open(namespace, OpenFailure::KeyNotResolved));
         }
         // The metadata sits outside the ciphertext; it must agree with what the AAD binds.
         if view.metadata_key_id != self.data_key_id.as_bytes() {
-            return Err(cannot_open(OpenFailure::KeyIdMismatch));
+            return Err(self.cannot_open(namespace, OpenFailure::KeyIdMismatch));
         }
         // parse() checked both lengths; checked again here so a slip can never panic.
         let body_len =
@@ -621,8 +616,12 @@ impl Opener {
         &self.kek_id
     }
 
-    pub(crate) fn data_key_id(&self) -> &str {
-        &self.data_key_id
+    fn cannot_open(&self, namespace: &str, reason: OpenFailure) -> CryptoError {
+        CryptoError::CannotOpen {
+            key_id: self.data_key_id.clone(),
+            namespace: namespace.to_owned(),
+            reason,
+        }
     }
 
     /// [`Opener::open_into`] for an envelope parsed before (by the walk that planned the
@@ -673,11 +672,7 @@ impl Opener {
                     buffer,
                     Tag::from_slice(tag),
                 )
-                .map_err(|_| CryptoError::CannotOpen {
-                    key_id: self.data_key_id.clone(),
-                    namespace: namespace.to_owned(),
-                    reason: OpenFailure::Authentication,
-                }),
+                .map_err(|_| self.cannot_open(namespace, OpenFailure::Authentication)),
             None => Err(CryptoError::MalformedEnvelope(
                 "output buffer shorter than written",
             )),
@@ -699,11 +694,6 @@ impl Opener {
         size: u64,
         out: &mut Vec<u8>,
     ) -> Result<(), CryptoError> {
-        let cannot_open = |reason| CryptoError::CannotOpen {
-            key_id: self.data_key_id.clone(),
-            namespace: namespace.to_owned(),
-            reason,
-        };
         let body_len = view.ciphertext.len().saturating_sub(TAG_LEN);
         let (body, tag) = view.ciphertext.split_at(body_len);
         let aad = associated_data_v2(namespace, &self.kek_id, &self.data_key_id, size);
@@ -715,7 +705,7 @@ impl Opener {
                 &mut compressed,
                 Tag::from_slice(tag),
             )
-            .map_err(|_| cannot_open(OpenFailure::Authentication))?;
+            .map_err(|_| self.cannot_open(namespace, OpenFailure::Authentication))?;
         // Authenticated: the size is the one this proxy recorded when it sealed.
         let size = usize::try_from(size)
             .map_err(|_| CryptoError::MalformedEnvelope("the recorded size is too large"))?;

@@ -387,7 +387,7 @@ struct Group {
     refs: Vec<EnvelopeRef>,
     /// Wrapped keys already in `refs`, with their position there: a page of thousands of
     /// payloads usually needs one key (the last one found is compared before this is asked).
-    seen: HashMap<Vec<u8>, u32>,
+    seen: HashMap<Vec<u8>, usize>,
 }
 
 /// A deferred payload as the planning walk found it: which of its group's keys opens it and
@@ -395,7 +395,7 @@ struct Group {
 /// up again.
 #[derive(Debug, Clone, Copy)]
 struct Located {
-    key: u32,
+    key: usize,
     parts: SealedParts,
 }
 
@@ -520,9 +520,10 @@ impl OpenPlan {
                 group
                     .refs
                     .iter()
+                    // Found by the wrapped key, so its data key id is the ref's.
                     .map(|r| {
                         keys.opener(&r.wrapped_data_key)
-                            .filter(|o| o.kek_id() == r.kek_id && o.data_key_id() == r.data_key_id)
+                            .filter(|o| o.kek_id() == r.kek_id)
                     })
                     .collect()
             })
@@ -725,22 +726,13 @@ impl PayloadVisitor for Collect {
             .groups
             .get_mut(position)
             .ok_or_else(|| WalkError::Internal("group out of range"))?;
-        let last = group.refs.len().checked_sub(1);
-        let key = match last {
-            Some(i)
-                if group.refs.get(i).map(|r| r.wrapped_data_key.as_slice())
-                    == Some(view.wrapped()) =>
-            {
-                i
-            }
+        let key = match group.refs.last() {
+            Some(last) if last.wrapped_data_key == view.wrapped() => group.refs.len() - 1,
             _ => match group.seen.get(view.wrapped()) {
-                Some(&i) => usize::try_from(i).unwrap_or(usize::MAX),
+                Some(&i) => i,
                 None => {
                     let i = group.refs.len();
-                    group.seen.insert(
-                        view.wrapped().to_vec(),
-                        u32::try_from(i).unwrap_or(u32::MAX),
-                    );
+                    group.seen.insert(view.wrapped().to_vec(), i);
                     group.refs.push(view.envelope_ref());
                     i
                 }
@@ -756,7 +748,7 @@ impl PayloadVisitor for Collect {
             })
             .and_then(|_| {
                 Some(Located {
-                    key: u32::try_from(key).ok()?,
+                    key,
                     parts: view.parts_in(payload)?,
                 })
             });
@@ -837,11 +829,8 @@ impl PayloadVisitor for Opening<'_> {
             .ok_or_else(|| WalkError::Internal("no keys for a deferred payload"))?;
         let located = self.located.next().copied().flatten();
         let opener = located.and_then(|l| {
-            let key = usize::try_from(l.key).ok()?;
-            Some((
-                self.openers.get(position)?.get(key).copied().flatten()?,
-                l.parts,
-            ))
+            let opener = self.openers.get(position)?.get(l.key).copied().flatten()?;
+            Some((opener, l.parts))
         });
         match opener {
             Some((opener, parts)) => keys.open_parts_into(opener, payload, parts, out),
