@@ -68,9 +68,8 @@ impl LocalObjectStore {
     /// Starts moto on a free port; started again on another when it exits during start-up
     /// (the port taken just then).
     pub async fn start(binary: &Path, log: &Path) -> anyhow::Result<LocalObjectStore> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let what = binary.display().to_string();
+        start_with_retries(&what, log, || async {
             let port = free_port()?;
             let log_file = std::fs::File::create(log)?;
             let mut child = Command::new(binary)
@@ -81,38 +80,17 @@ impl LocalObjectStore {
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("cannot start {}", binary.display()))?;
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    if attempt < 3 {
-                        tracing::warn!(%status, attempt, "{} exited during start-up; starting it again", binary.display());
-                        break;
-                    }
-                    bail!(
-                        "{} exited ({status}) during start-up; see {}",
-                        binary.display(),
-                        log.display()
-                    );
-                }
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
-                    return Ok(LocalObjectStore {
-                        _child: child,
-                        endpoint: format!("http://127.0.0.1:{port}"),
-                    });
-                }
-                if std::time::Instant::now() > deadline {
-                    bail!(
-                        "{} did not listen on port {port} within 60 s; see {}",
-                        binary.display(),
-                        log.display()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+            let address: SocketAddr = ([127, 0, 0, 1], port).into();
+            wait_until_ready(&mut child, address, || async {
+                tokio::net::TcpStream::connect(address).await.is_ok()
+            })
+            .await?;
+            Ok(LocalObjectStore {
+                _child: child,
+                endpoint: format!("http://{address}"),
+            })
+        })
+        .await
     }
 }
 
@@ -325,16 +303,87 @@ async fn answers_grpc_health(address: SocketAddr) -> bool {
     )
 }
 
-/// Why one start of the dev server failed.
+/// Why one start of a child server failed.
 enum StartFailure {
     Exited(std::process::ExitStatus),
-    Silent,
+    /// Did not answer on this address within 60 s.
+    Silent(SocketAddr),
     Other(anyhow::Error),
 }
 
-impl From<anyhow::Error> for StartFailure {
-    fn from(e: anyhow::Error) -> Self {
-        StartFailure::Other(e)
+impl<E: Into<anyhow::Error>> From<E> for StartFailure {
+    fn from(e: E) -> Self {
+        StartFailure::Other(e.into())
+    }
+}
+
+/// The last `lines` lines of a log file (empty if it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.reverse();
+    tail.join("\n")
+}
+
+/// Waits until `ready` says the child serves on `address`: `Exited` if it exits first,
+/// `Silent` after 60 s.
+async fn wait_until_ready<F, Fut>(
+    child: &mut Child,
+    address: SocketAddr,
+    mut ready: F,
+) -> Result<(), StartFailure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(StartFailure::Exited(status));
+        }
+        if ready().await {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(StartFailure::Silent(address));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `start_once` again while the child it starts exits during start-up (on a busy machine
+/// a port it binds is now and then taken just then), three times at most. The error names
+/// `what` and quotes the end of its `log`.
+async fn start_with_retries<T, F, Fut>(
+    what: &str,
+    log: &Path,
+    mut start_once: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StartFailure>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let failed = match start_once().await {
+            Ok(started) => return Ok(started),
+            Err(StartFailure::Exited(status)) if attempt < 3 => {
+                tracing::warn!(%status, attempt, log = %log.display(), "{what} exited during start-up; starting it again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(StartFailure::Exited(status)) => format!("exited ({status}) during start-up"),
+            Err(StartFailure::Silent(address)) => {
+                format!("did not listen on {address} within 60 s")
+            }
+            Err(StartFailure::Other(e)) => return Err(e),
+        };
+        bail!(
+            "{what} {failed} (attempt {attempt}); {} ends:\n{}",
+            log.display(),
+            log_tail(log, 15)
+        );
     }
 }
 
@@ -349,10 +398,9 @@ pub struct TemporalDevServer {
 impl TemporalDevServer {
     /// Starts a dev server on `port` with its database at `db_file`, and waits until it answers.
     ///
-    /// Besides `port` the server binds its UI, HTTP and metrics ports (picked here) and its
-    /// services' membership ports (picked by itself); on a busy machine one of them is now and
-    /// then taken just as it starts, and it exits at once. It is started again (with fresh
-    /// ports) up to twice before the error, with the end of its log, is returned.
+    /// Besides `port` the server binds its UI, HTTP and metrics ports (picked here, fresh for
+    /// each try) and its services' membership ports (picked by itself); see
+    /// [`start_with_retries`].
     pub async fn start(
         binary: &Path,
         port: u16,
@@ -361,36 +409,10 @@ impl TemporalDevServer {
         extra_args: &[String],
         log_file: &Path,
     ) -> anyhow::Result<TemporalDevServer> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Self::start_once(binary, port, db_file, namespaces, extra_args, log_file).await {
-                Ok(server) => return Ok(server),
-                Err(StartFailure::Exited(status)) if attempt < 3 => {
-                    tracing::warn!(%status, attempt, log = %log_file.display(), "the Temporal dev server exited during start-up; starting it again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(failure) => {
-                    let said = std::fs::read_to_string(log_file).unwrap_or_default();
-                    let mut tail: Vec<&str> = said.lines().rev().take(15).collect();
-                    tail.reverse();
-                    let what = match failure {
-                        StartFailure::Exited(status) => {
-                            format!("the Temporal dev server exited ({status}) during start-up")
-                        }
-                        StartFailure::Silent => {
-                            format!("the Temporal dev server did not listen on 127.0.0.1:{port} within 60 s")
-                        }
-                        StartFailure::Other(e) => return Err(e),
-                    };
-                    bail!(
-                        "{what} (attempt {attempt}); {} ends:\n{}",
-                        log_file.display(),
-                        tail.join("\n")
-                    );
-                }
-            }
-        }
+        start_with_retries("the Temporal dev server", log_file, || {
+            Self::start_once(binary, port, db_file, namespaces, extra_args, log_file)
+        })
+        .await
     }
 
     async fn start_once(
@@ -426,27 +448,15 @@ impl TemporalDevServer {
             .with_context(|| format!("cannot create {}", log_file.display()))?;
         command
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(anyhow::Error::from)?)
+            .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
         let mut child = command
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let address: SocketAddr = ([127, 0, 0, 1], port).into();
-        let started = std::time::Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().map_err(anyhow::Error::from)? {
-                return Err(StartFailure::Exited(status));
-            }
-            // Something answering TCP on the port is not enough: it may be whoever took it.
-            if answers_grpc_health(address).await {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                return Err(StartFailure::Silent);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // Something answering TCP on the port is not enough: it may be whoever took it.
+        wait_until_ready(&mut child, address, || answers_grpc_health(address)).await?;
         Ok(TemporalDevServer {
             child,
             address,

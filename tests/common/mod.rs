@@ -59,12 +59,7 @@ pub async fn start_portcullis_dev(dir: &Path, args: &[&str]) -> (tokio::process:
     while !endpoints.exists() {
         let exited = child.try_wait().expect("try_wait");
         if exited.is_some() || started.elapsed() > Duration::from_secs(120) {
-            let tail = |path: &Path| {
-                let text = std::fs::read_to_string(path).unwrap_or_default();
-                let mut lines: Vec<&str> = text.lines().rev().take(20).collect();
-                lines.reverse();
-                lines.join("\n")
-            };
+            let tail = |path: &Path| portcullis::dev::log_tail(path, 20);
             panic!(
                 "portcullis dev wrote no endpoints.json ({} after {:?}); its output ends:\n{}\n\
                  the dev server's log ends:\n{}",
