@@ -409,60 +409,49 @@ impl TemporalDevServer {
         extra_args: &[String],
         log_file: &Path,
     ) -> anyhow::Result<TemporalDevServer> {
-        start_with_retries("the Temporal dev server", log_file, || {
-            Self::start_once(binary, port, db_file, namespaces, extra_args, log_file)
+        start_with_retries("the Temporal dev server", log_file, || async {
+            let ui_port = free_port()?;
+            let mut command = Command::new(binary);
+            command
+                .args([
+                    "server",
+                    "start-dev",
+                    "--ip",
+                    "127.0.0.1",
+                    "--log-level",
+                    "warn",
+                ])
+                .args(["--port", &port.to_string()])
+                .args(["--ui-port", &ui_port.to_string()])
+                .args(["--http-port", &free_port()?.to_string()])
+                .args(["--metrics-port", &free_port()?.to_string()])
+                .arg("--db-filename")
+                .arg(db_file);
+            for ns in namespaces {
+                command.args(["--namespace", ns]);
+            }
+            command.args(extra_args);
+            let log = std::fs::File::create(log_file)
+                .with_context(|| format!("cannot create {}", log_file.display()))?;
+            command
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true);
+            let mut child = command
+                .spawn()
+                .with_context(|| format!("cannot start {}", binary.display()))?;
+            let address: SocketAddr = ([127, 0, 0, 1], port).into();
+            // Something answering TCP on the port is not enough: it may be whoever took it.
+            wait_until_ready(&mut child, address, || answers_grpc_health(address)).await?;
+            Ok(TemporalDevServer {
+                child,
+                address,
+                ui_port,
+                db_file: db_file.to_path_buf(),
+            })
         })
         .await
-    }
-
-    async fn start_once(
-        binary: &Path,
-        port: u16,
-        db_file: &Path,
-        namespaces: &[String],
-        extra_args: &[String],
-        log_file: &Path,
-    ) -> Result<TemporalDevServer, StartFailure> {
-        let ui_port = free_port()?;
-        let mut command = Command::new(binary);
-        command
-            .args([
-                "server",
-                "start-dev",
-                "--ip",
-                "127.0.0.1",
-                "--log-level",
-                "warn",
-            ])
-            .args(["--port", &port.to_string()])
-            .args(["--ui-port", &ui_port.to_string()])
-            .args(["--http-port", &free_port()?.to_string()])
-            .args(["--metrics-port", &free_port()?.to_string()])
-            .arg("--db-filename")
-            .arg(db_file);
-        for ns in namespaces {
-            command.args(["--namespace", ns]);
-        }
-        command.args(extra_args);
-        let log = std::fs::File::create(log_file)
-            .with_context(|| format!("cannot create {}", log_file.display()))?;
-        command
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let address: SocketAddr = ([127, 0, 0, 1], port).into();
-        // Something answering TCP on the port is not enough: it may be whoever took it.
-        wait_until_ready(&mut child, address, || answers_grpc_health(address)).await?;
-        Ok(TemporalDevServer {
-            child,
-            address,
-            ui_port,
-            db_file: db_file.to_path_buf(),
-        })
     }
 
     pub async fn stop(mut self) {
