@@ -368,6 +368,17 @@ fn bench(c: &mut Criterion) {
         }
     };
 
+    // WALKER_PROFILE_OPEN=N opens the page N times and nothing else: a loop to run under perf.
+    if let Some(n) = std::env::var("WALKER_PROFILE_OPEN")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        for _ in 0..n {
+            black_box(open_page().expect("open"));
+        }
+        return;
+    }
+
     group.bench_function("walker_seal_page", |b| b.iter(seal_page));
     group.bench_function("walker_seal_page_vec_per_payload", |b| {
         b.iter(seal_page_vec_per_payload)

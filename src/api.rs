@@ -99,10 +99,7 @@ pub fn load(path: &Path) -> Result<(Schema, SchemaReport), ApiSchemaError> {
             added_methods.push(method.path.clone());
         }
     }
-    let (old, new) = (
-        PayloadIndex::new(&embedded.pool),
-        PayloadIndex::new(&schema.pool),
-    );
+    let (old, new) = (embedded.payload_index(), schema.payload_index());
     let fields = |index: &PayloadIndex, message: &str| -> BTreeSet<(u32, String)> {
         index
             .payload_fields(message)
@@ -112,8 +109,8 @@ pub fn load(path: &Path) -> Result<(Schema, SchemaReport), ApiSchemaError> {
             .collect()
     };
     for message in old.reaching_messages() {
-        let kept = fields(&new, message);
-        for (number, type_name) in fields(&old, message) {
+        let kept = fields(new, message);
+        for (number, type_name) in fields(old, message) {
             if !kept.contains(&(number, type_name.clone())) {
                 problems.push(format!(
                     "{message} field {number} ({type_name}) would no longer be sealed"
@@ -123,7 +120,7 @@ pub fn load(path: &Path) -> Result<(Schema, SchemaReport), ApiSchemaError> {
     }
     let mut added_payload_fields = Vec::new();
     for message in new.reaching_messages() {
-        let known = fields(&old, message);
+        let known = fields(old, message);
         for field in new.payload_fields(message).unwrap_or_default() {
             if !known.contains(&(field.number, field.type_name.to_string())) {
                 added_payload_fields.push(format!("{message}.{}", field.name));

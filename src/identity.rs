@@ -18,7 +18,6 @@
 //! otherwise). Absent nested messages are not created. Every other byte is copied verbatim.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 use serde::{Deserialize, Serialize};
@@ -160,13 +159,10 @@ fn is_identity_field(message: &MessageDescriptor, field: &FieldDescriptor) -> bo
         && !message.full_name().starts_with(SKIPPED_PACKAGE)
 }
 
-static GLOBAL: LazyLock<IdentityFieldIndex> =
-    LazyLock::new(|| IdentityFieldIndex::new(&Schema::global().pool));
-
 impl IdentityFieldIndex {
-    /// The index of the API schema in force, computed on first use.
+    /// The index of the API schema in force.
     pub fn global() -> &'static IdentityFieldIndex {
-        &GLOBAL
+        Schema::global().identity_fields()
     }
 
     pub fn new(pool: &DescriptorPool) -> IdentityFieldIndex {
@@ -575,7 +571,7 @@ mod tests {
             Some(false)
         );
         // Every identity field any request reaches is named `identity` and is no failure's.
-        let pool = &Schema::global().pool;
+        let pool = Schema::global().descriptors().unwrap();
         for method in pool
             .services()
             .flat_map(|s| s.methods().collect::<Vec<_>>())

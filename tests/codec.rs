@@ -477,6 +477,8 @@ async fn the_cli_decodes_through_the_codec_server_for_readers_only() {
         .post("/alpha/decode", &[("authorization", &reader)], &sealed)
         .await;
     assert_eq!(with_token.status, 401, "{}", with_token.body);
+    // The codec's JSON went through the schema's small Payloads pool, not the whole one.
+    assert!(!portcullis::schema::Schema::global().holds_descriptors());
     proxy.shutdown().await;
 }
 

@@ -21,7 +21,8 @@ pub enum JsonError {
 
 fn descriptor() -> Result<MessageDescriptor, JsonError> {
     Schema::global()
-        .message(PAYLOADS)
+        .payloads_json()
+        .cloned()
         .ok_or_else(|| JsonError::Internal(format!("{PAYLOADS} is not in the schema")))
 }
 

@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
@@ -109,13 +108,10 @@ pub struct NamespaceFieldIndex {
     system_requests: Vec<Option<u32>>,
 }
 
-static GLOBAL: LazyLock<NamespaceFieldIndex> =
-    LazyLock::new(|| NamespaceFieldIndex::new(&Schema::global().pool));
-
 impl NamespaceFieldIndex {
-    /// The index of the embedded Temporal schema, computed on first use.
+    /// The index of the API schema in force.
     pub fn global() -> &'static NamespaceFieldIndex {
-        &GLOBAL
+        Schema::global().namespace_fields()
     }
 
     pub fn new(pool: &DescriptorPool) -> NamespaceFieldIndex {

@@ -29,7 +29,6 @@
 //! methods it reads nothing at all), and copies nothing.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, Kind, MessageDescriptor};
 
@@ -157,13 +156,10 @@ pub struct TargetIndex {
     system_namespace_fields: Vec<Option<u32>>,
 }
 
-static GLOBAL: LazyLock<TargetIndex> =
-    LazyLock::new(|| TargetIndex::new(&Schema::global().pool, PayloadIndex::global()));
-
 impl TargetIndex {
-    /// The index of the embedded Temporal schema, computed on first use.
+    /// The index of the API schema in force.
     pub fn global() -> &'static TargetIndex {
-        &GLOBAL
+        Schema::global().target_index()
     }
 
     pub fn new(pool: &DescriptorPool, payloads: &PayloadIndex) -> TargetIndex {
@@ -580,8 +576,9 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for method in schema.methods() {
             // Messages reachable from the request, excluding the request itself.
-            let mut stack: Vec<MessageDescriptor> = method
-                .input
+            let mut stack: Vec<MessageDescriptor> = schema
+                .message(method.input.full_name())
+                .unwrap()
                 .fields()
                 .filter_map(|f| match f.kind() {
                     Kind::Message(m) => Some(m),

@@ -9,9 +9,11 @@
 //! [`super::system_nexus`]) is checked as its type: the walker seals what it finds there too.
 //! It reads without allocating (except for the path it reports).
 
-use prost_reflect::{Kind, MessageDescriptor};
+use std::collections::HashMap;
 
-use super::system_nexus::{self as system, NexusFields, NEXUS_OPERATION_MESSAGES};
+use prost_reflect::{DescriptorPool, Kind};
+
+use super::system_nexus::{self as system, NexusFields};
 use super::walker::DEFAULT_MAX_DEPTH;
 use super::wire::{self, WireError, WireType};
 use crate::schema::Schema;
@@ -31,20 +33,97 @@ pub enum UnknownField {
     TooDeep { path: String, limit: usize },
 }
 
+/// What this check needs of the schema, without the descriptor pool (which is not kept after
+/// start-up): every message's fields by number, and the message type of those that hold one.
+#[derive(Debug)]
+pub struct KnownMessages {
+    by_name: HashMap<Box<str>, u32>,
+    messages: Vec<KnownMessage>,
+}
+
+#[derive(Debug)]
+struct KnownMessage {
+    name: Box<str>,
+    /// Sorted by number.
+    fields: Box<[KnownField]>,
+    /// Set for the Nexus-operation messages, whose system envelope is checked as its type.
+    nexus: Option<NexusFields>,
+}
+
+#[derive(Debug)]
+struct KnownField {
+    number: u32,
+    name: Box<str>,
+    /// The field's message type (map entries included), when it has one.
+    message: Option<u32>,
+}
+
+impl KnownMessages {
+    pub fn new(pool: &DescriptorPool) -> KnownMessages {
+        let by_name: HashMap<Box<str>, u32> = pool
+            .all_messages()
+            .enumerate()
+            .filter_map(|(i, m)| Some((m.full_name().into(), u32::try_from(i).ok()?)))
+            .collect();
+        let messages = pool
+            .all_messages()
+            .map(|m| {
+                let mut fields: Vec<KnownField> = m
+                    .fields()
+                    .map(|f| KnownField {
+                        number: f.number(),
+                        name: f.name().into(),
+                        message: match f.kind() {
+                            Kind::Message(child) => by_name.get(child.full_name()).copied(),
+                            _ => None,
+                        },
+                    })
+                    .collect();
+                fields.sort_unstable_by_key(|f| f.number);
+                KnownMessage {
+                    name: m.full_name().into(),
+                    fields: fields.into_boxed_slice(),
+                    nexus: NexusFields::of(&m),
+                }
+            })
+            .collect();
+        KnownMessages { by_name, messages }
+    }
+
+    fn id(&self, full_name: &str) -> Option<u32> {
+        self.by_name.get(full_name).copied()
+    }
+
+    fn message(&self, id: u32) -> &KnownMessage {
+        &self.messages[id as usize]
+    }
+}
+
+impl KnownMessage {
+    fn field(&self, number: u32) -> Option<&KnownField> {
+        self.fields
+            .binary_search_by_key(&number, |f| f.number)
+            .ok()
+            .map(|i| &self.fields[i])
+    }
+}
+
 /// Ok when the schema in force knows every field of `message` (a serialized `message_type`);
 /// else the first field it does not know.
 pub fn ensure_known(message_type: &str, message: &[u8]) -> Result<(), UnknownField> {
-    let Some(descriptor) = Schema::global().message(message_type) else {
+    let known = Schema::global().known_messages();
+    let Some(id) = known.id(message_type) else {
         return Err(UnknownField::AnyType {
             path: message_type.to_string(),
             type_url: message_type.to_string(),
         });
     };
-    check(&descriptor, message, 0, &mut || message_type.to_string())
+    check(known, id, message, 0, &mut || message_type.to_string())
 }
 
 fn check(
-    descriptor: &MessageDescriptor,
+    known: &KnownMessages,
+    id: u32,
     buf: &[u8],
     depth: usize,
     path: &mut dyn FnMut() -> String,
@@ -59,12 +138,13 @@ fn check(
         path: path(),
         reason: e.to_string(),
     };
-    let is_any = descriptor.full_name() == ANY;
+    let descriptor = known.message(id);
+    let is_any = &*descriptor.name == ANY;
     let mut any_type: Option<&[u8]> = None;
     let mut any_value: Option<&[u8]> = None;
     for field in wire::fields(buf) {
         let field = field.map_err(|e| malformed(path, e))?;
-        let Some(known) = descriptor.get_field(field.number) else {
+        let Some(known_field) = descriptor.field(field.number) else {
             return Err(UnknownField::Field {
                 path: path(),
                 number: field.number,
@@ -78,7 +158,7 @@ fn check(
             }
             continue;
         }
-        if let Kind::Message(child) = known.kind() {
+        if let Some(child) = known_field.message {
             if field.wire_type != WireType::Len {
                 return Err(malformed(
                     path,
@@ -87,26 +167,26 @@ fn check(
                     },
                 ));
             }
-            let mut child_path = || format!("{}.{}", path(), known.name());
-            check(&child, field.value, depth + 1, &mut child_path)?;
+            let mut child_path = || format!("{}.{}", path(), known_field.name);
+            check(known, child, field.value, depth + 1, &mut child_path)?;
         }
     }
-    if NEXUS_OPERATION_MESSAGES.contains(&descriptor.full_name()) {
-        check_system_envelope(descriptor, buf, depth, path)?;
+    if let Some(fields) = descriptor.nexus {
+        check_system_envelope(known, fields, buf, depth, path)?;
     }
     if is_any && any_value.is_some_and(|v| !v.is_empty()) {
         let url = any_type.unwrap_or_default();
-        let inner =
-            wire::any_message_name(Some(url)).and_then(|name| Schema::global().message(name));
+        let inner = wire::any_message_name(Some(url)).and_then(|name| known.id(name));
         let Some(inner) = inner else {
             return Err(UnknownField::AnyType {
                 path: path(),
                 type_url: String::from_utf8_lossy(url).into_owned(),
             });
         };
-        let mut inner_path = || format!("{}<{}>", path(), inner.full_name());
+        let mut inner_path = || format!("{}<{}>", path(), known.message(inner).name);
         check(
-            &inner,
+            known,
+            inner,
             any_value.unwrap_or_default(),
             depth + 1,
             &mut inner_path,
@@ -117,22 +197,12 @@ fn check(
 
 /// A Nexus operation at the system endpoint: the request inside its input envelope.
 fn check_system_envelope(
-    descriptor: &MessageDescriptor,
+    known: &KnownMessages,
+    fields: NexusFields,
     buf: &[u8],
     depth: usize,
     path: &mut dyn FnMut() -> String,
 ) -> Result<(), UnknownField> {
-    let number = |name: &str| descriptor.get_field_by_name(name).map(|f| f.number());
-    let Some(fields) = (|| {
-        Some(NexusFields {
-            endpoint: number("endpoint")?,
-            service: number("service")?,
-            operation: number("operation")?,
-            input: number("input")?,
-        })
-    })() else {
-        return Ok(());
-    };
     let malformed = |path: &mut dyn FnMut() -> String, reason: String| UnknownField::Malformed {
         path: path(),
         reason,
@@ -142,7 +212,7 @@ fn check_system_envelope(
         Ok(None) => return Ok(()),
         Err(e) => return Err(malformed(path, e.to_string())),
     };
-    let Some(request) = Schema::global().message(operation.request) else {
+    let Some(request) = known.id(operation.request) else {
         return Err(UnknownField::AnyType {
             path: path(),
             type_url: operation.request.to_string(),
@@ -156,8 +226,9 @@ fn check_system_envelope(
         let data = system::envelope_data(field.value, operation)
             .map_err(|e| malformed(path, e.to_string()))?;
         for data in data {
-            let mut inner_path = || format!("{}.input.data<{}>", path(), request.full_name());
-            check(&request, data.value, depth + 1, &mut inner_path)?;
+            let mut inner_path =
+                || format!("{}.input.data<{}>", path(), known.message(request).name);
+            check(known, request, data.value, depth + 1, &mut inner_path)?;
         }
     }
     Ok(())

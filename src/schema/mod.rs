@@ -6,6 +6,12 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use prost_reflect::{DescriptorPool, Kind, MessageDescriptor, MethodDescriptor};
+
+use crate::identity::IdentityFieldIndex;
+use crate::payload::namespaces::NamespaceFieldIndex;
+use crate::payload::targets::TargetIndex;
+use crate::payload::unknown::KnownMessages;
+use crate::payload::walker::PayloadIndex;
 use serde::{Deserialize, Serialize};
 
 mod strip;
@@ -37,13 +43,28 @@ pub struct MethodInfo {
     pub path: String,
     pub service: String,
     pub name: String,
-    pub input: MessageDescriptor,
-    pub output: MessageDescriptor,
+    pub input: MessageName,
+    pub output: MessageName,
     pub scope: Scope,
     /// Field number of the request's top-level `namespace` string, when the method has one.
     pub namespace_field: Option<u32>,
     /// Streaming methods (only `grpc.health.v1.Health/Watch`) are not proxied.
     pub streaming: bool,
+}
+
+/// A message type by its full name (`temporal.api.common.v1.Payloads`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageName(Box<str>);
+
+impl MessageName {
+    pub fn full_name(&self) -> &str {
+        &self.0
+    }
+
+    /// The name without its package (`Payloads`).
+    pub fn name(&self) -> &str {
+        self.0.rsplit('.').next().unwrap_or(&self.0)
+    }
 }
 
 /// The `[schema]` section: which description of Temporal's API the proxy runs with.
@@ -65,11 +86,24 @@ pub enum SchemaOrigin {
     File { path: PathBuf, sha256: String },
 }
 
-/// All forwarded methods, by HTTP/2 path.
+/// All forwarded methods, by HTTP/2 path, and the indexes the proxy walks messages with.
+///
+/// The descriptor pool they are derived from is dropped once they are built: decoded, it is
+/// ~5 MiB, most of an idle proxy's heap, and no call needs it (BENCHMARKS.md, "Idle RSS").
+/// [`Schema::descriptors`] decodes it again for the rare caller that does (tests, tools).
 pub struct Schema {
-    pub pool: DescriptorPool,
     methods: HashMap<String, MethodInfo>,
     pub origin: SchemaOrigin,
+    payloads: PayloadIndex,
+    targets: TargetIndex,
+    namespaces: NamespaceFieldIndex,
+    identity: IdentityFieldIndex,
+    known: KnownMessages,
+    /// `temporal.api.common.v1.Payloads` in a pool of its own (a few messages), for the codec
+    /// endpoint's JSON.
+    payloads_json: Option<MessageDescriptor>,
+    /// Decoded on demand by [`Schema::descriptors`], never on a call's path.
+    descriptors: OnceLock<DescriptorPool>,
 }
 
 /// The schema of this process: installed once at start (a newer descriptor set), or the
@@ -103,19 +137,7 @@ impl Schema {
     /// A schema from a descriptor set given at run time. A set without `grpc.health.v1`
     /// (Temporal's API repository does not carry it) gets the built-in health service.
     pub fn from_runtime_set(bytes: &[u8], origin: SchemaOrigin) -> Result<Schema, SchemaError> {
-        // `buf build` keeps comments and source positions by default: they are never read, and
-        // decoded they are most of the pool's memory.
-        let stripped = strip_source_info(bytes);
-        let mut pool = decode_pool(stripped.as_deref().unwrap_or(bytes))
-            .map_err(|e| SchemaError::Invalid(e.to_string()))?;
-        if pool.get_service_by_name("grpc.health.v1.Health").is_none() {
-            let embedded =
-                decode_pool(DESCRIPTOR_SET).map_err(|e| SchemaError::Invalid(e.to_string()))?;
-            if let Some(health) = embedded.get_file_by_name(HEALTH_FILE) {
-                pool.add_file_descriptor_proto(health.file_descriptor_proto().clone())
-                    .map_err(|e| SchemaError::Invalid(format!("adding {HEALTH_FILE}: {e}")))?;
-            }
-        }
+        let pool = decode_apart(|| runtime_pool(bytes))?;
         let mut schema = Schema::from_pool(pool);
         schema.origin = origin;
         Ok(schema)
@@ -142,10 +164,14 @@ impl Schema {
         Ok(Schema::global())
     }
 
-    pub fn from_descriptor_set(bytes: &[u8]) -> Result<Schema, prost_reflect::DescriptorError> {
-        Ok(Schema::from_pool(decode_pool(bytes)?))
+    pub fn from_descriptor_set(bytes: &[u8]) -> Result<Schema, SchemaError> {
+        let pool =
+            decode_apart(|| decode_pool(bytes).map_err(|e| SchemaError::Invalid(e.to_string())))?;
+        Ok(Schema::from_pool(pool))
     }
 
+    /// Derives everything from `pool`, then lets it go (on a thread of its own: see
+    /// [`decode_apart`]).
     fn from_pool(pool: DescriptorPool) -> Schema {
         let mut methods = HashMap::new();
         for service_name in FORWARDED_SERVICES {
@@ -157,11 +183,30 @@ impl Schema {
                 methods.insert(info.path.clone(), info);
             }
         }
-        Schema {
-            pool,
+        let payloads = PayloadIndex::new(&pool);
+        let targets = TargetIndex::new(&pool, &payloads);
+        let schema = Schema {
             methods,
             origin: SchemaOrigin::Embedded,
+            targets,
+            payloads,
+            namespaces: NamespaceFieldIndex::new(&pool),
+            identity: IdentityFieldIndex::new(&pool),
+            known: KnownMessages::new(&pool),
+            // A set whose Payloads reaches into other files keeps the whole pool for it.
+            payloads_json: payloads_alone(&pool).or_else(|| pool.get_message_by_name(PAYLOADS)),
+            descriptors: OnceLock::new(),
+        };
+        // The pool's last reference goes on another thread too: its blocks then go back to the
+        // decoding thread's arena without passing through this thread's cache, and that arena,
+        // all free, is given back to the system.
+        let dropped = std::thread::Builder::new()
+            .name("portcullis-schema".into())
+            .spawn(move || drop(pool));
+        if let Ok(dropping) = dropped {
+            let _ = dropping.join();
         }
+        schema
     }
 
     pub fn method(&self, path: &str) -> Option<&MethodInfo> {
@@ -172,9 +217,166 @@ impl Schema {
         self.methods.values()
     }
 
-    pub fn message(&self, full_name: &str) -> Option<MessageDescriptor> {
-        self.pool.get_message_by_name(full_name)
+    pub fn payload_index(&self) -> &PayloadIndex {
+        &self.payloads
     }
+
+    pub fn target_index(&self) -> &TargetIndex {
+        &self.targets
+    }
+
+    pub fn namespace_fields(&self) -> &NamespaceFieldIndex {
+        &self.namespaces
+    }
+
+    pub fn identity_fields(&self) -> &IdentityFieldIndex {
+        &self.identity
+    }
+
+    pub fn known_messages(&self) -> &KnownMessages {
+        &self.known
+    }
+
+    /// `temporal.api.common.v1.Payloads` (and the messages it holds), for proto3 JSON.
+    pub fn payloads_json(&self) -> Option<&MessageDescriptor> {
+        self.payloads_json.as_ref()
+    }
+
+    /// The whole descriptor pool of this schema, decoded on first use and then kept. For tests
+    /// and tools: nothing on a call's path uses it, so a serving proxy never holds it.
+    pub fn descriptors(&self) -> Result<&DescriptorPool, SchemaError> {
+        if let Some(pool) = self.descriptors.get() {
+            return Ok(pool);
+        }
+        let pool = match &self.origin {
+            SchemaOrigin::Embedded => {
+                decode_pool(DESCRIPTOR_SET).map_err(|e| SchemaError::Invalid(e.to_string()))?
+            }
+            SchemaOrigin::File { path, .. } => {
+                let bytes = std::fs::read(path)
+                    .map_err(|e| SchemaError::Invalid(format!("{}: {e}", path.display())))?;
+                runtime_pool(&bytes)?
+            }
+        };
+        Ok(self.descriptors.get_or_init(|| pool))
+    }
+
+    /// Whether [`Schema::descriptors`] was called (and the whole pool is resident).
+    pub fn holds_descriptors(&self) -> bool {
+        self.descriptors.get().is_some()
+    }
+
+    /// A message of [`Schema::descriptors`].
+    pub fn message(&self, full_name: &str) -> Option<MessageDescriptor> {
+        self.descriptors().ok()?.get_message_by_name(full_name)
+    }
+}
+
+/// The pool of a descriptor set given at run time. A set without `grpc.health.v1` (Temporal's
+/// API repository does not carry it) gets the built-in health service.
+fn runtime_pool(bytes: &[u8]) -> Result<DescriptorPool, SchemaError> {
+    // `buf build` keeps comments and source positions by default: they are never read, and
+    // decoded they are most of the pool's memory.
+    let stripped = strip_source_info(bytes);
+    let mut pool = decode_pool(stripped.as_deref().unwrap_or(bytes))
+        .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+    if pool.get_service_by_name("grpc.health.v1.Health").is_none() {
+        let embedded =
+            decode_pool(DESCRIPTOR_SET).map_err(|e| SchemaError::Invalid(e.to_string()))?;
+        if let Some(health) = embedded.get_file_by_name(HEALTH_FILE) {
+            pool.add_file_descriptor_proto(health.file_descriptor_proto().clone())
+                .map_err(|e| SchemaError::Invalid(format!("adding {HEALTH_FILE}: {e}")))?;
+        }
+    }
+    Ok(pool)
+}
+
+/// Runs `decode` on a thread of its own. glibc gives that thread its own malloc arena, so the
+/// pool lives in an arena nothing else uses: when it is dropped the arena is all free and glibc
+/// returns it to the system. Decoded here, the pool's ~5 MiB would stay resident after it is
+/// dropped, in holes between the blocks allocated next to it that outlive it. Decodes on this
+/// thread when no thread can be started.
+fn decode_apart(
+    decode: impl FnOnce() -> Result<DescriptorPool, SchemaError> + Send,
+) -> Result<DescriptorPool, SchemaError> {
+    std::thread::scope(|scope| {
+        let decoding = std::thread::Builder::new()
+            .name("portcullis-schema".into())
+            .spawn_scoped(scope, decode);
+        match decoding {
+            Ok(decoding) => match decoding.join() {
+                Ok(pool) => pool,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+            Err(_) => Err(SchemaError::Invalid(
+                "no thread to decode the descriptor set on".into(),
+            )),
+        }
+    })
+}
+
+const PAYLOADS: &str = "temporal.api.common.v1.Payloads";
+
+/// `temporal.api.common.v1.Payloads` in a pool of its own: its file with only the top-level
+/// messages `Payloads` reaches, and no imports. None when it reaches a type in another file.
+fn payloads_alone(pool: &DescriptorPool) -> Option<MessageDescriptor> {
+    use prost_reflect::prost_types::FileDescriptorProto;
+    let payloads = pool.get_message_by_name(PAYLOADS)?;
+    let file = payloads.parent_file();
+    let mut reached = vec![payloads.clone()];
+    let mut seen = std::collections::HashSet::from([payloads.full_name().to_string()]);
+    while let Some(message) = reached.pop() {
+        for field in message.fields() {
+            let (name, in_file) = match field.kind() {
+                Kind::Message(child) => {
+                    let name = child.full_name().to_string();
+                    let in_file = child.parent_file() == file;
+                    if in_file && seen.insert(name.clone()) {
+                        reached.push(child);
+                    }
+                    (name, in_file)
+                }
+                Kind::Enum(e) => (e.full_name().to_string(), e.parent_file() == file),
+                _ => continue,
+            };
+            if !in_file {
+                tracing::debug!("{PAYLOADS} reaches {name}, outside {}", file.name());
+                return None;
+            }
+        }
+    }
+    let proto = file.file_descriptor_proto();
+    let top_level = |name: &Option<String>| {
+        name.as_deref().is_some_and(|n| {
+            let full = match proto.package.as_deref() {
+                Some(package) if !package.is_empty() => format!("{package}.{n}"),
+                _ => n.to_string(),
+            };
+            seen.iter()
+                .any(|s| s == &full || s.starts_with(&format!("{full}.")))
+        })
+    };
+    let alone = FileDescriptorProto {
+        name: proto.name.clone(),
+        package: proto.package.clone(),
+        syntax: proto.syntax.clone(),
+        message_type: proto
+            .message_type
+            .iter()
+            .filter(|m| top_level(&m.name))
+            .cloned()
+            .collect(),
+        enum_type: proto
+            .enum_type
+            .iter()
+            .filter(|e| top_level(&e.name))
+            .cloned()
+            .collect(),
+        ..Default::default()
+    };
+    let mut own = DescriptorPool::new();
+    own.add_file_descriptor_proto(alone).ok()?;
+    own.get_message_by_name(PAYLOADS)
 }
 
 /// Decodes a descriptor set one file at a time. prost-reflect's `DescriptorPool::decode` holds
@@ -225,8 +427,8 @@ fn method_info(service: &str, method: &MethodDescriptor) -> MethodInfo {
         path: format!("/{service}/{}", method.name()),
         service: service.to_string(),
         name: method.name().to_string(),
-        input,
-        output: method.output(),
+        input: MessageName(input.full_name().into()),
+        output: MessageName(method.output().full_name().into()),
         scope,
         namespace_field,
         streaming: method.is_client_streaming() || method.is_server_streaming(),
@@ -236,6 +438,8 @@ fn method_info(service: &str, method: &MethodDescriptor) -> MethodInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const START: &str = "/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution";
 
     /// Methods without a top-level `namespace` field. If Temporal adds a method that has none,
     /// this list must be reviewed, so a new method is never routed by accident.
@@ -367,12 +571,11 @@ mod tests {
     /// `temporalio-protos` publishes.
     #[test]
     fn the_embedded_set_has_no_source_info() {
-        let schema = Schema::global();
-        assert!(schema
-            .pool
+        let pool = Schema::global().descriptors().unwrap();
+        assert!(pool
             .files()
             .all(|f| f.file_descriptor_proto().source_code_info.is_none()));
-        assert!(schema.pool.all_messages().count() > 700);
+        assert!(pool.all_messages().count() > 700);
         assert!(DESCRIPTOR_SET.len() < 400_000, "{}", DESCRIPTOR_SET.len());
     }
 
@@ -380,7 +583,7 @@ mod tests {
     /// service and what the payload walker reaches behind an `Any` or in status details.
     #[test]
     fn the_embedded_set_leaves_out_what_is_not_served() {
-        let pool = &Schema::global().pool;
+        let pool = Schema::global().descriptors().unwrap();
         let names: Vec<String> = pool.files().map(|f| f.name().to_string()).collect();
         for prefix in strip::NOT_SERVED {
             assert!(!names.iter().any(|n| n.starts_with(prefix)), "{prefix}");
@@ -427,6 +630,83 @@ mod tests {
         }
         assert_eq!(names(&decode_pool(&reversed).unwrap()), whole);
         assert!(decode_pool(&[0x0a, 0x05, 0x01]).is_err());
+    }
+
+    /// The schema keeps no descriptor pool: the one for the codec's JSON holds Payloads and
+    /// what it reaches, and renders and parses what the whole pool does.
+    #[test]
+    fn the_schema_keeps_only_a_small_pool_for_payloads_json() {
+        use prost_reflect::{DeserializeOptions, DynamicMessage, SerializeOptions};
+        let schema = Schema::from_descriptor_set(DESCRIPTOR_SET).unwrap();
+        assert!(schema.descriptors.get().is_none());
+        let alone = schema.payloads_json().unwrap();
+        let mut names: Vec<String> = alone
+            .parent_pool()
+            .all_messages()
+            .map(|m| m.full_name().to_string())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "temporal.api.common.v1.Payload",
+                "temporal.api.common.v1.Payload.ExternalPayloadDetails",
+                "temporal.api.common.v1.Payload.MetadataEntry",
+                "temporal.api.common.v1.Payloads",
+            ]
+        );
+        let whole = schema.message(PAYLOADS).unwrap();
+        let json = br#"{"payloads":[{"metadata":{"encoding":"anNvbi9wbGFpbg=="},"data":"MQ==","externalPayloads":[{"sizeBytes":"7"}]},{}]}"#;
+        let parse = |descriptor: &MessageDescriptor| {
+            let mut de = serde_json::Deserializer::from_slice(json);
+            let message = DynamicMessage::deserialize_with_options(
+                descriptor.clone(),
+                &mut de,
+                &DeserializeOptions::new(),
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            message
+                .serialize_with_options(
+                    &mut serde_json::Serializer::new(&mut out),
+                    &SerializeOptions::new(),
+                )
+                .unwrap();
+            (prost::Message::encode_to_vec(&message), out)
+        };
+        assert_eq!(parse(alone), parse(&whole));
+        assert_eq!(parse(alone).1, json.to_vec());
+    }
+
+    /// A schema from a file decodes its whole pool again from that file when asked.
+    #[test]
+    fn a_runtime_schema_decodes_its_pool_from_its_file_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("set.binpb");
+        std::fs::write(&path, DESCRIPTOR_SET).unwrap();
+        let origin = SchemaOrigin::File {
+            path: path.clone(),
+            sha256: "-".into(),
+        };
+        let schema = Schema::from_runtime_set(DESCRIPTOR_SET, origin).unwrap();
+        assert!(schema.descriptors.get().is_none());
+        let pool = schema.descriptors().unwrap();
+        assert!(pool.get_service_by_name("grpc.health.v1.Health").is_some());
+        assert!(schema.message("temporal.api.common.v1.Payloads").is_some());
+        assert_eq!(
+            schema.method(START).unwrap().input.name(),
+            "StartWorkflowExecutionRequest"
+        );
+        std::fs::remove_file(&path).unwrap();
+        let gone = Schema::from_runtime_set(
+            DESCRIPTOR_SET,
+            SchemaOrigin::File {
+                path,
+                sha256: "-".into(),
+            },
+        )
+        .unwrap();
+        assert!(matches!(gone.descriptors(), Err(SchemaError::Invalid(_))));
     }
 
     /// Files go by prefix; a file that stays cannot lose one it imports.

@@ -18,7 +18,6 @@
 //!   them, encoded with the SDK's default converter.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
@@ -233,8 +232,6 @@ pub struct PayloadIndex {
     exclusions: Vec<Exclusion>,
 }
 
-static GLOBAL: LazyLock<PayloadIndex> = LazyLock::new(|| PayloadIndex::new(&Schema::global().pool));
-
 const SEARCH_ATTRIBUTES_REASON: &str =
     "search attributes are indexed and filtered by the server's visibility store";
 const AGGREGATION_REASON: &str =
@@ -302,9 +299,9 @@ fn fixpoint(
 }
 
 impl PayloadIndex {
-    /// The index of the embedded Temporal schema, computed on first use.
+    /// The index of the API schema in force.
     pub fn global() -> &'static PayloadIndex {
-        &GLOBAL
+        Schema::global().payload_index()
     }
 
     pub fn new(pool: &DescriptorPool) -> PayloadIndex {
@@ -837,7 +834,7 @@ mod tests {
     /// `input` Payload) is listed, and resolves; every system operation's request resolves.
     #[test]
     fn nexus_operation_messages_are_reviewed() {
-        let pool = &Schema::global().pool;
+        let pool = Schema::global().descriptors().unwrap();
         let mut found: Vec<&str> = Vec::new();
         let messages: Vec<MessageDescriptor> = pool.all_messages().collect();
         for m in &messages {
