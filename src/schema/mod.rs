@@ -164,7 +164,9 @@ impl Schema {
         Ok(Schema::global())
     }
 
-    pub fn from_descriptor_set(bytes: &[u8]) -> Result<Schema, SchemaError> {
+    /// The schema of the embedded set (`bytes`; its origin says so, and [`Schema::descriptors`]
+    /// decodes [`DESCRIPTOR_SET`] again).
+    fn from_descriptor_set(bytes: &[u8]) -> Result<Schema, SchemaError> {
         let pool =
             decode_apart(|| decode_pool(bytes).map_err(|e| SchemaError::Invalid(e.to_string())))?;
         Ok(Schema::from_pool(pool))
