@@ -77,6 +77,8 @@ fn valid_seeds_rewrite_and_round_trip() {
         let out = one_input(&data).unwrap();
         assert!(out.framed, "{name}: not decoded as one gRPC frame");
         assert_eq!(out.namespace, Ok(Some("ns1".to_string())), "{name}");
+        // Built from the API's own types: the unknown-field check knows every field.
+        assert_eq!(out.known, Ok(()), "{name}");
         let encoded = out
             .encoded
             .unwrap_or_else(|e| panic!("{name}: encode pass: {e}"));

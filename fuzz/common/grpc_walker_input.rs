@@ -2,6 +2,8 @@
 // target `fuzz/fuzz_targets/grpc_walker.rs` and the replay test `tests/fuzz_corpus.rs`, so both
 // run exactly the same code. Nothing here may panic, whatever the bytes; errors are fine.
 //
+// Also run: the unknown-field check (`ensure_known`) over the request.
+//
 // Input layout:
 //   byte 0: bit 0 selects the grpc-encoding (0 = identity, 1 = gzip)
 //   byte 1: method selector, an index (mod count) into the forwarded methods sorted by path
@@ -53,6 +55,8 @@ pub struct Outcome {
     /// Response pass over the request pass's output (FailureMode::Decode, unwrapping visitor).
     pub decoded: Result<Option<Vec<u8>>, String>,
     pub status_details: Result<Option<Vec<u8>>, String>,
+    /// The unknown-field check of `encrypted_only` namespaces over the request.
+    pub known: Result<(), String>,
     pub payloads_seen: usize,
     /// The deferred-write request pass gave the same result as `encoded`.
     pub deferred_agrees: bool,
@@ -182,6 +186,7 @@ pub fn one_input(data: &[u8]) -> Option<Outcome> {
         (Err(_), Err(_)) => true,
         _ => false,
     };
+    let known = portcullis::payload::unknown::ensure_known(name, &message).map_err(|e| e.to_string());
     let translation_round_trips = translation_round_trips(name, &message)
         && translation_round_trips(method.output.full_name(), &message)
         && translation_round_trips("google.rpc.Status", &message);
@@ -194,6 +199,7 @@ pub fn one_input(data: &[u8]) -> Option<Outcome> {
         encoded,
         decoded,
         status_details,
+        known,
         payloads_seen: seen,
         deferred_agrees,
         translation_round_trips,
