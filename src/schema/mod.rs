@@ -301,20 +301,27 @@ fn runtime_pool(bytes: &[u8]) -> Result<DescriptorPool, SchemaError> {
 fn decode_apart(
     decode: impl FnOnce() -> Result<DescriptorPool, SchemaError> + Send,
 ) -> Result<DescriptorPool, SchemaError> {
-    std::thread::scope(|scope| {
+    let slot = std::sync::Mutex::new(Some(decode));
+    let take = || slot.lock().ok().and_then(|mut decode| decode.take());
+    let apart = std::thread::scope(|scope| {
         let decoding = std::thread::Builder::new()
             .name("portcullis-schema".into())
-            .spawn_scoped(scope, decode);
-        match decoding {
-            Ok(decoding) => match decoding.join() {
-                Ok(pool) => pool,
-                Err(panic) => std::panic::resume_unwind(panic),
-            },
-            Err(_) => Err(SchemaError::Invalid(
-                "no thread to decode the descriptor set on".into(),
-            )),
+            .spawn_scoped(scope, || take().map(|decode| decode()));
+        match decoding.map(|decoding| decoding.join()) {
+            Ok(Ok(pool)) => pool,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => None,
         }
-    })
+    });
+    match apart {
+        Some(pool) => pool,
+        None => match take() {
+            Some(decode) => decode(),
+            None => Err(SchemaError::Invalid(
+                "the descriptor set was not decoded".into(),
+            )),
+        },
+    }
 }
 
 const PAYLOADS: &str = "temporal.api.common.v1.Payloads";
