@@ -155,6 +155,8 @@ keyring = "{keyring}"
             audit = root.join("audit").join("audit.jsonl").display(),
             keyring = keyring.display(),
         );
+        // LOADGEN_PROXY_EXTRA_CONFIG: TOML appended to the config (e.g. a `[schema]` section).
+        let config = config + &std::env::var("LOADGEN_PROXY_EXTRA_CONFIG").unwrap_or_default();
         let config_path = root.join("portcullis.toml");
         std::fs::write(&config_path, config)?;
         let log = root.join("portcullis.log");
