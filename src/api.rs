@@ -75,54 +75,6 @@ pub fn load(path: &Path) -> Result<(Schema, SchemaReport), ApiSchemaError> {
             path: shown.clone(),
             source,
         })?;
-    // The built-in schema is made only to compare with: on a thread of its own (its own malloc
-    // arena), so all of it is given back when the comparison ends instead of staying resident
-    // in holes between the blocks of the schema that is kept.
-    let compared = std::thread::scope(|scope| {
-        let comparing = std::thread::Builder::new()
-            .name("portcullis-schema".into())
-            .spawn_scoped(scope, || compare_with_embedded(&schema));
-        match comparing.map(|comparing| comparing.join()) {
-            Ok(Ok(compared)) => Some(compared),
-            Ok(Err(panic)) => std::panic::resume_unwind(panic),
-            Err(_) => None,
-        }
-    });
-    // Copied here, so nothing of the comparison's arena outlives it.
-    let Comparison {
-        mut problems,
-        mut added_methods,
-        mut added_payload_fields,
-    } = compared.map_or_else(|| compare_with_embedded(&schema), |c| c.clone());
-    if !problems.is_empty() {
-        problems.sort();
-        return Err(ApiSchemaError::NotASuperset {
-            path: shown,
-            problems: problems.join("; "),
-        });
-    }
-    added_methods.sort();
-    added_payload_fields.sort();
-    let report = SchemaReport {
-        source: "file",
-        sha256: Some(sha256),
-        methods: schema.methods().count(),
-        added_methods,
-        added_payload_fields,
-    };
-    Ok((schema, report))
-}
-
-/// How a schema differs from the built-in one.
-#[derive(Clone)]
-struct Comparison {
-    /// What makes it unusable: a method missing or changed, a payload field no longer sealed.
-    problems: Vec<String>,
-    added_methods: Vec<String>,
-    added_payload_fields: Vec<String>,
-}
-
-fn compare_with_embedded(schema: &Schema) -> Comparison {
     let embedded = Schema::embedded();
     let mut problems = Vec::new();
     let mut added_methods = Vec::new();
@@ -175,11 +127,23 @@ fn compare_with_embedded(schema: &Schema) -> Comparison {
             }
         }
     }
-    Comparison {
-        problems,
+    if !problems.is_empty() {
+        problems.sort();
+        return Err(ApiSchemaError::NotASuperset {
+            path: shown,
+            problems: problems.join("; "),
+        });
+    }
+    added_methods.sort();
+    added_payload_fields.sort();
+    let report = SchemaReport {
+        source: "file",
+        sha256: Some(sha256),
+        methods: schema.methods().count(),
         added_methods,
         added_payload_fields,
-    }
+    };
+    Ok((schema, report))
 }
 
 /// Puts the configured schema in force for this process (before anything uses the schema),
