@@ -186,7 +186,8 @@ pub fn one_input(data: &[u8]) -> Option<Outcome> {
         (Err(_), Err(_)) => true,
         _ => false,
     };
-    let known = portcullis::payload::unknown::ensure_known(name, &message).map_err(|e| e.to_string());
+    let known =
+        portcullis::payload::unknown::ensure_known(name, &message).map_err(|e| e.to_string());
     let translation_round_trips = translation_round_trips(name, &message)
         && translation_round_trips(method.output.full_name(), &message)
         && translation_round_trips("google.rpc.Status", &message);

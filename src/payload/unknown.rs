@@ -9,12 +9,10 @@
 //! [`super::system_nexus`]) is checked as its type: the walker seals what it finds there too.
 //! It reads without allocating (except for the path it reports).
 
-use std::collections::HashMap;
-
 use prost_reflect::{DescriptorPool, Kind};
 
 use super::system_nexus::{self as system, NexusFields};
-use super::walker::DEFAULT_MAX_DEPTH;
+use super::walker::{PayloadIndex, DEFAULT_MAX_DEPTH};
 use super::wire::{self, WireError, WireType};
 use crate::schema::Schema;
 
@@ -35,9 +33,10 @@ pub enum UnknownField {
 
 /// What this check needs of the schema, without the descriptor pool (which is not kept after
 /// start-up): every message's fields by number, and the message type of those that hold one.
+/// Messages are numbered as the payload index numbers them (both number the pool's messages in
+/// order), and found by name through it.
 #[derive(Debug)]
 pub struct KnownMessages {
-    by_name: HashMap<Box<str>, u32>,
     messages: Vec<KnownMessage>,
 }
 
@@ -59,12 +58,7 @@ struct KnownField {
 }
 
 impl KnownMessages {
-    pub fn new(pool: &DescriptorPool) -> KnownMessages {
-        let by_name: HashMap<Box<str>, u32> = pool
-            .all_messages()
-            .enumerate()
-            .filter_map(|(i, m)| Some((m.full_name().into(), u32::try_from(i).ok()?)))
-            .collect();
+    pub fn new(pool: &DescriptorPool, ids: &PayloadIndex) -> KnownMessages {
         let messages = pool
             .all_messages()
             .map(|m| {
@@ -74,7 +68,7 @@ impl KnownMessages {
                         number: f.number(),
                         name: f.name().into(),
                         message: match f.kind() {
-                            Kind::Message(child) => by_name.get(child.full_name()).copied(),
+                            Kind::Message(child) => ids.id(child.full_name()),
                             _ => None,
                         },
                     })
@@ -87,15 +81,24 @@ impl KnownMessages {
                 }
             })
             .collect();
-        KnownMessages { by_name, messages }
+        KnownMessages { messages }
+    }
+}
+
+/// The table with the index that finds its messages by name.
+#[derive(Clone, Copy)]
+struct Lookup<'a> {
+    messages: &'a KnownMessages,
+    ids: &'a PayloadIndex,
+}
+
+impl<'a> Lookup<'a> {
+    fn get(self, id: u32) -> Option<&'a KnownMessage> {
+        self.messages.messages.get(usize::try_from(id).ok()?)
     }
 
-    fn id(&self, full_name: &str) -> Option<u32> {
-        self.by_name.get(full_name).copied()
-    }
-
-    fn message(&self, id: u32) -> &KnownMessage {
-        &self.messages[id as usize]
+    fn named(self, full_name: &str) -> Option<&'a KnownMessage> {
+        self.get(self.ids.id(full_name)?)
     }
 }
 
@@ -111,19 +114,25 @@ impl KnownMessage {
 /// Ok when the schema in force knows every field of `message` (a serialized `message_type`);
 /// else the first field it does not know.
 pub fn ensure_known(message_type: &str, message: &[u8]) -> Result<(), UnknownField> {
-    let known = Schema::global().known_messages();
-    let Some(id) = known.id(message_type) else {
+    let schema = Schema::global();
+    let known = Lookup {
+        messages: schema.known_messages(),
+        ids: schema.payload_index(),
+    };
+    let Some(descriptor) = known.named(message_type) else {
         return Err(UnknownField::AnyType {
             path: message_type.to_string(),
             type_url: message_type.to_string(),
         });
     };
-    check(known, id, message, 0, &mut || message_type.to_string())
+    check(known, descriptor, message, 0, &mut || {
+        message_type.to_string()
+    })
 }
 
 fn check(
-    known: &KnownMessages,
-    id: u32,
+    known: Lookup<'_>,
+    descriptor: &KnownMessage,
     buf: &[u8],
     depth: usize,
     path: &mut dyn FnMut() -> String,
@@ -138,7 +147,6 @@ fn check(
         path: path(),
         reason: e.to_string(),
     };
-    let descriptor = known.message(id);
     let is_any = &*descriptor.name == ANY;
     let mut any_type: Option<&[u8]> = None;
     let mut any_value: Option<&[u8]> = None;
@@ -158,7 +166,12 @@ fn check(
             }
             continue;
         }
-        if let Some(child) = known_field.message {
+        if let Some(id) = known_field.message {
+            // A message type missing from the table cannot be vouched for either.
+            let child = known.get(id).ok_or_else(|| UnknownField::Field {
+                path: path(),
+                number: field.number,
+            })?;
             if field.wire_type != WireType::Len {
                 return Err(malformed(
                     path,
@@ -176,14 +189,14 @@ fn check(
     }
     if is_any && any_value.is_some_and(|v| !v.is_empty()) {
         let url = any_type.unwrap_or_default();
-        let inner = wire::any_message_name(Some(url)).and_then(|name| known.id(name));
+        let inner = wire::any_message_name(Some(url)).and_then(|name| known.named(name));
         let Some(inner) = inner else {
             return Err(UnknownField::AnyType {
                 path: path(),
                 type_url: String::from_utf8_lossy(url).into_owned(),
             });
         };
-        let mut inner_path = || format!("{}<{}>", path(), known.message(inner).name);
+        let mut inner_path = || format!("{}<{}>", path(), inner.name);
         check(
             known,
             inner,
@@ -197,7 +210,7 @@ fn check(
 
 /// A Nexus operation at the system endpoint: the request inside its input envelope.
 fn check_system_envelope(
-    known: &KnownMessages,
+    known: Lookup<'_>,
     fields: NexusFields,
     buf: &[u8],
     depth: usize,
@@ -212,7 +225,7 @@ fn check_system_envelope(
         Ok(None) => return Ok(()),
         Err(e) => return Err(malformed(path, e.to_string())),
     };
-    let Some(request) = known.id(operation.request) else {
+    let Some(request) = known.named(operation.request) else {
         return Err(UnknownField::AnyType {
             path: path(),
             type_url: operation.request.to_string(),
@@ -226,8 +239,7 @@ fn check_system_envelope(
         let data = system::envelope_data(field.value, operation)
             .map_err(|e| malformed(path, e.to_string()))?;
         for data in data {
-            let mut inner_path =
-                || format!("{}.input.data<{}>", path(), known.message(request).name);
+            let mut inner_path = || format!("{}.input.data<{}>", path(), request.name);
             check(known, request, data.value, depth + 1, &mut inner_path)?;
         }
     }

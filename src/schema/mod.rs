@@ -130,7 +130,8 @@ impl Schema {
     /// The schema built into the binary.
     pub fn embedded() -> Schema {
         // The descriptor set is produced by our own build; failing here is a build defect, not input.
-        Schema::from_descriptor_set(DESCRIPTOR_SET)
+        decode_apart(|| decode_pool(DESCRIPTOR_SET))
+            .map(Schema::from_pool)
             .expect("embedded Temporal descriptor set is valid")
     }
 
@@ -164,14 +165,6 @@ impl Schema {
         Ok(Schema::global())
     }
 
-    /// The schema of the embedded set (`bytes`; its origin says so, and [`Schema::descriptors`]
-    /// decodes [`DESCRIPTOR_SET`] again).
-    fn from_descriptor_set(bytes: &[u8]) -> Result<Schema, SchemaError> {
-        let pool =
-            decode_apart(|| decode_pool(bytes).map_err(|e| SchemaError::Invalid(e.to_string())))?;
-        Ok(Schema::from_pool(pool))
-    }
-
     /// Derives everything from `pool`, then lets it go (on a thread of its own: see
     /// [`decode_apart`]).
     fn from_pool(pool: DescriptorPool) -> Schema {
@@ -187,6 +180,7 @@ impl Schema {
         }
         let payloads = PayloadIndex::new(&pool);
         let targets = TargetIndex::new(&pool, &payloads);
+        let known = KnownMessages::new(&pool, &payloads);
         let schema = Schema {
             methods,
             origin: SchemaOrigin::Embedded,
@@ -194,7 +188,7 @@ impl Schema {
             payloads,
             namespaces: NamespaceFieldIndex::new(&pool),
             identity: IdentityFieldIndex::new(&pool),
-            known: KnownMessages::new(&pool),
+            known,
             // A set whose Payloads reaches into other files keeps the whole pool for it.
             payloads_json: payloads_alone(&pool).or_else(|| pool.get_message_by_name(PAYLOADS)),
             descriptors: OnceLock::new(),
@@ -202,9 +196,7 @@ impl Schema {
         // The pool's last reference goes on another thread too: its blocks then go back to the
         // decoding thread's arena without passing through this thread's cache, and that arena,
         // all free, is given back to the system.
-        let dropped = std::thread::Builder::new()
-            .name("portcullis-schema".into())
-            .spawn(move || drop(pool));
+        let dropped = schema_thread().spawn(move || drop(pool));
         if let Ok(dropping) = dropped {
             let _ = dropping.join();
         }
@@ -251,9 +243,7 @@ impl Schema {
             return Ok(pool);
         }
         let pool = match &self.origin {
-            SchemaOrigin::Embedded => {
-                decode_pool(DESCRIPTOR_SET).map_err(|e| SchemaError::Invalid(e.to_string()))?
-            }
+            SchemaOrigin::Embedded => decode_pool(DESCRIPTOR_SET)?,
             SchemaOrigin::File { path, .. } => {
                 let bytes = std::fs::read(path)
                     .map_err(|e| SchemaError::Invalid(format!("{}: {e}", path.display())))?;
@@ -280,11 +270,9 @@ fn runtime_pool(bytes: &[u8]) -> Result<DescriptorPool, SchemaError> {
     // `buf build` keeps comments and source positions by default: they are never read, and
     // decoded they are most of the pool's memory.
     let stripped = strip_source_info(bytes);
-    let mut pool = decode_pool(stripped.as_deref().unwrap_or(bytes))
-        .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+    let mut pool = decode_pool(stripped.as_deref().unwrap_or(bytes))?;
     if pool.get_service_by_name("grpc.health.v1.Health").is_none() {
-        let embedded =
-            decode_pool(DESCRIPTOR_SET).map_err(|e| SchemaError::Invalid(e.to_string()))?;
+        let embedded = decode_pool(DESCRIPTOR_SET)?;
         if let Some(health) = embedded.get_file_by_name(HEALTH_FILE) {
             pool.add_file_descriptor_proto(health.file_descriptor_proto().clone())
                 .map_err(|e| SchemaError::Invalid(format!("adding {HEALTH_FILE}: {e}")))?;
@@ -299,72 +287,74 @@ fn runtime_pool(bytes: &[u8]) -> Result<DescriptorPool, SchemaError> {
 /// dropped, in holes between the blocks allocated next to it that outlive it. Decodes on this
 /// thread when no thread can be started.
 fn decode_apart(
-    decode: impl FnOnce() -> Result<DescriptorPool, SchemaError> + Send,
+    decode: impl Fn() -> Result<DescriptorPool, SchemaError> + Sync,
 ) -> Result<DescriptorPool, SchemaError> {
-    let slot = std::sync::Mutex::new(Some(decode));
-    let take = || slot.lock().ok().and_then(|mut decode| decode.take());
-    let apart = std::thread::scope(|scope| {
-        let decoding = std::thread::Builder::new()
-            .name("portcullis-schema".into())
-            .spawn_scoped(scope, || take().map(|decode| decode()));
-        match decoding.map(|decoding| decoding.join()) {
-            Ok(Ok(pool)) => pool,
-            Ok(Err(panic)) => std::panic::resume_unwind(panic),
-            Err(_) => None,
-        }
-    });
-    match apart {
-        Some(pool) => pool,
-        None => match take() {
-            Some(decode) => decode(),
-            None => Err(SchemaError::Invalid(
-                "the descriptor set was not decoded".into(),
-            )),
-        },
-    }
+    std::thread::scope(|scope| match schema_thread().spawn_scoped(scope, &decode) {
+        Ok(decoding) => decoding
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        Err(_) => decode(),
+    })
+}
+
+fn schema_thread() -> std::thread::Builder {
+    std::thread::Builder::new().name("portcullis-schema".into())
 }
 
 const PAYLOADS: &str = "temporal.api.common.v1.Payloads";
 
 /// `temporal.api.common.v1.Payloads` in a pool of its own: its file with only the top-level
-/// messages `Payloads` reaches, and no imports. None when it reaches a type in another file.
+/// messages and enums `Payloads` reaches, and no imports. None when it reaches a type in another
+/// file.
 fn payloads_alone(pool: &DescriptorPool) -> Option<MessageDescriptor> {
     use prost_reflect::prost_types::FileDescriptorProto;
+    let outermost = |mut message: MessageDescriptor| {
+        while let Some(parent) = message.parent_message() {
+            message = parent;
+        }
+        message.name().to_string()
+    };
     let payloads = pool.get_message_by_name(PAYLOADS)?;
     let file = payloads.parent_file();
-    let mut reached = vec![payloads.clone()];
+    let in_file = |other: &prost_reflect::FileDescriptor| {
+        let same = *other == file;
+        if !same {
+            tracing::debug!(
+                "{PAYLOADS} reaches {}, outside {}",
+                other.name(),
+                file.name()
+            );
+        }
+        same
+    };
+    // Top-level names of the file to keep, and the messages still to look into.
+    let mut kept = std::collections::HashSet::new();
     let mut seen = std::collections::HashSet::from([payloads.full_name().to_string()]);
+    let mut reached = vec![payloads.clone()];
     while let Some(message) = reached.pop() {
+        kept.insert(outermost(message.clone()));
         for field in message.fields() {
-            let (name, in_file) = match field.kind() {
+            match field.kind() {
                 Kind::Message(child) => {
-                    let name = child.full_name().to_string();
-                    let in_file = child.parent_file() == file;
-                    if in_file && seen.insert(name.clone()) {
+                    if !in_file(&child.parent_file()) {
+                        return None;
+                    }
+                    if seen.insert(child.full_name().to_string()) {
                         reached.push(child);
                     }
-                    (name, in_file)
                 }
-                Kind::Enum(e) => (e.full_name().to_string(), e.parent_file() == file),
-                _ => continue,
-            };
-            if !in_file {
-                tracing::debug!("{PAYLOADS} reaches {name}, outside {}", file.name());
-                return None;
+                Kind::Enum(e) => {
+                    if !in_file(&e.parent_file()) {
+                        return None;
+                    }
+                    kept.insert(e.parent_message().map_or(e.name().to_string(), outermost));
+                }
+                _ => {}
             }
         }
     }
     let proto = file.file_descriptor_proto();
-    let top_level = |name: &Option<String>| {
-        name.as_deref().is_some_and(|n| {
-            let full = match proto.package.as_deref() {
-                Some(package) if !package.is_empty() => format!("{package}.{n}"),
-                _ => n.to_string(),
-            };
-            seen.iter()
-                .any(|s| s == &full || s.starts_with(&format!("{full}.")))
-        })
-    };
+    let keep = |name: &Option<String>| name.as_ref().is_some_and(|n| kept.contains(n));
     let alone = FileDescriptorProto {
         name: proto.name.clone(),
         package: proto.package.clone(),
@@ -372,13 +362,13 @@ fn payloads_alone(pool: &DescriptorPool) -> Option<MessageDescriptor> {
         message_type: proto
             .message_type
             .iter()
-            .filter(|m| top_level(&m.name))
+            .filter(|m| keep(&m.name))
             .cloned()
             .collect(),
         enum_type: proto
             .enum_type
             .iter()
-            .filter(|e| top_level(&e.name))
+            .filter(|e| keep(&e.name))
             .cloned()
             .collect(),
         ..Default::default()
@@ -393,7 +383,7 @@ fn payloads_alone(pool: &DescriptorPool) -> Option<MessageDescriptor> {
 /// resident between the pool's blocks afterwards; file by file the peak is the pool and one
 /// file (idle RSS -1.4 MiB, BENCHMARKS.md "Idle RSS"). Falls back to `decode`, which takes the
 /// files in any order, when a file comes before one it imports or the set is not well formed.
-fn decode_pool(bytes: &[u8]) -> Result<DescriptorPool, prost_reflect::DescriptorError> {
+fn decode_pool(bytes: &[u8]) -> Result<DescriptorPool, SchemaError> {
     use prost::Message;
     use prost_reflect::prost_types::FileDescriptorProto;
     if let Some(files) = strip::file_entries(bytes) {
@@ -407,7 +397,7 @@ fn decode_pool(bytes: &[u8]) -> Result<DescriptorPool, prost_reflect::Descriptor
             return Ok(pool);
         }
     }
-    DescriptorPool::decode(bytes)
+    DescriptorPool::decode(bytes).map_err(|e| SchemaError::Invalid(e.to_string()))
 }
 
 impl SchemaOrigin {
@@ -646,7 +636,7 @@ mod tests {
     #[test]
     fn the_schema_keeps_only_a_small_pool_for_payloads_json() {
         use prost_reflect::{DeserializeOptions, DynamicMessage, SerializeOptions};
-        let schema = Schema::from_descriptor_set(DESCRIPTOR_SET).unwrap();
+        let schema = Schema::embedded();
         assert!(schema.descriptors.get().is_none());
         let alone = schema.payloads_json().unwrap();
         let mut names: Vec<String> = alone
