@@ -4,7 +4,7 @@
 
 use std::hint::black_box;
 
-use aes_gcm::aead::{Aead, AeadCore, AeadInPlace, KeyInit, OsRng};
+use aes_gcm::aead::{Aead, AeadCore, AeadInPlace, KeyInit, OsRng, Payload as AeadPayload};
 use aes_gcm::Aes256Gcm;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use portcullis::crypto::envelope::Nonces;
@@ -192,6 +192,30 @@ fn typed_rewrite(bytes: &[u8]) -> Vec<u8> {
     response.encode_to_vec()
 }
 
+/// The data key names of the first sealed payload of `page`.
+fn sealed_page_first_envelope(
+    index: &PayloadIndex,
+    page_type: &str,
+    page: &[u8],
+) -> portcullis::crypto::EnvelopeRef {
+    let mut first = None;
+    let mut find = |_: &PayloadContext<'_>, p: &[u8]| {
+        if first.is_none() {
+            first = inspect(p).map_err(WalkError::visitor)?;
+        }
+        Ok(None)
+    };
+    portcullis::payload::walker::rewrite_named(
+        index,
+        page_type,
+        page,
+        &mut find,
+        &WalkOptions::default(),
+    )
+    .expect("walk the sealed page");
+    first.expect("the page has a sealed payload")
+}
+
 fn bench(c: &mut Criterion) {
     let bytes = history_page().encode_to_vec();
     let index = PayloadIndex::global();
@@ -367,6 +391,45 @@ fn bench(c: &mut Criterion) {
             let _ = black_box(cipher.decrypt(nonce, black_box(sealed.as_slice())));
         }
     };
+    // The floor for opening these envelopes: raw decryption with associated data as long as
+    // an envelope's (the format tag, namespace, kek id and data key id, each after a u64
+    // length, as `crypto::envelope::associated_data` writes them): GHASH covers it per payload.
+    let envelope = sealed_page_first_envelope(index, page_type, &sealed_page);
+    let aad = [
+        b"portcullis/v1".as_slice(),
+        b"bench",
+        envelope.kek_id.as_bytes(),
+        envelope.data_key_id.as_bytes(),
+    ]
+    .iter()
+    .flat_map(|part| {
+        (part.len() as u64)
+            .to_be_bytes()
+            .into_iter()
+            .chain(part.iter().copied())
+    })
+    .collect::<Vec<u8>>();
+    let raw_sealed_aad: Vec<_> = buffers
+        .iter()
+        .zip(&nonces)
+        .map(|(buffer, nonce)| {
+            let mut sealed = buffer.clone();
+            let tag = cipher
+                .encrypt_in_place_detached(nonce, &aad, &mut sealed)
+                .expect("encrypt");
+            sealed.extend_from_slice(&tag);
+            sealed
+        })
+        .collect();
+    let raw_decrypt_aad = || {
+        for (sealed, nonce) in raw_sealed_aad.iter().zip(&nonces) {
+            let payload = AeadPayload {
+                msg: black_box(sealed.as_slice()),
+                aad: &aad,
+            };
+            let _ = black_box(cipher.decrypt(nonce, payload));
+        }
+    };
 
     // WALKER_PROFILE_OPEN=N opens the page N times and nothing else: a loop to run under perf.
     if let Some(n) = std::env::var("WALKER_PROFILE_OPEN")
@@ -442,6 +505,20 @@ fn bench(c: &mut Criterion) {
             &open_page,
             "raw_aes_gcm_decrypt_same_payloads",
             &raw_decrypt,
+        );
+        paired(
+            rounds,
+            "raw_aes_gcm_decrypt_with_envelope_aad",
+            &raw_decrypt_aad,
+            "raw_aes_gcm_decrypt_same_payloads",
+            &raw_decrypt,
+        );
+        paired(
+            rounds,
+            "walker_open_page",
+            &open_page,
+            "raw_aes_gcm_decrypt_with_envelope_aad",
+            &raw_decrypt_aad,
         );
         paired(
             rounds,

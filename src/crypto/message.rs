@@ -415,6 +415,8 @@ pub struct OpenPlan {
     plan: Option<RewritePlan>,
     rewalk: bool,
     options: OpenOptions,
+    /// Payloads the planning walk parsed field by field.
+    parsed: usize,
 }
 
 /// Walks `message` once: finds the sealed payloads, the distinct data keys they need (grouped
@@ -434,6 +436,9 @@ pub fn plan_open(
         deferred: 0,
         options,
         sealed_failure_attributes: false,
+        last: None,
+        shapes_left: SHAPES_PER_MESSAGE,
+        parsed: 0,
     };
     // Failure attributes are not decoded in this walk: it cannot read what it does not open.
     let plan = walker::plan_named(
@@ -452,6 +457,7 @@ pub fn plan_open(
         plan: if rewalk { None } else { plan },
         rewalk,
         options,
+        parsed: collect.parsed,
     })
 }
 
@@ -479,6 +485,12 @@ impl OpenPlan {
     /// Whether [`OpenPlan::open`] will walk the message again.
     pub fn rewalks(&self) -> bool {
         self.rewalk
+    }
+
+    /// How many payloads the planning walk parsed field by field: envelopes laid out like the
+    /// last one parsed under the same key are read at known places instead.
+    pub fn payloads_parsed(&self) -> usize {
+        self.parsed
     }
 
     /// Opens every sealed payload of `message` (the same bytes [`plan_open`] walked) with
@@ -666,9 +678,38 @@ struct Collect {
     deferred: usize,
     options: OpenOptions,
     sealed_failure_attributes: bool,
+    /// The layout of the last envelope parsed, its group and key: the next payload sealed
+    /// under the same key is read at known places, not parsed.
+    last: Option<LastEnvelope>,
+    /// How many more layouts to learn: a message whose envelopes all differ stops trying.
+    shapes_left: u8,
+    /// Envelopes parsed field by field (the others were read by their shape).
+    parsed: usize,
 }
 
+#[derive(Debug)]
+struct LastEnvelope {
+    shape: envelope::Shape,
+    group: usize,
+    key: usize,
+}
+
+/// How many envelope layouts one opening walk learns (one per data key in a page that
+/// alternates between keys) before it parses every envelope the general way.
+const SHAPES_PER_MESSAGE: u8 = 16;
+
 impl Collect {
+    /// Records a sealed payload of `group` for the second half.
+    fn defer(&mut self, ctx: &PayloadContext<'_>, group: usize, located: Option<Located>) {
+        self.sealed_failure_attributes |= ctx.is_failure_attributes();
+        if self.groups.len() > 1 {
+            // `group` keeps positions below u16::MAX.
+            self.scopes.push(u16::try_from(group).unwrap_or(u16::MAX));
+        }
+        self.located.push(located);
+        self.deferred += 1;
+    }
+
     /// The group of the namespace the payload at `ctx` belongs to, created on first use.
     fn group(&mut self, ctx: &PayloadContext<'_>) -> Result<usize, WalkError> {
         let Some(namespace) = ctx.namespace() else {
@@ -709,6 +750,16 @@ impl PayloadVisitor for Collect {
     }
 
     fn visit(&mut self, ctx: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
+        if let Some((parts, group, key)) = self.last.as_ref().and_then(|last| {
+            let parts = last.shape.parts(payload)?;
+            Some((parts, last.group, last.key))
+        }) {
+            if self.group(ctx)? == group {
+                self.defer(ctx, group, Some(Located { key, parts }));
+                return Ok(Visit::Deferred(parts.opened_len()));
+            }
+        }
+        self.parsed += 1;
         let view = match envelope::parse(payload) {
             Ok(Some(view)) => view,
             Ok(None) if self.options.strict && !carries_nothing(ctx, payload) => {
@@ -752,19 +803,24 @@ impl PayloadVisitor for Collect {
                     parts: view.parts_in(payload)?,
                 })
             });
-        self.sealed_failure_attributes |= ctx.is_failure_attributes();
         if self.options.pass_through {
             // Opened (or not) by the second walk.
+            self.sealed_failure_attributes |= ctx.is_failure_attributes();
             return Ok(Visit::Keep);
         }
-        if self.groups.len() > 1 {
-            // `group` keeps positions below u16::MAX.
-            self.scopes
-                .push(u16::try_from(position).unwrap_or(u16::MAX));
+        if located.is_some() && self.shapes_left > 0 {
+            if let Some(shape) = view.shape_in(payload) {
+                self.shapes_left -= 1;
+                self.last = Some(LastEnvelope {
+                    shape,
+                    group: position,
+                    key,
+                });
+            }
         }
-        self.located.push(located);
-        self.deferred += 1;
-        Ok(Visit::Deferred(view.opened_len()))
+        let opened_len = view.opened_len();
+        self.defer(ctx, position, located);
+        Ok(Visit::Deferred(opened_len))
     }
 }
 
@@ -1131,6 +1187,11 @@ mod tests {
 
         let plan = plan_open(index(), PAGE, &sealed, STRICT).unwrap();
         assert_eq!(plan.refs().len(), 1, "one data key, listed once");
+        assert_eq!(
+            plan.payloads_parsed(),
+            1,
+            "the others are read by their shape"
+        );
         let (opened, rewalked) = open(&manager, &sealed, STRICT).await.unwrap();
         assert!(!rewalked);
         assert_eq!(opened.unwrap(), original);
@@ -1310,6 +1371,79 @@ mod tests {
             p.data = envelope.encode_to_vec();
         });
         assert_eq!(refusal(other_kek).await, OpenFailure::KeyNotResolved);
+    }
+
+    /// Reading envelopes by the layout of the last one parsed trusts nothing it has not
+    /// compared: an envelope in the middle of a page whose key id or kek id differs from the
+    /// others' by one character (same length, so every position stays put) is parsed and
+    /// refused (the payloads after it are read by their shape again), and a page of two keys
+    /// opens with both.
+    #[tokio::test]
+    async fn envelopes_read_by_their_shape_are_checked_like_parsed_ones() {
+        let manager = manager();
+        let original = page(false);
+        let sealed = seal_page(&manager, &original, FailureMode::Keep).await;
+        let r#ref = plan_open(index(), PAGE, &sealed, STRICT).unwrap().refs()[0].clone();
+        // The payload at `nth` (0-based) with the first occurrence of `name` in it changed.
+        let rename = |name: &[u8], nth: usize| {
+            let mut page = sealed.clone();
+            let at = (0..page.len())
+                .filter(|&i| page[i..].starts_with(name))
+                .nth(nth)
+                .unwrap();
+            page[at + name.len() - 1] ^= 1;
+            page
+        };
+        let refusal = |message: Vec<u8>| {
+            let manager = &manager;
+            async move {
+                let plan = plan_open(index(), PAGE, &message, STRICT).unwrap();
+                // The renamed one teaches nothing: the next is read by the first one's shape.
+                assert_eq!(plan.payloads_parsed(), 2, "the first and the renamed");
+                match open(manager, &message, STRICT).await {
+                    Err(WalkError::Visitor(inner)) => match inner.downcast_ref::<CryptoError>() {
+                        Some(CryptoError::CannotOpen { reason, .. }) => reason.clone(),
+                        other => panic!("{other:?}"),
+                    },
+                    other => panic!("opened a renamed envelope: {other:?}"),
+                }
+            }
+        };
+        // Each payload names its data key id once and its kek id once.
+        let key_id = rename(r#ref.data_key_id.as_bytes(), 7);
+        assert_eq!(refusal(key_id).await, OpenFailure::KeyIdMismatch);
+        let kek_id = rename(r#ref.kek_id.as_bytes(), 7);
+        assert_eq!(refusal(kek_id).await, OpenFailure::KeyNotResolved);
+
+        // Two data keys under one key-encryption key: the first 20 payloads under one, the
+        // rest under the other but for the 31st. Each change of key is parsed; all opens.
+        let keyring = Keyring::generate();
+        let with_key = || {
+            DataKeyManager::new(
+                Arc::new(LocalKeyProvider::new(&keyring)),
+                DataKeyPolicy::default(),
+            )
+            .unwrap()
+        };
+        let (first, second) = (with_key(), with_key());
+        let keys = [
+            first.sealing_key("ns").await.unwrap(),
+            second.sealing_key("ns").await.unwrap(),
+        ];
+        let mut n = 0;
+        let mut seal = |_: &PayloadContext<'_>, p: &[u8]| {
+            let key = &keys[usize::from(n >= 20 && n != 30)];
+            n += 1;
+            key.seal(p).map(Some).map_err(WalkError::visitor)
+        };
+        let two_keys =
+            walker::rewrite_named(index(), PAGE, &original, &mut seal, &WalkOptions::default())
+                .unwrap()
+                .unwrap();
+        let plan = plan_open(index(), PAGE, &two_keys, STRICT).unwrap();
+        assert_eq!((plan.refs().len(), plan.payloads_parsed()), (2, 4));
+        let (opened, _) = open(&first, &two_keys, STRICT).await.unwrap();
+        assert_eq!(opened.unwrap(), original);
     }
 
     /// A payload marked as a portcullis envelope that is not one fails the first walk, unless
