@@ -480,11 +480,24 @@ fn envelope_corpus_replays_and_real_envelopes_open() {
         "query failed: {}",
         portcullis::crypto::message::seal_text(&key, "seed-text").unwrap()
     );
+    // The same, with the sealed payloads as sealing wrote them (prost above re-encodes their
+    // metadata maps in any order): the second envelope is read by the first one's shape.
+    let mut shaped = vec![0u8];
+    for bytes in [
+        key.seal(&payload("seed-one").encode_to_vec()).unwrap(),
+        payload("plain").encode_to_vec(),
+        key.seal(&payload("seed-two").encode_to_vec()).unwrap(),
+    ] {
+        shaped.push(0x0a); // Payloads.payloads (1), length-delimited
+        prost::encoding::encode_varint(bytes.len() as u64, &mut shaped);
+        shaped.extend_from_slice(&bytes);
+    }
     let generated = vec![
         (
             "valid-payloads".to_string(),
             [&[0u8][..], &message].concat(),
         ),
+        ("valid-shaped".into(), shaped),
         ("valid-text".into(), [&[1u8][..], text.as_bytes()].concat()),
         (
             "valid-reference".into(),
@@ -496,7 +509,7 @@ fn envelope_corpus_replays_and_real_envelopes_open() {
         let out = envelope::one_envelope_input(data).unwrap();
         assert!(opens_to_seeds(&out), "{out:?}");
     }
-    for file in corpus("envelope", 2) {
+    for file in corpus("envelope", 4) {
         let name = name_of(&file);
         let data = std::fs::read(&file).unwrap();
         let out = std::panic::catch_unwind(|| envelope::one_envelope_input(&data))
@@ -507,6 +520,10 @@ fn envelope_corpus_replays_and_real_envelopes_open() {
         }
         if name.starts_with("valid-") {
             assert!(opens_to_seeds(&out), "{name}: {out:?}");
+        }
+        if name == "valid-shaped" {
+            // The first envelope and the plain payload; not the second envelope.
+            assert_eq!(out.strict_parsed, Some(2), "{name}");
         }
     }
 }

@@ -6,7 +6,8 @@
 //
 // Input layout:
 //   byte 0 (mod 3): 0 = the rest is a `temporal.api.common.v1.Payloads` message, opened
-//                   strictly and leniently (pass-through); 1 = the rest is an error message
+//                   strictly and leniently (pass-through: every envelope parsed field by field,
+//                   none read by its shape, so the two must agree); 1 = the rest is an error message
 //                   text whose sealed texts are opened; 2 = the rest is a Payloads message
 //                   opened, then its offload references found (plan_resolve), each checked to
 //                   re-encode to itself, and resolved with one fixed sealed object for every key
@@ -64,6 +65,9 @@ pub struct EnvelopeOutcome {
     pub text: Option<Result<String, String>>,
     /// Offload references found in the opened message, and the message with them resolved.
     pub resolved: Option<Result<(usize, Vec<u8>), String>>,
+    /// How many payloads strict opening parsed field by field (envelopes laid out like the
+    /// last one of their key are read by that shape instead).
+    pub strict_parsed: Option<usize>,
 }
 
 /// The object every reference resolves to in mode 2: a sealed Payload whose data is
@@ -152,6 +156,15 @@ pub fn one_envelope_input(data: &[u8]) -> Option<EnvelopeOutcome> {
     } else if selector % 3 == 0 {
         outcome.strict = Some(open_message(rest, false));
         outcome.lenient = Some(open_message(rest, true));
+        let options = OpenOptions {
+            decode_failures: true,
+            pass_through: false,
+            limits: WalkLimits::default(),
+            strict: false,
+        };
+        outcome.strict_parsed = plan_open(PayloadIndex::global(), PAYLOADS, rest, options)
+            .ok()
+            .map(|plan| plan.payloads_parsed());
     } else {
         let text = String::from_utf8_lossy(rest);
         let found = find_sealed_texts(&text);
