@@ -683,7 +683,7 @@ struct Collect {
     last: Option<LastEnvelope>,
     /// How many more layouts to learn: a message whose envelopes all differ stops trying.
     shapes_left: u8,
-    /// Envelopes parsed field by field (the others were read by their shape).
+    /// Payloads parsed field by field (sealed ones not read by their shape, and plaintext).
     parsed: usize,
 }
 
