@@ -436,8 +436,7 @@ pub fn plan_open(
         deferred: 0,
         options,
         sealed_failure_attributes: false,
-        last: None,
-        shapes_left: SHAPES_PER_MESSAGE,
+        shapes: Vec::new(),
         parsed: 0,
     };
     // Failure attributes are not decoded in this walk: it cannot read what it does not open.
@@ -678,25 +677,27 @@ struct Collect {
     deferred: usize,
     options: OpenOptions,
     sealed_failure_attributes: bool,
-    /// The layout of the last envelope parsed, its group and key: the next payload sealed
-    /// under the same key is read at known places, not parsed.
-    last: Option<LastEnvelope>,
-    /// How many more layouts to learn: a message whose envelopes all differ stops trying.
-    shapes_left: u8,
+    /// The layouts of envelopes parsed so far, each with its group and key: a payload sealed
+    /// under the same key and laid out the same is read at known places, not parsed. Several
+    /// per key: the Temporal server writes a Payload's metadata map in a varying order
+    /// (protobuf-go iterates Go maps), so a page from it holds each key's envelopes in up to
+    /// three or six layouts.
+    shapes: Vec<KnownShape>,
     /// Payloads parsed field by field (sealed ones not read by their shape, and plaintext).
     parsed: usize,
 }
 
 #[derive(Debug)]
-struct LastEnvelope {
+struct KnownShape {
     shape: envelope::Shape,
     group: usize,
     key: usize,
 }
 
-/// How many envelope layouts one opening walk learns (one per data key in a page that
-/// alternates between keys) before it parses every envelope the general way.
-const SHAPES_PER_MESSAGE: u8 = 16;
+/// How many envelope layouts one opening walk learns and tries (a few per data key); past
+/// that, envelopes of other layouts are parsed the general way. Trying a layout that does
+/// not fit fails within the first few bytes.
+const SHAPES_PER_MESSAGE: usize = 12;
 
 impl Collect {
     /// Records a sealed payload of `group` for the second half.
@@ -750,11 +751,21 @@ impl PayloadVisitor for Collect {
     }
 
     fn visit(&mut self, ctx: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
-        if let Some((parts, group, key)) = self.last.as_ref().and_then(|last| {
-            let parts = last.shape.parts(payload)?;
-            Some((parts, last.group, last.key))
-        }) {
-            if self.group(ctx)? == group {
+        if let Some(first) = self
+            .shapes
+            .iter()
+            .position(|known| known.shape.parts(payload).is_some())
+        {
+            // A sealed envelope, so its group is needed either way. A layout names its key,
+            // not its namespace: only one learned in this payload's group opens it.
+            let group = self.group(ctx)?;
+            let found = self.shapes.get(first..).and_then(|shapes| {
+                shapes
+                    .iter()
+                    .filter(|known| known.group == group)
+                    .find_map(|known| Some((known.shape.parts(payload)?, known.key)))
+            });
+            if let Some((parts, key)) = found {
                 self.defer(ctx, group, Some(Located { key, parts }));
                 return Ok(Visit::Deferred(parts.opened_len()));
             }
@@ -808,10 +819,9 @@ impl PayloadVisitor for Collect {
             self.sealed_failure_attributes |= ctx.is_failure_attributes();
             return Ok(Visit::Keep);
         }
-        if located.is_some() && self.shapes_left > 0 {
+        if located.is_some() && self.shapes.len() < SHAPES_PER_MESSAGE {
             if let Some(shape) = view.shape_in(payload) {
-                self.shapes_left -= 1;
-                self.last = Some(LastEnvelope {
+                self.shapes.push(KnownShape {
                     shape,
                     group: position,
                     key,
@@ -1441,8 +1451,44 @@ mod tests {
                 .unwrap()
                 .unwrap();
         let plan = plan_open(index(), PAGE, &two_keys, STRICT).unwrap();
-        assert_eq!((plan.refs().len(), plan.payloads_parsed()), (2, 4));
+        // The first of each key; the 31st and 32nd fit layouts already learned.
+        assert_eq!((plan.refs().len(), plan.payloads_parsed()), (2, 2));
         let (opened, _) = open(&first, &two_keys, STRICT).await.unwrap();
+        assert_eq!(opened.unwrap(), original);
+    }
+
+    /// The Temporal server writes a Payload's metadata map in a varying order (protobuf-go
+    /// iterates Go maps: a history page from the dev server held its envelopes' three entries
+    /// in three rotations). Each layout is parsed once, then read by its shape; all opens.
+    #[tokio::test]
+    async fn envelopes_whose_metadata_the_server_reordered_are_read_by_their_shapes() {
+        let manager = manager();
+        let original = page(false);
+        let sealed = seal_page(&manager, &original, FailureMode::Keep).await;
+        let mut n = 0usize;
+        let mut rotate = |_: &PayloadContext<'_>, p: &[u8]| {
+            let fields: Vec<_> = wire::fields(p).map(Result::unwrap).collect();
+            let (mut metadata, rest): (Vec<_>, Vec<_>) =
+                fields.into_iter().partition(|f| f.number == 1);
+            assert_eq!(metadata.len(), 3);
+            metadata.rotate_left(n % 3);
+            n += 1;
+            let bytes: Vec<u8> = metadata
+                .iter()
+                .chain(&rest)
+                .flat_map(|f| f.raw.to_vec())
+                .collect();
+            assert_eq!(bytes.len(), p.len());
+            Ok(Some(bytes))
+        };
+        let reordered =
+            walker::rewrite_named(index(), PAGE, &sealed, &mut rotate, &WalkOptions::default())
+                .unwrap()
+                .unwrap();
+        assert_ne!(reordered, sealed);
+        let plan = plan_open(index(), PAGE, &reordered, STRICT).unwrap();
+        assert_eq!((plan.refs().len(), plan.payloads_parsed()), (1, 3));
+        let (opened, _) = open(&manager, &reordered, STRICT).await.unwrap();
         assert_eq!(opened.unwrap(), original);
     }
 
