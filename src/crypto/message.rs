@@ -1490,6 +1490,34 @@ mod tests {
         assert_eq!((plan.refs().len(), plan.payloads_parsed()), (1, 3));
         let (opened, _) = open(&manager, &reordered, STRICT).await.unwrap();
         assert_eq!(opened.unwrap(), original);
+
+        // A page whose every envelope is laid out differently (an extra metadata entry of its
+        // own, outside what is authenticated and ignored by opening): every envelope is
+        // parsed (past SHAPES_PER_MESSAGE no layout is learned), and all opens.
+        let mut n = 0usize;
+        let mut distinct = |_: &PayloadContext<'_>, p: &[u8]| {
+            let mut entry = Vec::new();
+            wire::put_len_field(&mut entry, 1, b"x-layout");
+            wire::put_len_field(&mut entry, 2, n.to_string().as_bytes());
+            n += 1;
+            let mut bytes = Vec::new();
+            wire::put_len_field(&mut bytes, 1, &entry);
+            bytes.extend_from_slice(p);
+            Ok(Some(bytes))
+        };
+        let each_its_own = walker::rewrite_named(
+            index(),
+            PAGE,
+            &sealed,
+            &mut distinct,
+            &WalkOptions::default(),
+        )
+        .unwrap()
+        .unwrap();
+        let plan = plan_open(index(), PAGE, &each_its_own, STRICT).unwrap();
+        assert_eq!(plan.payloads_parsed(), 40);
+        let (opened, _) = open(&manager, &each_its_own, STRICT).await.unwrap();
+        assert_eq!(opened.unwrap(), original);
     }
 
     /// A payload marked as a portcullis envelope that is not one fails the first walk, unless
