@@ -674,8 +674,15 @@ async def run(args: argparse.Namespace, results: dict, errors: dict, info: dict)
                 return [s.id async for s in await client.list_schedules() if s.id == sched_id]
 
             results["sched.list"] = len(await eventually(sched_listed))
-            d = await sched.describe()
-            results["sched.after"] = [d.schedule.state.note, d.schedule.state.paused]
+
+            # The schedule applies pause and unpause asynchronously: a describe right after
+            # them may still show the unpause (seen once in a direct run). Wait for the last.
+            async def sched_paused_again():
+                d = await sched.describe()
+                state = [d.schedule.state.note, d.schedule.state.paused]
+                return state if state[1] else None
+
+            results["sched.after"] = await eventually(sched_paused_again)
             await step(results, errors, "sched.delete", sched.delete())
 
         # --- Batch operation: a signal to a workflow.
