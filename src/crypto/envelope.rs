@@ -83,7 +83,7 @@ pub(crate) fn length_prefixed(parts: &[&[u8]]) -> Vec<u8> {
 }
 
 /// The associated data of a v1 envelope.
-pub(crate) fn associated_data(namespace: &str, kek_id: &str, data_key_id: &str) -> Vec<u8> {
+pub fn associated_data(namespace: &str, kek_id: &str, data_key_id: &str) -> Vec<u8> {
     length_prefixed(&[
         FORMAT_TAG,
         namespace.as_bytes(),
@@ -408,38 +408,37 @@ fn last_len_field(buf: &[u8]) -> Option<(usize, u64, &[u8])> {
     last
 }
 
+/// The value of a length-delimited field whose length prefix starts `buf` and whose value ends
+/// it exactly.
+fn len_value_to_end(buf: &[u8]) -> Option<&[u8]> {
+    let mut fields = Fields::new(buf);
+    let len = fields.varint().ok()?;
+    let value = Fields::take(&mut fields, len).ok()?;
+    (fields.pos == buf.len()).then_some(value)
+}
+
 impl Shape {
     /// The nonce and ciphertext of `payload` if it has this shape; `None` otherwise (it may
     /// still be a valid envelope: [`parse`] decides).
     #[inline]
     pub(crate) fn parts(&self, payload: &[u8]) -> Option<SealedParts> {
         let rest = payload.strip_prefix(self.metadata.as_slice())?;
-        let rest = rest.strip_prefix(&[DATA_TAG])?;
-        let mut data = Fields::new(rest);
-        let envelope_len = data.varint().ok()?;
-        let envelope = Fields::take(&mut data, envelope_len).ok()?;
-        if data.pos != rest.len() {
-            return None;
-        }
+        let envelope = len_value_to_end(rest.strip_prefix(&[DATA_TAG])?)?;
         let rest = envelope.strip_prefix(self.head.as_slice())?;
         let rest = rest.strip_prefix(&[NONCE_TAG, NONCE_LEN as u8])?;
         let rest = rest.get(NONCE_LEN..)?;
-        let rest = rest.strip_prefix(&[CIPHERTEXT_TAG])?;
-        let mut ciphertext = Fields::new(rest);
-        let ciphertext_len = ciphertext.varint().ok()?;
-        Fields::take(&mut ciphertext, ciphertext_len).ok()?;
-        if ciphertext.pos != rest.len() || ciphertext_len < TAG_LEN as u64 {
+        let ciphertext = len_value_to_end(rest.strip_prefix(&[CIPHERTEXT_TAG])?)?;
+        if ciphertext.len() < TAG_LEN {
             return None;
         }
-        // Neither can underflow (those bytes were just read); checked all the same.
-        let ciphertext_at = payload
-            .len()
-            .checked_sub(usize::try_from(ciphertext_len).ok()?)?;
-        let nonce_at = payload.len().checked_sub(rest.len() + 1 + NONCE_LEN)?;
+        // The ciphertext ends the payload, and its tag byte follows the nonce; neither
+        // subtraction can underflow (those bytes were just read), checked all the same.
+        let ciphertext_at = payload.len().checked_sub(ciphertext.len())?;
+        let nonce_at = payload.len().checked_sub(rest.len() + NONCE_LEN)?;
         Some(SealedParts {
             nonce_at: u32::try_from(nonce_at).ok()?,
             ciphertext_at: u32::try_from(ciphertext_at).ok()?,
-            ciphertext_len: u32::try_from(ciphertext_len).ok()?,
+            ciphertext_len: u32::try_from(ciphertext.len()).ok()?,
         })
     }
 }

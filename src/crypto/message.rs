@@ -751,20 +751,24 @@ impl PayloadVisitor for Collect {
     }
 
     fn visit(&mut self, ctx: &PayloadContext<'_>, payload: &[u8]) -> Result<Visit, WalkError> {
-        if let Some(first) = self
-            .shapes
-            .iter()
-            .position(|known| known.shape.parts(payload).is_some())
-        {
+        let first =
+            self.shapes.iter().enumerate().find_map(|(i, known)| {
+                Some((i, known.shape.parts(payload)?, known.group, known.key))
+            });
+        if let Some((i, parts, learned_in, key)) = first {
             // A sealed envelope, so its group is needed either way. A layout names its key,
             // not its namespace: only one learned in this payload's group opens it.
             let group = self.group(ctx)?;
-            let found = self.shapes.get(first..).and_then(|shapes| {
-                shapes
-                    .iter()
-                    .filter(|known| known.group == group)
-                    .find_map(|known| Some((known.shape.parts(payload)?, known.key)))
-            });
+            let found = if learned_in == group {
+                Some((parts, key))
+            } else {
+                self.shapes.get(i + 1..).and_then(|later| {
+                    later
+                        .iter()
+                        .filter(|known| known.group == group)
+                        .find_map(|known| Some((known.shape.parts(payload)?, known.key)))
+                })
+            };
             if let Some((parts, key)) = found {
                 self.defer(ctx, group, Some(Located { key, parts }));
                 return Ok(Visit::Deferred(parts.opened_len()));
