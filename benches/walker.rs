@@ -13,8 +13,8 @@ use portcullis::crypto::{
     LocalKeyProvider, OpenOptions,
 };
 use portcullis::payload::walker::{
-    rewrite, rewrite_with, FailureMode, PayloadContext, PayloadIndex, PayloadVisitor, Visit,
-    WalkError, WalkLimits, WalkOptions,
+    rewrite, rewrite_named, rewrite_with, FailureMode, PayloadContext, PayloadIndex,
+    PayloadVisitor, Visit, WalkError, WalkLimits, WalkOptions,
 };
 use portcullis::schema::Schema;
 use prost::Message as _;
@@ -212,39 +212,9 @@ fn as_the_server_writes_it(index: &PayloadIndex, page_type: &str, page: &[u8]) -
                 .collect(),
         ))
     };
-    portcullis::payload::walker::rewrite_named(
-        index,
-        page_type,
-        page,
-        &mut rotate,
-        &WalkOptions::default(),
-    )
-    .expect("rotate")
-    .expect("the page has payloads")
-}
-
-/// The data key names of the first sealed payload of `page`.
-fn sealed_page_first_envelope(
-    index: &PayloadIndex,
-    page_type: &str,
-    page: &[u8],
-) -> portcullis::crypto::EnvelopeRef {
-    let mut first = None;
-    let mut find = |_: &PayloadContext<'_>, p: &[u8]| {
-        if first.is_none() {
-            first = inspect(p).map_err(WalkError::visitor)?;
-        }
-        Ok(None)
-    };
-    portcullis::payload::walker::rewrite_named(
-        index,
-        page_type,
-        page,
-        &mut find,
-        &WalkOptions::default(),
-    )
-    .expect("walk the sealed page");
-    first.expect("the page has a sealed payload")
+    rewrite_named(index, page_type, page, &mut rotate, &WalkOptions::default())
+        .expect("rotate")
+        .expect("the page has payloads")
 }
 
 fn bench(c: &mut Criterion) {
@@ -337,7 +307,7 @@ fn bench(c: &mut Criterion) {
     // per nonce (a fresh nonce source per payload), as before batching.
     let seal_page_nonce_per_payload = || {
         let mut visitor = NoncePerPayload(&key);
-        portcullis::payload::walker::rewrite_named(
+        rewrite_named(
             index,
             page_type,
             black_box(&bytes),
@@ -426,24 +396,19 @@ fn bench(c: &mut Criterion) {
             let _ = black_box(cipher.decrypt(nonce, black_box(sealed.as_slice())));
         }
     };
-    // The floor for opening these envelopes: raw decryption with associated data as long as
-    // an envelope's (the format tag, namespace, kek id and data key id, each after a u64
-    // length, as `crypto::envelope::associated_data` writes them): GHASH covers it per payload.
-    let envelope = sealed_page_first_envelope(index, page_type, &sealed_page);
-    let aad = [
-        b"portcullis/v1".as_slice(),
-        b"bench",
-        envelope.kek_id.as_bytes(),
-        envelope.data_key_id.as_bytes(),
-    ]
-    .iter()
-    .flat_map(|part| {
-        (part.len() as u64)
-            .to_be_bytes()
-            .into_iter()
-            .chain(part.iter().copied())
-    })
-    .collect::<Vec<u8>>();
+    // The floor for opening these envelopes: raw decryption with an envelope's associated
+    // data (the format tag, namespace, kek id and data key id): GHASH covers it per payload.
+    let envelope = plan_open(index, page_type, &sealed_page, open_options)
+        .expect("plan")
+        .refs()
+        .first()
+        .cloned()
+        .expect("the page has a sealed payload");
+    let aad = portcullis::crypto::envelope::associated_data(
+        "bench",
+        &envelope.kek_id,
+        &envelope.data_key_id,
+    );
     let raw_sealed_aad: Vec<_> = buffers
         .iter()
         .zip(&nonces)
