@@ -65,8 +65,8 @@ pub struct EnvelopeOutcome {
     pub text: Option<Result<String, String>>,
     /// Offload references found in the opened message, and the message with them resolved.
     pub resolved: Option<Result<(usize, Vec<u8>), String>>,
-    /// How many payloads strict opening parsed field by field (envelopes laid out like the
-    /// last one of their key are read by that shape instead).
+    /// How many payloads strict opening parsed field by field (an envelope laid out like one
+    /// parsed before under its key is read by that layout instead).
     pub strict_parsed: Option<usize>,
 }
 
@@ -124,6 +124,15 @@ fn resolve_references(data: &[u8]) -> Result<(usize, Vec<u8>), String> {
 }
 
 fn open_message(data: &[u8], pass_through: bool) -> Result<Option<Vec<u8>>, String> {
+    open_counting(data, pass_through, &mut None)
+}
+
+/// [`open_message`], also telling how many payloads its plan parsed field by field.
+fn open_counting(
+    data: &[u8],
+    pass_through: bool,
+    parsed: &mut Option<usize>,
+) -> Result<Option<Vec<u8>>, String> {
     let fixture = envelope_fixture();
     let index = PayloadIndex::global();
     let options = OpenOptions {
@@ -133,6 +142,7 @@ fn open_message(data: &[u8], pass_through: bool) -> Result<Option<Vec<u8>>, Stri
         strict: false,
     };
     let plan = plan_open(index, PAYLOADS, data, options).map_err(|e| e.to_string())?;
+    *parsed = Some(plan.payloads_parsed());
     if !plan.has_sealed() {
         return Ok(None);
     }
@@ -154,17 +164,8 @@ pub fn one_envelope_input(data: &[u8]) -> Option<EnvelopeOutcome> {
     if selector % 3 == 2 {
         outcome.resolved = Some(resolve_references(rest));
     } else if selector % 3 == 0 {
-        outcome.strict = Some(open_message(rest, false));
+        outcome.strict = Some(open_counting(rest, false, &mut outcome.strict_parsed));
         outcome.lenient = Some(open_message(rest, true));
-        let options = OpenOptions {
-            decode_failures: true,
-            pass_through: false,
-            limits: WalkLimits::default(),
-            strict: false,
-        };
-        outcome.strict_parsed = plan_open(PayloadIndex::global(), PAYLOADS, rest, options)
-            .ok()
-            .map(|plan| plan.payloads_parsed());
     } else {
         let text = String::from_utf8_lossy(rest);
         let found = find_sealed_texts(&text);
