@@ -486,8 +486,8 @@ impl OpenPlan {
         self.rewalk
     }
 
-    /// How many payloads the planning walk parsed field by field: envelopes laid out like the
-    /// last one parsed under the same key are read at known places instead.
+    /// How many payloads the planning walk parsed field by field: an envelope laid out like
+    /// one parsed before under the same key is read at known places instead.
     pub fn payloads_parsed(&self) -> usize {
         self.parsed
     }
@@ -1387,7 +1387,7 @@ mod tests {
         assert_eq!(refusal(other_kek).await, OpenFailure::KeyNotResolved);
     }
 
-    /// Reading envelopes by the layout of the last one parsed trusts nothing it has not
+    /// Reading envelopes by the layouts of those parsed before trusts nothing it has not
     /// compared: an envelope in the middle of a page whose key id or kek id differs from the
     /// others' by one character (same length, so every position stays put) is parsed and
     /// refused (the payloads after it are read by their shape again), and a page of two keys
