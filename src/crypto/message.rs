@@ -437,6 +437,7 @@ pub fn plan_open(
         options,
         sealed_failure_attributes: false,
         shapes: Vec::new(),
+        learn_attempts: 0,
         parsed: 0,
     };
     // Failure attributes are not decoded in this walk: it cannot read what it does not open.
@@ -683,6 +684,8 @@ struct Collect {
     /// (protobuf-go iterates Go maps), so a page from it holds each key's envelopes in up to
     /// three or six layouts.
     shapes: Vec<KnownShape>,
+    /// Layouts tried to learn so far (see [`LEARN_ATTEMPTS_PER_MESSAGE`]).
+    learn_attempts: usize,
     /// Payloads parsed field by field (sealed ones not read by their shape, and plaintext).
     parsed: usize,
 }
@@ -698,6 +701,9 @@ struct KnownShape {
 /// that, envelopes of other layouts are parsed the general way. Trying a layout that does
 /// not fit fails within the first few bytes.
 const SHAPES_PER_MESSAGE: usize = 12;
+/// How many times one opening walk tries to learn a layout, failures included: a message whose
+/// envelopes are not laid out as portcullis writes them stops paying for the attempt.
+const LEARN_ATTEMPTS_PER_MESSAGE: usize = 2 * SHAPES_PER_MESSAGE;
 
 impl Collect {
     /// Records a sealed payload of `group` for the second half.
@@ -823,7 +829,11 @@ impl PayloadVisitor for Collect {
             self.sealed_failure_attributes |= ctx.is_failure_attributes();
             return Ok(Visit::Keep);
         }
-        if located.is_some() && self.shapes.len() < SHAPES_PER_MESSAGE {
+        if located.is_some()
+            && self.shapes.len() < SHAPES_PER_MESSAGE
+            && self.learn_attempts < LEARN_ATTEMPTS_PER_MESSAGE
+        {
+            self.learn_attempts += 1;
             if let Some(shape) = view.shape_in(payload) {
                 self.shapes.push(KnownShape {
                     shape,
