@@ -16,6 +16,7 @@ use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use ring::digest;
 
 use super::error::{CryptoError, OpenFailure};
+use super::gcm::{DataKey, FixedAadGcm};
 
 pub const ENCODING_KEY: &str = "encoding";
 pub const ENCODING_ENCRYPTED: &[u8] = b"binary/encrypted";
@@ -113,8 +114,9 @@ fn associated_data_v2(
 /// Everything about sealing under one data key in one namespace that does not change per
 /// payload, computed once per rotation.
 pub(crate) struct Sealer {
-    cipher: Aes256Gcm,
-    aad: Vec<u8>,
+    key: Arc<DataKey>,
+    /// AES-GCM under the data key with this namespace's v1 associated data absorbed.
+    gcm: FixedAadGcm,
     /// The sealed Payload's metadata fields, encoded.
     metadata: Vec<u8>,
     /// The same with the v2 marker (compressed plaintext).
@@ -127,7 +129,7 @@ pub(crate) struct Sealer {
 }
 
 impl Sealer {
-    pub(crate) fn new(cipher: Aes256Gcm, namespace: &str, kek_id: &str, wrapped: &[u8]) -> Self {
+    pub(crate) fn new(key: Arc<DataKey>, namespace: &str, kek_id: &str, wrapped: &[u8]) -> Self {
         let key_id = data_key_id(wrapped);
         let scope = namespace
             .starts_with(crate::payload::walker::RESERVED_SCOPE_PREFIX)
@@ -157,8 +159,8 @@ impl Sealer {
         put_len_field(&mut envelope_head, 2, kek_id.as_bytes());
         put_len_field(&mut envelope_head, 3, wrapped);
         Sealer {
-            cipher,
-            aad: associated_data(namespace, kek_id, &key_id),
+            gcm: key.with_fixed_aad(&associated_data(namespace, kek_id, &key_id)),
+            key,
             metadata,
             metadata_v2,
             namespace: namespace.to_owned(),
@@ -208,8 +210,8 @@ impl Sealer {
         out.extend_from_slice(plaintext);
         let sealed = match out.get_mut(start..) {
             Some(body) => self
-                .cipher
-                .encrypt_in_place_detached(nonce, &self.aad, body)
+                .gcm
+                .encrypt_in_place_detached(nonce, body)
                 .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM")),
             None => Err(CryptoError::SealFailed(
                 "output buffer shorter than written",
@@ -243,7 +245,8 @@ impl Sealer {
         let aad = associated_data_v2(&self.namespace, &self.kek_id, &self.data_key_id, size);
         let mut body = compressed.to_vec();
         let tag = self
-            .cipher
+            .key
+            .gcm()
             .encrypt_in_place_detached(nonce, &aad, &mut body)
             .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM"))?;
         body.extend_from_slice(&tag);
@@ -655,23 +658,19 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
 /// Everything about opening under one data key in one namespace that does not change per
 /// payload, computed once when the key is resolved.
 pub(crate) struct Opener {
-    cipher: Arc<Aes256Gcm>,
+    key: Arc<DataKey>,
+    /// AES-GCM under the data key with this namespace's v1 associated data absorbed.
+    gcm: FixedAadGcm,
     kek_id: String,
     data_key_id: String,
-    aad: Vec<u8>,
 }
 
 impl Opener {
-    pub(crate) fn new(
-        cipher: Arc<Aes256Gcm>,
-        namespace: &str,
-        kek_id: &str,
-        wrapped: &[u8],
-    ) -> Self {
+    pub(crate) fn new(key: Arc<DataKey>, namespace: &str, kek_id: &str, wrapped: &[u8]) -> Self {
         let data_key_id = data_key_id(wrapped);
         Opener {
-            cipher,
-            aad: associated_data(namespace, kek_id, &data_key_id),
+            gcm: key.with_fixed_aad(&associated_data(namespace, kek_id, &data_key_id)),
+            key,
             kek_id: kek_id.to_owned(),
             data_key_id,
         }
@@ -776,13 +775,8 @@ impl Opener {
         out.extend_from_slice(body);
         let opened = match out.get_mut(start..) {
             Some(buffer) => self
-                .cipher
-                .decrypt_in_place_detached(
-                    Nonce::from_slice(nonce),
-                    &self.aad,
-                    buffer,
-                    Tag::from_slice(tag),
-                )
+                .gcm
+                .decrypt_in_place_detached(Nonce::from_slice(nonce), buffer, tag)
                 .map_err(|_| self.cannot_open(namespace, OpenFailure::Authentication)),
             None => Err(CryptoError::MalformedEnvelope(
                 "output buffer shorter than written",
@@ -809,7 +803,8 @@ impl Opener {
         let (body, tag) = view.ciphertext.split_at(body_len);
         let aad = associated_data_v2(namespace, &self.kek_id, &self.data_key_id, size);
         let mut compressed = zeroize::Zeroizing::new(body.to_vec());
-        self.cipher
+        self.key
+            .gcm()
             .decrypt_in_place_detached(
                 Nonce::from_slice(view.nonce),
                 &aad,
@@ -1009,19 +1004,18 @@ fn map_entry(entry: &[u8]) -> Option<(&[u8], &[u8])> {
 
 #[cfg(test)]
 mod tests {
-    use aes_gcm::KeyInit;
     use prost::Message;
     use temporalio_protos::temporal::api::common::v1::Payload;
 
     use super::*;
     use crate::crypto::proto::Envelope;
 
-    fn cipher() -> Aes256Gcm {
-        Aes256Gcm::new_from_slice(&[7u8; 32]).unwrap()
+    fn cipher() -> Arc<DataKey> {
+        Arc::new(DataKey::new(&[7u8; 32]))
     }
 
     fn opener(wrapped: &[u8]) -> Opener {
-        Opener::new(Arc::new(cipher()), "ns", "k1", wrapped)
+        Opener::new(cipher(), "ns", "k1", wrapped)
     }
 
     fn plain_payload(data: &[u8]) -> Vec<u8> {
@@ -1094,7 +1088,7 @@ mod tests {
         assert_eq!(&opened[6..], original.as_slice());
 
         // Wrong namespace: authentication fails, and the buffer is as it was.
-        let wrong = Opener::new(Arc::new(cipher()), "other", "k1", b"wrapped-key-bytes");
+        let wrong = Opener::new(cipher(), "other", "k1", b"wrapped-key-bytes");
         let mut untouched = b"before".to_vec();
         assert!(wrong.open_into(&view, "other", &mut untouched).is_err());
         assert_eq!(untouched, b"before");
@@ -1171,7 +1165,7 @@ mod tests {
         let sealer = Sealer::new(cipher(), "payments", "k1", b"w");
         let sealed = sealer.seal(&plain_payload(b"secret")).unwrap();
         let view = parse(&sealed).unwrap().unwrap();
-        let wrong = Opener::new(Arc::new(cipher()), "payments2", "k1", b"w");
+        let wrong = Opener::new(cipher(), "payments2", "k1", b"w");
         let err = wrong.open(&view, "payments2").unwrap_err();
         assert!(matches!(
             err,

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use aes_gcm::{Aes256Gcm, Key, KeyInit};
 use moka::future::Cache;
 
 use super::envelope::{
     self, data_key_id, EnvelopeRef, Nonces, Opener, SealedParts, SealedView, Sealer,
 };
 use super::error::{CryptoError, OpenFailure};
+use super::gcm::DataKey;
 use super::metrics::CryptoMetrics;
 use super::provider::{KeyProvider, ProviderError};
 
@@ -92,7 +92,7 @@ pub struct DataKeyManager {
     clock: Arc<dyn Clock>,
     /// One entry per namespace ever sealed for; namespaces are bounded by the proxy's config.
     namespaces: RwLock<HashMap<String, Arc<NamespaceKeys>>>,
-    unwrapped: Cache<CacheKey, Arc<Aes256Gcm>>,
+    unwrapped: Cache<CacheKey, Arc<DataKey>>,
     metrics: Arc<CryptoMetrics>,
 }
 
@@ -227,11 +227,11 @@ impl DataKeyManager {
                 reason: "the provider returned an empty kek_id or wrapped key".into(),
             });
         }
-        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&material.plaintext[..]));
+        let data_key = Arc::new(DataKey::new(&material.plaintext));
         let key = Arc::new(ActiveKey {
             namespace: namespace.to_owned(),
             sealer: Sealer::new(
-                cipher.clone(),
+                Arc::clone(&data_key),
                 namespace,
                 &material.kek_id,
                 &material.wrapped,
@@ -247,7 +247,7 @@ impl DataKeyManager {
                     kek_id: material.kek_id.clone(),
                     wrapped: material.wrapped.clone(),
                 },
-                Arc::new(cipher),
+                data_key,
             )
             .await;
         *slot.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&key));
@@ -281,8 +281,8 @@ impl DataKeyManager {
         .await;
         let mut keys = HashMap::with_capacity(resolved.len());
         for result in resolved {
-            let (r, cipher) = result.inspect_err(|_| self.metrics.open_failures())?;
-            let opener = Opener::new(cipher, namespace, &r.kek_id, &r.wrapped_data_key);
+            let (r, data_key) = result.inspect_err(|_| self.metrics.open_failures())?;
+            let opener = Opener::new(data_key, namespace, &r.kek_id, &r.wrapped_data_key);
             keys.insert(r.wrapped_data_key, opener);
         }
         Ok(OpeningKeys {
@@ -296,15 +296,15 @@ impl DataKeyManager {
         &self,
         namespace: &str,
         r: EnvelopeRef,
-    ) -> Result<(EnvelopeRef, Arc<Aes256Gcm>), CryptoError> {
+    ) -> Result<(EnvelopeRef, Arc<DataKey>), CryptoError> {
         let cache_key = CacheKey {
             namespace: namespace.to_owned(),
             kek_id: r.kek_id.clone(),
             wrapped: r.wrapped_data_key.clone(),
         };
-        if let Some(cipher) = self.unwrapped.get(&cache_key).await {
+        if let Some(data_key) = self.unwrapped.get(&cache_key).await {
             self.metrics.cache_hits();
-            return Ok((r, cipher));
+            return Ok((r, data_key));
         }
         self.metrics.cache_misses();
         // try_get_with: concurrent misses of one key share one unwrap; errors are not cached.
@@ -317,9 +317,7 @@ impl DataKeyManager {
                     .unwrap_data_key(namespace, &r.kek_id, &r.wrapped_data_key)
                     .await
                 {
-                    Ok(plaintext) => Ok(Arc::new(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(
-                        &plaintext[..],
-                    )))),
+                    Ok(plaintext) => Ok(Arc::new(DataKey::new(&plaintext))),
                     Err(e) => {
                         self.metrics.provider_errors();
                         Err(match e {
@@ -340,7 +338,7 @@ impl DataKeyManager {
             })
             .await;
         match fetched {
-            Ok(cipher) => Ok((r, cipher)),
+            Ok(data_key) => Ok((r, data_key)),
             Err(e) => Err(CryptoError::clone(&e)),
         }
     }

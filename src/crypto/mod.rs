@@ -2,6 +2,7 @@
 //!
 //! - [`envelope`]: the v1 wire format (a Payload wrapping a `portcullis.v1.Envelope`), AES-256-GCM
 //!   over the whole original Payload, with the namespace and key ids bound as associated data.
+//! - `gcm`: AES-256-GCM with that associated data hashed once per data key.
 //! - [`provider`]: key-encryption keys behind the [`KeyProvider`] trait; [`keyring`] is the
 //!   `local` provider (a keyring file), [`aws_kms`] the `aws-kms` provider (AWS KMS).
 //! - [`manager`]: per-namespace data keys, rotation, single-flight generation and the cache of
@@ -15,6 +16,7 @@ pub mod compress;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub(crate) mod gcm;
 pub mod keyring;
 pub mod manager;
 pub mod message;
