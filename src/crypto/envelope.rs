@@ -1010,12 +1010,12 @@ mod tests {
     use super::*;
     use crate::crypto::proto::Envelope;
 
-    fn cipher() -> Arc<DataKey> {
+    fn data_key() -> Arc<DataKey> {
         Arc::new(DataKey::new(&[7u8; 32]))
     }
 
     fn opener(wrapped: &[u8]) -> Opener {
-        Opener::new(cipher(), "ns", "k1", wrapped)
+        Opener::new(data_key(), "ns", "k1", wrapped)
     }
 
     fn plain_payload(data: &[u8]) -> Vec<u8> {
@@ -1029,7 +1029,7 @@ mod tests {
 
     #[test]
     fn hand_written_codec_agrees_with_prost() {
-        let sealer = Sealer::new(cipher(), "ns", "k1", b"wrapped-key-bytes");
+        let sealer = Sealer::new(data_key(), "ns", "k1", b"wrapped-key-bytes");
         let original = plain_payload(b"{\"hello\":1}");
         let sealed = sealer.seal(&original).unwrap();
         assert_eq!(sealed.len(), sealer.sealed_len(original.len()));
@@ -1064,7 +1064,7 @@ mod tests {
     /// `open_into` appends the original; on failure neither leaves anything behind.
     #[test]
     fn seal_into_and_open_into_append_in_place() {
-        let sealer = Sealer::new(cipher(), "ns", "k1", b"wrapped-key-bytes");
+        let sealer = Sealer::new(data_key(), "ns", "k1", b"wrapped-key-bytes");
         let original = plain_payload(b"{\"hello\":2}");
         let mut nonces = Nonces::new();
         let mut out = b"prefix".to_vec();
@@ -1088,7 +1088,7 @@ mod tests {
         assert_eq!(&opened[6..], original.as_slice());
 
         // Wrong namespace: authentication fails, and the buffer is as it was.
-        let wrong = Opener::new(cipher(), "other", "k1", b"wrapped-key-bytes");
+        let wrong = Opener::new(data_key(), "other", "k1", b"wrapped-key-bytes");
         let mut untouched = b"before".to_vec();
         assert!(wrong.open_into(&view, "other", &mut untouched).is_err());
         assert_eq!(untouched, b"before");
@@ -1154,7 +1154,7 @@ mod tests {
 
     #[test]
     fn empty_payload_round_trips() {
-        let sealer = Sealer::new(cipher(), "ns", "k1", b"w");
+        let sealer = Sealer::new(data_key(), "ns", "k1", b"w");
         let sealed = sealer.seal(&[]).unwrap();
         let view = parse(&sealed).unwrap().unwrap();
         assert_eq!(opener(b"w").open(&view, "ns").unwrap(), Vec::<u8>::new());
@@ -1162,10 +1162,10 @@ mod tests {
 
     #[test]
     fn other_namespace_fails_authentication() {
-        let sealer = Sealer::new(cipher(), "payments", "k1", b"w");
+        let sealer = Sealer::new(data_key(), "payments", "k1", b"w");
         let sealed = sealer.seal(&plain_payload(b"secret")).unwrap();
         let view = parse(&sealed).unwrap().unwrap();
-        let wrong = Opener::new(cipher(), "payments2", "k1", b"w");
+        let wrong = Opener::new(data_key(), "payments2", "k1", b"w");
         let err = wrong.open(&view, "payments2").unwrap_err();
         assert!(matches!(
             err,
@@ -1215,7 +1215,7 @@ mod tests {
     #[test]
     fn envelope_overhead_is_small_and_exact() {
         let wrapped = [0u8; 60]; // the local provider's wrapped key size
-        let sealer = Sealer::new(cipher(), "ns", "k1", &wrapped);
+        let sealer = Sealer::new(data_key(), "ns", "k1", &wrapped);
         for size in [0, 64, 1024, 2 << 20] {
             let overhead = sealer.sealed_len(size) - size;
             assert!(overhead < 256, "{size}: {overhead}");
@@ -1273,7 +1273,7 @@ mod tests {
     /// shape learned from one of them exactly as the parser reads them.
     #[test]
     fn a_shape_reads_envelopes_of_its_key_as_the_parser_does() {
-        let sealer = Sealer::new(cipher(), "ns", "k1", b"wrapped-key-bytes");
+        let sealer = Sealer::new(data_key(), "ns", "k1", b"wrapped-key-bytes");
         let sealed: Vec<Vec<u8>> = [0, 1, 40, 100, 120, 200, 16_000, 17_000, 2_100_000]
             .iter()
             .map(|&n| sealer.seal(&plain_payload(&vec![b'x'; n])).unwrap())
@@ -1290,7 +1290,7 @@ mod tests {
         }
 
         // Another key's envelopes, a compressed envelope, plaintext: not this shape.
-        let other = Sealer::new(cipher(), "ns", "k1", b"wrapped-key-bytez");
+        let other = Sealer::new(data_key(), "ns", "k1", b"wrapped-key-bytez");
         assert_eq!(
             shape.parts(&other.seal(&plain_payload(b"x")).unwrap()),
             None
@@ -1312,7 +1312,7 @@ mod tests {
     /// never accepted; changes to the nonce or the ciphertext are (decryption refuses them).
     #[test]
     fn a_shape_accepts_only_what_the_parser_reads_the_same() {
-        let sealer = Sealer::new(cipher(), "ns", "k1", b"wrapped-key-bytes");
+        let sealer = Sealer::new(data_key(), "ns", "k1", b"wrapped-key-bytes");
         let sealed = sealer.seal(&plain_payload(&[b'y'; 130])).unwrap();
         let shape = parse(&sealed).unwrap().unwrap().shape_in(&sealed).unwrap();
         let (kek_id, wrapped, key_id, parts) = parsed(&sealed).unwrap();
@@ -1357,7 +1357,7 @@ mod tests {
     /// bytes) have no shape; the parser reads them.
     #[test]
     fn envelopes_laid_out_otherwise_have_no_shape() {
-        let sealer = Sealer::new(cipher(), "ns", "k1", b"wrapped-key-bytes");
+        let sealer = Sealer::new(data_key(), "ns", "k1", b"wrapped-key-bytes");
         let sealed = sealer.seal(&plain_payload(b"z")).unwrap();
         let mut payload = Payload::decode(sealed.as_slice()).unwrap();
         let mut envelope = payload.data.clone();
