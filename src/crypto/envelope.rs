@@ -189,8 +189,8 @@ impl Sealer {
     }
 
     /// Seals a serialized Payload, appending the sealed Payload (exactly
-    /// [`Sealer::sealed_len`] bytes) to `out`: the plaintext is copied once, into place, and
-    /// encrypted there. On error `out` is left as it was.
+    /// [`Sealer::sealed_len`] bytes) to `out`: the plaintext is encrypted from where it lies
+    /// into place. On error `out` is left as it was.
     pub(crate) fn seal_into(
         &self,
         plaintext: &[u8],
@@ -206,27 +206,14 @@ impl Sealer {
         put_len_field(out, 4, nonce);
         put_varint(out, 5 << 3 | WIRE_LEN);
         put_varint(out, (plaintext.len() + TAG_LEN) as u64);
-        let start = out.len();
-        out.extend_from_slice(plaintext);
-        let sealed = match out.get_mut(start..) {
-            Some(body) => self
-                .gcm
-                .encrypt_in_place_detached(nonce, body)
-                .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM")),
-            None => Err(CryptoError::SealFailed(
-                "output buffer shorter than written",
-            )),
-        };
-        match sealed {
-            Ok(tag) => {
-                out.extend_from_slice(&tag);
+        match self.gcm.encrypt_to(nonce, plaintext, out) {
+            Ok(()) => {
                 debug_assert_eq!(out.len() - begin, self.sealed_len(plaintext.len()));
                 Ok(())
             }
-            Err(e) => {
-                // Never leave plaintext behind in the caller's buffer.
+            Err(_) => {
                 out.truncate(begin);
-                Err(e)
+                Err(CryptoError::SealFailed("payload too large for AES-GCM"))
             }
         }
     }
@@ -762,7 +749,7 @@ impl Opener {
         self.decrypt_into(nonce, body, tag, namespace, out)
     }
 
-    /// Appends `body` to `out` and decrypts it there; on failure `out` is left as it was.
+    /// Appends the decryption of `body` to `out`; on failure `out` is left as it was.
     fn decrypt_into(
         &self,
         nonce: &[u8],
@@ -771,21 +758,9 @@ impl Opener {
         namespace: &str,
         out: &mut Vec<u8>,
     ) -> Result<(), CryptoError> {
-        let start = out.len();
-        out.extend_from_slice(body);
-        let opened = match out.get_mut(start..) {
-            Some(buffer) => self
-                .gcm
-                .decrypt_in_place_detached(Nonce::from_slice(nonce), buffer, tag)
-                .map_err(|_| self.cannot_open(namespace, OpenFailure::Authentication)),
-            None => Err(CryptoError::MalformedEnvelope(
-                "output buffer shorter than written",
-            )),
-        };
-        if opened.is_err() {
-            out.truncate(start);
-        }
-        opened
+        self.gcm
+            .decrypt_to(Nonce::from_slice(nonce), body, tag, out)
+            .map_err(|_| self.cannot_open(namespace, OpenFailure::Authentication))
     }
 }
 

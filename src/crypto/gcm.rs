@@ -8,6 +8,7 @@
 //! The rest is AES-GCM exactly as `aes-gcm` 0.10 builds it from the same crates (`aes`, `ctr`,
 //! `ghash`); the tests hold it to `aes_gcm::Aes256Gcm` byte for byte, tag for tag.
 
+use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockEncrypt, InnerIvInit, KeyInit, StreamCipherCore};
 use aes::Aes256;
 use aes_gcm::Aes256Gcm;
@@ -103,39 +104,67 @@ impl FixedAadGcm {
         tag
     }
 
-    /// Encrypts `buffer` in place; returns the tag.
-    pub(crate) fn encrypt_in_place_detached(
+    /// Appends the encryption of `plaintext`, then its tag, to `out` (encrypted from where it
+    /// lies into `out`: no copy of the plaintext first). On failure `out` is left as it was.
+    pub(crate) fn encrypt_to(
         &self,
         nonce: &GcmNonce,
-        buffer: &mut [u8],
-    ) -> Result<[u8; TAG_LEN], GcmError> {
-        if buffer.len() as u64 > P_MAX {
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), GcmError> {
+        if plaintext.len() as u64 > P_MAX {
             return Err(GcmError);
         }
         let (ctr, mask) = self.start(nonce);
-        ctr.apply_keystream_partial(buffer.into());
-        Ok(self.tag(&mask, buffer).into())
+        let start = out.len();
+        out.resize(start + plaintext.len(), 0);
+        let tag = out
+            .get_mut(start..)
+            .and_then(|ciphertext| InOutBuf::new(plaintext, ciphertext).ok())
+            .map(|buffer| ctr.apply_keystream_partial(buffer))
+            .and_then(|()| out.get(start..))
+            .map(|ciphertext| self.tag(&mask, ciphertext));
+        match tag {
+            Some(tag) => {
+                out.extend_from_slice(&tag);
+                Ok(())
+            }
+            None => {
+                out.truncate(start);
+                Err(GcmError)
+            }
+        }
     }
 
-    /// Checks `tag` over `buffer` (the ciphertext), then decrypts it in place. On failure
-    /// `buffer` is left as it was: nothing unauthenticated is decrypted.
-    pub(crate) fn decrypt_in_place_detached(
+    /// Checks `tag` over `ciphertext`, then appends its decryption to `out` (decrypted from
+    /// where it lies into `out`: no copy of the ciphertext first). On failure `out` is left as
+    /// it was: nothing unauthenticated is decrypted.
+    pub(crate) fn decrypt_to(
         &self,
         nonce: &GcmNonce,
-        buffer: &mut [u8],
+        ciphertext: &[u8],
         tag: &[u8],
+        out: &mut Vec<u8>,
     ) -> Result<(), GcmError> {
-        if buffer.len() as u64 > P_MAX || tag.len() != TAG_LEN {
+        if ciphertext.len() as u64 > P_MAX || tag.len() != TAG_LEN {
             return Err(GcmError);
         }
         let (ctr, mask) = self.start(nonce);
-        let expected = self.tag(&mask, buffer);
-        if bool::from(expected.as_slice().ct_eq(tag)) {
-            ctr.apply_keystream_partial(buffer.into());
-            Ok(())
-        } else {
-            Err(GcmError)
+        let expected = self.tag(&mask, ciphertext);
+        if !bool::from(expected.as_slice().ct_eq(tag)) {
+            return Err(GcmError);
         }
+        let start = out.len();
+        out.resize(start + ciphertext.len(), 0);
+        let decrypted = out
+            .get_mut(start..)
+            .and_then(|plaintext| InOutBuf::new(ciphertext, plaintext).ok())
+            .map(|buffer| ctr.apply_keystream_partial(buffer));
+        if decrypted.is_none() {
+            out.truncate(start);
+            return Err(GcmError);
+        }
+        Ok(())
     }
 }
 
@@ -175,28 +204,30 @@ mod tests {
         );
         let tag = hex("76fc6ece0f4e1768cddf8853bb2d551b");
         let gcm = DataKey::new(&key).with_fixed_aad(&aad);
-        let mut buffer = plaintext.clone();
-        let sealed_tag = gcm.encrypt_in_place_detached(&nonce, &mut buffer).unwrap();
-        assert_eq!(buffer, ciphertext);
-        assert_eq!(sealed_tag.as_slice(), tag.as_slice());
-        gcm.decrypt_in_place_detached(&nonce, &mut buffer, &tag)
+        let mut sealed = b"before".to_vec();
+        gcm.encrypt_to(&nonce, &plaintext, &mut sealed).unwrap();
+        assert_eq!(sealed, [b"before".as_slice(), &ciphertext, &tag].concat());
+        let mut opened = b"before".to_vec();
+        gcm.decrypt_to(&nonce, &ciphertext, &tag, &mut opened)
             .unwrap();
-        assert_eq!(buffer, plaintext);
+        assert_eq!(opened, [b"before".as_slice(), &plaintext].concat());
     }
 
     #[test]
     fn refuses_a_wrong_tag_length_and_leaves_the_buffer_alone() {
         let gcm = DataKey::new(&[1; 32]).with_fixed_aad(b"aad");
-        let mut buffer = b"some plaintext".to_vec();
         let nonce = GcmNonce::from([2; 12]);
-        let tag = gcm.encrypt_in_place_detached(&nonce, &mut buffer).unwrap();
-        let sealed = buffer.clone();
+        let mut buffer = Vec::new();
+        gcm.encrypt_to(&nonce, b"some plaintext", &mut buffer)
+            .unwrap();
+        let tag = buffer.split_off(buffer.len() - TAG_LEN);
         for bad in [&tag[..15], &[], &[tag.as_slice(), &[0]].concat()[..]] {
+            let mut out = b"before".to_vec();
             assert_eq!(
-                gcm.decrypt_in_place_detached(&nonce, &mut buffer, bad),
+                gcm.decrypt_to(&nonce, &buffer, bad, &mut out),
                 Err(GcmError)
             );
-            assert_eq!(buffer, sealed);
+            assert_eq!(out, b"before");
         }
     }
 
@@ -220,8 +251,9 @@ mod tests {
             let nonce = GcmNonce::from(nonce);
             let nonce_ref = &nonce;
 
-            let mut sealed = plaintext.clone();
-            let tag = ours.encrypt_in_place_detached(&nonce, &mut sealed).unwrap();
+            let mut sealed = Vec::new();
+            ours.encrypt_to(&nonce, &plaintext, &mut sealed).unwrap();
+            let tag = sealed.split_off(plaintext.len());
             let mut expected = plaintext.clone();
             let expected_tag = theirs
                 .encrypt_in_place_detached(nonce_ref, &aad, &mut expected)
@@ -234,28 +266,28 @@ mod tests {
                 .decrypt_in_place_detached(nonce_ref, &aad, &mut opened, Tag::<Aes256Gcm>::from_slice(&tag))
                 .unwrap();
             prop_assert_eq!(&opened, &plaintext);
-            let mut opened = sealed.clone();
-            ours.decrypt_in_place_detached(&nonce, &mut opened, &tag).unwrap();
+            let mut opened = Vec::new();
+            ours.decrypt_to(&nonce, &sealed, &tag, &mut opened).unwrap();
             prop_assert_eq!(&opened, &plaintext);
 
             // One bit flipped anywhere in ciphertext || tag.
             let mut tampered = [sealed.as_slice(), tag.as_slice()].concat();
             let at = flip.index(tampered.len());
             tampered[at] ^= 1 << bit;
-            let (body, bad_tag) = tampered.split_at_mut(sealed.len());
-            let before = body.to_vec();
-            prop_assert_eq!(ours.decrypt_in_place_detached(&nonce, body, bad_tag), Err(GcmError));
-            prop_assert_eq!(&body[..], &before[..]);
+            let (body, bad_tag) = tampered.split_at(sealed.len());
+            let mut out = b"before".to_vec();
+            prop_assert_eq!(ours.decrypt_to(&nonce, body, bad_tag, &mut out), Err(GcmError));
+            prop_assert_eq!(&out, b"before");
 
             let mut other_nonce = nonce;
             other_nonce[at % 12] ^= 1 << bit;
-            let mut buffer = sealed.clone();
-            prop_assert_eq!(ours.decrypt_in_place_detached(&other_nonce, &mut buffer, &tag), Err(GcmError));
+            let mut out = Vec::new();
+            prop_assert_eq!(ours.decrypt_to(&other_nonce, &sealed, &tag, &mut out), Err(GcmError));
             let mut other_aad = aad.clone();
             other_aad.push(0);
             let other = DataKey::new(&key).with_fixed_aad(&other_aad);
-            prop_assert_eq!(other.decrypt_in_place_detached(&nonce, &mut buffer, &tag), Err(GcmError));
-            prop_assert_eq!(&buffer, &sealed);
+            prop_assert_eq!(other.decrypt_to(&nonce, &sealed, &tag, &mut out), Err(GcmError));
+            prop_assert!(out.is_empty());
         }
     }
 }
