@@ -4,7 +4,8 @@
 //! (format tag, namespace, kek id, data key id: ~90 bytes, six GHASH blocks), and on a 1 KiB
 //! payload GHASH-ing it is ~10 % of the cipher's work. GHASH absorbs the associated data before
 //! the ciphertext, so its state after the associated data depends on nothing but the key and
-//! those bytes: [`FixedAadGcm`] computes it once per key and starts every message from a copy.
+//! those bytes: [`FixedAadGcm`] computes it once (when a data key is rotated in for sealing, or
+//! resolved to open a response) and starts every message from a copy.
 //! The rest is AES-GCM exactly as `aes-gcm` 0.10 builds it from the same crates (`aes`, `ctr`,
 //! `ghash`); the tests hold it to `aes_gcm::Aes256Gcm` byte for byte, tag for tag.
 
