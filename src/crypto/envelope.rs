@@ -4,8 +4,8 @@
 //! `encoding: binary/encrypted`, `encryption-key-id: <data key id>`, `portcullis-envelope: v1`
 //! and, as data, a serialized `portcullis.v1.Envelope` (proto/portcullis/v1/envelope.proto).
 //! Both are written and read here by hand rather than through prost's generated types: sealing
-//! then encrypts in place at the end of the output buffer (one copy of the plaintext, none of the
-//! ciphertext), and inspecting a 2 MiB payload copies nothing. Tests check the hand-written
+//! then encrypts the plaintext from where it lies straight into the end of the output buffer
+//! (no copy of it, none of the ciphertext), and inspecting a 2 MiB payload copies nothing. Tests check the hand-written
 //! codec against the generated one.
 
 use std::sync::Arc;
@@ -676,8 +676,8 @@ impl Opener {
     }
 
     /// Opens a parsed envelope, appending the original serialized Payload (exactly
-    /// [`SealedView::opened_len`] bytes) to `out`, decrypted in place there. On error `out` is
-    /// left as it was: nothing unauthenticated stays behind.
+    /// [`SealedView::opened_len`] bytes) to `out`, decrypted from the envelope straight into
+    /// it. On error `out` is left as it was: nothing unauthenticated stays behind.
     pub(crate) fn open_into(
         &self,
         view: &SealedView<'_>,
@@ -1038,7 +1038,7 @@ mod tests {
     /// `seal_into` appends exactly `sealed_len` bytes, which prost reads as the envelope, and
     /// `open_into` appends the original; on failure neither leaves anything behind.
     #[test]
-    fn seal_into_and_open_into_append_in_place() {
+    fn seal_into_and_open_into_append_to_the_buffer() {
         let sealer = Sealer::new(data_key(), "ns", "k1", b"wrapped-key-bytes");
         let original = plain_payload(b"{\"hello\":2}");
         let mut nonces = Nonces::new();

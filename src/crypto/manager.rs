@@ -409,7 +409,7 @@ impl SealingKey {
     }
 
     /// Like [`SealingKey::seal`], but appends the sealed Payload (exactly
-    /// [`SealingKey::sealed_len`] bytes) to `out`, encrypting in place there, with a nonce
+    /// [`SealingKey::sealed_len`] bytes) to `out`, encrypting straight into it, with a nonce
     /// from `nonces`. On error `out` is left as it was.
     pub fn seal_into(
         &self,
