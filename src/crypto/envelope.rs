@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use aes_gcm::aead::rand_core::RngCore;
-use aes_gcm::aead::{AeadCore, AeadInPlace, OsRng};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aes_gcm::aead::{AeadCore, OsRng};
+use aes_gcm::{Aes256Gcm, Nonce};
 use ring::digest;
 
 use super::error::{CryptoError, OpenFailure};
@@ -230,13 +230,11 @@ impl Sealer {
     ) -> Result<Vec<u8>, CryptoError> {
         let size = plaintext_size as u64;
         let aad = associated_data_v2(&self.namespace, &self.kek_id, &self.data_key_id, size);
-        let mut body = compressed.to_vec();
-        let tag = self
-            .key
-            .gcm()
-            .encrypt_in_place_detached(nonce, &aad, &mut body)
+        let mut body = Vec::with_capacity(compressed.len() + TAG_LEN);
+        self.key
+            .with_fixed_aad(&aad)
+            .encrypt_to(nonce, compressed, &mut body)
             .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM"))?;
-        body.extend_from_slice(&tag);
         let mut envelope = Vec::with_capacity(body.len() + self.envelope_head.len() + 48);
         put_varint(&mut envelope, 1 << 3 | WIRE_VARINT);
         put_varint(&mut envelope, u64::from(ENVELOPE_VERSION_COMPRESSED));
@@ -777,15 +775,10 @@ impl Opener {
         let body_len = view.ciphertext.len().saturating_sub(TAG_LEN);
         let (body, tag) = view.ciphertext.split_at(body_len);
         let aad = associated_data_v2(namespace, &self.kek_id, &self.data_key_id, size);
-        let mut compressed = zeroize::Zeroizing::new(body.to_vec());
+        let mut compressed = zeroize::Zeroizing::new(Vec::with_capacity(body.len()));
         self.key
-            .gcm()
-            .decrypt_in_place_detached(
-                Nonce::from_slice(view.nonce),
-                &aad,
-                &mut compressed,
-                Tag::from_slice(tag),
-            )
+            .with_fixed_aad(&aad)
+            .decrypt_to(Nonce::from_slice(view.nonce), body, tag, &mut compressed)
             .map_err(|_| self.cannot_open(namespace, OpenFailure::Authentication))?;
         // Authenticated: the size is the one this proxy recorded when it sealed.
         let size = usize::try_from(size)

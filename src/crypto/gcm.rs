@@ -12,7 +12,6 @@
 use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockEncrypt, InnerIvInit, KeyInit, StreamCipherCore};
 use aes::Aes256;
-use aes_gcm::Aes256Gcm;
 use ghash::universal_hash::UniversalHash;
 use ghash::GHash;
 use subtle::ConstantTimeEq;
@@ -27,29 +26,33 @@ type Block = ghash::Block;
 pub(crate) type GcmNonce = aes_gcm::Nonce<aes_gcm::aead::consts::U12>;
 type Ctr32BE<'a> = ctr::CtrCore<&'a Aes256, ctr::flavors::Ctr32BE>;
 
-/// An unwrapped data key: its AES key schedule, and the general AES-GCM cipher for messages
-/// whose associated data varies (v2 envelopes record each payload's size in theirs).
+/// An unwrapped data key: its AES key schedule and GHASH keyed with H = AES(0), computed once.
 pub(crate) struct DataKey {
     aes: Aes256,
-    gcm: Aes256Gcm,
+    ghash: GHash,
 }
 
 impl DataKey {
     pub(crate) fn new(key: &[u8; 32]) -> Self {
         let aes = Aes256::new(&(*key).into());
-        DataKey {
-            gcm: Aes256Gcm::from(aes.clone()),
-            aes,
-        }
+        let mut h = ghash::Key::default();
+        aes.encrypt_block(&mut h);
+        let ghash = GHash::new(&h);
+        zeroize::Zeroize::zeroize(h.as_mut_slice());
+        DataKey { aes, ghash }
     }
 
-    pub(crate) fn gcm(&self) -> &Aes256Gcm {
-        &self.gcm
-    }
-
-    /// AES-GCM under this key for messages whose associated data is `aad`.
+    /// AES-GCM under this key for messages whose associated data is `aad` (v1 envelopes: one
+    /// per key and namespace, kept; v2 envelopes record each payload's size in theirs, so one
+    /// per payload).
     pub(crate) fn with_fixed_aad(&self, aad: &[u8]) -> FixedAadGcm {
-        FixedAadGcm::new(self.aes.clone(), aad)
+        let mut after_aad = self.ghash.clone();
+        after_aad.update_padded(aad);
+        FixedAadGcm {
+            aes: self.aes.clone(),
+            after_aad,
+            aad_bits: (aad.len() as u64).saturating_mul(8),
+        }
     }
 }
 
@@ -66,19 +69,6 @@ pub(crate) struct FixedAadGcm {
 pub(crate) struct GcmError;
 
 impl FixedAadGcm {
-    fn new(aes: Aes256, aad: &[u8]) -> Self {
-        let mut h = ghash::Key::default();
-        aes.encrypt_block(&mut h);
-        let mut after_aad = GHash::new(&h);
-        zeroize::Zeroize::zeroize(h.as_mut_slice());
-        after_aad.update_padded(aad);
-        FixedAadGcm {
-            aes,
-            after_aad,
-            aad_bits: (aad.len() as u64).saturating_mul(8),
-        }
-    }
-
     /// The counter at J0 = nonce || 1, and the keystream block there, which masks the tag;
     /// the returned counter continues at J0 + 1, where the message's keystream begins.
     fn start(&self, nonce: &GcmNonce) -> (Ctr32BE<'_>, Block) {
@@ -172,6 +162,7 @@ impl FixedAadGcm {
 #[cfg(test)]
 mod tests {
     use aes_gcm::aead::{AeadInPlace, Tag};
+    use aes_gcm::Aes256Gcm;
     use proptest::prelude::*;
 
     use super::*;
