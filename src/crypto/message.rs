@@ -957,6 +957,13 @@ mod tests {
         }
     }
 
+    /// Every payload of the page `input` replaced through `each` (the walker's own rewrite).
+    fn rewrite_page(input: &[u8], each: &mut dyn PayloadVisitor) -> Vec<u8> {
+        walker::rewrite_named(index(), PAGE, input, each, &WalkOptions::default())
+            .unwrap()
+            .unwrap()
+    }
+
     /// A history page; with `failure`, one activity failed with a message and stack trace.
     fn page(failure: bool) -> Vec<u8> {
         let mut events = Vec::new();
@@ -1260,15 +1267,7 @@ mod tests {
         let original = page(false);
         let mut seal_each =
             |_: &PayloadContext<'_>, p: &[u8]| key.seal(p).map(Some).map_err(WalkError::visitor);
-        let sealed_each = walker::rewrite_named(
-            index(),
-            PAGE,
-            &original,
-            &mut seal_each,
-            &WalkOptions::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let sealed_each = rewrite_page(&original, &mut seal_each);
         assert_eq!(
             open(&manager, &sealed_each, STRICT)
                 .await
@@ -1295,15 +1294,7 @@ mod tests {
             .unwrap();
         let mut open_each =
             |_: &PayloadContext<'_>, p: &[u8]| keys.open_if_sealed(p).map_err(WalkError::visitor);
-        let opened = walker::rewrite_named(
-            index(),
-            PAGE,
-            &sealed,
-            &mut open_each,
-            &WalkOptions::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let opened = rewrite_page(&sealed, &mut open_each);
         assert_eq!(opened, original);
     }
 
@@ -1460,10 +1451,7 @@ mod tests {
             n += 1;
             key.seal(p).map(Some).map_err(WalkError::visitor)
         };
-        let two_keys =
-            walker::rewrite_named(index(), PAGE, &original, &mut seal, &WalkOptions::default())
-                .unwrap()
-                .unwrap();
+        let two_keys = rewrite_page(&original, &mut seal);
         let plan = plan_open(index(), PAGE, &two_keys, STRICT).unwrap();
         // The first of each key; the 31st and 32nd fit layouts already learned.
         assert_eq!((plan.refs().len(), plan.payloads_parsed()), (2, 2));
@@ -1495,10 +1483,7 @@ mod tests {
             assert_eq!(bytes.len(), p.len());
             Ok(Some(bytes))
         };
-        let reordered =
-            walker::rewrite_named(index(), PAGE, &sealed, &mut rotate, &WalkOptions::default())
-                .unwrap()
-                .unwrap();
+        let reordered = rewrite_page(&sealed, &mut rotate);
         assert_ne!(reordered, sealed);
         let plan = plan_open(index(), PAGE, &reordered, STRICT).unwrap();
         assert_eq!((plan.refs().len(), plan.payloads_parsed()), (1, 3));
@@ -1519,15 +1504,7 @@ mod tests {
             bytes.extend_from_slice(p);
             Ok(Some(bytes))
         };
-        let each_its_own = walker::rewrite_named(
-            index(),
-            PAGE,
-            &sealed,
-            &mut distinct,
-            &WalkOptions::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let each_its_own = rewrite_page(&sealed, &mut distinct);
         let plan = plan_open(index(), PAGE, &each_its_own, STRICT).unwrap();
         assert_eq!(plan.payloads_parsed(), 40);
         let (opened, _) = open(&manager, &each_its_own, STRICT).await.unwrap();
