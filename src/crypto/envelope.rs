@@ -5,8 +5,8 @@
 //! and, as data, a serialized `portcullis.v1.Envelope` (proto/portcullis/v1/envelope.proto).
 //! Both are written and read here by hand rather than through prost's generated types: sealing
 //! then encrypts the plaintext from where it lies straight into the end of the output buffer
-//! (no copy of it, none of the ciphertext), and inspecting a 2 MiB payload copies nothing. Tests check the hand-written
-//! codec against the generated one.
+//! (no copy of it, none of the ciphertext), and inspecting a 2 MiB payload copies nothing.
+//! Tests check the hand-written codec against the generated one.
 
 use std::sync::Arc;
 
@@ -114,7 +114,6 @@ fn associated_data_v2(
 /// Everything about sealing under one data key in one namespace that does not change per
 /// payload, computed once per rotation.
 pub(crate) struct Sealer {
-    key: Arc<DataKey>,
     /// AES-GCM under the data key with this namespace's v1 associated data absorbed.
     gcm: FixedAadGcm,
     /// The sealed Payload's metadata fields, encoded.
@@ -160,7 +159,6 @@ impl Sealer {
         put_len_field(&mut envelope_head, 3, wrapped);
         Sealer {
             gcm: key.with_fixed_aad(&associated_data(namespace, kek_id, &key_id)),
-            key,
             metadata,
             metadata_v2,
             namespace: namespace.to_owned(),
@@ -231,7 +229,8 @@ impl Sealer {
         let size = plaintext_size as u64;
         let aad = associated_data_v2(&self.namespace, &self.kek_id, &self.data_key_id, size);
         let mut body = Vec::with_capacity(compressed.len() + TAG_LEN);
-        self.key
+        self.gcm
+            .data_key()
             .with_fixed_aad(&aad)
             .encrypt_to(nonce, compressed, &mut body)
             .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM"))?;
@@ -643,7 +642,6 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Option<SealedView<'_>>, CryptoErro
 /// Everything about opening under one data key in one namespace that does not change per
 /// payload, computed once when the key is resolved.
 pub(crate) struct Opener {
-    key: Arc<DataKey>,
     /// AES-GCM under the data key with this namespace's v1 associated data absorbed.
     gcm: FixedAadGcm,
     kek_id: String,
@@ -655,7 +653,6 @@ impl Opener {
         let data_key_id = data_key_id(wrapped);
         Opener {
             gcm: key.with_fixed_aad(&associated_data(namespace, kek_id, &data_key_id)),
-            key,
             kek_id: kek_id.to_owned(),
             data_key_id,
         }
@@ -776,7 +773,8 @@ impl Opener {
         let (body, tag) = view.ciphertext.split_at(body_len);
         let aad = associated_data_v2(namespace, &self.kek_id, &self.data_key_id, size);
         let mut compressed = zeroize::Zeroizing::new(Vec::with_capacity(body.len()));
-        self.key
+        self.gcm
+            .data_key()
             .with_fixed_aad(&aad)
             .decrypt_to(Nonce::from_slice(view.nonce), body, tag, &mut compressed)
             .map_err(|_| self.cannot_open(namespace, OpenFailure::Authentication))?;

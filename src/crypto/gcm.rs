@@ -9,6 +9,8 @@
 //! The rest is AES-GCM exactly as `aes-gcm` 0.10 builds it from the same crates (`aes`, `ctr`,
 //! `ghash`); the tests hold it to `aes_gcm::Aes256Gcm` byte for byte, tag for tag.
 
+use std::sync::Arc;
+
 use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockEncrypt, InnerIvInit, KeyInit, StreamCipherCore};
 use aes::Aes256;
@@ -45,11 +47,11 @@ impl DataKey {
     /// AES-GCM under this key for messages whose associated data is `aad` (v1 envelopes: one
     /// per key and namespace, kept; v2 envelopes record each payload's size in theirs, so one
     /// per payload).
-    pub(crate) fn with_fixed_aad(&self, aad: &[u8]) -> FixedAadGcm {
+    pub(crate) fn with_fixed_aad(self: &Arc<Self>, aad: &[u8]) -> FixedAadGcm {
         let mut after_aad = self.ghash.clone();
         after_aad.update_padded(aad);
         FixedAadGcm {
-            aes: self.aes.clone(),
+            key: Arc::clone(self),
             after_aad,
             aad_bits: (aad.len() as u64).saturating_mul(8),
         }
@@ -58,7 +60,7 @@ impl DataKey {
 
 /// AES-256-GCM under one key for messages that all carry the same associated data.
 pub(crate) struct FixedAadGcm {
-    aes: Aes256,
+    key: Arc<DataKey>,
     /// GHASH keyed with H = AES(0), after absorbing the associated data (zero-padded).
     after_aad: GHash,
     aad_bits: u64,
@@ -69,13 +71,18 @@ pub(crate) struct FixedAadGcm {
 pub(crate) struct GcmError;
 
 impl FixedAadGcm {
+    /// The key, for messages under it with other associated data.
+    pub(crate) fn data_key(&self) -> &Arc<DataKey> {
+        &self.key
+    }
+
     /// The counter at J0 = nonce || 1, and the keystream block there, which masks the tag;
     /// the returned counter continues at J0 + 1, where the message's keystream begins.
     fn start(&self, nonce: &GcmNonce) -> (Ctr32BE<'_>, Block) {
         let mut j0 = Block::default();
         j0[..12].copy_from_slice(nonce);
         j0[15] = 1;
-        let mut ctr = Ctr32BE::inner_iv_init(&self.aes, &j0);
+        let mut ctr = Ctr32BE::inner_iv_init(&self.key.aes, &j0);
         let mut mask = Block::default();
         ctr.write_keystream_block(&mut mask);
         (ctr, mask)
@@ -195,7 +202,7 @@ mod tests {
              8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662",
         );
         let tag = hex("76fc6ece0f4e1768cddf8853bb2d551b");
-        let gcm = DataKey::new(&key).with_fixed_aad(&aad);
+        let gcm = Arc::new(DataKey::new(&key)).with_fixed_aad(&aad);
         let mut sealed = b"before".to_vec();
         gcm.encrypt_to(&nonce, &plaintext, &mut sealed).unwrap();
         assert_eq!(sealed, [b"before".as_slice(), &ciphertext, &tag].concat());
@@ -207,7 +214,7 @@ mod tests {
 
     #[test]
     fn refuses_a_wrong_tag_length_and_leaves_the_buffer_alone() {
-        let gcm = DataKey::new(&[1; 32]).with_fixed_aad(b"aad");
+        let gcm = Arc::new(DataKey::new(&[1; 32])).with_fixed_aad(b"aad");
         let nonce = GcmNonce::from([2; 12]);
         let mut buffer = Vec::new();
         gcm.encrypt_to(&nonce, b"some plaintext", &mut buffer)
@@ -238,7 +245,7 @@ mod tests {
             flip in any::<prop::sample::Index>(),
             bit in 0u8..8,
         ) {
-            let ours = DataKey::new(&key).with_fixed_aad(&aad);
+            let ours = Arc::new(DataKey::new(&key)).with_fixed_aad(&aad);
             let theirs = reference(&key);
             let nonce = GcmNonce::from(nonce);
             let nonce_ref = &nonce;
@@ -277,7 +284,7 @@ mod tests {
             prop_assert_eq!(ours.decrypt_to(&other_nonce, &sealed, &tag, &mut out), Err(GcmError));
             let mut other_aad = aad.clone();
             other_aad.push(0);
-            let other = DataKey::new(&key).with_fixed_aad(&other_aad);
+            let other = Arc::new(DataKey::new(&key)).with_fixed_aad(&other_aad);
             prop_assert_eq!(other.decrypt_to(&nonce, &sealed, &tag, &mut out), Err(GcmError));
             prop_assert!(out.is_empty());
         }
