@@ -143,9 +143,11 @@ impl GhashKey {
                 chain.update(&[ghash_input(block)]);
             }
         }
+        // Finishing a clone, not the chain itself: moving `Polyval`s out of the array copies
+        // them through misaligned stack slots the next load cannot be forwarded from.
         let mut owed = [Block::default(); LANES];
-        for ((owed, chain), block) in owed.iter_mut().zip(chains).zip(last_group) {
-            *owed = xor(&chain.finalize(), &ghash_input(block));
+        for ((owed, chain), block) in owed.iter_mut().zip(&chains).zip(last_group) {
+            *owed = xor(&chain.clone().finalize(), &ghash_input(block));
         }
         owed
     }
