@@ -41,6 +41,8 @@ type Ctr32BE<'a> = ctr::CtrCore<&'a Aes256, ctr::flavors::Ctr32BE>;
 const LANES: usize = 2;
 /// Inputs of fewer blocks are hashed in one chain: the joins would cost more than they save.
 const LANES_FROM_BLOCKS: usize = 4 * LANES;
+// The padded block and the lengths block both fit in the lanes' last group.
+const _: () = assert!(LANES >= 2);
 
 /// GHASH's key: H, H^2, .., H^LANES, each as POLYVAL takes it. Zeroized when dropped.
 struct GhashKey {
@@ -373,7 +375,8 @@ mod tests {
     }
 
     /// The edges of GHASH's paths: nothing, a partial block only, whole blocks only, just under
-    /// and over where the lanes begin, every lane count's remainder, and large inputs.
+    /// and over where the lanes begin, every lane count's remainder, and large inputs; sealed
+    /// as `aes-gcm` seals, opened, and refused with a forged tag.
     #[test]
     fn agrees_with_aes_gcm_at_every_edge_of_the_lanes() {
         let key = [7u8; 32];
@@ -395,6 +398,19 @@ mod tests {
                     .unwrap();
                 expected.extend_from_slice(&tag);
                 assert_eq!(sealed, expected, "aad {aad_len} bytes, plaintext {len}");
+                let (ciphertext, tag) = sealed.split_at(len);
+                let mut opened = b"before".to_vec();
+                ours.decrypt_to(&nonce, ciphertext, tag, &mut opened)
+                    .unwrap();
+                assert_eq!(opened[6..], plaintext[..], "aad {aad_len}, plaintext {len}");
+                let mut forged = tag.to_vec();
+                forged[len % TAG_LEN] ^= 0x80;
+                let mut refused = b"before".to_vec();
+                assert_eq!(
+                    ours.decrypt_to(&nonce, ciphertext, &forged, &mut refused),
+                    Err(GcmError)
+                );
+                assert_eq!(refused, b"before");
             }
         }
     }
