@@ -11,9 +11,9 @@
 //! for the one before: the carry-less multiply and its reduction are a chain of dependent
 //! instructions, and the CPU idles between them. [`GhashKey`] hashes longer inputs in
 //! [`LANES`] interleaved chains keyed with H^LANES that run side by side, each multiplied at
-//! the end by the power of H its blocks are still owed. The arithmetic is `polyval`'s (GHASH is POLYVAL with bytes reversed and H multiplied
-//! by x, RFC 8452 appendix A; `ghash` does the same), which uses the CPU's carry-less multiply
-//! where it has one.
+//! the end by the power of H its blocks are still owed. The arithmetic is `polyval`'s (GHASH
+//! is POLYVAL with bytes reversed and H multiplied by x, RFC 8452 appendix A; `ghash` does the
+//! same), which uses the CPU's carry-less multiply where it has one.
 //! The rest is AES-GCM as `aes-gcm` 0.10 builds it from the same crates (`aes`, `ctr`); the
 //! tests hold it to `aes_gcm::Aes256Gcm` byte for byte, tag for tag.
 
@@ -58,9 +58,9 @@ fn ghash_input(block: &[u8; 16]) -> Block {
     reversed
 }
 
-/// Whether the tags are equal, in constant time: the difference of two 64-bit halves, compared
-/// with zero once (comparing the slices byte by byte costs 16 of `subtle`'s optimization
-/// barriers; that was ~0.8 % of opening a page).
+/// Whether the tags are equal, in constant time: their XOR, its two 64-bit halves ORed,
+/// compared with zero once (comparing the slices byte by byte costs 16 of `subtle`'s
+/// optimization barriers; that was ~0.8 % of opening a page).
 fn tags_match(expected: &Block, tag: &[u8]) -> bool {
     let Ok(tag) = <&[u8; 16]>::try_from(tag) else {
         return false;
