@@ -228,27 +228,36 @@ impl Sealer {
     ) -> Result<Vec<u8>, CryptoError> {
         let size = plaintext_size as u64;
         let aad = associated_data_v2(&self.namespace, &self.kek_id, &self.data_key_id, size);
-        let mut body = Vec::with_capacity(compressed.len() + TAG_LEN);
+        // The envelope up to its ciphertext; the ciphertext is then encrypted straight into
+        // the sealed Payload, behind it, as `seal_into` does for v1.
+        let mut head = Vec::with_capacity(self.envelope_head.len() + 48);
+        put_varint(&mut head, 1 << 3 | WIRE_VARINT);
+        put_varint(&mut head, u64::from(ENVELOPE_VERSION_COMPRESSED));
+        // Fields 2 and 3 (kek_id, wrapped key), as v1 writes them after its version.
+        head.extend_from_slice(self.envelope_head.get(2..).unwrap_or_default());
+        put_varint(&mut head, 6 << 3 | WIRE_VARINT);
+        put_varint(&mut head, COMPRESSION_ZSTD);
+        put_varint(&mut head, 7 << 3 | WIRE_VARINT);
+        put_varint(&mut head, size);
+        put_len_field(&mut head, 4, nonce);
+        let ciphertext_len = compressed.len() + TAG_LEN;
+        let envelope_len = head.len() + len_field_len(ciphertext_len);
+        let mut out = Vec::with_capacity(self.metadata_v2.len() + len_field_len(envelope_len));
+        out.extend_from_slice(&self.metadata_v2);
+        put_varint(&mut out, 2 << 3 | WIRE_LEN);
+        put_varint(&mut out, envelope_len as u64);
+        out.extend_from_slice(&head);
+        put_varint(&mut out, 5 << 3 | WIRE_LEN);
+        put_varint(&mut out, ciphertext_len as u64);
         self.gcm
             .data_key()
             .with_fixed_aad(&aad)
-            .encrypt_to(nonce, compressed, &mut body)
+            .encrypt_to(nonce, compressed, &mut out)
             .map_err(|_| CryptoError::SealFailed("payload too large for AES-GCM"))?;
-        let mut envelope = Vec::with_capacity(body.len() + self.envelope_head.len() + 48);
-        put_varint(&mut envelope, 1 << 3 | WIRE_VARINT);
-        put_varint(&mut envelope, u64::from(ENVELOPE_VERSION_COMPRESSED));
-        // Fields 2 and 3 (kek_id, wrapped key), as v1 writes them after its version.
-        let head_rest = self.envelope_head.get(2..).unwrap_or_default();
-        envelope.extend_from_slice(head_rest);
-        put_varint(&mut envelope, 6 << 3 | WIRE_VARINT);
-        put_varint(&mut envelope, COMPRESSION_ZSTD);
-        put_varint(&mut envelope, 7 << 3 | WIRE_VARINT);
-        put_varint(&mut envelope, size);
-        put_len_field(&mut envelope, 4, nonce);
-        put_len_field(&mut envelope, 5, &body);
-        let mut out = Vec::with_capacity(self.metadata_v2.len() + envelope.len() + 8);
-        out.extend_from_slice(&self.metadata_v2);
-        put_len_field(&mut out, 2, &envelope);
+        debug_assert_eq!(
+            out.len(),
+            self.metadata_v2.len() + len_field_len(envelope_len)
+        );
         Ok(out)
     }
 }
