@@ -18,21 +18,24 @@
 //!   numbers show the proxy's own cost. Paths: `direct-h2c` (plaintext to the fake),
 //!   `direct-mtls` (mTLS to an mTLS fake, the same client TLS cost as through the proxy) and
 //!   `proxy-mtls` (mTLS to the in-process proxy, which forwards in h2c to the fake).
-//!   `--baselines` adds two reference paths, measured at every concurrency point like the
+//!   `--baselines` adds three reference paths, measured at every concurrency point like the
 //!   proxy, to show what any intermediary costs on this machine: `relay-tcp` (a TCP byte relay,
 //!   `copy_bidirectional` with TCP_NODELAY, on its own runtime of `relay` threads, one per core,
-//!   in front of the mTLS fake: mTLS end to end, two extra loopback hops, no processing) and
+//!   in front of the mTLS fake: mTLS end to end, two extra loopback hops, no processing),
+//!   `relay-h2` (the proxy's rustls server settings and `h2` on both sides, on one `relay-h2`
+//!   thread built like a serving thread, forwarding every call as it came to the h2c fake: the
+//!   cheapest HTTP/2 proxy this stack can build, with none of portcullis' checks) and
 //!   `nginx-grpc` (`/usr/sbin/nginx`, a master and one worker process per core, terminating mTLS
-//!   like the proxy and `grpc_pass`ing in h2c to the fake over kept-alive connections). Both are
-//!   compared with the direct rows, and every proxy row with `nginx-grpc`; the latency goal
-//!   applies to proxy vs direct only. Without nginx, `--baselines` fails at once.
+//!   like the proxy and `grpc_pass`ing in h2c to the fake over kept-alive connections). All are
+//!   compared with the direct rows, and `relay-h2` and every proxy row with `nginx-grpc`; the
+//!   latency goal applies to proxy vs direct only. Without nginx, `--baselines` fails at once.
 //! * `dev`: a real Temporal dev server (`temporal server start-dev`). Paths: `direct-h2c` and
 //!   `proxy-mtls`.
 //!
 //! The load generator, the proxy and the fake upstream run on separate tokio runtimes (as they
 //! would in separate processes) in this one process; they share the machine's cores. CPU per
 //! call is read from `/proc` by thread name (and per child process tree): the proxy column counts
-//! the proxy's threads, the relay's threads and nginx's processes; the upstream column the fake's
+//! the proxy's threads, the relays' threads and nginx's processes; the upstream column the fake's
 //! threads or the dev server's processes.
 
 use std::collections::HashMap;
@@ -156,11 +159,13 @@ usage: cargo bench --bench loadgen -- [options]
                            (default: one per core, like the binary)
   --rotation SECS          fake target: also measure the proxy speaking mTLS to the upstream with a
                            static client certificate, and with issued ones living SECS seconds
-  --baselines              fake target: also measure two reference paths in the same run, to show
+  --baselines              fake target: also measure three reference paths in the same run, to show
                            what any proxy costs on this machine: relay-tcp (a TCP byte relay, mTLS
-                           end to end to the mTLS fake) and nginx-grpc (nginx at /usr/sbin/nginx
-                           terminating mTLS, grpc_pass to the h2c fake); compared with the direct
-                           rows, and each proxy row with nginx-grpc
+                           end to end to the mTLS fake), relay-h2 (rustls + h2 on both sides, calls
+                           forwarded as they came: the floor of this stack) and nginx-grpc (nginx
+                           at /usr/sbin/nginx terminating mTLS, grpc_pass to the h2c fake);
+                           compared with the direct rows, and relay-h2 and each proxy row with
+                           nginx-grpc
   --long-polls N           instead of the closed loop: hold N PollWorkflowTaskQueue calls through the
                            proxy binary run as its own process (`portcullis serve`, realistic config)
                            and report its RSS idle, with the polls held and after they were answered,
@@ -1111,6 +1116,143 @@ impl TcpRelay {
     }
 }
 
+/// The cheapest HTTP/2 proxy this stack can build: the proxy's own TLS settings (rustls, client
+/// certificates required) and `h2` on both sides, every call forwarded as it came (headers,
+/// body, trailers) to the h2c fake over one upstream connection per client connection, with no
+/// authorization, audit, encryption, limits or deadlines. Built like the proxy's serving threads:
+/// one thread (`relay-h2`, so its CPU counts as the proxy's) with a single-threaded runtime, and
+/// a connection's calls polled inside the connection's task. The floor under portcullis' own
+/// HTTP/2 and TLS layers. Stops (its connections too) when dropped.
+struct H2Relay {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for H2Relay {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl H2Relay {
+    fn start(tls: &ServerTls, upstream: SocketAddr) -> anyhow::Result<H2Relay> {
+        let acceptor = TlsAcceptor::from(portcullis::tls::server_config(tls)?);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("relay-h2".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("loadgen: h2 relay cannot listen: {e}");
+                            return;
+                        }
+                    };
+                    // Dropped (aborting every connection) when the relay is stopped.
+                    let mut connections = JoinSet::new();
+                    let accept = async {
+                        loop {
+                            while connections.try_join_next().is_some() {}
+                            let Ok((tcp, _)) = listener.accept().await else {
+                                continue;
+                            };
+                            let acceptor = acceptor.clone();
+                            connections.spawn(async move {
+                                if let Err(e) = h2_relay_connection(acceptor, tcp, upstream).await {
+                                    eprintln!("loadgen: h2 relay connection: {e:#}");
+                                }
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        () = accept => {}
+                        _ = stopped => {}
+                    }
+                });
+            })?;
+        Ok(H2Relay {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+async fn h2_relay_connection(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    upstream: SocketAddr,
+) -> anyhow::Result<()> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    tcp.set_nodelay(true)?;
+    let tls = acceptor.accept(tcp).await?;
+    let mut inbound = h2::server::handshake(tls).await?;
+    let outbound = TcpStream::connect(upstream).await?;
+    outbound.set_nodelay(true)?;
+    let (sender, mut outbound) = h2::client::handshake(outbound).await?;
+    let mut calls = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            accepted = inbound.accept() => match accepted {
+                Some(Ok((request, respond))) => {
+                    calls.push(h2_relay_call(sender.clone(), request, respond));
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            },
+            Some(result) = calls.next(), if !calls.is_empty() => {
+                if let Err(e) = result {
+                    eprintln!("loadgen: h2 relay call: {e}");
+                }
+            }
+            ended = &mut outbound => return ended.map_err(Into::into),
+        }
+    }
+}
+
+/// One call, forwarded frame by frame both ways.
+async fn h2_relay_call(
+    sender: h2::client::SendRequest<Bytes>,
+    request: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) -> Result<(), h2::Error> {
+    let (parts, mut body) = request.into_parts();
+    let mut sender = sender.ready().await?;
+    let (response, mut upstream_body) =
+        sender.send_request(Request::from_parts(parts, ()), false)?;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        upstream_body.send_data(chunk, false)?;
+    }
+    match body.trailers().await? {
+        Some(trailers) => upstream_body.send_trailers(trailers)?,
+        None => upstream_body.send_data(Bytes::new(), true)?,
+    }
+    let (parts, mut body) = response.await?.into_parts();
+    let mut downstream = respond.send_response(Response::from_parts(parts, ()), false)?;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        downstream.send_data(chunk, false)?;
+    }
+    match body.trailers().await? {
+        Some(trailers) => downstream.send_trailers(trailers),
+        None => downstream.send_data(Bytes::new(), true),
+    }
+}
+
 const NGINX: &str = "/usr/sbin/nginx";
 
 /// Child processes whose CPU (with their descendants') counts as the proxy's, not the
@@ -1298,7 +1440,7 @@ impl Drop for NginxBaseline {
 // CPU accounting (from /proc, by thread name; 10 ms tick resolution, fine over seconds)
 
 /// CPU seconds used so far by: this process's load-generator threads; the proxy's runtime
-/// threads, the TCP relay's threads and the nginx baseline's processes (`PROXY_PROCESSES`);
+/// threads, the relays' threads and the nginx baseline's processes (`PROXY_PROCESSES`);
 /// the fake upstream's threads plus other child processes (the Temporal dev server). A child
 /// process counts with all its descendants.
 #[derive(Debug, Clone, Copy, Default)]
@@ -1378,7 +1520,7 @@ fn cpu_sample() -> CpuSample {
         {
             let seconds = ticks as f64 * TICK;
             // The proxy's runtime threads and its helper threads (audit writer, …), and the
-            // TCP relay's.
+            // relays'.
             if name.starts_with("portcullis") || name.starts_with("relay") {
                 sample.proxy += seconds;
             } else if name.starts_with("fake-upstream") {
@@ -1867,6 +2009,12 @@ async fn run_fake(
             tls: Some(client_tls.clone()),
         };
         baselines.push((RELAY_PATH, endpoint, Box::new(relay)));
+        let relay = H2Relay::start(&pki.server_tls(), plain.addr)?;
+        let endpoint = Endpoint {
+            addr: relay.addr,
+            tls: Some(client_tls.clone()),
+        };
+        baselines.push((H2_RELAY_PATH, endpoint, Box::new(relay)));
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let nginx = NginxBaseline::start(pki, plain.addr, workers).await?;
         let endpoint = Endpoint {
@@ -2123,7 +2271,12 @@ async fn wait_until_ready(endpoint: &Endpoint) -> anyhow::Result<()> {
 
 /// The `--baselines` paths: other intermediaries, measured for reference.
 const RELAY_PATH: &str = "relay-tcp";
+const H2_RELAY_PATH: &str = "relay-h2";
 const NGINX_PATH: &str = "nginx-grpc";
+
+fn is_reference_path(path: &str) -> bool {
+    [RELAY_PATH, H2_RELAY_PATH, NGINX_PATH].contains(&path)
+}
 
 /// What a comparison row compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -2155,7 +2308,7 @@ fn comparisons(rows: &[Row]) -> Vec<(Comparison, &Row, &Row)> {
     for &subject in &measured {
         let kind = if subject.path.starts_with("proxy") {
             Comparison::ProxyVsDirect
-        } else if subject.path == RELAY_PATH || subject.path == NGINX_PATH {
+        } else if is_reference_path(subject.path) {
             Comparison::BaselineVsDirect
         } else {
             continue;
@@ -2167,7 +2320,7 @@ fn comparisons(rows: &[Row]) -> Vec<(Comparison, &Row, &Row)> {
         for direct in same_point.clone().filter(|r| r.path.starts_with("direct")) {
             out.push((kind, subject, direct));
         }
-        if kind == Comparison::ProxyVsDirect {
+        if kind == Comparison::ProxyVsDirect || subject.path == H2_RELAY_PATH {
             for nginx in same_point.filter(|r| r.path == NGINX_PATH) {
                 out.push((Comparison::ProxyVsNginx, subject, nginx));
             }
@@ -2213,14 +2366,12 @@ fn print_report(args: &Args, rows: &[Row]) {
         );
     }
     println!("(CPU µs/call: lg = load generator, px = proxy, up = upstream: fake threads or the dev server process)");
-    if rows
-        .iter()
-        .any(|r| r.path == RELAY_PATH || r.path == NGINX_PATH)
-    {
+    if rows.iter().any(|r| is_reference_path(r.path)) {
         println!(
             "(reference paths: {RELAY_PATH} = TCP byte relay, mTLS end to end to the mTLS fake; \
+             {H2_RELAY_PATH} = rustls + h2 both sides, calls forwarded as they came, nothing else; \
              {NGINX_PATH} = nginx terminating mTLS, grpc_pass in h2c to the fake; \
-             their px column is the relay's threads / nginx's processes)"
+             their px column is the relays' threads / nginx's processes)"
         );
     }
     println!();
