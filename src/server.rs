@@ -11,7 +11,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tower::util::BoxCloneSyncService;
 use tower::Layer;
 
 use crate::authz::{
@@ -37,8 +36,8 @@ use crate::upstream::Upstreams;
 use crate::workers::Workers;
 
 /// The call pipeline behind the edge, type-erased so stages can be added without touching the
-/// server.
-pub type Pipeline = BoxCloneSyncService<GrpcRequest, GrpcResponse, ProxyError>;
+/// server (and shared: cloning it counts a reference).
+pub use crate::proxy::Pipeline;
 
 /// Everything the pipeline is built from, kept so that reloaders can be started.
 pub struct PipelineParts {
@@ -63,14 +62,14 @@ pub struct PipelineParts {
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let upstreams = Upstreams::from_config(config)?;
-    let mut pipeline: Pipeline = BoxCloneSyncService::new(UpstreamTimerLayer.layer(
+    let mut pipeline: Pipeline = Pipeline::new(UpstreamTimerLayer.layer(
         Forwarder::new(upstreams.clone(), config.limits.max_response_bytes),
     ));
 
     // Inside encryption and authorization: both work with client-facing names (see translate.rs).
     let translation = NamespaceTranslation::from_config(config).map(TranslationStore::new);
     if let Some(store) = &translation {
-        pipeline = BoxCloneSyncService::new(TranslateLayer::new(store.clone()).layer(pipeline));
+        pipeline = Pipeline::new(TranslateLayer::new(store.clone()).layer(pipeline));
     }
 
     let policies = if config.authorization.disabled {
@@ -86,7 +85,7 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     };
 
     // Above translation: its DescribeNamespace calls use client-facing names.
-    pipeline = BoxCloneSyncService::new(
+    pipeline = Pipeline::new(
         NamespaceListLayer::new(upstreams.clone(), policies.clone()).layer(pipeline),
     );
 
@@ -110,7 +109,7 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
             built = built.with_offload(Arc::new(store));
         }
         let encryption = Arc::new(built);
-        pipeline = BoxCloneSyncService::new(EncryptLayer::new(encryption.clone()).layer(pipeline));
+        pipeline = Pipeline::new(EncryptLayer::new(encryption.clone()).layer(pipeline));
         Some(encryption)
     };
 
@@ -135,14 +134,14 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         None => IdentitySources::Fixed(config.authorization.identity.clone().into()),
     };
     pipeline =
-        BoxCloneSyncService::new(IdentityLayer::new(identity.clone(), sources).layer(pipeline));
+        Pipeline::new(IdentityLayer::new(identity.clone(), sources).layer(pipeline));
     if let Some(policies) = &policies {
-        pipeline = BoxCloneSyncService::new(
+        pipeline = Pipeline::new(
             AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline),
         );
     }
 
-    pipeline = BoxCloneSyncService::new(NamespaceLayer.layer(pipeline));
+    pipeline = Pipeline::new(NamespaceLayer.layer(pipeline));
     let bearer = match &config.bearer {
         Some(bearer) => Some(BearerVerifier::new(bearer).await?),
         None => None,
@@ -533,7 +532,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
     let (grace_over, grace_over_rx) = watch::channel(false);
     let pipeline =
-        BoxCloneSyncService::new(TelemetryLayer::new(telemetry.clone()).layer(CutAtGraceEnd {
+        Pipeline::new(TelemetryLayer::new(telemetry.clone()).layer(CutAtGraceEnd {
             inner: pipeline,
             grace_over: grace_over_rx,
         }));
@@ -620,7 +619,7 @@ fn instrument_pipeline(
         let (source, upstream) = (upstreams.clone(), name.clone());
         telemetry.watch_upstream_pool(name.clone(), move || source.pool_stats(&upstream));
     }
-    BoxCloneSyncService::new(HealthLayer::new(telemetry.clone()).layer(pipeline))
+    Pipeline::new(HealthLayer::new(telemetry.clone()).layer(pipeline))
 }
 
 /// Ends calls still running when the shutdown grace period is over with UNAVAILABLE (and

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod limits;
 pub mod list_namespaces;
 mod namespace;
+mod pipeline;
 pub mod translate;
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub use forward::Forwarder;
 pub use identity::{IdentityLayer, IdentityModes, IdentitySources, IdentityStore, IDENTITY_HEADER};
 pub use list_namespaces::NamespaceListLayer;
 pub use namespace::{NamespaceLayer, NamespaceService};
+pub use pipeline::Pipeline;
 pub use translate::{NamespaceTranslation, TranslateLayer, TranslationStore};
 
 use crate::error::ProxyError;
