@@ -62,9 +62,10 @@ pub struct PipelineParts {
 /// Each stage is boxed, so stages that a config turns off are simply left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let upstreams = Upstreams::from_config(config)?;
-    let mut pipeline: Pipeline = Pipeline::new(UpstreamTimerLayer.layer(
-        Forwarder::new(upstreams.clone(), config.limits.max_response_bytes),
-    ));
+    let mut pipeline: Pipeline = Pipeline::new(UpstreamTimerLayer.layer(Forwarder::new(
+        upstreams.clone(),
+        config.limits.max_response_bytes,
+    )));
 
     // Inside encryption and authorization: both work with client-facing names (see translate.rs).
     let translation = NamespaceTranslation::from_config(config).map(TranslationStore::new);
@@ -85,9 +86,8 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     };
 
     // Above translation: its DescribeNamespace calls use client-facing names.
-    pipeline = Pipeline::new(
-        NamespaceListLayer::new(upstreams.clone(), policies.clone()).layer(pipeline),
-    );
+    pipeline =
+        Pipeline::new(NamespaceListLayer::new(upstreams.clone(), policies.clone()).layer(pipeline));
 
     let encryption = if config.encryption.disabled {
         tracing::warn!(
@@ -133,12 +133,9 @@ pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
         Some(store) => IdentitySources::Policies(store.clone()),
         None => IdentitySources::Fixed(config.authorization.identity.clone().into()),
     };
-    pipeline =
-        Pipeline::new(IdentityLayer::new(identity.clone(), sources).layer(pipeline));
+    pipeline = Pipeline::new(IdentityLayer::new(identity.clone(), sources).layer(pipeline));
     if let Some(policies) = &policies {
-        pipeline = Pipeline::new(
-            AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline),
-        );
+        pipeline = Pipeline::new(AuthzLayer::new(policies.clone(), audit.clone()).layer(pipeline));
     }
 
     pipeline = Pipeline::new(NamespaceLayer.layer(pipeline));
@@ -531,11 +528,10 @@ pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
     let (grace_over, grace_over_rx) = watch::channel(false);
-    let pipeline =
-        Pipeline::new(TelemetryLayer::new(telemetry.clone()).layer(CutAtGraceEnd {
-            inner: pipeline,
-            grace_over: grace_over_rx,
-        }));
+    let pipeline = Pipeline::new(TelemetryLayer::new(telemetry.clone()).layer(CutAtGraceEnd {
+        inner: pipeline,
+        grace_over: grace_over_rx,
+    }));
     let admin_settings = config.admin.clone().unwrap_or_default();
     let targets = ProbeTargets {
         keys: encryption

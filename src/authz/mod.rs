@@ -245,17 +245,18 @@ impl<S> AuthzService<S> {
                 level,
             );
             crate::telemetry::call::record_authz(identity, decision.allowed);
+            let command_method = format!("{}/{}", method.path, target.command);
             let mut event = AuditEvent::new(
                 identity,
                 Some(&target.namespace),
-                &format!("{}/{}", method.path, target.command),
+                &command_method,
                 level,
                 &decision,
                 &request.peer.remote,
             );
             event.credential = Some(credential);
             event.command = Some(target.command);
-            event.request_namespace = request.namespace.clone();
+            event.request_namespace = request.namespace.as_deref();
             // An action that cannot be audited is not taken.
             self.audit
                 .record(&event)
@@ -430,7 +431,7 @@ impl ForeignReads<'_> {
                 self.peer,
             );
             event.credential = Some(self.credential);
-            event.request_namespace = self.namespace.map(str::to_string);
+            event.request_namespace = self.namespace;
             self.audit
                 .record(&event)
                 .map_err(ProxyError::AuditUnavailable)?;

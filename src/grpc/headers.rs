@@ -109,21 +109,29 @@ pub fn parse_timeout(value: &HeaderValue) -> Result<Duration, ProxyError> {
 
 /// Formats a remaining time for the next hop, in the finest unit that fits 8 digits.
 pub fn format_timeout(remaining: Duration) -> HeaderValue {
+    use std::io::Write as _;
     const MAX: u128 = 99_999_999;
     let nanos = remaining.as_nanos();
-    let text = if nanos <= MAX {
-        format!("{nanos}n")
+    let (amount, unit) = if nanos <= MAX {
+        (nanos, 'n')
     } else if remaining.as_micros() <= MAX {
-        format!("{}u", remaining.as_micros())
+        (remaining.as_micros(), 'u')
     } else if remaining.as_millis() <= MAX {
-        format!("{}m", remaining.as_millis())
+        (remaining.as_millis(), 'm')
     } else if u128::from(remaining.as_secs()) <= MAX {
-        format!("{}S", remaining.as_secs())
+        (u128::from(remaining.as_secs()), 'S')
     } else {
-        format!("{}H", (remaining.as_secs() / 3600).min(MAX as u64))
+        (u128::from(remaining.as_secs() / 3600).min(MAX), 'H')
     };
-    // Digits and an ASCII unit are always a valid header value.
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("99999999H"))
+    // Written on the stack (this runs for every call with a deadline); at most 8 digits and a
+    // unit, and digits and an ASCII unit are always a valid header value.
+    let mut text = [0u8; 16];
+    let mut cursor = std::io::Cursor::new(&mut text[..]);
+    let written = write!(cursor, "{amount}{unit}").map(|()| cursor.position() as usize);
+    written
+        .ok()
+        .and_then(|n| HeaderValue::from_bytes(&text[..n]).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("99999999H"))
 }
 
 /// Decodes a `grpc-message` value (percent-encoded UTF-8, as gRPC sends it).
@@ -186,6 +194,19 @@ mod tests {
                 back <= d && d - back < Duration::from_secs(1),
                 "{d:?} -> {back:?}"
             );
+        }
+        for (d, text) in [
+            (Duration::ZERO, "0n"),
+            (Duration::from_nanos(99_999_999), "99999999n"),
+            (Duration::from_millis(3), "3000000n"),
+            (Duration::from_millis(100), "100000u"),
+            (Duration::from_secs(70), "70000000u"),
+            (Duration::from_secs(1000), "1000000m"),
+            (Duration::from_secs(10_000_000), "10000000S"),
+            (Duration::from_secs(100_000_000), "27777H"),
+            (Duration::MAX, "99999999H"),
+        ] {
+            assert_eq!(format_timeout(d), text, "{d:?}");
         }
     }
 

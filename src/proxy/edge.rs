@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use h2::RecvStream;
 use http::header::CONTENT_TYPE;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
@@ -342,7 +342,10 @@ fn success_response(response: GrpcResponse, gzip: bool) -> Response<GrpcBody> {
             Encoding::Identity
         };
         if gzip {
-            headers.insert(GRPC_ENCODING, HeaderValue::from_static("gzip"));
+            headers.insert(
+                HeaderName::from_static(GRPC_ENCODING),
+                HeaderValue::from_static("gzip"),
+            );
         }
         frame::encode(&m, encoding)
     });

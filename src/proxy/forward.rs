@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tower::Service;
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
@@ -161,14 +161,18 @@ async fn forward(
     if !headers.contains_key(CONTENT_TYPE) {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     }
-    headers.insert("te", HeaderValue::from_static("trailers"));
+    // Names from a `&'static str` are not copied to the heap (one from a `&str` is, per call).
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     headers.insert(
-        GRPC_ACCEPT_ENCODING,
+        HeaderName::from_static(GRPC_ACCEPT_ENCODING),
         HeaderValue::from_static("gzip,identity"),
     );
     if let Some((deadline, _)) = request.deadline {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        headers.insert(GRPC_TIMEOUT, headers::format_timeout(remaining));
+        headers.insert(
+            HeaderName::from_static(GRPC_TIMEOUT),
+            headers::format_timeout(remaining),
+        );
     }
     let body = frame::encode(&request.message, Encoding::Identity);
 

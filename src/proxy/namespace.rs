@@ -5,7 +5,7 @@
 
 use std::task::{Context, Poll};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tower::{Layer, Service};
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
@@ -85,7 +85,9 @@ pub fn resolve_namespace(mut request: GrpcRequest) -> Result<GrpcRequest, ProxyE
                     message: method.input.full_name().to_string(),
                     reason: "namespace is not a valid header value".into(),
                 })?;
-            request.headers.insert(TEMPORAL_NAMESPACE, value);
+            request
+                .headers
+                .insert(HeaderName::from_static(TEMPORAL_NAMESPACE), value);
         }
     }
     request.targets = read_targets(
