@@ -409,7 +409,43 @@ impl TemporalDevServer {
         extra_args: &[String],
         log_file: &Path,
     ) -> anyhow::Result<TemporalDevServer> {
+        Self::start_on(
+            binary,
+            Some(port),
+            db_file,
+            namespaces,
+            extra_args,
+            log_file,
+        )
+        .await
+    }
+
+    /// Like [`TemporalDevServer::start`], on a free port picked afresh for each try: a port
+    /// found free can be taken (by another process's outgoing connection) before the server
+    /// binds it, and a retry on that same port would fail the same way.
+    pub async fn start_on_free_port(
+        binary: &Path,
+        db_file: &Path,
+        namespaces: &[String],
+        extra_args: &[String],
+        log_file: &Path,
+    ) -> anyhow::Result<TemporalDevServer> {
+        Self::start_on(binary, None, db_file, namespaces, extra_args, log_file).await
+    }
+
+    async fn start_on(
+        binary: &Path,
+        fixed_port: Option<u16>,
+        db_file: &Path,
+        namespaces: &[String],
+        extra_args: &[String],
+        log_file: &Path,
+    ) -> anyhow::Result<TemporalDevServer> {
         start_with_retries("the Temporal dev server", log_file, || async {
+            let port = match fixed_port {
+                Some(port) => port,
+                None => free_port()?,
+            };
             let ui_port = free_port()?;
             let mut command = Command::new(binary);
             command

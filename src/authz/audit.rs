@@ -551,7 +551,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(path.to_str().unwrap(), AuditSettings::default()).unwrap();
-        log.record(&event(&format!("caller-{}", 0))).unwrap();
+        log.record(&event("caller-0")).unwrap();
         // An idle log writes its line within about one interval.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while std::fs::read_to_string(&path).unwrap().lines().count() < 1 {
@@ -562,7 +562,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         for i in 1..5000 {
-            log.record(&event(&format!("caller-{}", i))).unwrap();
+            log.record(&event(&format!("caller-{i}"))).unwrap();
         }
         drop(log);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -597,17 +597,17 @@ mod tests {
             }
         };
         for i in 0..100 {
-            log.record(&event(&format!("caller-{}", i))).unwrap();
+            log.record(&event(&format!("caller-{i}"))).unwrap();
         }
         wait_for(&path, 100);
         std::fs::rename(&path, &rotated).unwrap();
         for i in 100..200 {
-            log.record(&event(&format!("caller-{}", i))).unwrap();
+            log.record(&event(&format!("caller-{i}"))).unwrap();
         }
         wait_for(&path, 100);
         std::fs::remove_file(&path).unwrap();
         for i in 200..300 {
-            log.record(&event(&format!("caller-{}", i))).unwrap();
+            log.record(&event(&format!("caller-{i}"))).unwrap();
         }
         drop(log);
         let old = std::fs::read_to_string(&rotated).unwrap();
@@ -680,7 +680,7 @@ mod tests {
         let stats = log.stats();
         let mut accepted = 0;
         let error = loop {
-            match log.record(&event(&format!("caller-{}", accepted))) {
+            match log.record(&event(&format!("caller-{accepted}"))) {
                 Ok(()) => accepted += 1,
                 Err(e) => break e,
             }
@@ -698,7 +698,7 @@ mod tests {
         // Past the stall timeout the sink counts as stuck: refused even before the queue fills.
         std::thread::sleep(Duration::from_millis(500));
         assert!(matches!(
-            log.record(&event(&format!("caller-{}", 0))),
+            log.record(&event("caller-0")),
             Err(AuditError::Stalled(_))
         ));
         assert_eq!(stats.refused(), 2);
@@ -709,7 +709,7 @@ mod tests {
             assert!(Instant::now() < deadline, "the queue did not drain");
             std::thread::sleep(Duration::from_millis(10));
         }
-        log.record(&event(&format!("caller-{}", accepted))).unwrap();
+        log.record(&event(&format!("caller-{accepted}"))).unwrap();
         log.record_best_effort(&edge_event(1));
         drop(log);
         let text = sink.text();
@@ -758,7 +758,7 @@ mod tests {
         let log = AuditLog::with_writer(Box::new(sink), AuditSettings::default()).unwrap();
         let stats = log.stats();
         for i in 0..50 {
-            log.record(&event(&format!("caller-{}", i))).unwrap();
+            log.record(&event(&format!("caller-{i}"))).unwrap();
         }
         drop(log);
         assert_eq!(stats.write_errors(), 2);

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Full};
 use portcullis::config::Config;
-use portcullis::dev::{free_port, TemporalDevServer};
+use portcullis::dev::TemporalDevServer;
 use portcullis::server::RunningProxy;
 use portcullis::tls::pki::{CertAuthority, IssuedCert, LeafSpec, Usage};
 use serde_json::Value;
@@ -193,32 +193,42 @@ impl DevServer {
     /// Starts with extra `temporal server start-dev` arguments.
     pub async fn start_with(namespaces: &[&str], extra: &[&str]) -> DevServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::launch(free_port().expect("free port"), dir, namespaces, extra).await
+        Self::launch(None, dir, namespaces, extra).await
     }
 
     /// Starts on a given port and directory (to restart a stopped server with the same state).
     pub async fn start_on(port: u16, dir: TempDir, namespaces: &[&str]) -> DevServer {
-        Self::launch(port, dir, namespaces, &[]).await
+        Self::launch(Some(port), dir, namespaces, &[]).await
     }
 
-    async fn launch(port: u16, dir: TempDir, namespaces: &[&str], extra: &[&str]) -> DevServer {
+    /// On `port`, or on a free port picked afresh at each start-up attempt.
+    async fn launch(
+        port: Option<u16>,
+        dir: TempDir,
+        namespaces: &[&str],
+        extra: &[&str],
+    ) -> DevServer {
         let namespaces: Vec<String> = namespaces.iter().map(|s| s.to_string()).collect();
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         extra.push("--headless".into());
         let log = dir.path().join("server.log");
         // Started again with fresh ports when it exits during start-up (a port taken by another
-        // test just then); the error says what its log ends with.
-        match TemporalDevServer::start(
-            &temporal_binary(),
-            port,
-            &dir.path().join("temporal.db"),
-            &namespaces,
-            &extra,
-            &log,
-        )
-        .await
-        {
-            Ok(server) => DevServer { server, dir, port },
+        // test just then; its own port too unless it must keep `port`); the error says what its
+        // log ends with.
+        let (binary, db) = (temporal_binary(), dir.path().join("temporal.db"));
+        let started = match port {
+            Some(port) => {
+                TemporalDevServer::start(&binary, port, &db, &namespaces, &extra, &log).await
+            }
+            None => {
+                TemporalDevServer::start_on_free_port(&binary, &db, &namespaces, &extra, &log).await
+            }
+        };
+        match started {
+            Ok(server) => {
+                let port = server.address.port();
+                DevServer { server, dir, port }
+            }
             Err(e) => panic!("start the Temporal dev server: {e:#}"),
         }
     }
