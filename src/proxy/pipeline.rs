@@ -3,9 +3,9 @@
 //! Every stage is a tower service that owns the stages below it, and a call clones the stage
 //! it runs through (its future outlives `&mut self`). Boxed with tower's `BoxCloneSyncService`,
 //! that clone was a new heap box per boxed level, and each level boxed its stage's (already
-//! boxed) future once more: ~27 allocations per call for a dozen stages. Here each level is an
-//! `Arc`: cloning the pipeline, or a stage holding it, only counts references, and a stage's
-//! [`CallFuture`] is returned as it is.
+//! boxed) future once more: 25 allocations per call for the ten stages of a full config
+//! (heaptrack). Here each level is an `Arc`: cloning the pipeline, or a stage holding it, only
+//! counts references, and a stage's [`CallFuture`] is returned as it is.
 
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
