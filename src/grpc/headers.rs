@@ -14,6 +14,15 @@ pub const TEMPORAL_NAMESPACE: &str = "temporal-namespace";
 /// a caller.
 pub const IDENTITY_HEADER: &str = "portcullis-identity";
 
+/// The names above as header names, for inserting on every call: built (and checked) at
+/// compile time, and cloned without allocating (a name built from a `&str` at run time is
+/// copied to the heap, and copied again when its map is cloned).
+pub static GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
+pub static GRPC_ENCODING_NAME: HeaderName = HeaderName::from_static(GRPC_ENCODING);
+pub static GRPC_ACCEPT_ENCODING_NAME: HeaderName = HeaderName::from_static(GRPC_ACCEPT_ENCODING);
+pub static TEMPORAL_NAMESPACE_NAME: HeaderName = HeaderName::from_static(TEMPORAL_NAMESPACE);
+pub static IDENTITY_HEADER_NAME: HeaderName = HeaderName::from_static(IDENTITY_HEADER);
+
 /// Headers that describe one hop, or that the proxy recomputes for the next hop.
 fn is_hop_header(name: &HeaderName) -> bool {
     matches!(

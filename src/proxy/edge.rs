@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use h2::RecvStream;
 use http::header::CONTENT_TYPE;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
@@ -23,7 +23,7 @@ use super::{CallFuture, CallRequest, GrpcRequest, GrpcResponse};
 use crate::authz::{AuditLog, EdgeAuditEvent, EdgeEventKind};
 use crate::error::ProxyError;
 use crate::grpc::frame::{self, Direction, Encoding, HEADER_LEN};
-use crate::grpc::headers::{self, GRPC_ENCODING, GRPC_TIMEOUT};
+use crate::grpc::headers::{self, GRPC_ENCODING, GRPC_ENCODING_NAME, GRPC_TIMEOUT};
 use crate::grpc::GrpcBody;
 use crate::schema::Schema;
 use crate::tls::PeerInfo;
@@ -342,10 +342,7 @@ fn success_response(response: GrpcResponse, gzip: bool) -> Response<GrpcBody> {
             Encoding::Identity
         };
         if gzip {
-            headers.insert(
-                HeaderName::from_static(GRPC_ENCODING),
-                HeaderValue::from_static("gzip"),
-            );
+            headers.insert(GRPC_ENCODING_NAME.clone(), HeaderValue::from_static("gzip"));
         }
         frame::encode(&m, encoding)
     });

@@ -5,14 +5,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use tower::Service;
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::error::{CrossUpstream, ProxyError};
 use crate::grpc::frame::{self, Direction, Encoding, FrameError, HEADER_LEN};
 use crate::grpc::headers::{
-    self, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_TIMEOUT, TEMPORAL_NAMESPACE,
+    self, GRPC_ACCEPT_ENCODING_NAME, GRPC_ENCODING, GRPC_TIMEOUT_NAME, TEMPORAL_NAMESPACE,
 };
 use crate::schema::Scope;
 use crate::upstream::{BodyError, Route, Router, Upstream, Upstreams};
@@ -161,16 +161,15 @@ async fn forward(
     if !headers.contains_key(CONTENT_TYPE) {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     }
-    // Names from a `&'static str` are not copied to the heap (one from a `&str` is, per call).
     headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     headers.insert(
-        HeaderName::from_static(GRPC_ACCEPT_ENCODING),
+        GRPC_ACCEPT_ENCODING_NAME.clone(),
         HeaderValue::from_static("gzip,identity"),
     );
     if let Some((deadline, _)) = request.deadline {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         headers.insert(
-            HeaderName::from_static(GRPC_TIMEOUT),
+            GRPC_TIMEOUT_NAME.clone(),
             headers::format_timeout(remaining),
         );
     }

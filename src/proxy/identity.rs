@@ -11,14 +11,14 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use tower::{Layer, Service};
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::authz::{identity_of, IdentitySource, PolicyStore};
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::grpc::headers::percent_encode;
+use crate::grpc::headers::{percent_encode, IDENTITY_HEADER_NAME};
 use crate::identity::{stamp_identities, stamped, IdentityFieldIndex, IdentityMode};
 use crate::tls::PeerInfo;
 
@@ -173,10 +173,7 @@ pub fn stamp_request(
         message: request.method.input.full_name().to_string(),
         reason: "the identity is not a valid header value".into(),
     })?;
-    // A name from a `&'static str` is not copied to the heap (one from a `&str` is, per call).
-    request
-        .headers
-        .insert(HeaderName::from_static(IDENTITY_HEADER), header);
+    request.headers.insert(IDENTITY_HEADER_NAME.clone(), header);
     if mode == IdentityMode::Keep {
         return Ok(());
     }

@@ -5,12 +5,12 @@
 
 use std::task::{Context, Poll};
 
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use tower::{Layer, Service};
 
 use super::{CallFuture, GrpcRequest, GrpcResponse};
 use crate::error::ProxyError;
-use crate::grpc::headers::TEMPORAL_NAMESPACE;
+use crate::grpc::headers::{TEMPORAL_NAMESPACE, TEMPORAL_NAMESPACE_NAME};
 use crate::payload::targets::{read_targets, TargetError, TargetIndex};
 use crate::payload::walker::RESERVED_SCOPE_PREFIX;
 use crate::payload::wire;
@@ -87,7 +87,7 @@ pub fn resolve_namespace(mut request: GrpcRequest) -> Result<GrpcRequest, ProxyE
                 })?;
             request
                 .headers
-                .insert(HeaderName::from_static(TEMPORAL_NAMESPACE), value);
+                .insert(TEMPORAL_NAMESPACE_NAME.clone(), value);
         }
     }
     request.targets = read_targets(
