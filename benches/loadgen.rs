@@ -2184,7 +2184,7 @@ async fn run_dev(
     .collect();
     let server = portcullis::dev::TemporalDevServer::start(
         binary,
-        port,
+        Some(port),
         &dir.path().join("temporal.db"),
         &[],
         &extra,

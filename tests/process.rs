@@ -1006,7 +1006,7 @@ async fn a_dev_server_that_cannot_start_says_why_after_three_attempts() {
     let started = Instant::now();
     let error = match portcullis::dev::TemporalDevServer::start(
         &temporal_binary(),
-        port,
+        Some(port),
         &dir.path().join("temporal.db"),
         &[],
         &["--headless".to_string()],

@@ -650,7 +650,7 @@ async fn start_dev_server(
     );
     let server = portcullis::dev::TemporalDevServer::start(
         binary,
-        port,
+        Some(port),
         &dir.join("temporal.db"),
         &[],
         &extra,

@@ -215,16 +215,16 @@ impl DevServer {
         // Started again with fresh ports when it exits during start-up (a port taken by another
         // test just then; its own port too unless it must keep `port`); the error says what its
         // log ends with.
-        let (binary, db) = (temporal_binary(), dir.path().join("temporal.db"));
-        let started = match port {
-            Some(port) => {
-                TemporalDevServer::start(&binary, port, &db, &namespaces, &extra, &log).await
-            }
-            None => {
-                TemporalDevServer::start_on_free_port(&binary, &db, &namespaces, &extra, &log).await
-            }
-        };
-        match started {
+        match TemporalDevServer::start(
+            &temporal_binary(),
+            port,
+            &dir.path().join("temporal.db"),
+            &namespaces,
+            &extra,
+            &log,
+        )
+        .await
+        {
             Ok(server) => {
                 let port = server.address.port();
                 DevServer { server, dir, port }
