@@ -24,8 +24,8 @@ use crate::proxy::limits::{BufferBudget, CloseReason, ConnectionGate, Connection
 use crate::proxy::{
     Authenticator, EdgeShared, EncryptLayer, Encryption, EncryptionLimits, Forwarder, GrpcEdge,
     GrpcRequest, GrpcResponse, IdentityLayer, IdentityModes, IdentitySources, IdentityStore,
-    NamespaceKey, NamespaceLayer, NamespaceListLayer, NamespaceTranslation, TranslateLayer,
-    TranslationStore,
+    NamespaceKey, NamespaceLayer, NamespaceListLayer, NamespaceTranslation, Pipeline,
+    TranslateLayer, TranslationStore,
 };
 use crate::telemetry::readiness::{self, ProbeTargets};
 use crate::telemetry::{
@@ -34,10 +34,6 @@ use crate::telemetry::{
 use crate::tls::{ClientCertificate, PeerInfo, ReloadableServerConfig, RevocationSet};
 use crate::upstream::Upstreams;
 use crate::workers::Workers;
-
-/// The call pipeline behind the edge, type-erased so stages can be added without touching the
-/// server (and shared: cloning it counts a reference).
-pub use crate::proxy::Pipeline;
 
 /// Everything the pipeline is built from, kept so that reloaders can be started.
 pub struct PipelineParts {
@@ -59,7 +55,8 @@ pub struct PipelineParts {
 
 /// Builds the pipeline for a config: namespace → authorization → identity stamping →
 /// encryption → namespace listing → namespace translation → forwarding. (Callers are authenticated before it, by the edge.)
-/// Each stage is boxed, so stages that a config turns off are simply left out.
+/// Each stage is type-erased into a [`Pipeline`], so stages that a config turns off are simply
+/// left out.
 pub async fn build_pipeline(config: &Config) -> anyhow::Result<PipelineParts> {
     let upstreams = Upstreams::from_config(config)?;
     let mut pipeline: Pipeline = Pipeline::new(UpstreamTimerLayer.layer(Forwarder::new(
