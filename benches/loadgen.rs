@@ -996,6 +996,31 @@ async fn fake_serve(io: impl Io, canned: Arc<HashMap<String, Bytes>>, gate: Arc<
         .await;
 }
 
+/// Serves every connection accepted on `listener` (bound, non-blocking) with `serve`, each in a
+/// task of its own, until dropped: dropping it (an aborted task, a stopped runtime) aborts
+/// every connection. Returns at once if the listener cannot be registered, saying so.
+async fn accept_each<F, Fut>(what: &str, listener: std::net::TcpListener, mut serve: F)
+where
+    F: FnMut(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("loadgen: {what} cannot listen: {e}");
+            return;
+        }
+    };
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        connections.spawn(serve(tcp));
+    }
+}
+
 /// A fast fake Temporal frontend; stops when dropped.
 struct FakeUpstream {
     addr: SocketAddr,
@@ -1022,36 +1047,21 @@ impl FakeUpstream {
         let canned = Arc::new(canned_responses());
         let gate = Arc::new(PollGate::default());
         let fake_gate = gate.clone();
-        let task = handle.spawn(async move {
-            let listener = match TcpListener::from_std(listener) {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("loadgen: fake upstream cannot listen: {e}");
-                    return;
+        let task = handle.spawn(accept_each("fake upstream", listener, move |tcp| {
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let canned = canned.clone();
+            let gate = fake_gate.clone();
+            async move {
+                match acceptor {
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(tls) => fake_serve(tls, canned, gate).await,
+                        Err(e) => eprintln!("loadgen: fake upstream TLS handshake: {e}"),
+                    },
+                    None => fake_serve(tcp, canned, gate).await,
                 }
-            };
-            // Dropping this set (when the task is aborted) aborts every connection.
-            let mut connections = JoinSet::new();
-            loop {
-                while connections.try_join_next().is_some() {}
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let canned = canned.clone();
-                let gate = fake_gate.clone();
-                connections.spawn(async move {
-                    match acceptor {
-                        Some(acceptor) => match acceptor.accept(tcp).await {
-                            Ok(tls) => fake_serve(tls, canned, gate).await,
-                            Err(e) => eprintln!("loadgen: fake upstream TLS handshake: {e}"),
-                        },
-                        None => fake_serve(tcp, canned, gate).await,
-                    }
-                });
             }
-        });
+        }));
         Ok(FakeUpstream { addr, gate, task })
     }
 }
@@ -1078,40 +1088,27 @@ impl TcpRelay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let task = handle.spawn(async move {
-            let listener = match TcpListener::from_std(listener) {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("loadgen: TCP relay cannot listen: {e}");
-                    return;
-                }
-            };
-            // Dropping this set (when the task is aborted) aborts every connection.
-            let mut connections = JoinSet::new();
-            loop {
-                while connections.try_join_next().is_some() {}
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                connections.spawn(async move {
-                    let mut outbound = match TcpStream::connect(upstream).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            eprintln!("loadgen: TCP relay cannot connect to {upstream}: {e}");
-                            return;
-                        }
-                    };
-                    if let Err(e) = inbound
-                        .set_nodelay(true)
-                        .and_then(|()| outbound.set_nodelay(true))
-                    {
-                        eprintln!("loadgen: TCP relay cannot set TCP_NODELAY: {e}");
+        let task = handle.spawn(accept_each(
+            "TCP relay",
+            listener,
+            move |mut inbound| async move {
+                let mut outbound = match TcpStream::connect(upstream).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("loadgen: TCP relay cannot connect to {upstream}: {e}");
                         return;
                     }
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                });
-            }
-        });
+                };
+                if let Err(e) = inbound
+                    .set_nodelay(true)
+                    .and_then(|()| outbound.set_nodelay(true))
+                {
+                    eprintln!("loadgen: TCP relay cannot set TCP_NODELAY: {e}");
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            },
+        ));
         Ok(TcpRelay { addr, task })
     }
 }
@@ -1152,29 +1149,15 @@ impl H2Relay {
             .name("relay-h2".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            eprintln!("loadgen: h2 relay cannot listen: {e}");
-                            return;
-                        }
-                    };
                     // Dropped (aborting every connection) when the relay is stopped.
-                    let mut connections = JoinSet::new();
-                    let accept = async {
-                        loop {
-                            while connections.try_join_next().is_some() {}
-                            let Ok((tcp, _)) = listener.accept().await else {
-                                continue;
-                            };
-                            let acceptor = acceptor.clone();
-                            connections.spawn(async move {
-                                if let Err(e) = h2_relay_connection(acceptor, tcp, upstream).await {
-                                    eprintln!("loadgen: h2 relay connection: {e:#}");
-                                }
-                            });
+                    let accept = accept_each("h2 relay", listener, move |tcp| {
+                        let acceptor = acceptor.clone();
+                        async move {
+                            if let Err(e) = h2_relay_connection(acceptor, tcp, upstream).await {
+                                eprintln!("loadgen: h2 relay connection: {e:#}");
+                            }
                         }
-                    };
+                    });
                     tokio::select! {
                         () = accept => {}
                         _ = stopped => {}
